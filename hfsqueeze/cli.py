@@ -1,0 +1,230 @@
+"""The ``hfsqueeze`` command line: a thin layer over the Python API.
+
+User mistakes (bad recipe, missing file, unsupported model, missing backend, non-empty output) print one line on
+stderr and exit 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import HfSqueezeError
+
+logger = logging.getLogger("hfsqueeze")
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors: one line, exit 2
+        self.exit(EXIT_USER_ERROR, f"hfsqueeze: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. quantize.threshold=5.0, stages.2.bits=4, evaluation.max_tokens=512")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hfsqueeze", description="Compress Hugging Face Transformers models with recipes.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe, print the report, optionally save it")
+    c.add_argument("--model", default=None,
+                   help="model directory or Hub id (default: the built-in SmolLM2-135M-Instruct)")
+    c.add_argument("--recipe", default="int8", help="YAML recipe path or built-in name (default: int8)")
+    _add_common_recipe_args(c)
+    c.add_argument("--output", default=None, help="save the compressed artifact to this directory")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    c.add_argument("--eval-text", default=None, help="evaluation text: 'builtin', a local file or a datasets name")
+    c.add_argument("--calibration", default="builtin", help="calibration/training text for data-driven stages")
+    c.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    c.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
+    _add_hub_args(c)
+
+    v = sub.add_parser("validate", help="check a recipe and print it in canonical form")
+    v.add_argument("recipe", help="YAML recipe path or built-in name")
+    _add_common_recipe_args(v)
+
+    e = sub.add_parser("eval", help="re-measure a saved artifact and print the same table")
+    e.add_argument("artifact", help="directory written by 'hfsqueeze compress --output' or save_compressed")
+    e.add_argument("--base", default=None,
+                   help="the uncompressed model to compare with (default: the report's base model if it is local)")
+    _add_common_recipe_args(e)
+    e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.set_defaults(command="recipes")
+    _add_push_parser(sub)
+    return parser
+
+
+def _add_hub_args(p: argparse.ArgumentParser) -> None:
+    try:
+        from .hub import add_push_options
+    except ImportError:
+        return
+    add_push_options(p)
+
+
+def _add_push_parser(sub) -> None:
+    try:
+        from .hub import add_push_parser
+    except ImportError:
+        return
+    add_push_parser(sub)
+
+
+def _cmd_validate(args) -> int:
+    from .recipe import Recipe
+
+    recipe = Recipe.load(args.recipe, args.overrides)
+    sys.stdout.write(recipe.to_yaml())
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from .recipe import RECIPES_DIR, Recipe
+
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        recipe = Recipe.load(path)
+        print(f"{path.stem:24s} {recipe.description or ''}")
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    from .api import compress
+    from .models import load_model
+    from .recipe import Recipe
+    from .save import _check_target, save_compressed
+
+    recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
+    if args.output:
+        _check_target(Path(args.output).resolve(), args.overwrite)
+    pre_push = getattr(args, "push_to_hub", None)
+    if pre_push:
+        from .hub import check_push_args
+
+        check_push_args(args)
+    kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
+    model, tokenizer = load_model(args.model, **kwargs)
+    command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
+                      command=command)
+    if args.output:
+        save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    print(report.to_json() if args.json else report.to_markdown())
+    if args.output:
+        print(f"\nsaved to {args.output}")
+    if pre_push:
+        from .hub import push_from_cli
+
+        push_from_cli(args, model=model, tokenizer=tokenizer, artifact=args.output)
+    return 0
+
+
+def _override_evaluation(evaluation, overrides: list[str]):
+    import yaml
+
+    from .errors import RecipeError
+    from .recipe import EvaluationConfig
+
+    data = evaluation.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("evaluation.") or key.count(".") != 1:
+            raise RecipeError(f"eval --set {item!r}: only evaluation.KEY=VALUE applies here; keys: "
+                              f"{', '.join(EvaluationConfig.allowed_keys())}")
+        data[key.split(".", 1)[1]] = yaml.safe_load(value)
+    return EvaluationConfig.from_dict(data, where="evaluation")
+
+
+def _cmd_eval(args) -> int:
+    from .api import compress  # noqa: F401  (attaches the method; harmless)
+    from .errors import ArtifactError
+    from .measure import measure, measure_baseline
+    from .models import load_model
+    from .recipe import EvaluationConfig, Recipe
+    from .report import CompressionReport
+    from .save import load_compressed
+    from .utils import quiet_transformers_progress
+
+    quiet_transformers_progress()
+    path = Path(args.artifact)
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
+    saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
+    evaluation = EvaluationConfig()
+    if saved is not None:
+        evaluation = Recipe.load({**saved.recipe, "stages": saved.recipe["stages"]}).evaluation
+    if args.overrides:
+        evaluation = _override_evaluation(evaluation, args.overrides)
+    base = args.base or (saved.model.get("name_or_path") if saved else None)
+    base_is_local = base is not None and (Path(base) / "config.json").is_file()
+
+    model = load_compressed(path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    baseline, reference = None, None
+    if base_is_local:
+        base_model, _ = load_model(base)
+        baseline, reference = measure_baseline(base_model, tokenizer, evaluation)
+        del base_model
+    elif saved is not None:
+        baseline = saved.baseline
+    elif args.base:
+        raise ArtifactError(f"--base {args.base} is not a local model directory")
+    metrics = measure(model, tokenizer, evaluation, reference)
+    from .report import StageResult
+    from .utils import cpu_name, versions
+
+    import torch
+
+    report = CompressionReport(
+        model=saved.model if saved else {"name_or_path": str(path), "model_type": model.config.model_type,
+                                         "architecture": type(model).__name__},
+        recipe=saved.recipe if saved else {},
+        environment={**versions(), "cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu"},
+        evaluation={**evaluation.to_dict(), "eval_tokens": metrics.eval_tokens},
+        baseline=baseline,
+        stages=[StageResult(1, "eval", {"artifact": str(path)}, {"format": "re-measured"}, 0.0, metrics)],
+        final=metrics,
+    )
+    print(report.to_json() if args.json else report.to_markdown())
+    if saved is not None and not base_is_local:
+        print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes}
+    if args.command == "push":
+        from .hub import run_push
+
+        handlers["push"] = run_push
+    try:
+        return handlers[args.command](args)
+    except HfSqueezeError as exc:
+        print(f"hfsqueeze: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as exc:
+        print(f"hfsqueeze: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("hfsqueeze: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

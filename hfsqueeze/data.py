@@ -1,0 +1,114 @@
+"""Text sources for evaluation, calibration and distillation.
+
+The built-in text is real English prose that ships with CPython (``pydoc_data.topics``). It is split by topic,
+deterministically: every 10th topic (sorted by name) is the held-out ``eval`` split, never used for calibration or
+training; the rest is ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RecipeError
+
+BUILTIN = "builtin"
+TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".parquet")
+
+
+def builtin_text(split: str = "eval") -> str:
+    """The built-in English text: ``split`` is ``"eval"`` (held out) or ``"train"``."""
+    from pydoc_data.topics import topics
+
+    if split not in ("eval", "train"):
+        raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
+    names = sorted(topics)
+    chosen = [n for i, n in enumerate(names) if (i % 10 == 0) == (split == "eval")]
+    return "\n\n".join(topics[n].strip() for n in chosen)
+
+
+def _texts_from_dataset(ds: Any, column: str | None) -> list[str]:
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict: take the first split
+        ds = ds[list(ds.keys())[0]]
+    names = list(getattr(ds, "column_names", []) or [])
+    col = column or ("text" if "text" in names else next((c for c in names if isinstance(ds[0][c], str)), None))
+    if col is None or col not in names:
+        raise RecipeError(f"the dataset has no text column {column or 'text'!r}; columns: {', '.join(names)}")
+    return [t for t in ds[col] if isinstance(t, str) and t.strip()]
+
+
+def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None = None) -> list[str]:
+    """Resolve a text source to a list of documents.
+
+    Args:
+        source (`str`, `Path` or `datasets.Dataset`, defaults to `"builtin"`):
+            ``"builtin"``, a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
+            a `datasets.Dataset`, or a dataset name that `datasets.load_dataset` can load (offline: cached only).
+        split (`str`, defaults to `"eval"`): for the built-in text, ``"eval"`` (held out) or ``"train"``.
+        column (`str`, *optional*): the text column of a table or dataset.
+    """
+    if source is None or source == BUILTIN:
+        return [builtin_text(split)]
+    if not isinstance(source, (str, Path)):
+        return _texts_from_dataset(source, column)
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".txt", ".md"):
+            return [path.read_text()]
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return _texts_from_rows(rows, column, path)
+        if suffix == ".json":
+            rows = json.loads(path.read_text())
+            return _texts_from_rows(rows if isinstance(rows, list) else [rows], column, path)
+        if suffix in (".csv", ".parquet"):
+            import datasets
+
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            return _texts_from_dataset(ds, column)
+        raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+    if str(source).endswith(TEXT_SUFFIXES) or "/" in str(source) and Path(str(source).split("/")[0]).exists():
+        raise RecipeError(f"text file not found: {source}")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(str(source), split="train")
+    except Exception as exc:  # noqa: BLE001 - any failure here means the name is unusable
+        raise RecipeError(f"text source {str(source)!r} is not 'builtin', not a local file and could not be loaded "
+                          f"with datasets.load_dataset ({type(exc).__name__})") from None
+    return _texts_from_dataset(ds, column)
+
+
+def _texts_from_rows(rows: list, column: str | None, path: Path) -> list[str]:
+    col = column or "text"
+    texts = [r[col] if isinstance(r, dict) else r for r in rows]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise RecipeError(f"{path}: found no text under key {col!r}")
+    return texts
+
+
+def token_blocks(tokenizer, texts: list[str], *, max_tokens: int, seq_len: int) -> torch.Tensor:
+    """Tokenize and pack ``texts`` into a LongTensor ``[n_blocks, seq_len]`` of at most ``max_tokens`` tokens.
+
+    Documents are joined with the EOS token (when the tokenizer has one), the way causal-LM corpora are packed. The
+    last block may be shorter than ``seq_len`` only when fewer than ``seq_len`` tokens exist; then there is one block.
+    """
+    ids: list[int] = []
+    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(sep)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise RecipeError("the text source holds fewer than 2 tokens; give a longer text")
+    if len(ids) < seq_len:
+        return torch.tensor([ids], dtype=torch.long)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -1,0 +1,302 @@
+"""What a compression did: size, memory, latency, perplexity, KL and top-1 agreement against the original.
+
+`reference_outputs` records the model's outputs before compression on the evaluation text (log-probabilities for
+causal LMs, mean-pooled sentence embeddings for encoders); `measure` re-runs the same inputs and compares. Latency
+uses the same prompt, thread count and repeat count for every measurement, and reports the median.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import load_texts, token_blocks
+from .utils import progress
+
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
+
+
+@dataclasses.dataclass
+class Metrics:
+    """One measurement of a model. ``None`` means "not measured" (e.g. perplexity of an encoder)."""
+
+    parameters: int | None = None
+    footprint_bytes: int | None = None
+    disk_bytes: int | None = None
+    perplexity: float | None = None
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+    embedding_cosine: float | None = None
+    prefill_ms_per_token: float | None = None
+    decode_ms_per_token: float | None = None
+    eval_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Metrics | None":
+        if data is None:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass
+class Reference:
+    """Outputs of the uncompressed model on the evaluation inputs."""
+
+    task: str
+    inputs: torch.Tensor  # causal: token blocks [n, L]; encoder: input ids [n, L]
+    attention_mask: torch.Tensor | None
+    outputs: list[torch.Tensor]  # causal: log-probs per block (fp32); encoder: embeddings per batch
+    perplexity: float | None = None
+
+
+def model_task(model) -> str:
+    """``"causal-lm"`` for generative LMs, ``"encoder"`` for BERT-style models without an LM head."""
+    names = type(model).__name__
+    if names.endswith(("ForCausalLM", "LMHeadModel")) or getattr(model.config, "is_decoder", False):
+        return CAUSAL_LM
+    return ENCODER
+
+
+def count_parameters(model) -> int:
+    """Logical parameter count: a 4-bit weight counts as in*out even though two values share a byte."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if name == "weight" and type(param).__name__ == "Params4bit":
+                total += module.in_features * module.out_features
+            else:
+                total += param.numel()
+    return total
+
+
+def footprint_bytes(model) -> int:
+    """Bytes held by parameters, buffers and bnb quantization state (int8 row scales, 4-bit absmax)."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        scb = getattr(t, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                         if isinstance(v, torch.Tensor))
+    return total
+
+
+def disk_bytes(model) -> int:
+    """Size of the weight files `save_pretrained` writes for ``model`` (safetensors), measured by writing them."""
+    from .methods.quantize import guard_bnb_cpu_repack
+
+    guard_bnb_cpu_repack(model)
+    with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp:
+        model.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+
+
+def _forward_logprobs(model, block: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=block.unsqueeze(0)).logits[0].float()
+    return F.log_softmax(logits, dim=-1)
+
+
+def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
+    picked = logprobs[:-1].gather(-1, block[1:].unsqueeze(-1)).squeeze(-1)
+    return -picked.sum().item(), picked.numel()
+
+
+def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
+    texts = texts if texts is not None else load_texts(evaluation.text, split="eval")
+    if model_task(model) == CAUSAL_LM:
+        return token_blocks(tokenizer, texts, max_tokens=evaluation.max_tokens, seq_len=evaluation.seq_len), None
+    # Encoders: one sentence-ish chunk per paragraph, padded into a batch (the way sentence embeddings are used).
+    paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 20]
+    chunks, used = [], 0
+    for p in paragraphs:
+        n = len(tokenizer(p, truncation=True, max_length=128)["input_ids"])
+        chunks.append(p)
+        used += n
+        if used >= evaluation.max_tokens:
+            break
+    enc = tokenizer(chunks, truncation=True, max_length=128, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _embeddings(model, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> list[torch.Tensor]:
+    out = []
+    for i in range(0, len(ids), batch):
+        m = mask[i:i + batch]
+        hidden = model(input_ids=ids[i:i + batch], attention_mask=m).last_hidden_state.float()
+        pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        out.append(pooled)
+    return out
+
+
+@torch.no_grad()
+def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = None) -> Reference | None:
+    """Record the outputs of ``model`` (before compression) on the evaluation text; ``None`` without a tokenizer."""
+    if tokenizer is None:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        task = model_task(model)
+        inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
+        if task == CAUSAL_LM:
+            outputs, nll, count = [], 0.0, 0
+            for block in progress(inputs, desc="reference outputs"):
+                lp = _forward_logprobs(model, block)
+                s, n = _nll(lp, block)
+                nll, count = nll + s, count + n
+                outputs.append(lp)
+            return Reference(task, inputs, None, outputs, perplexity=math.exp(nll / count))
+        return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor) -> float:
+    """Perplexity of a causal LM on token blocks ``[n, L]`` (every token but the first of each block is scored)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for block in progress(blocks, desc="perplexity"):
+            s, n = _nll(_forward_logprobs(model, block), block)
+            nll, count = nll + s, count + n
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def _quality(model, reference: Reference) -> dict[str, float]:
+    if reference.task == ENCODER:
+        new = _embeddings(model, reference.inputs, reference.attention_mask)
+        cos = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(reference.outputs, new)])
+        return {"embedding_cosine": cos.mean().item(), "eval_tokens": int(reference.attention_mask.sum())}
+    nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
+    for block, ref_lp in progress(list(zip(reference.inputs, reference.outputs)), desc="perplexity/KL"):
+        lp = _forward_logprobs(model, block)
+        s, n = _nll(lp, block)
+        nll, count = nll + s, count + n
+        # KL(original || compressed), per token, summed over the vocabulary.
+        kl_sum += (ref_lp.exp() * (ref_lp - lp)).sum().item()
+        agree += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
+    tokens = reference.inputs.numel()
+    return {"perplexity": math.exp(nll / count), "kl_divergence": kl_sum / tokens, "top1_agreement": agree / tokens,
+            "eval_tokens": tokens}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations, bnb weight preparation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) -> dict[str, float | None]:
+    """Median prefill ms/token on ``prompt`` [1, P] and (causal LMs) greedy decode ms/token with the KV cache."""
+    was_training = model.training
+    model.eval()
+    try:
+        prefill = _median_ms(lambda: model(input_ids=prompt), repeats) / prompt.shape[1]
+        decode = None
+        if model_task(model) == CAUSAL_LM and decode_tokens > 0:
+            def run_decode():
+                out = model(input_ids=prompt, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                for _ in range(decode_tokens):
+                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                return (time.perf_counter() - start) * 1000
+
+            run_decode()
+            decode = statistics.median(run_decode() for _ in range(repeats)) / decode_tokens
+        return {"prefill_ms_per_token": prefill, "decode_ms_per_token": decode}
+    finally:
+        model.train(was_training)
+
+
+def measure(model, tokenizer, evaluation, reference: Reference | None = None, *, with_disk: bool | None = None,
+            compare: bool = True) -> Metrics:
+    """Measure ``model``: parameters, footprint, disk size, quality against ``reference``, latency.
+
+    Args:
+        model (`PreTrainedModel`): the model, as it is now.
+        tokenizer: its tokenizer; without one, only sizes are measured.
+        evaluation (`EvaluationConfig`): what to measure (text, token budget, latency settings).
+        reference (`Reference`, *optional*): outputs of the original model; without it, no KL/top-1/cosine
+            (perplexity is still measured for causal LMs).
+        with_disk (`bool`, *optional*): serialize to measure disk size; defaults to ``evaluation.disk_size``.
+        compare (`bool`, defaults to `True`): compare with ``reference``; `measure_baseline` turns it off.
+    """
+    from .methods.quantize import guard_bnb_cpu_repack
+
+    guard_bnb_cpu_repack(model)
+    metrics = Metrics(parameters=count_parameters(model), footprint_bytes=footprint_bytes(model))
+    if evaluation.disk_size if with_disk is None else with_disk:
+        metrics.disk_bytes = disk_bytes(model)  # before any forward: see guard_bnb_cpu_repack
+    if tokenizer is None:
+        return metrics
+    if reference is None:
+        reference = reference_outputs(model, tokenizer, evaluation)
+        if reference.task == CAUSAL_LM:
+            metrics.perplexity, metrics.eval_tokens = reference.perplexity, reference.inputs.numel()
+    elif compare:
+        was_training = model.training
+        model.eval()
+        try:
+            for key, value in _quality(model, reference).items():
+                setattr(metrics, key, value)
+        finally:
+            model.train(was_training)
+    if evaluation.latency:
+        prompt = reference.inputs.reshape(-1)[: evaluation.prompt_tokens].unsqueeze(0)
+        if reference.task == ENCODER:
+            prompt = reference.inputs[:1, : evaluation.prompt_tokens]
+        for key, value in latency(model, prompt, decode_tokens=evaluation.decode_tokens,
+                                  repeats=evaluation.repeats).items():
+            setattr(metrics, key, value)
+    return metrics
+
+
+def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = None
+                     ) -> tuple[Metrics, Reference | None]:
+    """Measure the uncompressed model and record its outputs (on ``texts``, default: the evaluation text), which
+    later measurements compare against."""
+    reference = reference_outputs(model, tokenizer, evaluation, texts)
+    metrics = measure(model, tokenizer, evaluation, reference, compare=False)
+    if reference is not None:
+        if reference.task == CAUSAL_LM:
+            metrics.perplexity, metrics.kl_divergence, metrics.top1_agreement = reference.perplexity, 0.0, 1.0
+            metrics.eval_tokens = reference.inputs.numel()
+        else:
+            metrics.embedding_cosine = 1.0
+            metrics.eval_tokens = int(reference.attention_mask.sum())
+    return metrics, reference

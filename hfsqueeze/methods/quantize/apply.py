@@ -1,0 +1,186 @@
+"""In-place quantization of an already loaded model.
+
+Transformers only quantizes while loading (``from_pretrained(..., quantization_config=...)``). To work on a model
+already in memory (perhaps pruned or distilled a moment ago), each eligible `nn.Linear` (or GPT-2 `Conv1D`) is swapped
+for the bitsandbytes module that Transformers itself would have created, using Transformers' own rules for which
+modules to skip; then the model is given the same quantizer state a quantized load leaves behind. So
+`save_pretrained` writes a standard bnb checkpoint and plain `from_pretrained(dir)` restores it without hfsqueeze.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import RecipeError, require_backend
+from .config import QuantizeConfig
+
+logger = logging.getLogger("hfsqueeze")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bnb():
+    bnb = require_backend("bitsandbytes")
+    # "MatMul8bitLt: inputs will be cast from float32 to float16" is emitted on every int8 matmul.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    return bnb
+
+
+def is_bnb_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def guard_bnb_cpu_repack(model: nn.Module) -> int:
+    """Disable bitsandbytes' CPU weight repacking on every `Linear4bit`; return how many modules were guarded.
+
+    bnb 0.50.2 repacks 4-bit weights on the first no-grad CPU forward when the CPU has AVX512-BF16; saving afterwards
+    writes ``absmax`` in the wrong layout and damages the live model (see NOTES). The unpacked kernel is exact.
+    """
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return 0
+    bnb = _bnb()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def has_repacked_4bit(model: nn.Module) -> bool:
+    """True when some `Linear4bit` already ran the CPU repack (its weights can no longer be saved correctly)."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return False
+    return any(
+        getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+        for m in model.modules()
+    )
+
+
+def bnb_config(config: QuantizeConfig):
+    from transformers import BitsAndBytesConfig
+
+    if config.bits == 8:
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=config.threshold, llm_int8_skip_modules=list(config.skip_modules)
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant_type,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[config.compute_dtype],
+        llm_int8_skip_modules=list(config.skip_modules),
+    )
+
+
+def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    weight = module.weight.data
+    if isinstance(module, Conv1D):  # Conv1D stores [in, out]; bnb expects nn.Linear's [out, in]
+        weight = weight.t()
+    out_features, in_features = weight.shape
+    bias = module.bias is not None
+    if config.bits == 8:
+        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold)
+        new.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    else:
+        new = bnb.nn.Linear4bit(
+            in_features, out_features, bias, qc.bnb_4bit_compute_dtype,
+            compress_statistics=config.double_quant, quant_type=config.quant_type,
+            quant_storage=qc.bnb_4bit_quant_storage,
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.contiguous(), requires_grad=False, quant_type=config.quant_type,
+            compress_statistics=config.double_quant, quant_storage=qc.bnb_4bit_quant_storage, module=new,
+        ).to("cpu")
+        new.support_avx512bf16_for_cpu = False
+    if bias:
+        new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+    new.source_cls = type(module)
+    new.requires_grad_(False)
+    # New modules start in training mode, where int8 takes another code path (outputs differ by ~2e-2).
+    new.train(module.training)
+    return new
+
+
+def _cast_16bit(model: nn.Module, config: QuantizeConfig) -> dict[str, Any]:
+    if is_bnb_quantized(model):
+        raise RecipeError("quantize bits: 16 cannot run on a bitsandbytes-quantized model; put the 16-bit cast "
+                          "before the 8/4-bit stage, or use compute_dtype for 4-bit")
+    dtype = _DTYPES[config.dtype]
+    # Non-persistent float buffers (rotary inv_freq) are rebuilt in fp32 on reload; keep them fp32 here too, or the
+    # live model and the reloaded artifact disagree.
+    kept = [
+        (module, name, buf) for module in model.modules() for name, buf in module.named_buffers(recurse=False)
+        if name in module._non_persistent_buffers_set and buf.is_floating_point()
+    ]
+    model.to(dtype)
+    for module, name, buf in kept:
+        setattr(module, name, buf)
+    model.config.dtype = dtype
+    return {"format": config.label, "dtype": str(dtype).replace("torch.", "")}
+
+
+def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None) -> dict[str, Any]:
+    """Quantize ``model`` in place according to ``config``; return the details for the report."""
+    from ...models import strip_gguf
+
+    strip_gguf(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if is_bnb_quantized(model):
+        raise RecipeError("the model is already quantized with bitsandbytes; a model can be quantized to 8/4 bits "
+                          "once (remove the extra quantize stage)")
+    if quantizer is not None:
+        raise RecipeError(f"the model is already quantized with {quantizer.quantization_config.quant_method}; "
+                          "load it unquantized to use the quantize stage")
+    if config.bits == 16:
+        return _cast_16bit(model, config)
+
+    bnb = _bnb()
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers import AutoHfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    qc = bnb_config(config)
+    hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+    # The same skip list Transformers computes when it reloads this checkpoint, so both sides agree.
+    skip = hf_quantizer.get_modules_to_not_convert(model, qc.llm_int8_skip_modules, model._keep_in_fp32_modules)
+    hf_quantizer.modules_to_not_convert = skip
+
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if (isinstance(module, Conv1D) or type(module) is nn.Linear) and should_convert_module(name, skip)
+    ]
+    if not targets:
+        raise RecipeError("the quantize stage found no nn.Linear/Conv1D module to quantize (all skipped by "
+                          f"skip_modules={config.skip_modules})")
+    quantized_params = 0
+    for name, module in targets:
+        quantized_params += module.weight.numel()
+        model.set_submodule(name, _new_module(bnb, module, qc, config))
+
+    model.hf_quantizer = hf_quantizer
+    model.config.quantization_config = qc
+    model.is_quantized = True
+    model.quantization_method = qc.quant_method
+    model.is_loaded_in_8bit = config.bits == 8
+    model.is_loaded_in_4bit = config.bits == 4
+    skipped = sorted(
+        name for name, m in model.named_modules()
+        if (isinstance(m, Conv1D) or type(m) is nn.Linear) and not should_convert_module(name, skip)
+    )
+    logger.info("quantized %d modules to %s", len(targets), config.label)
+    return {
+        "format": config.label,
+        "quantized_modules": len(targets),
+        "quantized_parameters": quantized_params,
+        "kept_modules": skipped,
+    }

@@ -1,0 +1,207 @@
+"""Recipes: an ordered list of stages plus evaluation settings, loaded strictly from YAML, a dict or an object.
+
+```yaml
+name: int8
+evaluation: {max_tokens: 4096}
+stages:
+  - method: quantize
+    bits: 8
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .config import ConfigBase, StageConfig
+from .errors import RecipeError
+from .registry import get_stage
+
+RECIPE_VERSION = 1
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclasses.dataclass
+class EvaluationConfig(ConfigBase):
+    """What the report measures before and after each stage."""
+
+    text: str = dataclasses.field(
+        default="builtin",
+        metadata={"help": "'builtin' (held-out pydoc_data.topics), a local .txt/.json/.jsonl/.csv/.parquet file, "
+                  "or a datasets name"},
+    )
+    max_tokens: int = dataclasses.field(default=4096, metadata={"help": "tokens scored for perplexity and KL"})
+    seq_len: int = dataclasses.field(default=512, metadata={"help": "window length for perplexity"})
+    latency: bool = dataclasses.field(default=True, metadata={"help": "measure prefill and decode latency"})
+    prompt_tokens: int = dataclasses.field(default=128, metadata={"help": "prompt length for latency"})
+    decode_tokens: int = dataclasses.field(default=32, metadata={"help": "greedy steps timed for decode latency"})
+    repeats: int = dataclasses.field(default=3, metadata={"help": "timed repeats (the median is reported)"})
+    per_stage: bool = dataclasses.field(default=True, metadata={"help": "measure after every stage, not just the end"})
+    disk_size: bool = dataclasses.field(default=True, metadata={"help": "serialize to measure the on-disk size"})
+
+    def __post_init__(self):
+        for key in ("max_tokens", "seq_len", "prompt_tokens", "decode_tokens", "repeats"):
+            if getattr(self, key) < 1:
+                self.fail(key, f"got {getattr(self, key)}; must be >= 1")
+        if self.max_tokens < 2:
+            self.fail("max_tokens", "must be at least 2")
+
+
+@dataclasses.dataclass
+class Recipe(ConfigBase):
+    """An ordered list of compression stages.
+
+    Example:
+
+    ```python
+    recipe = Recipe.load({"stages": [{"method": "quantize", "bits": 4, "quant_type": "nf4"}]})
+    recipe = Recipe.load("recipes/int8.yaml", overrides=["quantize.threshold=5.0"])
+    ```
+    """
+
+    stages: list[StageConfig] = dataclasses.field(default_factory=list)
+    name: str | None = None
+    description: str | None = None
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        if self.version != RECIPE_VERSION:
+            self.fail("version", f"got {self.version}; this hfsqueeze reads recipe version {RECIPE_VERSION}")
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: "RecipeLike", overrides: list[str] | None = None) -> "Recipe":
+        """Load from a `Recipe`, a dict, a YAML path, a built-in recipe name (``"int8"``) or a YAML string."""
+        if isinstance(source, Recipe):
+            data = source.to_dict()
+        elif isinstance(source, dict):
+            data = copy.deepcopy(source)
+        elif isinstance(source, (str, os.PathLike)):
+            data = _read_yaml(source)
+        else:
+            raise RecipeError(f"a recipe must be a Recipe, a dict or a YAML path; got {type(source).__name__}")
+        for item in overrides or []:
+            _apply_override(data, item)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping with a 'stages' list; got {type(data).__name__}")
+        data = dict(data)
+        stages = data.pop("stages", None)
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError("a recipe needs 'stages': a non-empty list of stages, each with a 'method'")
+        parsed = [_parse_stage(i, s) for i, s in enumerate(stages, start=1)]
+        base = super().from_dict(data, where="recipe")
+        base.stages = parsed
+        return base
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"version": self.version}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.description is not None:
+            out["description"] = self.description
+        out["evaluation"] = self.evaluation.to_dict()
+        out["stages"] = [s.to_dict() for s in self.stages]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+RecipeLike = Union[Recipe, dict, str, os.PathLike]
+
+
+def _parse_stage(index: int, raw: Any) -> StageConfig:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"stage {index}: expected a mapping with a 'method' key; got {raw!r}")
+    raw = dict(raw)
+    method = raw.pop("method", None)
+    if method is None:
+        raise RecipeError(f"stage {index}: missing key 'method'")
+    try:
+        spec = get_stage(method)
+    except RecipeError as exc:
+        raise RecipeError(f"stage {index}: {exc}") from None
+    return spec.config_cls.from_dict(raw, where=f"stage {index} ({method})")
+
+
+def builtin_recipe_path(name: str) -> Path | None:
+    path = RECIPES_DIR / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def _read_yaml(source: str | os.PathLike) -> dict:
+    path = Path(source)
+    builtin = builtin_recipe_path(str(source)) if isinstance(source, str) else None
+    if path.is_file():
+        text = path.read_text()
+    elif builtin is not None:
+        text = builtin.read_text()
+    elif isinstance(source, str) and "\n" in source:
+        text = source
+    else:
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+        raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "
+                          f"({', '.join(names)})")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"recipe {source} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source} must be a mapping with a 'stages' list")
+    return data
+
+
+def _apply_override(data: dict, item: str) -> None:
+    """Apply ``a.b=c``: ``quantize.threshold=5``, ``stages.2.bits=4`` (1-based), ``evaluation.max_tokens=512``."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like key.path=value, e.g. quantize.threshold=5.0")
+    path, _, raw_value = item.partition("=")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        value = raw_value
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise RecipeError(f"override {item!r} has an empty key path")
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    head, rest = keys[0], keys[1:]
+    if head == "stages":
+        if not rest or not rest[0].isdigit() or not 1 <= int(rest[0]) <= len(stages):
+            raise RecipeError(f"override {item!r}: 'stages.N' needs N between 1 and {len(stages)}")
+        target, rest = stages[int(rest[0]) - 1], rest[1:]
+    elif head in {s.get("method") for s in stages if isinstance(s, dict)}:
+        matches = [s for s in stages if isinstance(s, dict) and s.get("method") == head]
+        if len(matches) > 1:
+            numbers = [str(i) for i, s in enumerate(stages, 1) if s in matches]
+            raise RecipeError(f"override {item!r}: the recipe has {len(matches)} '{head}' stages "
+                              f"(stages {', '.join(numbers)}); write stages.N.{'.'.join(rest)}=... instead")
+        target = matches[0]
+    elif head in ("evaluation", "name", "description"):
+        target, rest = data, keys
+    else:
+        methods = sorted({s.get("method") for s in stages if isinstance(s, dict)})
+        raise RecipeError(f"override {item!r}: '{head}' is not a stage of this recipe; use one of "
+                          f"{', '.join(methods + ['stages.N', 'evaluation'])}")
+    if not rest:
+        raise RecipeError(f"override {item!r} names a stage but no key inside it")
+    for key in rest[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise RecipeError(f"override {item!r}: '{key}' is not a mapping")
+    target[rest[-1]] = value

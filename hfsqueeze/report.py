@@ -1,0 +1,157 @@
+"""`CompressionReport`: what a recipe did to a model, measured before and after each stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+from .measure import Metrics
+
+REPORT_SCHEMA = "hfsqueeze.report"
+REPORT_VERSION = 1
+
+# (field, label, formatter, lower_is_better)
+_ROWS = [
+    ("parameters", "Parameters", lambda v: f"{v / 1e6:,.2f}M", True),
+    ("disk_bytes", "Disk size", lambda v: f"{v / 2**20:,.1f} MiB", True),
+    ("footprint_bytes", "Memory footprint", lambda v: f"{v / 2**20:,.1f} MiB", True),
+    ("perplexity", "Perplexity", lambda v: f"{v:.3f}", True),
+    ("kl_divergence", "KL to original (nats/token)", lambda v: f"{v:.4f}", True),
+    ("top1_agreement", "Top-1 agreement", lambda v: f"{v:.2%}", False),
+    ("embedding_cosine", "Embedding cosine to original", lambda v: f"{v:.4f}", False),
+    ("prefill_ms_per_token", "Prefill latency (ms/token)", lambda v: f"{v:.3f}", True),
+    ("decode_ms_per_token", "Decode latency (ms/token)", lambda v: f"{v:.2f}", True),
+]
+_RATIO_FIELDS = {"parameters", "disk_bytes", "footprint_bytes", "perplexity", "prefill_ms_per_token",
+                 "decode_ms_per_token"}
+
+
+@dataclasses.dataclass
+class StageResult:
+    index: int
+    method: str
+    config: dict[str, Any]
+    details: dict[str, Any]
+    seconds: float
+    metrics: Metrics | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["metrics"] = self.metrics.to_dict() if self.metrics else None
+        return out
+
+
+@dataclasses.dataclass
+class CompressionReport:
+    """The result of `hfsqueeze.compress`: baseline, per-stage and final measurements.
+
+    Example:
+
+    ```python
+    report = model.compress("int8", tokenizer=tok)
+    print(report.to_markdown())
+    report.final.perplexity / report.baseline.perplexity
+    ```
+    """
+
+    model: dict[str, Any]
+    recipe: dict[str, Any]
+    environment: dict[str, Any]
+    evaluation: dict[str, Any]
+    baseline: Metrics | None = None
+    stages: list[StageResult] = dataclasses.field(default_factory=list)
+    final: Metrics | None = None
+    command: str | None = None
+    created: str = dataclasses.field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    )
+
+    # ---- serialization ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": REPORT_SCHEMA,
+            "version": REPORT_VERSION,
+            "created": self.created,
+            "command": self.command,
+            "model": self.model,
+            "environment": self.environment,
+            "evaluation": self.evaluation,
+            "recipe": self.recipe,
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "stages": [s.to_dict() for s in self.stages],
+            "final": self.final.to_dict() if self.final else None,
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionReport":
+        if data.get("schema") != REPORT_SCHEMA:
+            raise ValueError(f"not an hfsqueeze report (schema {data.get('schema')!r})")
+        stages = [
+            StageResult(s["index"], s["method"], s["config"], s["details"], s["seconds"],
+                        Metrics.from_dict(s.get("metrics")))
+            for s in data.get("stages", [])
+        ]
+        return cls(
+            model=data["model"], recipe=data["recipe"], environment=data["environment"],
+            evaluation=data["evaluation"], baseline=Metrics.from_dict(data.get("baseline")), stages=stages,
+            final=Metrics.from_dict(data.get("final")), command=data.get("command"), created=data.get("created", ""),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressionReport":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    # ---- presentation ----------------------------------------------------------------------------------------
+    def columns(self) -> list[tuple[str, Metrics]]:
+        """(heading, metrics) for the baseline, each measured stage and (if not already last) the final state."""
+        cols = [("original", self.baseline)] if self.baseline else []
+        for s in self.stages:
+            if s.metrics is not None:
+                cols.append((f"{s.index}. {s.method}{_stage_suffix(s)}", s.metrics))
+        if self.final is not None and (not cols or cols[-1][1] is not self.final and cols[-1][1] != self.final):
+            cols.append(("final", self.final))
+        return cols
+
+    def to_markdown(self) -> str:
+        """A before/after table: one column per measured state, then the final/original ratio."""
+        cols = self.columns()
+        if not cols:
+            return "_nothing was measured_"
+        head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key, label, fmt, _ in _ROWS:
+            values = [getattr(m, key) for _, m in cols]
+            if all(v is None for v in values):
+                continue
+            row = [label] + [fmt(v) if v is not None else "n/a" for v in values]
+            if len(head) > len(cols) + 1:
+                first, last = values[0], values[-1]
+                if key in _RATIO_FIELDS and first and last is not None:
+                    row.append(f"{last / first:.3f}x")
+                elif first is not None and last is not None:
+                    row.append(f"{last - first:+.4g}")
+                else:
+                    row.append("n/a")
+            lines.append("| " + " | ".join(row) + " |")
+        env = self.environment
+        foot = (f"\nMeasured on {env.get('cpu', 'CPU')} ({env.get('threads')} threads, {env.get('device', 'cpu')}), "
+                f"{self.evaluation.get('eval_tokens') or self.evaluation.get('max_tokens')} tokens of "
+                f"{self.evaluation.get('text')} text; latency is the median of {self.evaluation.get('repeats')} runs.")
+        return "\n".join(lines) + "\n" + foot
+
+
+def _stage_suffix(stage: StageResult) -> str:
+    fmt = stage.details.get("format") if isinstance(stage.details, dict) else None
+    return f" ({fmt})" if fmt else ""

