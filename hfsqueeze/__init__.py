@@ -17,6 +17,7 @@ from .errors import (
     RecipeError,
     UnsupportedModelError,
 )
+from .hub import push_to_hub
 from .measure import Metrics
 from .recipe import EvaluationConfig, Recipe
 from .registry import available_stages, register_stage
@@ -39,6 +40,7 @@ __all__ = [
     "available_stages",
     "compress",
     "load_compressed",
+    "push_to_hub",
     "register_stage",
     "save_compressed",
 ]

@@ -153,7 +153,7 @@ def _cmd_eval(args) -> int:
     from .models import load_model
     from .recipe import EvaluationConfig, Recipe
     from .report import CompressionReport
-    from .save import load_compressed
+    from .save import load_compressed, weights_bytes
     from .utils import quiet_transformers_progress
 
     quiet_transformers_progress()
@@ -182,7 +182,8 @@ def _cmd_eval(args) -> int:
         baseline = saved.baseline
     elif args.base:
         raise ArtifactError(f"--base {args.base} is not a local model directory")
-    metrics = measure(model, tokenizer, evaluation, reference)
+    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
+    metrics.disk_bytes = weights_bytes(path)
     from .report import StageResult
     from .utils import cpu_name, versions
 

@@ -8,6 +8,7 @@ uses the same prompt, thread count and repeat count for every measurement, and r
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import statistics
 import tempfile
@@ -107,9 +108,10 @@ def footprint_bytes(model) -> int:
 def disk_bytes(model) -> int:
     """Size of the weight files `save_pretrained` writes for ``model`` (safetensors), measured by writing them."""
     from .methods.quantize import guard_bnb_cpu_repack
+    from .methods.quantize.apply import saveable
 
     guard_bnb_cpu_repack(model)
-    with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
         model.save_pretrained(tmp)
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
@@ -227,13 +229,16 @@ def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) ->
         prefill = _median_ms(lambda: model(input_ids=prompt), repeats) / prompt.shape[1]
         decode = None
         if model_task(model) == CAUSAL_LM and decode_tokens > 0:
+            # Transformers 5.2x renamed `past_key_values` to `cache` (input and output); accept both.
+            key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
             def run_decode():
                 out = model(input_ids=prompt, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
                 start = time.perf_counter()
                 for _ in range(decode_tokens):
-                    out = model(input_ids=token, past_key_values=past, use_cache=True)
-                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    out = model(input_ids=token, use_cache=True, **{key: past})
+                    past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
                 return (time.perf_counter() - start) * 1000
 
             run_decode()

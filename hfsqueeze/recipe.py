@@ -144,14 +144,15 @@ def builtin_recipe_path(name: str) -> Path | None:
 
 
 def _read_yaml(source: str | os.PathLike) -> dict:
+    is_yaml_text = isinstance(source, str) and "\n" in source
     path = Path(source)
-    builtin = builtin_recipe_path(str(source)) if isinstance(source, str) else None
-    if path.is_file():
+    builtin = builtin_recipe_path(str(source)) if isinstance(source, str) and not is_yaml_text else None
+    if is_yaml_text:
+        text = source
+    elif path.is_file():
         text = path.read_text()
     elif builtin is not None:
         text = builtin.read_text()
-    elif isinstance(source, str) and "\n" in source:
-        text = source
     else:
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
         raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "

@@ -155,7 +155,7 @@ def save_compressed(
     """
     from . import methods  # noqa: F401
     from .methods.quantize import guard_bnb_cpu_repack
-    from .methods.quantize.apply import has_repacked_4bit
+    from .methods.quantize.apply import has_repacked_4bit, saveable
     from .utils import quiet_transformers_progress
 
     quiet_transformers_progress()
@@ -171,7 +171,8 @@ def save_compressed(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        model.save_pretrained(tmp)
+        with saveable(model):
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for hook in _SAVE_HOOKS:

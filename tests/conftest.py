@@ -89,3 +89,43 @@ def smollm2_dir(tmp_path_factory):
     from hfsqueeze.models import default_model_dir
 
     return default_model_dir()
+
+
+RELOAD_SCRIPT = r"""
+import sys, json, torch, transformers
+path, auto, ids_json, out = sys.argv[1:5]
+assert "hfsqueeze" not in sys.modules
+model = getattr(transformers, auto).from_pretrained(path).eval()
+ids = torch.tensor(json.loads(ids_json))
+with torch.no_grad():
+    o = model(input_ids=ids)
+torch.save((o.logits if hasattr(o, "logits") else o.last_hidden_state).float(), out)
+print("hfsqueeze" in sys.modules)
+"""
+
+
+def reload_outputs_in_fresh_process(path, input_ids, auto="AutoModelForCausalLM"):
+    """Load ``path`` with plain Transformers in a new Python process (hfsqueeze never imported); return its outputs."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/out.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", RELOAD_SCRIPT, str(path), auto, json.dumps(input_ids.tolist()), out],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().splitlines()[-1] == "False", "hfsqueeze was imported by the reload"
+        return torch.load(out)
+
+
+def outputs(model, input_ids):
+    with torch.no_grad():
+        o = model(input_ids=input_ids)
+    return (o.logits if hasattr(o, "logits") else o.last_hidden_state).float()
+
+
+SMALL_EVAL = {"max_tokens": 256, "seq_len": 128, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1}

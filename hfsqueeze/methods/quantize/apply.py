@@ -9,6 +9,7 @@ modules to skip; then the model is given the same quantizer state a quantized lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Any
@@ -184,3 +185,24 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         "quantized_parameters": quantized_params,
         "kept_modules": skipped,
     }
+
+
+@contextlib.contextmanager
+def saveable(model: nn.Module):
+    """Let `save_pretrained` run on a 4-bit model that was *loaded* pre-quantized.
+
+    Transformers 5.24 records a ``Bnb4bitDeserialize`` weight conversion on such a model and, on save, tries to
+    reverse it, which raises `NotImplementedError`. bnb's `Linear4bit` already writes its quantization state itself,
+    so the reverse step has nothing to do: hide that conversion for the duration of the save.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions:
+        yield model
+        return
+    kept = [c for c in conversions
+            if not all(type(op).__name__.startswith("Bnb") for op in getattr(c, "operations", []) or [None])]
+    model._weight_conversions = kept
+    try:
+        yield model
+    finally:
+        model._weight_conversions = conversions

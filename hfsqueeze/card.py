@@ -1,0 +1,698 @@
+"""Model cards for compressed artifacts, rendered with huggingface_hub's `ModelCard`/`ModelCardData`.
+
+Every number in a card comes from the artifact's report (``report.json``); a section whose data is missing is left
+out rather than filled with placeholder text. The generated body sits between two HTML comments, so pushing again
+replaces exactly that part and keeps whatever the repository owner wrote around it (see `merge_model_card`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("hfsqueeze")
+
+CARD_START = "<!-- hfsqueeze:card:start -->"
+CARD_END = "<!-- hfsqueeze:card:end -->"
+
+# base_model_relation values the Hub accepts (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model)
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+_BUILTIN_TEXT = "the held-out split of the Python documentation topics shipped with CPython (`pydoc_data.topics`)"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".yaml", ".yml", ".gguf", ".safetensors", ".bin")
+_DATA_KEYS = {"text", "dataset", "dataset_name", "calibration", "data", "train_data"}
+
+_PIPELINES = [
+    (("ForCausalLM", "LMHeadModel"), "text-generation"),
+    (("ForSequenceClassification",), "text-classification"),
+    (("ForTokenClassification",), "token-classification"),
+    (("ForQuestionAnswering",), "question-answering"),
+    (("ForMaskedLM",), "fill-mask"),
+]
+
+_FILE_ROLES = [
+    (re.compile(r".*\.safetensors\.index\.json$"), "index of the weight shards"),
+    (re.compile(r"^parity\.safetensors$"), "fixed input ids and the compressed model's outputs at save time "
+                                           "(the upload parity check compares against them)"),
+    (re.compile(r".*\.safetensors$"), "weights"),
+    (re.compile(r"^config\.json$"), "model configuration (including `quantization_config` when quantized)"),
+    (re.compile(r"^generation_config\.json$"), "generation defaults"),
+    (re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template\..*)$"), "tokenizer"),
+    (re.compile(r"^recipe\.yaml$"), "the hfsqueeze recipe that produced these weights"),
+    (re.compile(r"^report\.json$"), "every measurement behind this card"),
+    (re.compile(r".*\.(png|svg)$"), "plot written by a stage"),
+]
+
+
+# ---- small formatting helpers ---------------------------------------------------------------------------------
+def _report_dict(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    if isinstance(report, dict):
+        return report
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    raise TypeError(f"report must be a CompressionReport, a dict or None; got {type(report).__name__}")
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    return config.to_dict()
+
+
+def _num(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        return f"{value:.2e}"
+    if abs(value) < 10:
+        return f"{value:.4f}"
+    return f"{value:,.2f}"
+
+
+def _bytes(value: int) -> str:
+    if value < 2**20:
+        return f"{value / 2**10:,.1f} KiB"
+    if value < 2**30:
+        return f"{value / 2**20:,.1f} MiB"
+    return f"{value / 2**30:,.2f} GiB"
+
+
+def _params(value: int) -> str:
+    return f"{value / 1e6:,.2f}M ({value:,})"
+
+
+def _ratio(before: float, after: float) -> str:
+    if not before:
+        return ""
+    ratio = after / before
+    if ratio < 1:
+        return f"{ratio:.3f}x ({(1 - ratio):.1%} less)"
+    return f"{ratio:.3f}x ({(ratio - 1):+.1%})"
+
+
+def _delta(before: float, after: float, fmt) -> str:
+    return f"{'+' if after - before >= 0 else '-'}{fmt(abs(after - before))}"
+
+
+def _delta_pct(before: float, after: float, fmt) -> str:
+    pct = f" ({(after - before) / before:+.2%})" if before else ""
+    return _delta(before, after, fmt) + pct
+
+
+def _points(before: float, after: float, fmt) -> str:
+    return f"{(after - before) * 100:+.2f} pp"
+
+
+# (metrics key, label, formatter, change style)
+_METRIC_ROWS = [
+    ("parameters", "Parameters", _params, "ratio"),
+    ("disk_bytes", "Weights on disk", _bytes, "ratio"),
+    ("footprint_bytes", "Memory footprint (weights + buffers)", _bytes, "ratio"),
+    ("perplexity", "Perplexity", _num, "delta_pct"),
+    ("kl_divergence", "KL divergence to the original (nats/token)", _num, "delta"),
+    ("top1_agreement", "Top-1 next-token agreement with the original", lambda v: f"{v:.2%}", "points"),
+    ("embedding_cosine", "Embedding cosine similarity to the original", lambda v: f"{v:.4f}", "delta"),
+    ("prefill_ms_per_token", "Prefill latency (ms/token)", lambda v: f"{v:.3f}", "ratio"),
+    ("decode_ms_per_token", "Decode latency (ms/token)", lambda v: f"{v:.2f}", "ratio"),
+]
+
+
+def is_hub_id(value: Any) -> bool:
+    """Whether ``value`` looks like a Hub repository id (and is not a local path or a built-in name)."""
+    if not isinstance(value, str) or not value or value in ("builtin",) or value.startswith("builtin:"):
+        return False
+    if value.lower().endswith(_FILE_SUFFIXES) or os.path.exists(value):
+        return False
+    return bool(_HUB_ID.match(value)) and "/" in value
+
+
+def _text_label(text: Any) -> str:
+    if text in (None, "builtin"):
+        return _BUILTIN_TEXT
+    if is_hub_id(text):
+        return f"[{text}](https://huggingface.co/datasets/{text})"
+    return f"`{Path(str(text)).name}`" if os.path.sep in str(text) else f"`{text}`"
+
+
+def pipeline_tag(report: dict[str, Any] | None, config: dict[str, Any]) -> str:
+    """The Hub pipeline tag for the architecture (text-generation for causal LMs, feature-extraction otherwise)."""
+    arch = ((report or {}).get("model") or {}).get("architecture") or next(iter(config.get("architectures") or []), "")
+    for suffixes, tag in _PIPELINES:
+        if arch.endswith(suffixes):
+            return tag
+    if ((report or {}).get("model") or {}).get("task") == "causal-lm":
+        return "text-generation"
+    return "feature-extraction"
+
+
+def _stages(report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not report:
+        return []
+    stages = report.get("stages") or []
+    if stages:
+        return [{**s, "config": s.get("config") or {}, "details": s.get("details") or {}} for s in stages]
+    return [{"index": i, "method": s.get("method"), "config": s, "details": {}}
+            for i, s in enumerate((report.get("recipe") or {}).get("stages") or [], start=1)]
+
+
+def _stage_label(stage: dict[str, Any]) -> str:
+    cfg, method = stage["config"], stage.get("method")
+    if method == "quantize":
+        bits = cfg.get("bits")
+        if bits == 8:
+            return f"8-bit LLM.int8 (bitsandbytes, outlier threshold {cfg.get('threshold', 6.0)})"
+        if bits == 4:
+            qt = cfg.get("quant_type", "nf4")
+            dq = ", double quantization" if cfg.get("double_quant") else ""
+            return f"4-bit {qt.upper()} (bitsandbytes{dq}, compute dtype {cfg.get('compute_dtype', 'float32')})"
+        if bits == 16:
+            return f"16-bit cast to {cfg.get('dtype', 'bf16')}"
+    if method == "prune":
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in cfg.items() if k != "method" and not isinstance(v, (dict, list))]
+        return "structured pruning" + (f" ({', '.join(parts)})" if parts else "")
+    if method == "distill":
+        teacher = cfg.get("teacher")
+        return "knowledge distillation" + (f" from `{teacher}`" if teacher else "")
+    return str(method)
+
+
+def _short_label(stage: dict[str, Any]) -> str:
+    fmt = stage["details"].get("format")
+    if isinstance(fmt, str) and fmt:
+        return fmt
+    return {"prune": "pruned", "distill": "distilled"}.get(stage.get("method"), str(stage.get("method")))
+
+
+def card_tags(report: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
+    """Hub tags: ``hfsqueeze``, ``compressed``, the model type, and one or more per stage."""
+    tags = ["hfsqueeze", "compressed"]
+    if config.get("model_type"):
+        tags.append(str(config["model_type"]))
+    for stage in _stages(report):
+        cfg = stage["config"]
+        if stage.get("method") == "quantize":
+            bits = cfg.get("bits")
+            if bits in (4, 8):
+                tags += ["bitsandbytes", f"{bits}-bit", "quantized"]
+                tags.append("int8" if bits == 8 else str(cfg.get("quant_type", "nf4")))
+            elif bits == 16:
+                tags.append(str(cfg.get("dtype", "bf16")))
+        elif stage.get("method") == "prune":
+            tags.append("pruned")
+        elif stage.get("method") == "distill":
+            tags.append("distillation")
+        elif stage.get("method"):
+            tags.append(str(stage["method"]))
+    out: list[str] = []
+    for tag in tags:
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+def base_model_relation(report: dict[str, Any] | None) -> str:
+    """``quantized`` when every stage is a quantize stage; otherwise ``finetune``, the closest value the Hub allows
+    for weights that were pruned or trained (``adapter`` and ``merge`` describe other things)."""
+    methods = {s.get("method") for s in _stages(report)}
+    return "quantized" if methods and methods <= {"quantize"} else "finetune"
+
+
+def card_datasets(report: dict[str, Any] | None) -> list[str]:
+    """Hub dataset ids used for evaluation, calibration or distillation (local files and built-in text excluded)."""
+    found: list[str] = []
+
+    def walk(node: Any, key: str | None = None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif key in _DATA_KEYS and is_hub_id(node) and node not in found:
+            found.append(node)
+
+    if report:
+        walk((report.get("evaluation") or {}).get("text"), "text")
+        for stage in _stages(report):
+            walk(stage["config"])
+    return found
+
+
+def _eval_results(report: dict[str, Any], model_name: str, task_type: str) -> list:
+    from huggingface_hub import EvalResult
+
+    text = (report.get("evaluation") or {}).get("text")
+    dataset_type = text if is_hub_id(text) else "pydoc_data.topics" if text in (None, "builtin") else "text"
+    dataset_name = text if is_hub_id(text) else (
+        "Python documentation topics (held-out split)" if text in (None, "builtin") else Path(str(text)).name)
+    results = []
+    baseline, final = report.get("baseline") or {}, report.get("final") or {}
+    for key, metric_type, label in (
+        ("perplexity", "perplexity", "Perplexity"),
+        ("kl_divergence", "kl_divergence", "KL divergence to the original (nats/token)"),
+        ("top1_agreement", "accuracy", "Top-1 next-token agreement with the original"),
+        ("embedding_cosine", "cosine_similarity", "Embedding cosine similarity to the original"),
+    ):
+        for which, metrics in (("original", baseline), ("compressed", final)):
+            value = metrics.get(key)
+            if value is None or (which == "original" and key != "perplexity"):
+                continue  # the original's KL/agreement with itself carry no information
+            results.append(EvalResult(
+                task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
+                metric_type=metric_type, metric_value=float(f"{float(value):.6g}"),
+                metric_name=f"{label} ({which})",
+            ))
+    return results
+
+
+# ---- sections -------------------------------------------------------------------------------------------------
+def _summary(report: dict[str, Any] | None, config: dict[str, Any], base: str | None) -> str:
+    model = (report or {}).get("model") or {}
+    arch = model.get("architecture") or next(iter(config.get("architectures") or []), config.get("model_type"))
+    source = f"[{base}](https://huggingface.co/{base})" if base else f"a `{arch}` model"
+    stages = _stages(report)
+    if not stages:
+        return (f"This is {source} saved with hfsqueeze without a "
+                "compression report, so no measurements are shown.")
+    steps = "; then ".join(_stage_label(s) for s in stages)
+    text = f"This is {source} compressed with hfsqueeze: {steps}."
+    base_m, final = (report or {}).get("baseline") or {}, (report or {}).get("final") or {}
+    facts = []
+    if base_m.get("disk_bytes") and final.get("disk_bytes"):
+        facts.append(f"weights on disk go from {_bytes(base_m['disk_bytes'])} to {_bytes(final['disk_bytes'])} "
+                     f"({base_m['disk_bytes'] / final['disk_bytes']:.2f}x smaller)")
+    if base_m.get("parameters") and final.get("parameters") and base_m["parameters"] != final["parameters"]:
+        facts.append(f"parameters from {_params(base_m['parameters'])} to {_params(final['parameters'])}")
+    if base_m.get("perplexity") is not None and final.get("perplexity") is not None:
+        facts.append(f"perplexity from {_num(base_m['perplexity'])} to {_num(final['perplexity'])}")
+    if final.get("kl_divergence") is not None:
+        facts.append(f"the KL divergence to the original model is {_num(final['kl_divergence'])} nats/token")
+    if final.get("top1_agreement") is not None:
+        facts.append(f"it predicts the same next token as the original {final['top1_agreement']:.2%} of the time")
+    if final.get("embedding_cosine") is not None:
+        facts.append(f"its embeddings have cosine similarity {final['embedding_cosine']:.4f} to the original's")
+    if facts:
+        text += " Measured on the same text and machine: " + "; ".join(facts) + "."
+    return text
+
+
+def _results_table(report: dict[str, Any]) -> list[str]:
+    baseline, final = report.get("baseline") or {}, report.get("final") or {}
+    if not baseline and not final:
+        return []
+    lines = ["## Results", "", "| Metric | Original | Compressed | Change |", "|---|---:|---:|---|"]
+    for key, label, fmt, style in _METRIC_ROWS:
+        before, after = baseline.get(key), final.get(key)
+        if before is None and after is None:
+            continue
+        if key in ("kl_divergence", "top1_agreement", "embedding_cosine") and before in (0, 0.0, 1, 1.0):
+            shown_before = f"{fmt(before)} (reference)"
+        else:
+            shown_before = fmt(before) if before is not None else "not measured"
+        shown_after = fmt(after) if after is not None else "not measured"
+        change = ""
+        if before is not None and after is not None:
+            change = {"ratio": _ratio, "delta": _delta, "delta_pct": _delta_pct, "points": _points}[style](
+                before, after, fmt) if style != "ratio" else _ratio(before, after)
+        lines.append(f"| {label} | {shown_before} | {shown_after} | {change} |")
+    lines += ["", *_measurement_notes(report)]
+    return lines
+
+
+def _measurement_notes(report: dict[str, Any]) -> list[str]:
+    env, ev = report.get("environment") or {}, report.get("evaluation") or {}
+    notes = []
+    hw = [env.get("cpu")] if env.get("cpu") else []
+    if env.get("threads"):
+        hw.append(f"{env['threads']} threads")
+    if env.get("device"):
+        hw.append(f"device `{env['device']}`")
+    libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "bitsandbytes") if env.get(k))
+    if hw:
+        notes.append(f"- **Hardware:** {', '.join(hw)}" + (f" ({libs})" if libs else "") + ".")
+    tokens = ev.get("eval_tokens") or (report.get("final") or {}).get("eval_tokens")
+    if tokens:
+        notes.append(f"- **Quality:** {tokens:,} tokens of {_text_label(ev.get('text'))}, scored in windows of "
+                     f"{ev.get('seq_len')} tokens; KL divergence and top-1 agreement compare every next-token "
+                     "distribution with the original model's on the same tokens.")
+    if ev.get("latency") and ev.get("prompt_tokens"):
+        runs = f"{ev.get('repeats')} run{'s' if ev.get('repeats') != 1 else ''}"
+        notes.append(f"- **Latency:** median of {runs}; prefill of a {ev['prompt_tokens']}-token "
+                     f"prompt and {ev.get('decode_tokens')} greedy decode steps, batch size 1.")
+    if report.get("command"):
+        notes.append(f"- **Command:** `{report['command']}`")
+    if report.get("created"):
+        notes.append(f"- **Measured:** {report['created']}")
+    return notes
+
+
+def _stage_table(report: dict[str, Any]) -> list[str]:
+    stages = [s for s in _stages(report) if s.get("metrics") or s.get("seconds") is not None]
+    if len(stages) < 2 and not any(s.get("details") for s in stages):
+        return []
+    lines = ["### Stage by stage", "", "| # | Stage | Time (s) | Parameters | Weights on disk | Perplexity | KL | Details |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for s in stages:
+        m = s.get("metrics") or {}
+        details = ", ".join(
+            f"{k.replace('_', ' ')}: {f'{v:,}' if isinstance(v, int) else v}" for k, v in s["details"].items()
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k != "artifacts"
+        )
+        cells = [
+            str(s.get("index", "")), _stage_label(s),
+            f"{s['seconds']:.1f}" if s.get("seconds") is not None else "",
+            _params(m["parameters"]) if m.get("parameters") else "",
+            _bytes(m["disk_bytes"]) if m.get("disk_bytes") else "",
+            _num(m["perplexity"]) if m.get("perplexity") is not None else "",
+            _num(m["kl_divergence"]) if m.get("kl_divergence") is not None else "",
+            details,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _layer_rows(details: dict[str, Any]) -> list[dict[str, Any]]:
+    for key in ("layers", "per_layer", "layer_plan", "plan"):
+        rows = details.get(key)
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            return rows
+        if isinstance(rows, dict) and rows and all(isinstance(r, dict) for r in rows.values()):
+            return [{"layer": k, **v} for k, v in rows.items()]
+    return []
+
+
+def _prune_rows(details: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer rows from the prune stage's lists (heads/KV heads/FFN width kept per layer); tolerant of gaps."""
+    kept = details.get("heads_kept_per_layer")
+    if not isinstance(kept, list) or not kept:
+        return []
+    n = len(kept)
+    layer_ids = details.get("layers_kept") if len(details.get("layers_kept") or []) == n else list(range(n))
+    removed = details.get("heads_removed_per_layer") if len(details.get("heads_removed_per_layer") or []) == n \
+        else None
+    kv = details.get("kv_heads_per_layer") if len(details.get("kv_heads_per_layer") or []) == n else None
+    ffn = details.get("ffn_width_per_layer") if len(details.get("ffn_width_per_layer") or []) == n else None
+    history = details.get("importance_scores") or []
+    first = history[0] if history and isinstance(history[0], dict) else {}
+    original_layers = len(first.get("head_units") or []) or (max(layer_ids) + 1 if layer_ids else n)
+    ffn_before = details.get("ffn_before")
+    ffn_each = ffn_before // original_layers if isinstance(ffn_before, int) and ffn_before % original_layers == 0 \
+        else None
+    rows = []
+    for i, layer in enumerate(layer_ids):
+        row: dict[str, Any] = {"layer": layer}
+        if removed is not None:
+            row["attention heads kept"] = f"{kept[i]} of {kept[i] + len(removed[i])}"
+            row["heads removed"] = ", ".join(str(h) for h in removed[i]) or "none"
+        else:
+            row["attention heads kept"] = kept[i]
+        if kv is not None:
+            row["KV heads"] = kv[i]
+        if ffn is not None:
+            row["FFN width"] = f"{ffn[i]} of {ffn_each}" if ffn_each else ffn[i]
+        rows.append(row)
+    for layer in range(original_layers):
+        if layer not in layer_ids:
+            rows.append({"layer": layer, "attention heads kept": "layer removed"})
+    return sorted(rows, key=lambda r: r["layer"])
+
+
+def _architecture_diff(report: dict[str, Any] | None) -> list[str]:
+    lines: list[str] = []
+    for stage in _stages(report):
+        if stage.get("method") != "prune":
+            continue
+        rows = _layer_rows(stage["details"]) or _prune_rows(stage["details"])
+        if not rows:
+            continue
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns and not isinstance(row[k], (dict, list))]
+        if not lines:
+            lines = ["## Architecture changes", ""]
+        lines += [f"Per-layer result of stage {stage.get('index')} ({_stage_label(stage)}):", "",
+                  "| " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|" + "---:|" * len(columns)]
+        for row in rows:
+            lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+        lines.append("")
+    return lines
+
+
+def _files_table(out_dir: Path | None) -> list[str]:
+    if out_dir is None or not out_dir.is_dir():
+        return []
+    rows = ["| `README.md` |  | this card |"]
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        name = path.relative_to(out_dir).as_posix()
+        if name == "README.md":
+            continue
+        role = next((r for pat, r in _FILE_ROLES if pat.match(path.name)), "")
+        rows.append(f"| `{name}` | {_bytes(path.stat().st_size)} | {role} |")
+    return ["## Files", "", "| File | Size | Contents |", "|---|---:|---|", *sorted(rows), ""]
+
+
+def _versions(report: dict[str, Any] | None) -> list[str]:
+    env = (report or {}).get("environment") or {}
+    skip = {"cpu", "threads", "device"}
+    rows = [f"| {k} | {v} |" for k, v in env.items() if k not in skip and v is not None]
+    return ["## Library versions", "", "| Package | Version |", "|---|---|", *rows, ""] if rows else []
+
+
+def _reproduce(report: dict[str, Any] | None, config: dict[str, Any], base: str | None) -> list[str]:
+    if not report or not report.get("recipe"):
+        return []
+    lines = ["## Reproduce", ""]
+    if report.get("command"):
+        lines += ["With the command line that produced this artifact:", "", "```bash", report["command"], "```", ""]
+    source = base or ((report.get("model") or {}).get("name_or_path") or None)
+    if source:
+        from .save import auto_class_name
+
+        archs = config.get("architectures") or [(report.get("model") or {}).get("architecture")]
+        auto = auto_class_name(SimpleNamespace(architectures=archs))
+        lines += [
+            "With Python, using the recipe file of this repository (`recipe.yaml`):", "", "```python",
+            "import hfsqueeze",
+            f"from transformers import {auto}, AutoTokenizer", "",
+            f'model = {auto}.from_pretrained("{source}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{source}")',
+            'report = hfsqueeze.compress(model, "recipe.yaml", tokenizer=tokenizer)',
+            "print(report.to_markdown())",
+            'hfsqueeze.save_compressed(model, "compressed", tokenizer=tokenizer)', "```", "",
+        ]
+    elif not report.get("command"):
+        return []
+    return lines
+
+
+# ---- public API -------------------------------------------------------------------------------------------------
+def render_model_card(
+    config: Any,
+    report: Any = None,
+    *,
+    load_code: str,
+    recipe_yaml: str | None = None,
+    repo_id: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    parity: dict[str, Any] | None = None,
+):
+    """Render the model card of a compressed artifact.
+
+    Args:
+        config (`PretrainedConfig` or `dict`): the saved model's configuration.
+        report (`CompressionReport` or `dict`, *optional*): the artifact's report (``report.json``); without one the
+            card describes the model and how to load it, with no measurements.
+        load_code (`str`): the exact Python code that loads the artifact (`hfsqueeze.save.load_snippet`).
+        recipe_yaml (`str`, *optional*): the recipe as saved (``recipe.yaml``); defaults to the report's recipe.
+        repo_id (`str`, *optional*): the Hub repository the card is for (used in the title and model-index).
+        out_dir (`str` or `os.PathLike`, *optional*): the artifact directory, to list its files and sizes.
+        parity (`dict`, *optional*): the result of the upload parity check (`hfsqueeze.hub.verify_parity`).
+
+    Returns:
+        `huggingface_hub.ModelCard`
+
+    Example:
+
+    ```python
+    card = render_model_card(model.config, report, load_code=load_snippet(model.config, "acme/tiny-int8"))
+    print(card.data.base_model_relation)
+    ```
+    """
+    from huggingface_hub import ModelCardData
+
+    report_d = _report_dict(report)
+    cfg = _config_dict(config)
+    model_info = (report_d or {}).get("model") or {}
+    name_or_path = model_info.get("name_or_path") or cfg.get("_name_or_path")
+    base = name_or_path if is_hub_id(name_or_path) else None
+    if recipe_yaml is None and report_d and report_d.get("recipe"):
+        recipe_yaml = yaml.safe_dump(report_d["recipe"], sort_keys=False)
+    task = pipeline_tag(report_d, cfg)
+    short = " + ".join(_short_label(s) for s in _stages(report_d))
+    name = (base.split("/")[-1] if base else model_info.get("architecture")
+            or next(iter(cfg.get("architectures") or []), "model"))
+    title = repo_id.split("/")[-1] if repo_id else f"{name} ({short}, hfsqueeze)" if short else name
+
+    extra: dict[str, Any] = {}
+    if base:
+        extra = {"base_model": base, "base_model_relation": base_model_relation(report_d)}
+    eval_results = None
+    if report_d and (report_d.get("final") or report_d.get("baseline")):
+        eval_results = _eval_results(report_d, repo_id.split("/")[-1] if repo_id else title, task) or None
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=card_tags(report_d, cfg),
+        datasets=card_datasets(report_d) or None,
+        model_name=(repo_id.split("/")[-1] if repo_id else title) if eval_results else None,
+        eval_results=eval_results,
+        **extra,
+    )
+
+    body = [f"# {title}", "", _summary(report_d, cfg, base), ""]
+    if report_d:
+        body += _results_table(report_d) + [""]
+        body += _stage_table(report_d) + [""]
+        body += _architecture_diff(report_d)
+    body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
+             "```python", load_code.strip(), "```", ""]
+    if parity:
+        body += [
+            f"Before upload this artifact was reloaded in a fresh process with exactly this code, and its "
+            f"{parity.get('output', 'outputs')} on a fixed {parity.get('tokens')}-token input were compared with the "
+            f"compressed model's: largest absolute difference {_num(parity.get('max_abs_diff', 0.0))} "
+            f"(tolerance {_num(parity.get('tolerance', 0.0))})"
+            + (f", top-1 agreement {parity['top1_agreement']:.2%}" if parity.get("top1_agreement") is not None
+               else "") + ".", "",
+        ]
+    if recipe_yaml:
+        body += ["## Recipe", "", "```yaml", recipe_yaml.strip(), "```", ""]
+    body += _reproduce(report_d, cfg, base)
+    body += _files_table(Path(out_dir) if out_dir is not None else None)
+    body += _versions(report_d)
+    return _card(data.to_dict(), "", "\n".join([CARD_START, *_squeeze_blank(body), CARD_END]))
+
+
+def _squeeze_blank(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        if line == "" and (not out or out[-1] == ""):
+            continue
+        out.append(line)
+    while out and out[-1] == "":
+        out.pop()
+    return out
+
+
+def merge_model_card(existing: str | None, new) -> Any:
+    """Merge a freshly rendered card into an existing README: metadata keys are updated (others kept), the generated
+    section is replaced in place; text the owner wrote outside it is kept. Idempotent."""
+    from huggingface_hub import ModelCard
+
+    if not existing or not existing.strip():
+        return new
+    try:
+        old = ModelCard(existing, ignore_metadata_errors=True)
+        meta = old.data.to_dict()
+        old_body = old.text
+    except Exception:  # an unparsable README is replaced rather than blocking the upload
+        logger.warning("the repository's README.md has unparsable metadata; replacing it")
+        return new
+    meta.update({k: v for k, v in new.data.to_dict().items() if v is not None})
+    generated = new.text.strip()
+    if CARD_START in old_body and CARD_END in old_body:
+        before, rest = old_body.split(CARD_START, 1)
+        after = rest.split(CARD_END, 1)[1]
+    elif _is_default_stub(old_body):
+        before, after = "", ""
+    else:
+        before, after = "", old_body
+    return _card(meta, before, generated, after)
+
+
+def _card(meta: dict[str, Any], before: str, generated: str, after: str = ""):
+    """One layout for every card we write, so rendering twice gives the same bytes."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import yaml_dump
+
+    parts = [p for p in (before.strip(), generated.strip(), after.strip()) if p]
+    return ModelCard(f"---\n{yaml_dump(meta, sort_keys=False).strip()}\n---\n\n" + "\n\n".join(parts) + "\n")
+
+
+def _is_default_stub(text: str) -> bool:
+    stripped = text.strip()
+    return not stripped or "More Information Needed" in stripped or stripped.startswith("# Model Card for Model ID")
+
+
+def write_model_card(
+    config: Any,
+    report: Any,
+    out_dir: str | os.PathLike,
+    *,
+    path_or_repo: str | None = None,
+    load_code: str | None = None,
+    recipe_yaml: str | None = None,
+    parity: dict[str, Any] | None = None,
+) -> Path:
+    """Render the card of the artifact in ``out_dir`` and write it to ``out_dir/README.md``.
+
+    Args:
+        config (`PretrainedConfig` or `dict`): the saved model's configuration.
+        report (`CompressionReport` or `dict`, *optional*): the report; defaults to ``out_dir/report.json``.
+        out_dir (`str` or `os.PathLike`): the artifact directory (files are listed from it).
+        path_or_repo (`str`, *optional*): where users load it from, used in the load code; defaults to ``out_dir``.
+        load_code (`str`, *optional*): defaults to `hfsqueeze.save.load_snippet(config, path_or_repo)`.
+        recipe_yaml (`str`, *optional*): defaults to ``out_dir/recipe.yaml``, then the report's recipe.
+        parity (`dict`, *optional*): a parity-check result to mention.
+
+    Returns:
+        `Path`: the README path.
+
+    Example:
+
+    ```python
+    write_model_card(model.config, report, "out/smollm2-int8")
+    ```
+    """
+    from .save import load_snippet
+
+    out = Path(out_dir)
+    if report is None and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+    if recipe_yaml is None and (out / "recipe.yaml").is_file():
+        recipe_yaml = (out / "recipe.yaml").read_text()
+    staged = re.match(r"^\.(.+)\.tmp-", out.name)  # save_compressed renders inside ".NAME.tmp-XXXX"
+    target = path_or_repo or str(out.parent / staged.group(1) if staged else out)
+    code = load_code or load_snippet(config, target)
+    card = render_model_card(config, report, load_code=code, recipe_yaml=recipe_yaml,
+                             repo_id=path_or_repo if is_hub_id(path_or_repo) else None, out_dir=out, parity=parity)
+    path = out / "README.md"
+    path.write_text(str(card))
+    return path
+
+
+__all__ = [
+    "BASE_MODEL_RELATIONS",
+    "CARD_END",
+    "CARD_START",
+    "base_model_relation",
+    "card_datasets",
+    "card_tags",
+    "is_hub_id",
+    "merge_model_card",
+    "pipeline_tag",
+    "render_model_card",
+    "write_model_card",
+]

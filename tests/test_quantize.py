@@ -1,0 +1,82 @@
+"""The quantize stage on tiny Llama / GPT-2 / BERT models: in place, saved, reloaded without hfsqueeze."""
+
+import pytest
+import torch
+from conftest import SMALL_EVAL, make_tiny, outputs, reload_outputs_in_fresh_process
+
+import hfsqueeze
+from hfsqueeze import RecipeError
+from hfsqueeze.measure import count_parameters, footprint_bytes
+from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize
+
+IDS = torch.randint(5, 400, (1, 24), generator=torch.Generator().manual_seed(1))
+AUTO = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModel"}
+CASES = [
+    ("llama", {"bits": 8}), ("llama", {"bits": 4}), ("llama", {"bits": 4, "quant_type": "fp4"}),
+    ("llama", {"bits": 4, "double_quant": True}), ("llama", {"bits": 16}), ("llama", {"bits": 16, "dtype": "fp16"}),
+    ("gpt2", {"bits": 8}), ("gpt2", {"bits": 4}), ("bert", {"bits": 8}), ("bert", {"bits": 4, "quant_type": "fp4"}),
+]
+
+
+@pytest.mark.parametrize("kind, stage", CASES, ids=[f"{k}-{'-'.join(map(str, s.values()))}" for k, s in CASES])
+def test_compress_evaluate_save_reload_same_outputs(kind, stage, tiny_tokenizer, tmp_path):
+    """compress -> evaluate (runs inference) -> save -> reload in a fresh process without hfsqueeze -> same outputs.
+
+    This is the sequence that bnb 0.50.2's CPU repack bug breaks for 4-bit models (see NOTES).
+    """
+    model = make_tiny(kind)
+    before = outputs(model, IDS)
+    report = model.compress({"stages": [{"method": "quantize", **stage}], "evaluation": SMALL_EVAL},
+                            tokenizer=tiny_tokenizer)
+    live = outputs(model, IDS)
+    assert not torch.equal(live, before)  # something really changed
+    assert (live - before).abs().max() < 1.0  # ... but the model is still the model
+    if stage["bits"] < 16:
+        assert getattr(model, f"is_loaded_in_{stage['bits']}bit")
+    assert report.final.footprint_bytes < report.baseline.footprint_bytes
+    assert report.final.disk_bytes < report.baseline.disk_bytes
+
+    out = hfsqueeze.save_compressed(model, tmp_path / "artifact", tokenizer=tiny_tokenizer)
+    reloaded = reload_outputs_in_fresh_process(out, IDS, AUTO[kind])
+    # The fresh process may take bnb's repacked CPU kernel for 4-bit (bf16 internally): allow its rounding.
+    tol = 2e-2 if stage["bits"] == 4 else 1e-5
+    torch.testing.assert_close(reloaded, live, atol=tol, rtol=0)
+    assert outputs(model, IDS).equal(live)  # saving did not damage the live model
+
+
+def test_int8_keeps_skipped_modules_in_full_precision(tiny_llama):
+    details = apply_quantize(tiny_llama, QuantizeConfig(bits=8, skip_modules=["lm_head", "mlp.down_proj"]))
+    assert type(tiny_llama.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert type(tiny_llama.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    assert "model.layers.0.mlp.down_proj" in details["kept_modules"]
+    assert details["quantized_modules"] == 2 * 6  # q, k, v, o, gate, up per layer
+    assert tiny_llama.config.quantization_config.llm_int8_skip_modules == ["lm_head", "mlp.down_proj"]
+
+
+def test_logical_parameter_count_and_footprint(tiny_llama):
+    params, size = count_parameters(tiny_llama), footprint_bytes(tiny_llama)
+    apply_quantize(tiny_llama, QuantizeConfig(bits=4))
+    assert count_parameters(tiny_llama) == params  # 4-bit packing does not change the logical count
+    linear = sum(m.in_features * m.out_features for n, m in tiny_llama.named_modules()
+                 if type(m).__name__ == "Linear4bit")
+    assert footprint_bytes(tiny_llama) < size - linear * 4 * 0.8  # ~0.5 byte instead of 4 per quantized weight
+
+
+def test_refuses_double_quantization_and_16bit_after_bnb(tiny_llama):
+    apply_quantize(tiny_llama, QuantizeConfig(bits=8))
+    with pytest.raises(RecipeError, match="already quantized with bitsandbytes"):
+        apply_quantize(tiny_llama, QuantizeConfig(bits=4))
+    with pytest.raises(RecipeError, match="already quantized"):
+        apply_quantize(tiny_llama, QuantizeConfig(bits=16))
+
+
+def test_everything_skipped_is_an_error(tiny_llama):
+    with pytest.raises(RecipeError, match="found no nn.Linear"):
+        apply_quantize(tiny_llama, QuantizeConfig(bits=8, skip_modules=["model", "lm_head"]))
+
+
+def test_missing_bitsandbytes_names_the_pip_command(monkeypatch, tiny_llama):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.raises(hfsqueeze.BackendMissingError, match="pip install bitsandbytes"):
+        apply_quantize(tiny_llama, QuantizeConfig(bits=8))
+    assert isinstance(hfsqueeze.BackendMissingError("x"), ImportError)
