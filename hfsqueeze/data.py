@@ -85,7 +85,7 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
 
 def _texts_from_rows(rows: list, column: str | None, path: Path) -> list[str]:
     col = column or "text"
-    texts = [r[col] if isinstance(r, dict) else r for r in rows]
+    texts = [r.get(col) if isinstance(r, dict) else r for r in rows]
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise RecipeError(f"{path}: found no text under key {col!r}")

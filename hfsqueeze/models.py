@@ -78,6 +78,9 @@ def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .utils import quiet_transformers_progress
+
+    quiet_transformers_progress()
     source = resolve_model_path(path)
     if not Path(source).exists() and os.path.sep in source and not source.count("/") == 1:
         raise ArtifactError(f"model path not found: {source}")
