@@ -70,6 +70,10 @@ class Recipe(ConfigBase):
     description: str | None = None
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     version: int = RECIPE_VERSION
+    recover: Any = dataclasses.field(
+        default=None, metadata={"help": "'auto' or a mapping of distill options: a recovery (distill) stage after "
+                                "each prune stage (see hfsqueeze.methods.distill.expand_recovery)"},
+    )
 
     def __post_init__(self):
         if self.version != RECIPE_VERSION:
@@ -110,6 +114,8 @@ class Recipe(ConfigBase):
             out["name"] = self.name
         if self.description is not None:
             out["description"] = self.description
+        if self.recover is not None:
+            out["recover"] = self.recover
         out["evaluation"] = self.evaluation.to_dict()
         out["stages"] = [s.to_dict() for s in self.stages]
         return out

@@ -1,0 +1,355 @@
+"""The ``distill`` stage: knowledge distillation from a frozen teacher, used for recovery after compression.
+
+See `DistillConfig` for the options, `DistillationTrainer` for the training loop and `expand_recovery` for the
+``recover: auto`` recipe option.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import RecipeError
+from ...registry import register_stage
+from .config import DistillConfig
+from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id
+from .recover import attach_lora, expand_recovery, is_bnb_quantized, merge_lora, recovery_config
+from .student import build_student, num_layers
+from .trainer import (
+    AUX_NAME,
+    DistillationTrainer,
+    DistillAux,
+    DistillSpec,
+    classification_accuracy,
+    embedding_cosine,
+    lm_perplexity,
+)
+
+__all__ = [
+    "DistillAux",
+    "DistillConfig",
+    "DistillSpec",
+    "DistillationTrainer",
+    "apply_distill",
+    "expand_recovery",
+    "recovery_config",
+]
+
+logger = logging.getLogger("hfsqueeze")
+
+
+def _register_expander() -> None:
+    # `hfsqueeze.api.compress` runs every hook in `hfsqueeze.methods.RECIPE_EXPANDERS` on the loaded recipe.
+    from ... import methods
+
+    expanders = methods.__dict__.setdefault("RECIPE_EXPANDERS", [])
+    if expand_recovery not in expanders:
+        expanders.append(expand_recovery)
+
+
+_register_expander()
+
+
+def _has_lm_head(model: nn.Module) -> bool:
+    return model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _width(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+def resolve_teacher(model: nn.Module, config: DistillConfig, context: Any) -> tuple[nn.Module, str]:
+    """The frozen teacher named by ``config.teacher`` and a description for the report."""
+    where = f"stage {getattr(context, 'stage_index', 0)} (distill): key 'teacher'"
+    if config.teacher in ("original", "previous"):
+        teacher = getattr(context, config.teacher, None)
+        if teacher is None:
+            raise RecipeError(f"{where}: '{config.teacher}' needs the frozen copy that hfsqueeze.compress makes; "
+                              f"when calling the stage yourself, set context.{config.teacher} to the teacher model")
+        if teacher is model:
+            raise RecipeError(f"{where}: the teacher is the model being trained; it must be a separate frozen copy")
+        return teacher, config.teacher
+    from ...models import load_model
+
+    teacher, _ = load_model(config.teacher)
+    return teacher, config.teacher
+
+
+def _layer_map(auto_or_list: Any, student_n: int, teacher_n: int, source_layers: list[int] | None,
+               what: str) -> list[tuple[int, int]]:
+    """Pairs ``(student_layer, teacher_layer)``, 0-based."""
+    if isinstance(auto_or_list, list):
+        if len(auto_or_list) != student_n:
+            raise RecipeError(f"{what}.layer_map: got {len(auto_or_list)} entries; the student has {student_n} "
+                              "layers, give one teacher layer for each")
+        if max(auto_or_list) >= teacher_n:
+            raise RecipeError(f"{what}.layer_map: got {auto_or_list}; the teacher has {teacher_n} layers "
+                              f"(0..{teacher_n - 1})")
+        return list(enumerate(auto_or_list))
+    if source_layers is not None:
+        return list(enumerate(source_layers))
+    if student_n == teacher_n:
+        return [(i, i) for i in range(student_n)]
+    return [(i, round((i + 1) * teacher_n / student_n) - 1) for i in range(student_n)]
+
+
+def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool):
+    from transformers import TrainingArguments
+
+    kwargs = config.resolved_training_args()
+    max_steps = kwargs.get("max_steps", -1)
+    defaults: dict[str, Any] = {
+        "logging_steps": max(1, max_steps // 50) if max_steps and max_steps > 0 else 10,
+        "ddp_find_unused_parameters": False,
+        "disable_tqdm": os.environ.get("HFSQUEEZE_DISABLE_PROGRESS", "") not in ("", "0"),
+        "use_cpu": not torch.cuda.is_available(),
+        "save_strategy": "steps" if user_dir else "no",
+        "save_total_limit": 2,
+    }
+    if user_dir and "save_steps" not in kwargs and max_steps and max_steps > 0:
+        defaults["save_steps"] = max(1, max_steps // 4)
+    return TrainingArguments(output_dir=output_dir, remove_unused_columns=False, report_to=[],
+                             **{**defaults, **kwargs})
+
+
+def _evaluate(model: nn.Module, teacher: nn.Module | None, tasks: list[TaskData], pad_id: int,
+              aux: DistillAux | None, spec: DistillSpec) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for task_id, task in enumerate(tasks):
+        examples = eval_examples(task, task_id)
+        if task.kind == CAUSAL_LM:
+            if _has_lm_head(model):
+                out[task.name] = {"perplexity": lm_perplexity(model, examples, pad_id)}
+            elif teacher is not None:
+                out[task.name] = {"embedding_cosine": embedding_cosine(model, teacher, examples, pad_id)}
+        else:
+            head = None if spec.student_is_classifier else (aux.heads[str(task_id)] if aux else None)
+            if head is None and not spec.student_is_classifier:
+                continue
+            out[task.name] = {"accuracy": classification_accuracy(model, head, examples, pad_id, spec.pooling)}
+    return out
+
+
+def _loss_curve_png(history: list[dict[str, Any]], components: list[dict[str, float]], path: Path,
+                    title: str) -> Path | None:
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), label="training loss", marker="." if len(points) < 30 else None)
+    for key in ("kd", "hard", "hidden", "attention"):
+        series = [(c["step"] + 1, c[key]) for c in components if key in c]
+        if series:
+            ax.plot(*zip(*series), label=key, alpha=0.45, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@register_stage("distill", DistillConfig)
+def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict[str, Any]:
+    """Distil ``config.teacher`` into ``model`` (or into a student built from it), in place.
+
+    Example:
+
+    ```python
+    from hfsqueeze import compress
+
+    report = compress(model, {"stages": [
+        {"method": "prune", "heads": 0.25},
+        {"method": "distill", "teacher": "original", "training_args": {"max_steps": 100}},
+    ]}, tokenizer=tokenizer)
+    ```
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    started = time.perf_counter()
+    if context is None or getattr(context, "tokenizer", None) is None:
+        raise RecipeError("the distill stage needs a tokenizer; pass compress(..., tokenizer=tok)")
+    tokenizer = context.tokenizer
+    teacher, teacher_desc = resolve_teacher(model, config, context)
+    # Every check that can fail runs before the student is built: a refused stage leaves the model untouched.
+    student_is_classifier = _is_classifier(model)
+    if CAUSAL_LM in [t.task for t in config.tasks] and student_is_classifier:
+        raise RecipeError(f"{type(model).__name__} is a sequence classifier; its data cannot include causal_lm "
+                          "tasks (use task: sequence_classification)")
+    if _has_lm_head(model) and _has_lm_head(teacher):
+        sv, tv = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+        if sv != tv:
+            raise RecipeError(f"teacher vocabulary ({tv}) differs from the student's ({sv}); KD on logits needs the "
+                              "same tokenizer")
+    use_lora = config.adapter == "lora" or (config.adapter == "auto" and is_bnb_quantized(model))
+    if is_bnb_quantized(model) and not use_lora:
+        raise RecipeError("the model is bnb-quantized, so its weights cannot be fine-tuned directly; use adapter: "
+                          "auto or lora (LoRA adapters, merged at the end)")
+    tasks = build_tasks(config.tasks, tokenizer, config.block_size, context)
+    kinds = [t.kind for t in tasks]
+    student_details = build_student(model, config.student) if config.student is not None else None
+    source_layers = (student_details or {}).get("source_layers")
+
+    student_n, teacher_n = num_layers(model), num_layers(teacher)
+    spec = DistillSpec(
+        temperature=config.temperature, alpha=config.alpha, task_kinds=kinds,
+        hidden_weight=config.hidden_states.weight, hidden_kind=config.hidden_states.loss,
+        attention_weight=config.attentions.weight,
+        pooling="last" if _has_lm_head(model) or getattr(model.config, "is_decoder", False) else "mean",
+        student_is_classifier=student_is_classifier,
+        teacher_class_logits=[i for i, t in enumerate(tasks) if t.kind != CAUSAL_LM and _is_classifier(teacher)
+                              and teacher.config.num_labels == t.num_labels],
+    )
+    if spec.hidden_weight:
+        pairs = _layer_map(config.hidden_states.layer_map, student_n, teacher_n, source_layers, "hidden_states")
+        spec.hidden_map = [(s + 1, t + 1) for s, t in pairs]
+    if spec.attention_weight:
+        spec.attention_map = _layer_map(config.attentions.layer_map, student_n, teacher_n, source_layers,
+                                        "attentions")
+
+    projections: dict[str, nn.Module] = {}
+    if _width(model) != _width(teacher):
+        keys = [f"{s}_{t}" for s, t in spec.hidden_map] + ([] if _has_lm_head(model) else ["-1_-1"])
+        projections = {k: nn.Linear(_width(model), _width(teacher), bias=False) for k in keys}
+    heads = {}
+    if not student_is_classifier:
+        heads = {str(i): nn.Linear(_width(model), t.num_labels) for i, t in enumerate(tasks) if t.kind != CAUSAL_LM}
+    aux = DistillAux(projections, heads) if projections or heads else None
+    if aux is not None:
+        aux.to(next(model.parameters()).device)
+
+    pad_id = pad_token_id(tokenizer)
+    # aux=None: classification heads are new, so their tasks are scored after training only.
+    before = _evaluate(model, teacher, tasks, pad_id, None, spec)
+    teacher_metrics = _evaluate(teacher, None, [t for t in tasks if t.kind == CAUSAL_LM], pad_id, None, spec) \
+        if _has_lm_head(teacher) else {}
+
+    user_dir = config.output_dir is not None
+    output_dir = config.output_dir or tempfile.mkdtemp(prefix="hfsqueeze-distill-")
+    args = _training_arguments(config, output_dir, user_dir)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    num_examples = args.max_steps * per_step if len(tasks) > 1 and args.max_steps > 0 else None
+    dataset = MixedDataset(tasks, num_examples=num_examples, seed=args.seed)
+
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    attn_impl = getattr(model.config, "_attn_implementation", None)
+    teacher_attn_impl = getattr(teacher.config, "_attn_implementation", None)
+    if spec.attention_weight:
+        model.set_attn_implementation("eager")
+        teacher.set_attn_implementation("eager")
+    train_model = attach_lora(model, config.lora) if use_lora else model
+    if config.freeze_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.requires_grad_(False)
+    if aux is not None:
+        model.add_module(AUX_NAME, aux)
+        aux.requires_grad_(True)
+
+    trainer = DistillationTrainer(
+        model=train_model, teacher=teacher, spec=spec, aux=aux, args=args, train_dataset=dataset,
+        data_collator=Collator(pad_id), callbacks=list((getattr(context, "extras", None) or {}).get(
+            "distill_callbacks", [])),
+    )
+    if args.disable_tqdm:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
+    resume_from = get_last_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
+        else None
+    if resume_from:
+        logger.info("distill: resuming from %s", resume_from)
+    train_started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        if aux is not None and hasattr(model, AUX_NAME):
+            delattr(model, AUX_NAME)  # an interrupted run must not leave training-only modules in the model
+        raise
+    finally:
+        # Mixed precision patches forward() with autocast; the compressed model must run in its own precision.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        if spec.attention_weight:
+            model.set_attn_implementation(attn_impl or "sdpa")
+            teacher.set_attn_implementation(teacher_attn_impl or "sdpa")
+    train_seconds = time.perf_counter() - train_started
+
+    if use_lora:
+        merge_lora(train_model)
+    after = _evaluate(model, teacher, tasks, pad_id, aux, spec)
+    if aux is not None:
+        delattr(model, AUX_NAME)
+    for name, p in model.named_parameters():
+        p.requires_grad_(grad_flags.get(name, True))
+    model.eval()
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    artifacts = []
+    if trainer.is_world_process_zero():
+        png = _loss_curve_png(history, trainer.component_log,
+                              Path(output_dir) / f"distill_loss_stage{getattr(context, 'stage_index', 0) or 1}.png",
+                              f"distill ({teacher_desc} -> student), {trainer.state.global_step} steps")
+        if png is not None:
+            artifacts.append(str(png))
+
+    task_details = {}
+    for task in tasks:
+        task_details[task.name] = {
+            "kind": task.kind, "weight": task.weight, "train_examples": len(task.train),
+            "eval_examples": len(task.eval), "before": before.get(task.name), "after": after.get(task.name),
+            "teacher": teacher_metrics.get(task.name),
+        }
+        if task.label_names:
+            task_details[task.name]["labels"] = task.label_names
+    details: dict[str, Any] = {
+        "teacher": teacher_desc,
+        "student": student_details,
+        "adapter": "lora" if use_lora else "full",
+        "trainable_parameters": trainable,
+        "steps": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "world_size": args.world_size,
+        "tokens_seen": trainer.tokens_seen * args.world_size,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "train_loss": round(float(result.training_loss), 5),
+        "loss_curve": [[h["step"], round(h["loss"], 5)] for h in history],
+        "tasks": task_details,
+        "output_dir": output_dir,
+        "artifacts": artifacts,
+    }
+    lm = next((t for t in tasks if t.kind == CAUSAL_LM and "perplexity" in (before.get(t.name) or {})), None)
+    if lm is not None:
+        ppl_before = before[lm.name]["perplexity"]
+        ppl_after = after[lm.name]["perplexity"]
+        ppl_teacher = (teacher_metrics.get(lm.name) or {}).get("perplexity")
+        details.update(perplexity_before=round(ppl_before, 4), perplexity_after=round(ppl_after, 4),
+                       teacher_perplexity=round(ppl_teacher, 4) if ppl_teacher else None)
+        gap = ppl_before - ppl_teacher if ppl_teacher is not None else 0.0
+        # A gap under 0.5% of the teacher's perplexity is noise; a ratio over it would be meaningless.
+        meaningful = ppl_teacher is not None and math.isfinite(gap) and gap > 0.005 * ppl_teacher
+        details["gap_closed"] = round((ppl_before - ppl_after) / gap, 4) if meaningful else None
+    logger.info("distill: %d steps in %.1fs, %s", details["steps"], train_seconds,
+                {k: details.get(k) for k in ("perplexity_before", "perplexity_after", "teacher_perplexity")})
+    return details

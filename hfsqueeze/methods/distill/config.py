@@ -1,0 +1,263 @@
+"""Configuration of the ``distill`` stage: teacher, student, losses, data and training arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from ...config import ConfigBase, StageConfig
+
+TEACHER_SNAPSHOTS = ("original", "previous")
+DEFAULT_TRAINING_ARGS: dict[str, Any] = {
+    "max_steps": 200,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 5e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.0,
+    "seed": 0,
+}
+# Keys the stage sets itself; a user value would silently break checkpoints, logging or DDP.
+RESERVED_TRAINING_ARGS = ("output_dir", "remove_unused_columns", "report_to")
+
+
+@dataclasses.dataclass
+class HiddenStatesConfig(ConfigBase):
+    """Match intermediate hidden states of student and teacher."""
+
+    weight: float = dataclasses.field(default=0.0, metadata={"help": "weight of the hidden-state loss (0 disables)"})
+    layer_map: Literal["auto"] | list[int] = dataclasses.field(
+        default="auto",
+        metadata={"help": "'auto' (a layer-subset student maps to the layers it kept, otherwise uniform spacing) "
+                  "or, for each student layer, the teacher layer (0-based) it imitates"},
+    )
+    loss: Literal["mse", "cosine"] = dataclasses.field(
+        default="mse", metadata={"help": "'mse' (on projected states) or 'cosine' (1 - cosine similarity)"}
+    )
+
+    def __post_init__(self):
+        if self.weight < 0:
+            self.fail("weight", f"got {self.weight}; must be >= 0")
+        if isinstance(self.layer_map, list) and any(i < 0 for i in self.layer_map):
+            self.fail("layer_map", f"got {self.layer_map}; layer indices must be >= 0")
+
+
+@dataclasses.dataclass
+class AttentionsConfig(ConfigBase):
+    """Match attention maps (averaged over heads, so pruned heads are fine). Runs attention in eager mode."""
+
+    weight: float = dataclasses.field(default=0.0, metadata={"help": "weight of the attention-map loss (0 disables)"})
+    layer_map: Literal["auto"] | list[int] = dataclasses.field(
+        default="auto", metadata={"help": "'auto' or, for each student layer, the teacher layer it imitates"}
+    )
+
+    def __post_init__(self):
+        if self.weight < 0:
+            self.fail("weight", f"got {self.weight}; must be >= 0")
+
+
+@dataclasses.dataclass
+class StudentConfig(ConfigBase):
+    """Turn the model being compressed into a smaller student before training (in place)."""
+
+    layers: list[int] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "keep only these transformer layers (0-based, DistilBERT-style: weights copied from the "
+                  "teacher's layers)"},
+    )
+    keep: int | float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "keep this many layers (an int) or this fraction of them (a float in (0, 1)), evenly "
+                  "spaced from the first to the last; like 'layers', without naming them"},
+    )
+    config: dict[str, Any] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "config overrides (e.g. {num_hidden_layers: 4, intermediate_size: 512}); tensors whose "
+                  "names and shapes still match are initialised from the model, the rest randomly"},
+    )
+
+    def __post_init__(self):
+        given = [k for k in ("layers", "keep", "config") if getattr(self, k) is not None]
+        if len(given) > 1:
+            self.fail(given[0], f"give exactly one of 'layers', 'keep' or 'config'; got {', '.join(given)}")
+        if isinstance(self.keep, float) and not 0 < self.keep < 1:
+            self.fail("keep", f"got {self.keep}; a fraction must be between 0 and 1 (exclusive)")
+        if isinstance(self.keep, int) and self.keep < 1:
+            self.fail("keep", f"got {self.keep}; keep at least 1 layer")
+        if self.layers is not None:
+            if not self.layers:
+                self.fail("layers", "got an empty list; keep at least one layer")
+            if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+                self.fail("layers", f"got {self.layers}; expected distinct layer indices >= 0")
+        if not given:
+            self.fail("layers", "a student needs 'layers', 'keep' or 'config'; omit 'student' to train the model "
+                      "itself")
+
+
+@dataclasses.dataclass
+class DataConfig(ConfigBase):
+    """One training task: a text source (causal LM) or a labelled table (sequence classification)."""
+
+    text: str = dataclasses.field(
+        default="calibration",
+        metadata={"help": "'calibration' (the source passed to compress, by default the built-in text), 'builtin', "
+                  "a local .txt/.md/.json/.jsonl/.csv/.parquet file, a key of compress(..., datasets={...}) or a "
+                  "datasets name"},
+    )
+    task: Literal["causal_lm", "sequence_classification"] = dataclasses.field(
+        default="causal_lm", metadata={"help": "'causal_lm' (next-token) or 'sequence_classification'"}
+    )
+    name: str | None = dataclasses.field(default=None, metadata={"help": "task name in the report (default: task_N)"})
+    weight: float = dataclasses.field(default=1.0, metadata={"help": "sampling weight of this task"})
+    column: str | None = dataclasses.field(default=None, metadata={"help": "text column (default 'text')"})
+    label_column: str = dataclasses.field(default="label", metadata={"help": "classification: the label column"})
+    max_tokens: int = dataclasses.field(default=200_000, metadata={"help": "causal LM: training tokens read at most"})
+    eval_fraction: float = dataclasses.field(
+        default=0.1, metadata={"help": "held-out share (the built-in text has its own held-out split)"}
+    )
+    eval_tokens: int = dataclasses.field(default=8192, metadata={"help": "causal LM: held-out tokens scored at most"})
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            self.fail("weight", f"got {self.weight}; must be > 0")
+        if not 0 < self.eval_fraction < 1:
+            self.fail("eval_fraction", f"got {self.eval_fraction}; must be between 0 and 1 (exclusive)")
+        for key in ("max_tokens", "eval_tokens"):
+            if getattr(self, key) < 2:
+                self.fail(key, f"got {getattr(self, key)}; must be >= 2")
+
+
+@dataclasses.dataclass
+class LoraConfig(ConfigBase):
+    """LoRA adapters for models already quantized with bitsandbytes (QLoRA); merged into the weights at the end."""
+
+    r: int = dataclasses.field(default=16, metadata={"help": "adapter rank"})
+    alpha: int = dataclasses.field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    target_modules: list[str] | Literal["all-linear"] = dataclasses.field(
+        default="all-linear", metadata={"help": "module names to adapt, or 'all-linear'"}
+    )
+
+    def __post_init__(self):
+        if self.r < 1:
+            self.fail("r", f"got {self.r}; must be >= 1")
+        if not 0 <= self.dropout < 1:
+            self.fail("dropout", f"got {self.dropout}; must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class DistillConfig(StageConfig):
+    """Knowledge distillation from a frozen teacher into the model being compressed (or a student built from it).
+
+    The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard`` plus the optional hidden-state and
+    attention-map terms. Training runs through a `transformers.Trainer` (so accelerate's DDP/FSDP/DeepSpeed apply).
+
+    Example:
+
+    ```yaml
+    - method: distill
+      teacher: original
+      temperature: 2.0
+      alpha: 0.5
+      hidden_states: {weight: 0.1, layer_map: auto}
+      data: {text: builtin}
+      training_args: {max_steps: 200, per_device_train_batch_size: 4, learning_rate: 5.0e-5}
+    ```
+    """
+
+    method = "distill"
+
+    teacher: str = dataclasses.field(
+        default="original",
+        metadata={"help": "'original' (the model before the recipe: use it for recovery after pruning), 'previous' "
+                  "(the model as it entered this stage: use it when the stage builds a smaller student), or a model "
+                  "path / Hub id"},
+    )
+    # `Any` (checked in __post_init__) so a bad nested value reports the nested reason, not the union.
+    student: Any = dataclasses.field(
+        default=None,
+        metadata={"help": "StudentConfig or null: omit to train the model itself; {layers: [...]} or {config: {...}}"},
+    )
+    temperature: float = dataclasses.field(default=2.0, metadata={"help": "softmax temperature of the KD loss"})
+    alpha: float = dataclasses.field(
+        default=0.5, metadata={"help": "weight of the KD loss; 1 - alpha goes to the hard (LM or task) loss"}
+    )
+    hidden_states: HiddenStatesConfig = dataclasses.field(
+        default_factory=HiddenStatesConfig, metadata={"help": "hidden-state matching"}
+    )
+    attentions: AttentionsConfig = dataclasses.field(
+        default_factory=AttentionsConfig, metadata={"help": "attention-map matching"}
+    )
+    data: Any = dataclasses.field(
+        default_factory=DataConfig,
+        metadata={"help": "a DataConfig or a list of them: one task, or several tasks sampled by weight"},
+    )
+    block_size: int = dataclasses.field(default=256, metadata={"help": "tokens per training sequence"})
+    training_args: dict[str, Any] = dataclasses.field(
+        default_factory=dict, metadata={"help": "transformers.TrainingArguments overrides"}
+    )
+    freeze_embeddings: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "keep the input/output embeddings fixed (cheaper steps; large-vocabulary models)"},
+    )
+    adapter: Literal["auto", "lora", "none"] = dataclasses.field(
+        default="auto", metadata={"help": "'auto': LoRA when the model is bnb-quantized, else full fine-tuning"}
+    )
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "LoRA settings"})
+    output_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "checkpoints, logs and the loss curve (default: a new temporary dir)"}
+    )
+    resume: bool = dataclasses.field(
+        default=True, metadata={"help": "resume from the last checkpoint found in output_dir"}
+    )
+
+    def __post_init__(self):
+        if self.student is not None and not isinstance(self.student, StudentConfig):
+            if not isinstance(self.student, dict):
+                self.fail("student", f"got {self.student!r}; expected null or a mapping with 'layers' or 'config'")
+            self.student = StudentConfig.from_dict(self.student, where="key 'student'")
+        if isinstance(self.data, dict):
+            self.data = DataConfig.from_dict(self.data, where="key 'data'")
+        elif isinstance(self.data, list):
+            self.data = [d if isinstance(d, DataConfig) else DataConfig.from_dict(d, where=f"key 'data[{i}]'")
+                         if isinstance(d, dict) else self.fail(f"data[{i}]", f"got {d!r}; expected a mapping")
+                         for i, d in enumerate(self.data)]
+        elif not isinstance(self.data, DataConfig):
+            self.fail("data", f"got {self.data!r}; expected a mapping (one task) or a list of mappings")
+        if self.temperature <= 0:
+            self.fail("temperature", f"got {self.temperature}; must be > 0")
+        if not 0 <= self.alpha <= 1:
+            self.fail("alpha", f"got {self.alpha}; must be between 0 and 1")
+        if self.block_size < 2:
+            self.fail("block_size", f"got {self.block_size}; must be >= 2")
+        if not self.teacher:
+            self.fail("teacher", "got an empty string; use 'original', 'previous' or a model path / id")
+        if isinstance(self.data, list) and not self.data:
+            self.fail("data", "got an empty list; give at least one task")
+        names = [t.name for t in self.tasks if t.name is not None]
+        if len(names) != len(set(names)):
+            self.fail("data", f"task names must be unique; got {names}")
+        self._check_training_args()
+
+    @property
+    def tasks(self) -> list[DataConfig]:
+        return self.data if isinstance(self.data, list) else [self.data]
+
+    def _check_training_args(self) -> None:
+        from transformers import TrainingArguments
+
+        allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        for key in self.training_args:
+            if key in RESERVED_TRAINING_ARGS:
+                self.fail("training_args", f"'{key}' is set by the stage; use the stage option 'output_dir' for "
+                          "the directory")
+            if key not in allowed:
+                close = sorted(k for k in allowed if k.startswith(key[:4]))[:5]
+                self.fail("training_args", f"unknown TrainingArguments field '{key}'"
+                          + (f"; similar: {', '.join(close)}" if close else ""))
+
+    def resolved_training_args(self) -> dict[str, Any]:
+        return {**DEFAULT_TRAINING_ARGS, **self.training_args}
+
+    def snapshot_needed(self) -> str | None:
+        return self.teacher if self.teacher in TEACHER_SNAPSHOTS else None

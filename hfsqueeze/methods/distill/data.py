@@ -1,0 +1,209 @@
+"""Training data of the ``distill`` stage: tasks resolved to tokenized examples with a held-out split.
+
+Causal-LM text is packed into ``block_size`` blocks. The built-in text trains on its ``train`` split and holds out
+its ``eval`` split; any other source holds out every k-th document (``k = 1 / eval_fraction``), or the tail of the
+tokens when it is a single document. Held-out examples are never trained on. Classification tables hold out every
+k-th row. Several tasks are mixed into one training set by sampling each example's task by weight.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...data import BUILTIN, builtin_text, load_texts, token_blocks
+from ...errors import RecipeError
+from .config import DataConfig
+
+CAUSAL_LM = "causal_lm"
+SEQUENCE_CLASSIFICATION = "sequence_classification"
+IGNORE = -100
+
+
+@dataclass
+class TaskData:
+    """One task's tokenized examples. An example is ``{"input_ids": list[int], "label": int}`` (-100 for LM)."""
+
+    name: str
+    kind: str
+    weight: float
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def train_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.train)
+
+
+def resolve_source(text: str, context: Any) -> Any:
+    """Map a recipe's ``text`` to a source `load_texts` understands (``calibration`` and named dataset objects)."""
+    extras = getattr(context, "extras", None) or {}
+    if text == "calibration":
+        return getattr(context, "calibration", BUILTIN) if context is not None else BUILTIN
+    named = extras.get("datasets") or {}
+    if text in named:
+        return named[text]
+    return text
+
+
+def _every_kth(n: int, fraction: float) -> set[int]:
+    k = max(2, round(1 / fraction))
+    held = {i for i in range(n) if i % k == k - 1}
+    return held or {n - 1}
+
+
+def _lm_task(name: str, cfg: DataConfig, source: Any, tokenizer, block_size: int) -> TaskData:
+    if source is None or (isinstance(source, str) and source == BUILTIN):
+        train_texts, eval_texts = [builtin_text("train")], [builtin_text("eval")]
+    else:
+        docs = load_texts(source, split="train", column=cfg.column)
+        if len(docs) >= 2:
+            held = _every_kth(len(docs), cfg.eval_fraction)
+            train_texts = [d for i, d in enumerate(docs) if i not in held]
+            eval_texts = [d for i, d in enumerate(docs) if i in held]
+        else:
+            ids = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+            cut = int(len(ids) * (1 - cfg.eval_fraction))
+            if cut < 2 or len(ids) - cut < 2:
+                raise RecipeError(f"task '{name}': the text is too short ({len(ids)} tokens) to hold out "
+                                  f"{cfg.eval_fraction:.0%} for evaluation; give a longer text")
+            train_texts = [tokenizer.decode(ids[:cut])]
+            eval_texts = [tokenizer.decode(ids[cut:])]
+    train = token_blocks(tokenizer, train_texts, max_tokens=cfg.max_tokens, seq_len=block_size)
+    held_out = token_blocks(tokenizer, eval_texts, max_tokens=cfg.eval_tokens, seq_len=block_size)
+    return TaskData(
+        name=name, kind=CAUSAL_LM, weight=cfg.weight,
+        train=[{"input_ids": row.tolist(), "label": IGNORE} for row in train],
+        eval=[{"input_ids": row.tolist(), "label": IGNORE} for row in held_out],
+    )
+
+
+def _rows(source: Any) -> list[dict[str, Any]]:
+    """Rows of a labelled table: a `datasets` object, or a local .json/.jsonl/.csv/.parquet file."""
+    if not isinstance(source, (str, Path)):
+        ds = source[list(source.keys())[0]] if hasattr(source, "keys") and not hasattr(source, "column_names") \
+            else source
+        return [dict(r) for r in ds]
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"classification data {str(source)!r} not found; give a local .json/.jsonl/.csv/.parquet "
+                          "file or pass a dataset with compress(..., datasets={name: ds})")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".json":
+        rows = json.loads(path.read_text())
+        return rows if isinstance(rows, list) else [rows]
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        return [dict(r) for r in datasets.load_dataset(suffix[1:], data_files=str(path), split="train")]
+    raise RecipeError(f"classification data {path} has suffix {suffix!r}; allowed: .json, .jsonl, .csv, .parquet")
+
+
+def _classification_task(name: str, cfg: DataConfig, source: Any, tokenizer, block_size: int) -> TaskData:
+    rows = _rows(source)
+    text_col = cfg.column or "text"
+    if not rows or text_col not in rows[0] or cfg.label_column not in rows[0]:
+        found = ", ".join(rows[0]) if rows else "no rows"
+        raise RecipeError(f"task '{name}': classification data needs columns '{text_col}' and "
+                          f"'{cfg.label_column}'; found: {found}")
+    raw_labels = [r[cfg.label_column] for r in rows]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw_labels):
+        label_names = [str(i) for i in range(max(raw_labels) + 1)]
+        label_ids = raw_labels
+    else:
+        label_names = sorted({str(v) for v in raw_labels})
+        label_ids = [label_names.index(str(v)) for v in raw_labels]
+    if len(label_names) < 2:
+        raise RecipeError(f"task '{name}': found {len(label_names)} distinct label(s); classification needs >= 2")
+    held = _every_kth(len(rows), cfg.eval_fraction)
+    train, held_out = [], []
+    for i, (row, label) in enumerate(zip(rows, label_ids)):
+        ids = tokenizer(str(row[text_col]), truncation=True, max_length=block_size)["input_ids"]
+        (held_out if i in held else train).append({"input_ids": ids, "label": int(label)})
+    return TaskData(name=name, kind=SEQUENCE_CLASSIFICATION, weight=cfg.weight, train=train, eval=held_out,
+                    label_names=label_names)
+
+
+def build_tasks(tasks: list[DataConfig], tokenizer, block_size: int, context: Any = None) -> list[TaskData]:
+    """Tokenize every task of a distill stage (see the module docstring for the held-out rules)."""
+    out = []
+    for i, cfg in enumerate(tasks, start=1):
+        name = cfg.name or (f"task_{i}" if len(tasks) > 1 else cfg.task)
+        source = resolve_source(cfg.text, context)
+        build = _lm_task if cfg.task == CAUSAL_LM else _classification_task
+        task = build(name, cfg, source, tokenizer, block_size)
+        if not task.train or not task.eval:
+            raise RecipeError(f"task '{name}': {len(task.train)} training and {len(task.eval)} held-out examples; "
+                              "both must be non-empty (give more data)")
+        out.append(task)
+    return out
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """A fixed list of examples tagged with their task index, drawn by task weight with a seeded generator."""
+
+    def __init__(self, tasks: list[TaskData], num_examples: int | None = None, seed: int = 0):
+        if len(tasks) == 1 and num_examples is None:
+            self.examples = [{**e, "task_id": 0} for e in tasks[0].train]
+            return
+        rng = random.Random(seed)
+        total = num_examples or sum(len(t.train) for t in tasks)
+        orders = [rng.sample(range(len(t.train)), len(t.train)) for t in tasks]
+        cursors = [0] * len(tasks)
+        weights = [t.weight for t in tasks]
+        self.examples = []
+        for _ in range(total):
+            k = rng.choices(range(len(tasks)), weights=weights)[0]
+            idx = orders[k][cursors[k] % len(orders[k])]
+            cursors[k] += 1
+            self.examples.append({**tasks[k].train[idx], "task_id": k})
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+
+def eval_examples(task: TaskData, task_id: int) -> list[dict[str, Any]]:
+    return [{**e, "task_id": task_id} for e in task.eval]
+
+
+class Collator:
+    """Right-pads a list of examples into ``input_ids``, ``attention_mask``, ``task_ids`` and ``class_labels``."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"], dtype=torch.long)
+            mask[i, : len(e["input_ids"])] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "task_ids": torch.tensor([e["task_id"] for e in batch], dtype=torch.long),
+            "class_labels": torch.tensor([e["label"] for e in batch], dtype=torch.long),
+        }
+
+
+def pad_token_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0

@@ -1,0 +1,147 @@
+"""Distillation losses as pure functions of tensors (no modules, no state), so each is testable by hand.
+
+Masks are ``[batch, seq]`` with 1 for positions that count; every loss is a mean over counted positions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` ``[batch, seq]`` over positions where ``mask`` is 1."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per position, averaged over masked positions.
+
+    The ``T^2`` factor (Hinton et al., 2015) keeps the gradient scale independent of the temperature, so ``alpha``
+    means the same thing at any ``T``.
+
+    Args:
+        student_logits (`torch.Tensor`): ``[..., num_classes]``.
+        teacher_logits (`torch.Tensor`): same shape as ``student_logits``.
+        temperature (`float`, defaults to 1.0): softmax temperature.
+        mask (`torch.Tensor`, *optional*): ``student_logits.shape[:-1]``; 1 where the position counts.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; the vocabularies / label sets must match")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_position = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return _masked_mean(per_position, mask) * temperature**2
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross entropy: position ``t`` predicts token ``t + 1``; a target counts where ``mask`` is 1."""
+    targets = input_ids[:, 1:]
+    per_position = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    return _masked_mean(per_position, None if mask is None else mask[:, 1:])
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of class logits ``[batch, num_labels]`` against integer labels ``[batch]``."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def hidden_state_loss(
+    student_states: Sequence[torch.Tensor],
+    teacher_states: Sequence[torch.Tensor],
+    projections: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+    mask: torch.Tensor | None = None,
+    kind: str = "mse",
+) -> torch.Tensor:
+    """Mean over layer pairs of the distance between (projected) student states and teacher states.
+
+    Args:
+        student_states / teacher_states: paired lists of ``[batch, seq, width]`` tensors.
+        projections: for each pair, a map from the student width to the teacher width (``None``: identity).
+        mask (`torch.Tensor`, *optional*): ``[batch, seq]``.
+        kind (`str`, defaults to `"mse"`): ``"mse"`` (mean squared error over the width) or ``"cosine"``
+            (``1 - cosine similarity``).
+    """
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"need the same non-zero number of student and teacher states, got "
+                         f"{len(student_states)} and {len(teacher_states)}")
+    projections = projections or [None] * len(student_states)
+    total = 0.0
+    for s, t, proj in zip(student_states, teacher_states, projections):
+        s = (proj(s) if proj is not None else s).float()
+        t = t.float()
+        if s.shape != t.shape:
+            raise ValueError(f"hidden states {tuple(s.shape)} and {tuple(t.shape)} differ; a projection is needed")
+        if kind == "mse":
+            per_position = (s - t).pow(2).mean(-1)
+        elif kind == "cosine":
+            per_position = 1.0 - F.cosine_similarity(s, t, dim=-1)
+        else:
+            raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
+        total = total + _masked_mean(per_position, mask)
+    return total / len(student_states)
+
+
+def attention_loss(
+    student_attentions: Sequence[torch.Tensor],
+    teacher_attentions: Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over layer pairs of ``KL(teacher || student)`` between head-averaged attention distributions.
+
+    Each attention tensor is ``[batch, heads, query, key]`` (rows sum to 1). Averaging over heads first lets a
+    student with fewer heads (pruned) imitate its teacher. Query rows count where ``mask`` is 1.
+    """
+    if len(student_attentions) != len(teacher_attentions) or not student_attentions:
+        raise ValueError(f"need the same non-zero number of student and teacher attention maps, got "
+                         f"{len(student_attentions)} and {len(teacher_attentions)}")
+    total = 0.0
+    for s, t in zip(student_attentions, teacher_attentions):
+        s = s.float().mean(1)
+        t = t.float().mean(1)
+        # xlogy gives 0 * log 0 = 0 for the causally masked keys.
+        per_row = (torch.xlogy(t, t) - t * torch.log(s.clamp_min(1e-12))).sum(-1)
+        total = total + _masked_mean(per_row, mask)
+    return total / len(student_attentions)
+
+
+def combine_losses(
+    *,
+    alpha: float,
+    hard: torch.Tensor | None,
+    kd: torch.Tensor | None,
+    hidden: torch.Tensor | None = None,
+    hidden_weight: float = 0.0,
+    attention: torch.Tensor | None = None,
+    attention_weight: float = 0.0,
+) -> torch.Tensor:
+    """``alpha * kd + (1 - alpha) * hard + hidden_weight * hidden + attention_weight * attention``.
+
+    A missing ``kd`` (a task the teacher has no logits for) gives the hard loss full weight, and vice versa.
+    """
+    if kd is None and hard is None:
+        raise ValueError("need at least one of the KD and hard losses")
+    if kd is None:
+        total = hard
+    elif hard is None:
+        total = kd
+    else:
+        total = alpha * kd + (1.0 - alpha) * hard
+    if hidden is not None and hidden_weight:
+        total = total + hidden_weight * hidden
+    if attention is not None and attention_weight:
+        total = total + attention_weight * attention
+    return total
