@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recover-steps", type=int, default=40, help="(a) recovery steps")
-    p.add_argument("--student-steps", type=int, default=30, help="(b) steps for each student run")
+    p.add_argument("--student-steps", type=int, default=60, help="(b) steps for each student run")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--block", type=int, default=256, help="tokens per sequence")
     p.add_argument("--recover-lr", type=float, default=3e-4)
