@@ -199,7 +199,7 @@ def _apply_override(data: dict, item: str) -> None:
             raise RecipeError(f"override {item!r}: the recipe has {len(matches)} '{head}' stages "
                               f"(stages {', '.join(numbers)}); write stages.N.{'.'.join(rest)}=... instead")
         target = matches[0]
-    elif head in ("evaluation", "name", "description"):
+    elif head in ("evaluation", "name", "description", "recover"):
         target, rest = data, keys
     else:
         methods = sorted({s.get("method") for s in stages if isinstance(s, dict)})
@@ -210,5 +210,5 @@ def _apply_override(data: dict, item: str) -> None:
     for key in rest[:-1]:
         target = target.setdefault(key, {})
         if not isinstance(target, dict):
-            raise RecipeError(f"override {item!r}: '{key}' is not a mapping")
+            raise RecipeError(f"override {item!r}: '{key}' is not a mapping (set it as a whole: {key}=...)")
     target[rest[-1]] = value

@@ -91,3 +91,10 @@ def test_registry_refuses_duplicates_and_lists_names():
         register_stage("quantize", QuantizeConfig)(lambda m, c, x: {})
     with pytest.raises(RecipeError, match="allowed: .*quantize"):
         get_stage("nope")
+
+
+def test_recover_override_at_top_level():
+    recipe = {"stages": [{"method": "prune", "heads": 0.25}]}
+    assert Recipe.load(recipe, overrides=["recover=auto"]).recover == "auto"
+    loaded = Recipe.load(recipe, overrides=["recover.training_args.max_steps=5"])
+    assert loaded.recover == {"training_args": {"max_steps": 5}}
