@@ -26,6 +26,7 @@ from .surgery import (
     PLAN_KEY,
     SUPPORTED_MODEL_TYPES,
     attention_shape,
+    base_of,
     current_plan,
     drop_layers,
     family_of,
@@ -52,17 +53,13 @@ def check_prunable(model: nn.Module, stage: str = "prune") -> str:
             f"{stage}: model type {model_type!r} ({type(model).__name__}) is not supported; supported model types: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if family == "llama" and not hasattr(base_layers_owner(model), "layers"):
+    if family == "llama" and not hasattr(base_of(model), "layers"):
         raise UnsupportedModelError(f"{stage}: {type(model).__name__} has no decoder layers where expected")
     quantized = [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
     if quantized or getattr(model, "is_quantized", False):
-        raise RecipeError(f"{stage}: the model is already quantized ({quantized[0] if quantized else 'bnb'}); "
+        raise RecipeError(f"{stage}: the model is already quantized (e.g. {quantized[0] if quantized else 'bnb'}); "
                           "quantized weights cannot be cut, so put the prune stage before quantize")
     return family
-
-
-def base_layers_owner(model: nn.Module) -> nn.Module:
-    return getattr(model, "base_model", model)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -126,9 +123,10 @@ def compute_scores(
     return Scores(heads=kl.heads, ffn=grad.ffn, layers=kl.layers), units
 
 
-def _normalized(scores: list[torch.Tensor], importance: str) -> list[torch.Tensor]:
-    """Per-layer L2 normalization before ranking across layers (Michel et al. 2019); KL is comparable as is."""
-    if importance == "kl":
+def _normalized(scores: list[torch.Tensor], config: PruneConfig) -> list[torch.Tensor]:
+    """Scores ready for ranking across layers: per-layer L2-normalized when ``config.normalize`` says so."""
+    normalize = config.normalize if config.normalize is not None else config.importance == "activation"
+    if not normalize:
         return [s.float() for s in scores]
     return [s.float() / s.float().norm().clamp_min(1e-12) for s in scores]
 
@@ -298,7 +296,7 @@ def apply_prune(
                 need = int(round(_target(config.heads, base) * fraction)) - already
                 min_keep = [max(config.min_heads_per_layer, 1) for _ in layers_now]
                 removed_heads, done = _choose_global(
-                    _normalized(step_scores.heads, config.importance), sizes, min_keep, prunable, max(need, 0)
+                    _normalized(step_scores.heads, config), sizes, min_keep, prunable, max(need, 0)
                 )
                 if done < need:
                     warnings.warn(f"prune: removed {done} of the {need} heads asked for in step {step} "
@@ -328,7 +326,7 @@ def apply_prune(
                 already = sum(start_ffn[original_ids[i]] - widths[i] for i in survivors)
                 need = int(round(_target(config.ffn, base) * fraction)) - already
                 removed_ffn, done = _choose_global(
-                    _normalized(step_scores.ffn, config.importance), [[1] * w for w in widths],
+                    _normalized(step_scores.ffn, config), [[1] * w for w in widths],
                     [1] * len(widths), prunable, max(need, 0),
                 )
                 if done < need:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from ...config import StageConfig
 
@@ -55,6 +55,12 @@ class PruneConfig(StageConfig):
         metadata={"help": "grouped-query attention: 'groups' removes whole key/value groups, 'slots' removes the "
                   "same query slot from every group (keeps all key/value heads)"},
     )
+    normalize: bool | None = dataclasses.field(
+        default=None,
+        metadata={"help": "global scope: divide each layer's scores by their L2 norm before ranking (Michel et al. "
+                  "2019); default: only for activation, whose raw scale follows the residual stream (on SmolLM2 "
+                  "normalizing gradient scores quadrupled the KL at 10% of heads)"},
+    )
     min_heads_per_layer: int = dataclasses.field(
         default=1, metadata={"help": "query heads every layer keeps at least"}
     )
@@ -74,6 +80,11 @@ class PruneConfig(StageConfig):
     )
     kl_tokens: int = dataclasses.field(
         default=1024, metadata={"help": "calibration tokens for the kl score (one forward pass per head group)"}
+    )
+    recover: Any = dataclasses.field(
+        default=None,
+        metadata={"help": "'auto' (or a mapping of distill options): insert a recovery distill stage from the "
+                  "original model right after this stage; 'none'/false: no recovery even if the recipe asks"},
     )
     seq_len: int | None = dataclasses.field(
         default=None, metadata={"help": "calibration sequence length (default 512 for decoders, 128 for encoders)"}

@@ -16,8 +16,8 @@ model unchanged; a head's gate at 0 is exactly what removing the head does, whic
   key/value weights split evenly between the query heads of their group).
 - ``kl``: the KL divergence of the next-token distribution to the unmasked model when each head unit (or layer) is
   masked, one forward pass per unit (the layers before the masked one are replayed from a recorded pass, so a unit
-  costs about half a forward on average); encoders use 1 - cosine of the pooled embedding. Scoring every FFN neuron that
-  way would take thousands of passes, so neurons use the ``gradient`` score under ``kl``.
+  costs about half a forward on average); encoders use 1 - cosine of the pooled embedding. Scoring every FFN neuron
+  that way would take thousands of passes, so neurons use the ``gradient`` score under ``kl``.
 """
 
 from __future__ import annotations
