@@ -329,6 +329,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(200, {"errors": [], "warnings": []})
 
+    def _commit_for_read(self, repo: str, rev: str) -> tuple:
+        """The repo and the commit ``rev`` names, or (.., None) after answering 404 (repo or revision missing)."""
+        found = self._repo_for_read(repo)
+        if found is None:
+            return None, None
+        commit = found.resolve(rev)
+        if commit is None:
+            self._error(404, "Invalid rev id", "RevisionNotFound")
+        return found, commit
+
     def _info_for(self, repo: Repo, commit: Commit) -> dict:
         return {
             "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.owner,
@@ -339,12 +349,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     def model_info(self, query: dict, repo: str, rev: str | None) -> None:
-        found = self._repo_for_read(repo)
-        if found is None:
-            return
-        commit = found.resolve(rev or "main")
+        found, commit = self._commit_for_read(repo, rev or "main")
         if commit is None:
-            self._error(404, "Invalid rev id", "RevisionNotFound")
             return
         self._json(200, self._info_for(found, commit))
 
@@ -353,12 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
         return {"type": "file", "oid": git_blob_oid(content), "size": len(content), "path": path}
 
     def tree(self, query: dict, repo: str, rev: str, sub: str | None) -> None:
-        found = self._repo_for_read(repo)
-        if found is None:
-            return
-        commit = found.resolve(rev)
+        _, commit = self._commit_for_read(repo, rev)
         if commit is None:
-            self._error(404, "Invalid rev id", "RevisionNotFound")
             return
         prefix = f"{sub.strip('/')}/" if sub else ""
         recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
@@ -376,12 +378,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def paths_info(self, query: dict, repo: str, rev: str) -> None:
         raw = self._body().decode()
-        found = self._repo_for_read(repo)
-        if found is None:
-            return
-        commit = found.resolve(rev)
+        _, commit = self._commit_for_read(repo, rev)
         if commit is None:
-            self._error(404, "Invalid rev id", "RevisionNotFound")
             return
         try:
             paths = json.loads(raw).get("paths", [])
@@ -453,12 +451,8 @@ class _Handler(BaseHTTPRequestHandler):
     def resolve(self, query: dict, repo: str, rev: str, file: str) -> None:
         if self._maybe_fail("resolve"):
             return
-        found = self._repo_for_read(repo)
-        if found is None:
-            return
-        commit = found.resolve(rev)
+        _, commit = self._commit_for_read(repo, rev)
         if commit is None:
-            self._error(404, "Invalid rev id", "RevisionNotFound")
             return
         content = commit.files.get(file)
         if content is None:
