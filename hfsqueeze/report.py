@@ -140,6 +140,8 @@ class CompressionReport:
                 first, last = values[0], values[-1]
                 if key in _RATIO_FIELDS and first and last is not None:
                     row.append(f"{last / first:.3f}x")
+                elif key == "top1_agreement" and first is not None and last is not None:
+                    row.append(f"{(last - first) * 100:+.2f} pp")
                 elif first is not None and last is not None:
                     row.append(f"{last - first:+.4g}")
                 else:
