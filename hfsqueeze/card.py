@@ -712,8 +712,7 @@ def write_model_card(
         report = json.loads((out / "report.json").read_text())
     if recipe_yaml is None and (out / "recipe.yaml").is_file():
         recipe_yaml = (out / "recipe.yaml").read_text()
-    staged = re.match(r"^\.(.+)\.tmp-", out.name)  # save_compressed renders inside ".NAME.tmp-XXXX"
-    target = path_or_repo or str(out.parent / staged.group(1) if staged else out)
+    target = path_or_repo or str(out)
     code = load_code or load_snippet(config, target)
     card = render_model_card(config, report, load_code=code, recipe_yaml=recipe_yaml,
                              repo_id=path_or_repo if is_hub_id(path_or_repo) else None, out_dir=out, parity=parity)

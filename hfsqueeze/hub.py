@@ -79,18 +79,16 @@ def record_parity(model: Any, out_dir: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    from .methods.quantize import guard_bnb_cpu_repack
+
     input_ids = parity_input_ids(model.config)
-    repack = [(m, m.support_avx512bf16_for_cpu) for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    guard_bnb_cpu_repack(model)
     was_training = model.training
     try:
-        for module, _ in repack:
-            module.support_avx512bf16_for_cpu = False
         model.eval()
         name, outputs = _outputs(model, input_ids)
     finally:
         model.train(was_training)
-        for module, flag in repack:
-            module.support_avx512bf16_for_cpu = flag
     path = Path(out_dir) / PARITY_FILE
     save_file({"input_ids": input_ids.contiguous(), "outputs": outputs}, str(path),
               metadata={"hfsqueeze": json.dumps(  # one key: safetensors writes several in random order

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ...errors import RecipeError, require_backend
+from ..quantize.apply import is_bnb_quantized
 from .config import DistillConfig, LoraConfig
 
 logger = logging.getLogger("hfsqueeze")
@@ -91,12 +92,6 @@ def expand_recovery(recipe: Any) -> Any:
 
 
 # ---- QLoRA ------------------------------------------------------------------------------------------------------
-
-
-def is_bnb_quantized(model: nn.Module) -> bool:
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        return True
-    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
 
 
 def attach_lora(model: nn.Module, config: LoraConfig) -> nn.Module:

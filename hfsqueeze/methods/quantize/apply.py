@@ -35,7 +35,10 @@ def _bnb():
 
 
 def is_bnb_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    """True when the model carries bitsandbytes layers (flags set by a quantized load or by this stage)."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return True
+    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
 
 
 def guard_bnb_cpu_repack(model: nn.Module) -> int:
@@ -192,7 +195,7 @@ def saveable(model: nn.Module):
     """Let `save_pretrained` run on a 4-bit model that was *loaded* pre-quantized.
 
     Transformers 5.24 records a ``Bnb4bitDeserialize`` weight conversion on such a model and, on save, tries to
-    reverse it, which raises `NotImplementedError`. bnb's `Linear4bit` already writes its quantization state itself,
+    reverse it, which fails (that reverse step is not implemented upstream). bnb's `Linear4bit` already writes its quantization state itself,
     so the reverse step has nothing to do: hide that conversion for the duration of the save.
     """
     conversions = getattr(model, "_weight_conversions", None)
