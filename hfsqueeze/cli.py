@@ -7,7 +7,6 @@ stderr and exit 2, before anything is written.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys
@@ -147,14 +146,15 @@ def _override_evaluation(evaluation, overrides: list[str]):
 
 
 def _cmd_eval(args) -> int:
-    from .api import compress  # noqa: F401  (attaches the method; harmless)
     from .errors import ArtifactError
     from .measure import measure, measure_baseline
     from .models import load_model
     from .recipe import EvaluationConfig, Recipe
-    from .report import CompressionReport
+    from .report import CompressionReport, StageResult
     from .save import load_compressed, weights_bytes
-    from .utils import quiet_transformers_progress
+    import torch
+
+    from .utils import cpu_name, quiet_transformers_progress, versions
 
     quiet_transformers_progress()
     path = Path(args.artifact)
@@ -163,7 +163,7 @@ def _cmd_eval(args) -> int:
     saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
     evaluation = EvaluationConfig()
     if saved is not None:
-        evaluation = Recipe.load({**saved.recipe, "stages": saved.recipe["stages"]}).evaluation
+        evaluation = Recipe.load(saved.recipe).evaluation
     if args.overrides:
         evaluation = _override_evaluation(evaluation, args.overrides)
     base = args.base or (saved.model.get("name_or_path") if saved else None)
@@ -184,11 +184,6 @@ def _cmd_eval(args) -> int:
         raise ArtifactError(f"--base {args.base} is not a local model directory")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
     metrics.disk_bytes = weights_bytes(path)
-    from .report import StageResult
-    from .utils import cpu_name, versions
-
-    import torch
-
     report = CompressionReport(
         model=saved.model if saved else {"name_or_path": str(path), "model_type": model.config.model_type,
                                          "architecture": type(model).__name__},
