@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,25 @@ from .errors import HfSqueezeError
 logger = logging.getLogger("hfsqueeze")
 
 EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup (``finally``, temporary directories) runs the same way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM and return the previous one (no-op outside the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,11 +122,11 @@ def _cmd_compress(args) -> int:
     from .api import compress
     from .models import load_model
     from .recipe import Recipe
-    from .save import _check_target, save_compressed
+    from .save import check_output_dir, save_compressed
 
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
     if args.output:
-        _check_target(Path(args.output).resolve(), args.overwrite)
+        check_output_dir(args.output, args.overwrite)
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
         from .hub import check_push_args
@@ -209,8 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .hub import run_push
 
         handlers["push"] = run_push
+    previous = _on_sigterm(_raise_terminated)
     try:
         return handlers[args.command](args)
+    except Terminated:
+        print("hfsqueeze: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except HfSqueezeError as exc:
         print(f"hfsqueeze: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -220,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hfsqueeze: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _on_sigterm(previous)
 
 
 if __name__ == "__main__":
