@@ -23,6 +23,7 @@ from .recipe import EvaluationConfig, Recipe
 from .registry import available_stages, register_stage
 from .report import CompressionReport
 from .save import load_compressed, save_compressed
+from . import tune  # noqa: E402  (a callable module: hfsqueeze.tune(model, ...); see hfsqueeze.tune)
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "push_to_hub",
     "register_stage",
     "save_compressed",
+    "tune",
 ]
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .tune.output import tuning_card_section
+
 logger = logging.getLogger("hfsqueeze")
 
 CARD_START = "<!-- hfsqueeze:card:start -->"
@@ -603,6 +605,7 @@ def render_model_card(
     if report_d:
         body += _results_table(report_d) + [""]
         body += _stage_table(report_d) + [""]
+        body += tuning_card_section(report_d.get("tuning"))
         body += _architecture_diff(report_d)
     body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
              "```python", load_code.strip(), "```", ""]

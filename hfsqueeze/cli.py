@@ -79,10 +79,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_recipe_args(e)
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
+    _add_tune_parser(sub)
+
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(command="recipes")
     _add_push_parser(sub)
     return parser
+
+
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser("tune", help="search compression settings to a budget; save the best point as an artifact")
+    t.add_argument("--model", default=None,
+                   help="model directory or Hub id (default: the built-in SmolLM2-135M-Instruct)")
+    t.add_argument("--budget", required=True,
+                   help="comma-separated limits: size=0.30 (of the original's disk size), size=150MiB, bits=4.5, "
+                   "prefill=0.6, decode=0.8 (latency ratios), kl=0.005, ppl=+1%%, top1=0.95")
+    t.add_argument("--minimize", default="kl", choices=["kl", "size", "prefill", "decode"],
+                   help="objective (default: kl; size/prefill/decode need a quality limit in --budget)")
+    t.add_argument("--space", default="quantize",
+                   help="quantize, prune, all, or a YAML file with choices/ranges in place of values")
+    t.add_argument("--trials", type=int, default=30, help="trials in total, baselines included (default 30)")
+    t.add_argument("--output", required=True, help="artifact directory (its tuning/ folder holds the study)")
+    t.add_argument("--overwrite", action="store_true", help="start over in an --output holding a previous run")
+    t.add_argument("--resume", action="store_true", help="continue the study in --output")
+    t.add_argument("--workers", type=int, default=1, help="processes sharing the study (default 1)")
+    t.add_argument("--time-budget", default=None,
+                   help="stop starting trials after this long: seconds, or 90s / 30m / 2h")
+    t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    t.add_argument("--calibration", default="builtin", help="text the search sees (default: built-in train split)")
+    t.add_argument("--eval-text", default=None, help="held-out text for the final measurement (default: built-in)")
+    t.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
+
+
+def _parse_duration(value: str | None) -> float | None:
+    from .errors import RecipeError
+
+    if value is None:
+        return None
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RecipeError(f"--time-budget: got {value!r}; give seconds or a duration like 90s, 30m, 2h")
+    return seconds
+
+
+def _cmd_tune(args) -> int:
+    from .models import load_model, resolve_model_path
+    from .tune import Budget, load_space
+    from .tune.study import progress_line
+    from .tune.tuner import tune
+
+    budget = Budget.parse(args.budget, args.minimize)  # one-line errors before any heavy work
+    space = load_space(args.space)
+    time_budget = _parse_duration(args.time_budget)
+
+    def progress(info: dict) -> None:
+        if info.get("phase") == "sensitivity":
+            print(f"tune: sensitivity {info['format']}: {info['done']}/{info['total']} modules, "
+                  f"ETA {info['eta']:.0f}s", file=sys.stderr, flush=True)
+        else:
+            print(progress_line(info, budget), file=sys.stderr, flush=True)
+
+    kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
+    path = resolve_model_path(args.model)
+    model, tokenizer = load_model(path, **kwargs)
+    command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
+                  overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
+                  seed=args.seed, calibration=args.calibration, eval_text=args.eval_text, progress=progress,
+                  model_path=path, command=command)
+    print(result.report.to_markdown())
+    print(f"\nchosen: {result.chosen['label']} (trial {result.chosen['number']}; stopped: {result.stopped})")
+    print(f"Pareto set ({len(result.pareto)} points) and every trial: {args.output}/tuning/; saved to {args.output}")
+    return 0
 
 
 def _add_hub_args(p: argparse.ArgumentParser) -> None:
@@ -224,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes}
+    handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes,
+                "tune": _cmd_tune}
     if args.command == "push":
         from .hub import run_push
 

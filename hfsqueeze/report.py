@@ -65,6 +65,8 @@ class CompressionReport:
     stages: list[StageResult] = dataclasses.field(default_factory=list)
     final: Metrics | None = None
     command: str | None = None
+    # Set by `hfsqueeze.tune`: budget, objective, every trial and the Pareto set (see hfsqueeze.tune.output).
+    tuning: dict[str, Any] | None = None
     created: str = dataclasses.field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     )
@@ -83,6 +85,7 @@ class CompressionReport:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "stages": [s.to_dict() for s in self.stages],
             "final": self.final.to_dict() if self.final else None,
+            **({"tuning": self.tuning} if self.tuning is not None else {}),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -101,6 +104,7 @@ class CompressionReport:
             model=data["model"], recipe=data["recipe"], environment=data["environment"],
             evaluation=data["evaluation"], baseline=Metrics.from_dict(data.get("baseline")), stages=stages,
             final=Metrics.from_dict(data.get("final")), command=data.get("command"), created=data.get("created", ""),
+            tuning=data.get("tuning"),
         )
 
     @classmethod

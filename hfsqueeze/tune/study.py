@@ -1,0 +1,341 @@
+"""The optuna study behind `hfsqueeze.tune`: storage, sampler, baselines, the objective, worker processes.
+
+The study lives in ``tuning/study.journal`` (`optuna.storages.JournalStorage` on a `JournalFileBackend`), which
+several local processes can share and which survives Ctrl-C and kill -9: on resume, trials that were running when the
+process died are marked failed (``interrupted``), finished ones are kept, and baselines that never finished are queued
+again. The sampler is pinned (multi-objective TPE, seeded per worker), because optuna 5 changed its defaults.
+Constraints go through `optuna.trial.Trial.set_constraint`, so ``study.best_trials`` is the feasible Pareto set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import require_backend
+from .budget import Budget
+from .sensitivity import format_key
+from .solve import estimate_bytes, solve
+from .space import Space, enqueue_params, plan_of, suggest
+from .trial import TrialContext, run_point
+
+logger = logging.getLogger("hfsqueeze")
+
+STUDY_NAME = "hfsqueeze-tune"
+JOURNAL = "study.journal"
+TRIALS_JSONL = "trials.jsonl"
+
+Q8 = {"quantize.bits": 8, "quantize.threshold": 6.0}
+Q4 = {"quantize.bits": 4, "quantize.double_quant": False, "quantize.compute_dtype": "float32"}
+# The uniform stock recipes: what one line of Transformers gives, with and without a 16-bit rest.
+UNIFORM = [
+    ("int8", Q8),
+    ("nf4", {**Q4, "quantize.quant_type": "nf4"}),
+    ("nf4-dq", {**Q4, "quantize.quant_type": "nf4", "quantize.double_quant": True}),
+    ("fp4", {**Q4, "quantize.quant_type": "fp4"}),
+]
+
+
+def optuna_module():
+    optuna = require_backend("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def open_study(tuning_dir: Path, budget: Budget, seed: int, worker: int = 0):
+    """Create or load the study in ``tuning_dir`` with a pinned, seeded sampler (seed + worker index)."""
+    optuna = optuna_module()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tuning_dir / JOURNAL)))
+    sampler = optuna.samplers.TPESampler(seed=seed + worker, multivariate=True, group=True, constant_liar=True,
+                                         n_startup_trials=8, warn_independent_sampling=False)
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
+                               directions=["minimize"] * len(budget.objectives()), load_if_exists=True)
+
+
+def mark_interrupted(study) -> int:
+    """Mark trials left running by a dead process as failed (``interrupted``); return how many."""
+    from optuna.trial import TrialState
+
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        count += 1
+    if count:
+        logger.info("resume: %d trial(s) interrupted by the previous run are marked failed and will be redone", count)
+    return count
+
+
+def counted(study, exclude: int | None = None) -> tuple[int, int]:
+    """(finished trials that count toward ``--trials``, trials running now) excluding trial ``exclude``."""
+    from optuna.trial import TrialState
+
+    done = running = 0
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == exclude:
+            continue
+        if trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL
+                                                  and not trial.user_attrs.get("interrupted")):
+            done += 1
+        elif trial.state == TrialState.RUNNING:
+            running += 1
+    return done, running
+
+
+# ---- baselines -----------------------------------------------------------------------------------------------
+def baseline_points(space: Space) -> list[tuple[str, dict[str, Any]]]:
+    """Uniform stock recipes (and their 16-bit-rest variants), then solved points, as full points of ``space``."""
+    extra = {"prune.enabled": False} if "prune" in space.sections else {}
+    points = []
+    for name, fmt in UNIFORM:
+        for rest in ("fp32", "bf16"):
+            label = name if rest == "fp32" else f"{name}+bf16-rest"
+            points.append((f"uniform:{label}", {**fmt, "quantize.rest_dtype": rest, "quantize.keep": 0.0, **extra}))
+    for dtype in ("bf16", "fp16"):
+        points.append((f"uniform:{dtype}", {"quantize.bits": 16, "quantize.dtype": dtype, **extra}))
+    return points
+
+
+def solved_points(space: Space, budget: Budget) -> list[tuple[str, dict[str, Any]]]:
+    """The solver's own answer per format and rest dtype (int8 also at threshold 1.0, measured best on SmolLM2)."""
+    extra = {"prune.enabled": False} if "prune" in space.sections else {}
+    keep = 1.0 if budget.size_limit_bytes(1, 1) is not None or budget.quality_kl_target() is None else 0.5
+    points = []
+    formats = [("int8", Q8), ("int8-t1", {**Q8, "quantize.threshold": 1.0})] + UNIFORM[1:]
+    for name, fmt in formats:
+        for rest in ("bf16", "fp32"):
+            points.append((f"solved:{name}+{rest}-rest", {**fmt, "quantize.rest_dtype": rest, "quantize.keep": keep,
+                                                          **extra}))
+    return points
+
+
+def plan_baselines(tctx: TrialContext, limit: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Baselines to enqueue: solved points (best estimated KL first), then uniform ones, each representable in the
+    space, predicted to fit the size budget, and distinct as recipes; at most ``limit``."""
+    size_limit = tctx.budget.size_limit_bytes(tctx.original_bytes, tctx.original_params)
+    seen, solved, uniform = set(), [], []
+    for kind, point in solved_points(tctx.space, tctx.budget) + baseline_points(tctx.space):
+        params = enqueue_params(tctx.space, point)
+        if params is None:
+            continue
+        plan = plan_of(point)
+        if plan.bits in (4, 8):
+            scores = tctx.sensitivity.get(format_key(plan.quantize), {}).get("scores", {})
+            sol = solve(tctx.original, plan.quantize, plan.rest_dtype, scores, keep=plan.keep, size_limit=size_limit,
+                        kl_target=tctx.budget.quality_kl_target(), sizes=tctx.sizes)
+            predicted, est_kl, stages = sol.predicted_bytes, sol.predicted_kl, plan.stages(sol.skip_modules)
+        else:
+            predicted = estimate_bytes(tctx.original, None, plan.quantize["dtype"], sizes=tctx.sizes)
+            est_kl, stages = 0.0, plan.stages()
+        if size_limit is not None and predicted > size_limit * 1.02:
+            continue
+        key = json.dumps(stages, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        (solved if kind.startswith("solved") else uniform).append((est_kl, kind, params, point))
+    ordered = sorted(solved, key=lambda x: x[0]) + sorted(uniform, key=lambda x: x[0])
+    if len(ordered) > limit:
+        logger.warning("tune: %d baselines (uniform stock recipes and solved points) but only %d trials; the %d with "
+                       "the lowest estimated KL run", len(ordered), limit, limit)
+    return [(kind, params, point) for _, kind, params, point in ordered[:limit]]
+
+
+def enqueue_baselines(study, baselines: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> int:
+    """Queue the baselines not already in the study (finished, failed on their own, queued or running)."""
+    from optuna.trial import TrialState
+
+    present = {t.user_attrs.get("kind") for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.FAIL or not t.user_attrs.get("interrupted")}
+    count = 0
+    for kind, params, _ in baselines:
+        if kind not in present:
+            study.enqueue_trial(params, user_attrs={"kind": kind})
+            count += 1
+    return count
+
+
+# ---- the objective -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Objective:
+    """Draws a point, runs it (`hfsqueeze.tune.trial.run_point`), records it; failures are recorded, not raised
+    past optuna (``catch``)."""
+
+    tctx: TrialContext
+    trials: int
+    tuning_dir: Path
+
+    def __call__(self, trial) -> list[float]:
+        optuna = optuna_module()
+        done, running = counted(trial.study, exclude=trial.number)
+        if done + running >= self.trials:
+            trial.study.stop()
+            raise optuna.TrialPruned("the trial budget is used up")
+        trial.set_user_attr("worker", os.getpid())
+        point = suggest(trial, self.tctx.space)
+        trial.set_user_attr("point", point)
+        try:
+            result = run_point(self.tctx, point)
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
+            append_record(self.tuning_dir, trial_record(trial, "FAIL"))
+            logger.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, str(exc)[:200])
+            raise
+        for key in ("stages", "metrics", "solution", "seconds"):
+            trial.set_user_attr(key, result[key])
+        for key, value in self.tctx.budget.constraints(result["metrics"]).items():
+            trial.set_constraint(key, value)
+        values = [float(result["metrics"][name]) for name in self.tctx.budget.objectives()]
+        append_record(self.tuning_dir, trial_record(trial, "COMPLETE", values))
+        return values
+
+
+def trial_record(trial, state: str, values: list[float] | None = None) -> dict[str, Any]:
+    """One line of ``trials.jsonl`` from a live `optuna.trial.Trial` or a `FrozenTrial`."""
+    attrs = dict(trial.user_attrs)
+    constraints = dict(trial.constraints or {})
+    feasible = state == "COMPLETE" and all(v <= 0 for v in constraints.values())
+    return {
+        "number": trial.number, "state": state, "kind": attrs.get("kind", "search"),
+        "label": recipe_label(attrs["stages"]) if attrs.get("stages") else None, "point": attrs.get("point"),
+        "stages": attrs.get("stages"), "metrics": attrs.get("metrics"), "solution": attrs.get("solution"),
+        "constraints": constraints, "feasible": feasible, "values": values, "seconds": attrs.get("seconds"),
+        "error": attrs.get("error"), "interrupted": bool(attrs.get("interrupted")), "worker": attrs.get("worker"),
+    }
+
+
+def append_record(tuning_dir: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line under a lock (several workers write the same file)."""
+    path = Path(tuning_dir) / TRIALS_JSONL
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(record, default=str) + "\n")
+        fh.flush()
+
+
+def study_records(study) -> list[dict[str, Any]]:
+    """Every finished or failed trial of the study as ``trials.jsonl`` records, in trial order."""
+    from optuna.trial import TrialState
+
+    out = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state in (TrialState.COMPLETE, TrialState.FAIL):
+            out.append(trial_record(trial, trial.state.name, list(trial.values) if trial.values else None))
+    return out
+
+
+# ---- running ----------------------------------------------------------------------------------------------------
+def progress_callback(budget: Budget, trials: int, workers: int, started: float,
+                      report: Callable[[dict[str, Any]], None] | None):
+    """An optuna callback reporting trials done, the best feasible point so far and an ETA."""
+
+    def callback(study, trial) -> None:
+        done, _ = counted(study)
+        records = study_records(study)
+        best = best_record(records, budget)
+        finished = [r["seconds"] for r in records if r.get("seconds")]
+        per_trial = sum(finished) / len(finished) if finished else None
+        eta = per_trial * max(0, trials - done) / max(1, workers) if per_trial else None
+        info = {"phase": "trial", "done": done, "trials": trials, "elapsed": time.time() - started, "eta": eta, "best": best,
+                "last": records[-1] if records else None}
+        logger.info("%s", progress_line(info, budget))
+        if report is not None:
+            report(info)
+        if done >= trials:
+            study.stop()
+
+    return callback
+
+
+def best_record(records: list[dict[str, Any]], budget: Budget) -> dict[str, Any] | None:
+    """The feasible record with the lowest objective (ties: the lowest second objective)."""
+    names = budget.objectives()
+    feasible = [r for r in records if r["feasible"] and r.get("metrics")]
+    if not feasible:
+        return None
+    return min(feasible, key=lambda r: tuple(r["metrics"][n] for n in names))
+
+
+def closest_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The measured record with the smallest total constraint excess (for the infeasible message)."""
+    measured = [r for r in records if r["state"] == "COMPLETE" and r.get("metrics")]
+    if not measured:
+        return None
+    return min(measured, key=lambda r: sum(max(0.0, v) for v in r["constraints"].values()))
+
+
+def describe_record(record: dict[str, Any]) -> str:
+    """``#12 int8 t=2.0 + bf16 rest, 31 modules kept: size 0.29x, KL 0.0061, ppl +0.4%, prefill 0.93x``."""
+    m = record.get("metrics") or {}
+    parts = [f"size {m['size']:.3f}x" if m.get("size") is not None else None,
+             f"KL {m['kl']:.4g}" if m.get("kl") is not None else None,
+             f"ppl {100 * (m['ppl'] - 1):+.2f}%" if m.get("ppl") is not None else None,
+             f"top1 {m['top1']:.3f}" if m.get("top1") is not None else None,
+             f"prefill {m['prefill']:.2f}x" if m.get("prefill") is not None else None,
+             f"decode {m['decode']:.2f}x" if m.get("decode") is not None else None]
+    return f"#{record['number']} {recipe_label(record.get('stages') or [])}: " + ", ".join(p for p in parts if p)
+
+
+def recipe_label(stages: list[dict[str, Any]]) -> str:
+    """A short name for an explicit recipe (``prune h0.12/f0.10 -> int8 t=2 (bf16 rest, 31 kept)``)."""
+    words, rest = [], None
+    for stage in stages:
+        if stage["method"] == "prune":
+            words.append(f"prune h{stage.get('heads', 0):.3g}/f{stage.get('ffn', 0):.3g} ({stage.get('importance')})"
+                         + (" + recover" if stage.get("recover") else ""))
+        elif stage["method"] == "distill":
+            words.append("recover")
+        elif stage["method"] == "quantize" and stage["bits"] == 16 and rest is None and stage is not stages[-1]:
+            rest = stage.get("dtype", "bf16")
+        elif stage["method"] == "quantize":
+            words.append(_quant_label(stage, rest))
+    return " -> ".join(words) or "original"
+
+
+def _quant_label(stage: dict[str, Any], rest: str | None) -> str:
+    bits = stage["bits"]
+    if bits == 16:
+        return stage.get("dtype", "bf16")
+    if bits == 8:
+        label = f"int8 t={stage.get('threshold', 6.0):g}"
+    else:
+        label = stage.get("quant_type", "nf4") + ("-dq" if stage.get("double_quant") else "")
+        if stage.get("compute_dtype", "float32") != "float32":
+            label += f" {stage['compute_dtype']}"
+    kept = len([s for s in stage.get("skip_modules") or [] if s != "lm_head"])
+    return f"{label} ({rest or 'fp32'} rest{f', {kept} kept' if kept else ''})"
+
+
+def progress_line(info: dict[str, Any], budget: Budget) -> str:
+    best = info.get("best")
+    eta = f", ETA {_clock(info['eta'])}" if info.get("eta") is not None else ""
+    head = f"tune: {info['done']}/{info['trials']} trials, {_clock(info['elapsed'])}{eta}"
+    return head + (f"; best so far {describe_record(best)}" if best else "; no point within the budget yet")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def optimize(study, objective: Objective, *, deadline: float | None, callbacks: list) -> None:
+    """Run trials in this process until the trial budget, the deadline or ``study.stop()``."""
+    timeout = None if deadline is None else max(0.0, deadline - time.time())
+    if timeout is not None and timeout <= 0:
+        return
+    study.optimize(objective, timeout=timeout, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
+
+
+__all__ = ["Objective", "best_record", "closest_record", "counted", "describe_record", "enqueue_baselines",
+           "mark_interrupted", "open_study", "optimize", "plan_baselines", "study_records"]

@@ -1,0 +1,191 @@
+"""One trial of `hfsqueeze.tune`: a point of the space made into a concrete recipe, applied and measured for real.
+
+A fresh copy of the original model (deep-copied from memory) goes through the point's stages; the quantize stage's
+``skip_modules`` comes from the solver run on the model as it is just before quantizing. Then it is measured: disk
+size as saved, KL / perplexity / top-1 against the original on the calibration tokens, and prefill/decode latency
+as ratios to the original timed side by side in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import CompressionContext
+from ..measure import count_parameters, disk_bytes, latency
+from .budget import Budget
+from .sensitivity import find_layers, format_key
+from .solve import SizeModel, Solution, solve
+from .space import Plan, Space, importance_key, plan_of, prune_importance, run_stages
+
+
+@dataclasses.dataclass
+class TuneSettings:
+    """How much work each measurement does (defaults suit a 135M model on 2 CPU cores)."""
+
+    calibration_tokens: int = 1024
+    seq_len: int = 512
+    sensitivity_tokens: int = 256
+    latency: bool = True
+    prompt_tokens: int = 64
+    decode_tokens: int = 8
+    latency_rounds: int = 3
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in ("int", int) and value < 1:
+                raise ValueError(f"TuneSettings.{field.name}: got {value}; must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrialContext:
+    """What every trial in one process needs: the original, its reference outputs, budget, space, sensitivities."""
+
+    original: nn.Module
+    tokenizer: Any
+    calibration: Any
+    blocks: torch.Tensor
+    budget: Budget
+    space: Space
+    settings: TuneSettings
+    sensitivity: dict[str, dict[str, Any]]
+    original_bytes: int
+    original_params: int
+    reference: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    original_nll: float = 0.0
+    sizes: SizeModel = dataclasses.field(default_factory=SizeModel)
+    importance_cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    workdir: Path | None = None
+
+    def __post_init__(self):
+        if not self.reference:
+            with torch.no_grad():
+                self.reference = [_logprobs(self.original, block) for block in self.blocks]
+            self.original_nll = _nll(self.reference, self.blocks)
+
+    def prune_scores(self, model: nn.Module, config: Any, ctx: CompressionContext) -> Any:
+        """The prune stage's importance scores of the original, computed once per process and kept."""
+        key = importance_key(config)
+        if key not in self.importance_cache:
+            self.importance_cache[key] = prune_importance(model, config, ctx)
+        return self.importance_cache[key]
+
+
+def _logprobs(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(input_ids=block.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
+
+
+def _nll(logprobs: list[torch.Tensor], blocks: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for lp, block in zip(logprobs, blocks):
+        picked = lp[:-1].gather(-1, block[1:].unsqueeze(-1))
+        total -= float(picked.sum())
+        count += picked.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
+    """KL(original || model) per token, perplexity ratio and top-1 agreement on the calibration blocks."""
+    kl, agree, tokens, outs = 0.0, 0, 0, []
+    for block, ref in zip(tctx.blocks, tctx.reference):
+        lp = _logprobs(model, block)
+        outs.append(lp)
+        kl += float(F.kl_div(lp, ref, log_target=True, reduction="none").sum())
+        agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+        tokens += block.numel()
+    nll = _nll(outs, tctx.blocks)
+    return {"kl": kl / tokens, "top1": agree / tokens, "ppl": math.exp(nll - tctx.original_nll),
+            "perplexity": math.exp(nll), "perplexity_original": math.exp(tctx.original_nll)}
+
+
+def latency_ratios(model: nn.Module, original: nn.Module, settings: TuneSettings, prompt: torch.Tensor
+                   ) -> dict[str, float | None]:
+    """Prefill and decode time of ``model`` over the original's, alternating the two so load hits both alike."""
+    prompt = prompt[: settings.prompt_tokens].unsqueeze(0)
+    rows: dict[str, list[float]] = {"prefill": [], "decode": [], "prefill_orig": [], "decode_orig": []}
+    for _ in range(settings.latency_rounds):
+        for suffix, m in (("_orig", original), ("", model)):
+            out = latency(m, prompt, decode_tokens=settings.decode_tokens, repeats=1)
+            rows["prefill" + suffix].append(out["prefill_ms_per_token"])
+            if out["decode_ms_per_token"] is not None:
+                rows["decode" + suffix].append(out["decode_ms_per_token"])
+    med = {k: statistics.median(v) if v else None for k, v in rows.items()}
+    return {
+        "prefill": med["prefill"] / med["prefill_orig"] if med["prefill"] else None,
+        "decode": med["decode"] / med["decode_orig"] if med["decode"] else None,
+        "prefill_ms": med["prefill"], "decode_ms": med["decode"],
+    }
+
+
+def _layer_name_map(model: nn.Module, details: list[dict[str, Any]]) -> Callable[[str], str] | None:
+    """After layers were dropped, map ``<blocks>.J.`` names back to the original layer index (for the scores)."""
+    kept = next((d.get("layers_kept") for d in reversed(details) if d.get("method") == "prune"), None)
+    found = find_layers(model)
+    if not kept or found is None or kept == list(range(len(kept))):
+        return None
+    head = found[0] + "."
+
+    def name_map(name: str) -> str:
+        if not name.startswith(head):
+            return name
+        index, _, rest = name[len(head):].partition(".")
+        return f"{head}{kept[int(index)]}.{rest}"
+
+    return name_map
+
+
+def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any]], Solution | None]:
+    """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
+    model = copy.deepcopy(tctx.original)
+    ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration)
+    ctx.original = tctx.original
+    details = run_stages(model, plan.pre_stages, ctx, prune_scores=tctx.prune_scores)
+    solution = None
+    if plan.bits in (4, 8):
+        scores = tctx.sensitivity[format_key(plan.quantize)]["scores"]
+        solution = solve(
+            model, plan.quantize, plan.rest_dtype, scores, keep=plan.keep,
+            size_limit=tctx.budget.size_limit_bytes(tctx.original_bytes, tctx.original_params),
+            kl_target=tctx.budget.quality_kl_target(), name_map=_layer_name_map(model, details), sizes=tctx.sizes,
+        )
+    stages = plan.stages(solution.skip_modules if solution else None)
+    run_stages(model, stages[len(plan.pre_stages):], ctx)
+    return model, stages, solution
+
+
+def run_point(tctx: TrialContext, point: dict[str, Any]) -> dict[str, Any]:
+    """Build and measure one point; returns ``stages`` (the explicit recipe), ``metrics`` and ``solution``."""
+    start = time.perf_counter()
+    plan = plan_of(point)
+    model, stages, solution = build(tctx, plan)
+    build_seconds = time.perf_counter() - start
+    size = disk_bytes(model)  # before any forward pass (bnb 4-bit CPU repacking, see NOTES)
+    metrics: dict[str, Any] = {
+        "disk_bytes": size, "size": size / tctx.original_bytes, "bits": 8 * size / tctx.original_params,
+        "parameters": count_parameters(model),
+    }
+    metrics.update(quality(model, tctx))
+    if tctx.settings.latency:
+        metrics.update(latency_ratios(model, tctx.original, tctx.settings, tctx.blocks[0]))
+    else:
+        metrics.update({"prefill": None, "decode": None})
+    del model
+    return {"stages": stages, "metrics": metrics, "solution": solution.to_dict() if solution else None,
+            "build_seconds": round(build_seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
+
+
+__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "quality", "run_point"]

@@ -1,0 +1,420 @@
+"""`tune`: search compression settings to a budget, per module, and save the best point as a normal artifact.
+
+1. Sensitivity first: each quantizable module's KL cost in each candidate format (cached, `hfsqueeze.tune.sensitivity`).
+2. Solve, then search: per-module choices are solved under the budget (`hfsqueeze.tune.solve`); optuna searches the
+   global knobs (`hfsqueeze.tune.study`), starting from the uniform stock recipes and the solved points.
+3. Every trial is a concrete recipe built from a fresh copy of the original and measured for real on the calibration
+   split; the chosen point is rebuilt with `hfsqueeze.compress` and re-measured on the held-out evaluation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..api import compress
+from ..data import load_texts, token_blocks
+from ..errors import ArtifactError, RecipeError
+from ..measure import count_parameters, disk_bytes
+from ..models import cache_dir
+from ..save import check_output_dir, save_compressed
+from .budget import Budget, InfeasibleBudgetError
+from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
+from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
+from .space import Space, load_space
+from .study import (
+    Objective,
+    best_record,
+    closest_record,
+    counted,
+    describe_record,
+    enqueue_baselines,
+    mark_interrupted,
+    open_study,
+    optimize,
+    optuna_module,
+    plan_baselines,
+    progress_callback,
+    study_records,
+)
+from .trial import TrialContext, TuneSettings
+
+logger = logging.getLogger("hfsqueeze")
+
+RUN_FILE = "run.json"
+CALIBRATION_FILE = "calibration.jsonl"
+# What must match for --resume to continue a study (anything else may change between runs).
+_RESUME_KEYS = ("budget", "space", "settings", "seed", "fingerprint", "calibration_hash")
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """What `tune` found.
+
+    Attributes:
+        recipe: the chosen recipe, explicit (what ``out/recipe.yaml`` holds).
+        chosen: the chosen trial's record (``stages``, calibration ``metrics``, ``constraints``...).
+        pareto: the feasible Pareto set, one record per point (``label``, ``stages``, ``metrics``).
+        trials: every finished or failed trial.
+        report: the `CompressionReport` of the chosen recipe re-measured on the held-out evaluation text.
+        model: the compressed model (the chosen recipe applied to a copy of the original).
+        output: the artifact directory, when one was written.
+        stopped: ``done``, ``time budget`` or ``interrupted``.
+    """
+
+    recipe: dict[str, Any] | None
+    chosen: dict[str, Any] | None
+    pareto: list[dict[str, Any]]
+    trials: list[dict[str, Any]]
+    report: Any = None
+    model: Any = None
+    output: Path | None = None
+    stopped: str = "done"
+
+
+def tune(
+    model,
+    tokenizer=None,
+    *,
+    budget: "str | dict[str, Any] | Budget",
+    minimize: str = "kl",
+    space: "str | os.PathLike | dict[str, Any] | Space" = "quantize",
+    trials: int = 30,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int = 1,
+    time_budget: float | None = None,
+    seed: int = 0,
+    calibration: Any = "builtin",
+    eval_text: Any = None,
+    settings: "TuneSettings | dict[str, Any] | None" = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    model_path: str | None = None,
+    command: str | None = None,
+) -> TuneResult:
+    """Find the best compressed version of ``model`` within ``budget``; the model itself is not modified.
+
+    Args:
+        model (`PreTrainedModel`): the original (fp32 or 16-bit, not quantized).
+        tokenizer: its tokenizer (quality is measured as KL to the original on calibration tokens).
+        budget (`str` or `dict`): ``"size=0.30"``, ``"size=150MiB,ppl=+1%"``, ``{"bits": 4.5}``... (see `Budget`).
+        minimize (`str`, defaults to `"kl"`): ``kl``, or ``size``/``prefill``/``decode`` within a quality budget.
+        space (`str`, `dict` or path, defaults to `"quantize"`): ``quantize``, ``prune``, ``all`` or a space YAML.
+        trials (`int`, defaults to 30): trials to run in total (baselines included), across workers and resumes.
+        output (`str`, *optional*): artifact directory; ``output/tuning/`` holds the study, ``trials.jsonl``,
+            ``sensitivity.json`` and ``pareto.png``. Without it nothing is saved (and nothing can be resumed).
+        overwrite (`bool`): start over in an ``output`` that holds a previous run or artifact.
+        resume (`bool`): continue the study in ``output`` (finished trials are kept, never re-run).
+        workers (`int`, defaults to 1): processes sharing the study (the extra ones load the model from
+            ``model_path``, or from a copy saved under ``tuning/``).
+        time_budget (`float`, *optional*): seconds after which no new trial starts; the best point so far is saved.
+        seed (`int`): seeds the sampler (worker ``i`` uses ``seed + i``).
+        calibration: the text tuning sees (built-in: its train split); the evaluation split is only read after the
+            search, to re-measure the chosen point.
+        eval_text: evaluation text for that final measurement (default: the built-in held-out split).
+        settings (`TuneSettings` or `dict`, *optional*): calibration/sensitivity token counts, latency settings.
+        progress (`callable`, *optional*): called after each trial with trials done, best so far and ETA.
+        model_path (`str`, *optional*): where ``model`` was loaded from (lets workers load it).
+        command (`str`, *optional*): the command line, recorded in the report.
+
+    Example:
+
+    ```python
+    result = hfsqueeze.tune(model, tokenizer=tok, budget={"size": 0.30}, trials=30, output="out/tuned")
+    result.recipe                       # explicit: hfsqueeze compress --recipe out/tuned/recipe.yaml reproduces it
+    [p["label"] for p in result.pareto]
+    ```
+    """
+    started = time.time()
+    budget = Budget.parse(budget, minimize)
+    space = load_space(space)
+    settings = settings if isinstance(settings, TuneSettings) else TuneSettings(**(settings or {}))
+    _check_args(tokenizer, budget, space, settings, trials, workers, time_budget, resume, output)
+    out, tuning, temporary = _prepare_output(output, resume, overwrite)
+    was_training = model.training
+    model.eval()
+    try:
+        tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume, progress)
+        deadline = started + time_budget if time_budget else None
+        study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
+                                 started)
+        return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
+                       calibration, eval_text, command, started)
+    finally:
+        model.train(was_training)
+        if temporary:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _check_args(tokenizer, budget: Budget, space: Space, settings: TuneSettings, trials: int, workers: int,
+                time_budget: float | None, resume: bool, output: Any) -> None:
+    if tokenizer is None:
+        raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise RecipeError(f"trials: got {trials!r}; must be an integer >= 1")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise RecipeError(f"workers: got {workers!r}; must be an integer >= 1")
+    if time_budget is not None and not time_budget > 0:
+        raise RecipeError(f"time budget: got {time_budget!r}; must be a positive number of seconds")
+    if resume and output is None:
+        raise RecipeError("resume needs the output directory of the run to continue")
+    latency = {"prefill", "decode"} & (set(budget.limits) | {budget.minimize})
+    if latency and not settings.latency:
+        raise RecipeError(f"the budget uses {', '.join(sorted(latency))} but latency measurement is off")
+    if "quantize" not in space.sections and budget.minimize == "kl" and not (
+            {"prefill", "decode", "size", "size_bytes", "bits"} & set(budget.limits)):
+        raise RecipeError("the budget has nothing this space can trade for quality")
+
+
+def _prepare_output(output: Any, resume: bool, overwrite: bool) -> tuple[Path, Path, bool]:
+    """The output and ``tuning/`` directories, checked before any work (one-line errors, nothing written)."""
+    if output is None:
+        out = Path(tempfile.mkdtemp(prefix="hfsqueeze-tune-"))
+        (out / TUNING_DIR).mkdir()
+        return out, out / TUNING_DIR, True
+    out = Path(output).expanduser().resolve()
+    tuning = out / TUNING_DIR
+    ours = (tuning / RUN_FILE).is_file()
+    if resume:
+        if not ours:
+            raise ArtifactError(f"--resume: {out} holds no tuning run ({TUNING_DIR}/{RUN_FILE} is missing); start "
+                                "without --resume")
+        return out, tuning, False
+    if ours:
+        if not overwrite:
+            raise ArtifactError(f"{out} holds a previous tuning run; pass --resume to continue it or --overwrite to "
+                                "start over")
+        shutil.rmtree(tuning)
+    elif out.is_dir() and any(out.iterdir()):
+        check_output_dir(out, overwrite)
+    tuning.mkdir(parents=True, exist_ok=True)
+    return out, tuning, False
+
+
+def space_formats(space: Space) -> list[dict[str, Any]]:
+    """The 8/4-bit formats the space can draw (one per sensitivity base format)."""
+    q = space.sections.get("quantize")
+    if not q:
+        return []
+    bits = q["bits"].choices if "bits" in q else (8,)
+    formats = [{"bits": 8}] if 8 in bits else []
+    if 4 in bits:
+        formats += [{"bits": 4, "quant_type": t} for t in (q["quant_type"].choices if "quant_type" in q else ("nf4",))]
+    return formats
+
+
+def calibration_file(calibration: Any, tuning: Path) -> Path:
+    """Write the calibration documents (built-in: its train split) to ``tuning/calibration.jsonl``: the only text
+    the search reads, and what the trials' stages get as their calibration source."""
+    docs = load_texts(calibration, split="train")
+    path = tuning / CALIBRATION_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    os.replace(tmp, path)
+    return path
+
+
+def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
+                 report: Callable[[dict[str, Any]], None] | None = None) -> TrialContext:
+    """The per-process trial context for the run described by ``spec`` (``tuning/run.json``)."""
+    settings = TuneSettings(**spec["settings"])
+    budget = Budget(dict(spec["budget"]["limits"]), spec["budget"]["minimize"])
+    space = Space.from_dict(spec["space"])
+    source = str(tuning / CALIBRATION_FILE)
+    texts = load_texts(source, split="train")
+    blocks = token_blocks(tokenizer, texts, max_tokens=settings.calibration_tokens,
+                          seq_len=min(settings.seq_len, settings.calibration_tokens))
+    sens_blocks = token_blocks(tokenizer, texts, max_tokens=settings.sensitivity_tokens,
+                               seq_len=min(settings.seq_len, settings.sensitivity_tokens))
+    cache = SensitivityCache([tuning / "sensitivity.json",
+                              cache_dir() / "sensitivity" / f"{spec['fingerprint']}.json"])
+    scores = sensitivities(model, sens_blocks, space_formats(space), cache, model_fingerprint=spec["fingerprint"],
+                           report=report)
+    return TrialContext(model, tokenizer, source, blocks, budget, space, settings, scores, spec["original_bytes"],
+                        spec["original_params"], workdir=tuning)
+
+
+def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSettings, calibration: Any, tuning: Path,
+           seed: int, resume: bool, progress) -> tuple[TrialContext, dict[str, Any]]:
+    """Write (or, on resume, check) ``tuning/run.json``; score sensitivities; build the trial context."""
+    cal_path = calibration_file(calibration, tuning)
+    blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
+                          seq_len=min(settings.seq_len, settings.calibration_tokens))
+    spec = {
+        "budget": budget.to_dict(), "space": space.to_dict(), "settings": settings.to_dict(), "seed": seed,
+        "fingerprint": fingerprint(model), "calibration_hash": tokens_hash(blocks),
+        "original_bytes": disk_bytes(model), "original_params": count_parameters(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    run_file = tuning / RUN_FILE
+    if resume:
+        saved = json.loads(run_file.read_text())
+        for key in _RESUME_KEYS:
+            if json.dumps(saved.get(key), sort_keys=True) != json.dumps(spec[key], sort_keys=True):
+                raise RecipeError(f"--resume: the run in {tuning.parent} was started with another {key} "
+                                  f"({_short(saved.get(key))}, now {_short(spec[key])}); resume with the same model, "
+                                  "budget, space, seed and calibration, or start over with --overwrite")
+        spec = {**saved, **{k: spec[k] for k in ("original_bytes", "original_params", "dtype")}}
+    run_file.write_text(json.dumps(spec, indent=1) + "\n")
+    logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
+                spec["original_params"], budget.describe())
+    return make_context(model, tokenizer, spec, tuning, progress), spec
+
+
+def _short(value: Any) -> str:
+    text = value.get("text") if isinstance(value, dict) and "text" in value else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trials: int, workers: int,
+            deadline: float | None, progress, resume: bool, model_path: str | None, started: float):
+    """Queue the baselines, run trials here and in ``workers - 1`` more processes; return (study, why it stopped)."""
+    study = open_study(tuning, tctx.budget, spec["seed"])
+    if resume:
+        mark_interrupted(study)
+    queued = enqueue_baselines(study, plan_baselines(tctx, trials))
+    logger.info("tune: %d baseline trial(s) queued (uniform stock recipes and solved points)", queued)
+    objective = Objective(tctx, trials, tuning)
+    callbacks = [progress_callback(tctx.budget, trials, workers, started, progress)]
+    procs = _spawn_workers(model, tctx, tuning, workers, trials, deadline, model_path)
+    stopped = "done"
+    try:
+        optimize(study, objective, deadline=deadline, callbacks=callbacks)
+        _wait(procs)
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        _interrupt(procs)
+    if stopped == "done" and counted(study)[0] < trials:
+        stopped = "time budget" if deadline is not None and time.time() >= deadline else "done"
+    return study, stopped
+
+
+def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials: int, deadline: float | None,
+                   model_path: str | None) -> list[subprocess.Popen]:
+    if workers < 2:
+        return []
+    if model_path is None:
+        model_path = str(tuning / "original")
+        if not (Path(model_path) / "config.json").is_file():
+            model.save_pretrained(model_path)
+            tctx.tokenizer.save_pretrained(model_path)
+    job = {"model_path": model_path, "trials": trials, "deadline": deadline}
+    (tuning / "workers.json").write_text(json.dumps(job) + "\n")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    procs = []
+    for index in range(1, workers):
+        log = open(tuning / f"worker-{index}.log", "a")
+        procs.append(subprocess.Popen([sys.executable, "-m", "hfsqueeze.tune.worker", str(tuning), str(index)],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+        log.close()
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.wait()
+        if proc.returncode not in (0, None):
+            logger.warning("tune: a worker process exited with status %s (see its log in tuning/)", proc.returncode)
+
+
+def _interrupt(procs: list[subprocess.Popen]) -> None:
+    """Ctrl-C: workers get SIGINT too (their running trial is marked failed and they exit)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[str, Any]], pareto: list[int],
+                   chosen: dict[str, Any] | None, trials: int, stopped: str, started: float) -> dict[str, Any]:
+    """The report's ``tuning`` section: budget, objective, space, every trial, the Pareto set, the choice."""
+    return {
+        "budget": tctx.budget.to_dict(),
+        "objectives": tctx.budget.objectives(),
+        "space": tctx.space.to_dict(),
+        "settings": tctx.settings.to_dict(),
+        "seed": spec["seed"],
+        "original": {"disk_bytes": spec["original_bytes"], "parameters": spec["original_params"],
+                     "fingerprint": spec["fingerprint"]},
+        "calibration": {"file": f"{TUNING_DIR}/{CALIBRATION_FILE}", "tokens": int(tctx.blocks.numel()),
+                        "hash": spec["calibration_hash"]},
+        "sensitivity": {k: {"tokens": v["tokens"], "seconds": v["seconds"], "cached": v["cached"],
+                            "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5]}
+                        for k, v in tctx.sensitivity.items()},
+        "trials_requested": trials,
+        "stopped": stopped,
+        "wall_seconds": round(time.time() - started, 1),
+        "trials": records,
+        "pareto": pareto,
+        "chosen": chosen["number"] if chosen else None,
+        "plot": f"{TUNING_DIR}/{PARETO_PNG}",
+    }
+
+
+def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], out: Path | None, trials: int,
+            stopped: str, calibration: Any, eval_text: Any, command: str | None, started: float) -> TuneResult:
+    """Write trials.jsonl and the plot; rebuild the chosen point with `compress`, re-measure it on the held-out
+    evaluation text and save it (a normal artifact, ``tuning/`` inside)."""
+    tuning = tctx.workdir
+    records = study_records(study)
+    write_trials_jsonl(tuning, records)
+    pareto = sorted(t.number for t in study.best_trials)
+    chosen = best_record(records, tctx.budget)
+    limits = _plot_limits(tctx.budget, spec)
+    plot_pareto(tuning / PARETO_PNG, records, pareto, chosen["number"] if chosen else None,
+                tctx.budget.objectives(), limits)
+    section = tuning_section(tctx, spec, records, pareto, chosen, trials, stopped, started)
+    (tuning / "summary.json").write_text(json.dumps({k: v for k, v in section.items() if k != "trials"}, indent=1,
+                                                    default=str) + "\n")
+    if chosen is None:
+        closest = closest_record(records)
+        where = f"; closest point found: {describe_record(closest)}" if closest else " (no trial finished)"
+        raise InfeasibleBudgetError(f"no point within the budget {tctx.budget.describe()} after {len(records)} "
+                                    f"trials{where}")
+    logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
+    final = copy.deepcopy(model)
+    recipe = {"name": "tuned", "description": f"hfsqueeze tune: lowest {tctx.budget.minimize} within "
+              f"{tctx.budget.describe()}", "evaluation": {"per_stage": False}, "stages": chosen["stages"]}
+    report = compress(final, recipe, tokenizer=tokenizer, calibration=calibration, eval_text=eval_text,
+                      command=command)
+    section["final_eval"] = report.final.to_dict() if report.final else None
+    report.tuning = section
+    by_number = {r["number"]: r for r in records}
+    result = TuneResult(recipe=report.recipe, chosen=chosen, pareto=[by_number[n] for n in pareto if n in by_number],
+                        trials=records, report=report, model=final, stopped=stopped)
+    if out is not None:
+        staged = staging_dir(out)
+        save_compressed(final, staged, tokenizer=tokenizer, report=report)
+        install_artifact(staged, out)
+        result.output = out
+    return result
+
+
+def _plot_limits(budget: Budget, spec: dict[str, Any]) -> dict[str, float]:
+    limits = {k: v for k, v in budget.limits.items() if k in ("kl", "prefill", "decode")}
+    size = budget.size_limit_bytes(spec["original_bytes"], spec["original_params"])
+    if size is not None:
+        limits["size"] = size / spec["original_bytes"]
+    return limits
+
+
+__all__ = ["TuneResult", "TuneSettings", "make_context", "tune"]
