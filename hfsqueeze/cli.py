@@ -11,8 +11,8 @@ import logging
 import shlex
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .errors import HfSqueezeError
 
@@ -240,14 +240,14 @@ def _override_evaluation(evaluation, overrides: list[str]):
 
 
 def _cmd_eval(args) -> int:
+    import torch
+
     from .errors import ArtifactError
     from .measure import measure, measure_baseline
     from .models import load_model
     from .recipe import EvaluationConfig, Recipe
     from .report import CompressionReport, StageResult
     from .save import load_compressed, weights_bytes
-    import torch
-
     from .utils import cpu_name, quiet_transformers_progress, versions
 
     quiet_transformers_progress()

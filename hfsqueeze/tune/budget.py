@@ -101,11 +101,9 @@ class Budget:
                               f"top1=0.95); got {self.describe() or 'none'}")
         if "top1" in self.limits and not 0 < self.limits["top1"] <= 1:
             raise RecipeError(f"budget top1={self.limits['top1']}: top-1 agreement must be in (0, 1]")
-        if self.minimize in self.limits:
-            raise RecipeError(f"budget: {self.minimize} is both limited and minimized; drop one")
 
     @classmethod
-    def parse(cls, spec: "str | dict[str, Any] | Budget", minimize: str = "kl") -> "Budget":
+    def parse(cls, spec: str | dict[str, Any] | Budget, minimize: str = "kl") -> Budget:
         """Parse ``"size=0.30,kl=0.01"`` (or a dict ``{"size": 0.30}``, values as in the string form)."""
         if isinstance(spec, Budget):
             return spec

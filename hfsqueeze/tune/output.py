@@ -93,11 +93,11 @@ def tuning_card_section(tuning: dict[str, Any] | None) -> list[str]:
     uniform = [r for r in records.values() if str(r.get("kind", "")).startswith("uniform:") and r["number"]
                not in tuning.get("pareto", [])]
     budget = tuning.get("budget", {})
-    lines = ["## Tuning", "",
-             f"Found by `hfsqueeze tune`: lowest {budget.get('minimize', 'kl')} within the budget "
-             f"**{budget.get('text') or 'none'}**, after {len([r for r in tuning.get('trials', [])])} trials "
+    intro = (f"Found by `hfsqueeze tune`: lowest {budget.get('minimize', 'kl')} within the budget "
+             f"**{budget.get('text') or 'none'}**, after {len(tuning.get('trials', []))} trials "
              f"({tuning.get('stopped', 'done')}). Every trial was built and measured for real on the calibration "
-             "text; the chosen point was then re-measured on the held-out evaluation text (the results above).", ""]
+             "text; the chosen point was then re-measured on the held-out evaluation text (the results above).")
+    lines = ["## Tuning", "", intro, ""]
     rows = sorted(pareto, key=lambda r: r["metrics"].get(tuning.get("objectives", ["kl", "size"])[1]) or 0)
     rows += sorted(uniform, key=lambda r: r["metrics"].get("size") or 0)
     if rows:
@@ -110,8 +110,8 @@ def tuning_card_section(tuning: dict[str, Any] | None) -> list[str]:
             cells = [fmt(r["metrics"][k]) if r["metrics"].get(k) is not None else "n/a" for k, _, fmt in cols]
             lines.append(f"| {r['number']} | {r.get('label', '')}{kind}{mark} | " + " | ".join(cells)
                          + f" | {'yes' if r.get('feasible') else 'no'} |")
-        lines += ["", "Rows: the feasible Pareto front, then the uniform stock recipes measured in the same run "
-                  "(ratios are to the original, latency timed side by side in one process).", ""]
+        lines += ["", ("Rows: the feasible Pareto front, then the uniform stock recipes measured in the same run "
+                       "(ratios are to the original, latency timed side by side in one process)."), ""]
     if tuning.get("plot"):
         lines += [f"![Pareto front]({tuning['plot']})", ""]
     return lines

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,14 @@ def format_key(fmt: dict[str, Any]) -> str:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A hash of the model's config, parameter names, shapes and values (sums), cheap enough to take every run."""
+    """A hash of the model's type, parameter names, shapes and values (sums), cheap enough to take every run.
+
+    Only what survives a save and reload: the config's path and version fields differ between a model in memory and
+    the same model loaded from disk (the worker processes load it).
+    """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    digest.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
+    digest.update(f"{type(model).__name__}:{getattr(config, 'model_type', None)}".encode())
     with torch.no_grad():
         for name, param in model.state_dict().items():
             if not param.is_floating_point():
@@ -93,7 +98,7 @@ def _forward(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
 def _replaying(layers: nn.ModuleList, outputs: list[Any], upto: int) -> Iterator[None]:
     """Blocks before ``upto`` return their recorded outputs instead of running."""
     for j in range(upto):
-        layers[j].forward = (lambda out: lambda *args, **kwargs: out)(outputs[j])
+        layers[j].forward = _returning(outputs[j])
     try:
         yield
     finally:
@@ -101,11 +106,18 @@ def _replaying(layers: nn.ModuleList, outputs: list[Any], upto: int) -> Iterator
             del layers[j].forward
 
 
+def _returning(value: Any) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return value
+
+    return forward
+
+
 def _record(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor):
     recorded: list[list[Any]] = []
     for block in blocks:
         outputs: list[Any] = [None] * len(layers)
-        hooks = [layer.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, o))
+        hooks = [layer.register_forward_hook(lambda m, a, o, j=j, outputs=outputs: outputs.__setitem__(j, o))
                  for j, layer in enumerate(layers)]
         try:
             reference = _forward(model, block)

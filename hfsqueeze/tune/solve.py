@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,7 +151,8 @@ def solve(model: nn.Module, fmt: dict[str, Any], rest: str, scores: dict[str, fl
     allowance = int(keep * capacity)
     kept, used, saved = [], 0, 0.0
     for name, score, delta in order:
-        if used + delta <= allowance:
+        # At least one module stays quantized: keeping all of them is the 16-bit (or fp32) point, not this format.
+        if used + delta <= allowance and len(kept) < len(items) - 1:
             kept.append(name)
             used += delta
             saved += score

@@ -26,8 +26,9 @@ import copy
 import dataclasses
 import os
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -67,12 +68,12 @@ class Param:
     when: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def choice(cls, *choices: Any, when: Mapping[str, tuple[Any, ...]] | None = None) -> "Param":
+    def choice(cls, *choices: Any, when: Mapping[str, tuple[Any, ...]] | None = None) -> Param:
         return cls(choices=tuple(choices), when=dict(when or {}))
 
     @classmethod
     def range(cls, low: float, high: float, *, step: float | None = None, log: bool = False, integer: bool = False,
-              when: Mapping[str, tuple[Any, ...]] | None = None) -> "Param":
+              when: Mapping[str, tuple[Any, ...]] | None = None) -> Param:
         return cls(low=low, high=high, step=step, log=log, integer=integer, when=dict(when or {}))
 
     @property
@@ -157,7 +158,7 @@ class Space:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Space":
+    def from_dict(cls, data: dict[str, Any]) -> Space:
         """Inverse of `to_dict` (a space written by this version, e.g. in ``tuning/run.json``)."""
         sections = {}
         for section, params in data["sections"].items():
@@ -176,7 +177,7 @@ class Space:
                                                 for s, ps in self.sections.items()}}
 
 
-def load_space(spec: "str | os.PathLike | dict[str, Any] | Space") -> Space:
+def load_space(spec: str | os.PathLike | dict[str, Any] | Space) -> Space:
     """``quantize``, ``prune``, ``all``, a YAML path, or a dict shaped like the YAML; validated strictly."""
     if isinstance(spec, Space):
         return spec
@@ -246,9 +247,9 @@ def _section_params(section: str, body: dict[str, Any], where: str) -> dict[str,
             params[key] = Param.choice(*[_coerce(v, tp, f"{at}[{i}]") for i, v in enumerate(value)], when=when)
         else:
             params[key] = Param.choice(_coerce(value, tp, at), when=when)
-    if section == "quantize" and "keep" in params and params["keep"].choices is None:
-        if params["keep"].low < 0 or params["keep"].high > 1:
-            raise RecipeError(f"{where}: key 'keep': a fraction range must lie within 0..1")
+    keep = params.get("keep") if section == "quantize" else None
+    if keep is not None and any(v < 0 or v > 1 for v in (keep.choices or (keep.low, keep.high))):
+        raise RecipeError(f"{where}: key 'keep': a fraction range must lie within 0..1")
     return params
 
 

@@ -16,8 +16,9 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import require_backend
 from .budget import Budget
@@ -58,7 +59,7 @@ def open_study(tuning_dir: Path, budget: Budget, seed: int, worker: int = 0):
 
     storage = JournalStorage(JournalFileBackend(str(tuning_dir / JOURNAL)))
     sampler = optuna.samplers.TPESampler(seed=seed + worker, multivariate=True, group=True, constant_liar=True,
-                                         n_startup_trials=8, warn_independent_sampling=False)
+                                         n_startup_trials=8)
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
                                directions=["minimize"] * len(budget.objectives()), load_if_exists=True)
 

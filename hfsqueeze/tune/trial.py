@@ -13,13 +13,15 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..api import frozen_copy
 from ..context import CompressionContext
 from ..measure import count_parameters, disk_bytes, latency
 from .budget import Budget
@@ -69,6 +71,14 @@ class TrialContext:
     sizes: SizeModel = dataclasses.field(default_factory=SizeModel)
     importance_cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     workdir: Path | None = None
+    _teacher: nn.Module | None = None
+
+    @property
+    def teacher(self) -> nn.Module:
+        """A frozen copy of the original, as `compress` gives a distill stage (the original itself stays as it is)."""
+        if self._teacher is None:
+            self._teacher = frozen_copy(self.original)
+        return self._teacher
 
     def __post_init__(self):
         if not self.reference:
@@ -152,7 +162,8 @@ def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any
     """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
     model = copy.deepcopy(tctx.original)
     ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration)
-    ctx.original = tctx.original
+    if any(s.get("recover") for s in plan.pre_stages):  # recovery distills from the original
+        ctx.original = tctx.teacher
     details = run_stages(model, plan.pre_stages, ctx, prune_scores=tctx.prune_scores)
     solution = None
     if plan.bits in (4, 8):

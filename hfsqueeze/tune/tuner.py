@@ -20,10 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from ..api import compress
 from ..data import load_texts, token_blocks
@@ -45,7 +44,6 @@ from .study import (
     mark_interrupted,
     open_study,
     optimize,
-    optuna_module,
     plan_baselines,
     progress_callback,
     study_records,
@@ -89,11 +87,11 @@ def tune(
     model,
     tokenizer=None,
     *,
-    budget: "str | dict[str, Any] | Budget",
+    budget: str | dict[str, Any] | Budget,
     minimize: str = "kl",
-    space: "str | os.PathLike | dict[str, Any] | Space" = "quantize",
+    space: str | os.PathLike | dict[str, Any] | Space = "quantize",
     trials: int = 30,
-    output: "str | os.PathLike | None" = None,
+    output: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: bool = False,
     workers: int = 1,
@@ -101,7 +99,7 @@ def tune(
     seed: int = 0,
     calibration: Any = "builtin",
     eval_text: Any = None,
-    settings: "TuneSettings | dict[str, Any] | None" = None,
+    settings: TuneSettings | dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     model_path: str | None = None,
     command: str | None = None,
@@ -318,10 +316,9 @@ def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     procs = []
     for index in range(1, workers):
-        log = open(tuning / f"worker-{index}.log", "a")
-        procs.append(subprocess.Popen([sys.executable, "-m", "hfsqueeze.tune.worker", str(tuning), str(index)],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env))
-        log.close()
+        with open(tuning / f"worker-{index}.log", "a") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([sys.executable, "-m", "hfsqueeze.tune.worker", str(tuning), str(index)],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env))
     return procs
 
 

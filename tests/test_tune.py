@@ -1,0 +1,449 @@
+"""`hfsqueeze tune` on tiny models: budgets, spaces, sensitivity, the solver, the study, its output and robustness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import outputs, reload_outputs_in_fresh_process
+
+import hfsqueeze
+from hfsqueeze import RecipeError
+from hfsqueeze.cli import main as cli_main
+from hfsqueeze.measure import disk_bytes
+from hfsqueeze.models import load_model
+from hfsqueeze.tune import Budget, InfeasibleBudgetError, load_space
+from hfsqueeze.tune import study as study_mod
+from hfsqueeze.tune import tuner as tuner_mod
+from hfsqueeze.tune.sensitivity import SensitivityCache, score_modules, sensitivities
+from hfsqueeze.tune.solve import estimate_bytes, solve
+from hfsqueeze.tune.space import plan_of, quantize_targets
+
+pytest.importorskip("optuna")
+
+IDS = torch.randint(5, 400, (1, 24), generator=torch.Generator().manual_seed(3))
+# Small enough that a trial takes about a second on one core.
+SETTINGS = {"calibration_tokens": 256, "seq_len": 128, "sensitivity_tokens": 128, "prompt_tokens": 16,
+            "decode_tokens": 2, "latency_rounds": 1}
+
+
+def tiny_llama(layers: int = 2):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
+    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
+
+
+def run_tune(model, tok, out, **kwargs):
+    kwargs.setdefault("budget", "size=0.5")
+    kwargs.setdefault("trials", 4)
+    return hfsqueeze.tune(model, tok, output=out, settings=SETTINGS, **kwargs)
+
+
+# ---- budgets ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, minimize, limits", [
+    ("size=0.30", "kl", {"size": 0.30}),
+    ("size=150MiB", "kl", {"size_bytes": 150 * 2**20}),
+    ("size=1.5GB,ppl=+1%", "kl", {"size_bytes": 1.5e9, "ppl": 0.01}),
+    ("bits=4.5", "kl", {"bits": 4.5}),
+    ("prefill=0.6, kl=0.05", "kl", {"prefill": 0.6, "kl": 0.05}),
+    ("kl=0.005", "size", {"kl": 0.005}),
+    ("ppl=2%", "decode", {"ppl": 0.02}),
+    ("top1=0.95,size=0.5", "prefill", {"top1": 0.95, "size": 0.5}),
+])
+def test_budget_parses(text, minimize, limits):
+    budget = Budget.parse(text, minimize)
+    assert budget.limits == pytest.approx(limits)
+    assert budget.describe() and budget.to_dict()["minimize"] == minimize
+
+
+@pytest.mark.parametrize("text, minimize, message", [
+    ("size", "kl", "expected key=value"),
+    ("size=abc", "kl", "expected a fraction of the original"),
+    ("size=1.5", "kl", "must be <= 1"),
+    ("size=10furlongs", "kl", "unknown unit 'furlongs'"),
+    ("speed=2", "kl", "unknown key 'speed'"),
+    ("ppl=1.01", "kl", "increase in percent"),
+    ("kl=-1", "size", "must be a positive number"),
+    ("top1=2", "size", "must be in (0, 1]"),
+    ("size=0.3,size=0.4", "kl", "given twice"),
+    ("kl=0.01", "kl", "minimizing KL needs a size or latency limit"),
+    ("size=0.3", "size", "needs a quality limit"),
+    ("size=0.3", "speed", "allowed: kl, size, prefill, decode"),
+])
+def test_budget_errors_are_one_line(text, minimize, message):
+    with pytest.raises(RecipeError, match=None) as info:
+        Budget.parse(text, minimize)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_budget_constraints_and_size_limit():
+    budget = Budget.parse("size=0.5,ppl=+2%,top1=0.9")
+    m = {"size": 0.4, "disk_bytes": 40, "ppl": 1.03, "top1": 0.95, "kl": 0.01}
+    c = budget.constraints(m)
+    assert c["size"] < 0 and c["ppl"] == pytest.approx(0.01) and c["top1"] < 0
+    assert Budget.parse("size=0.5,bits=8").size_limit_bytes(1000, 100) == 100  # 8 bits x 100 params < 500 bytes
+
+
+# ---- spaces -------------------------------------------------------------------------------------------------
+def test_builtin_spaces():
+    assert set(load_space("quantize").sections) == {"quantize"}
+    assert set(load_space("all").sections) == {"quantize", "prune", "recover"}
+    flat = load_space("all").flat()
+    assert flat["quantize.threshold"].when == {"quantize.bits": (8,)}
+    assert flat["recover.max_steps"].when == {"recover.enabled": (True,), "prune.enabled": (True,)}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"quantise": {"bits": [8]}}, "unknown section 'quantise'; allowed: quantize, prune, recover"),
+    ({"quantize": {"bitz": [8]}}, "unknown key 'bitz'; allowed keys:"),
+    ({"quantize": {"bits": [8, 3]}}, "key 'bits'[1]: got 3; allowed: 4 | 8 | 16"),
+    ({"quantize": {"quant_type": {"low": 1, "high": 2}}}, "a range needs a numeric key"),
+    ({"quantize": {"threshold": {"low": 6, "high": 1}}}, "low 6.0 is above high 1.0"),
+    ({"quantize": {"threshold": {"low": 1, "hi": 6}}}, "a range needs low and high"),
+    ({"quantize": {"threshold": []}}, "an empty list of choices"),
+    ({"quantize": {"keep": {"low": 0.0, "high": 2.0}}}, "within 0..1"),
+    ({"quantize": {"skip_modules": ["x"]}}, "unknown key 'skip_modules'"),
+    ({"quantize": "int8"}, "must be a mapping"),
+    ({"recover": {"enabled": [True]}}, "needs a 'prune' section"),
+    ([1, 2], "expected a mapping of sections"),
+])
+def test_space_yaml_is_validated_strictly(tmp_path, body, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(RecipeError) as info:
+        load_space(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_space_yaml_choices_ranges_and_fixed_values(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("quantize:\n  bits: [8, 4]\n  threshold: {low: 1, high: 6, step: 0.5}\n  rest_dtype: bf16\n")
+    space = load_space(str(path))
+    flat = space.flat()
+    assert flat["quantize.bits"].choices == (8, 4)
+    assert flat["quantize.threshold"].low == 1.0 and flat["quantize.threshold"].when == {"quantize.bits": (8,)}
+    assert flat["quantize.rest_dtype"].fixed
+    assert type(space).from_dict(space.to_dict()).to_dict() == space.to_dict()
+
+
+def test_point_to_explicit_recipe():
+    plan = plan_of({"quantize.bits": 4, "quantize.quant_type": "nf4", "quantize.double_quant": True,
+                    "quantize.compute_dtype": "bfloat16", "quantize.rest_dtype": "bf16", "quantize.keep": 0.5,
+                    "prune.enabled": True, "prune.heads": 0.25, "prune.ffn": 0.0, "prune.importance": "magnitude",
+                    "recover.enabled": True, "recover.max_steps": 5})
+    stages = plan.stages(["lm_head", "model.layers.0.mlp.down_proj"])
+    assert stages == [
+        {"method": "prune", "heads": 0.25, "ffn": 0.0, "importance": "magnitude",
+         "recover": {"training_args": {"max_steps": 5}}},
+        {"method": "quantize", "bits": 16, "dtype": "bf16"},
+        {"method": "quantize", "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
+         "skip_modules": ["lm_head", "model.layers.0.mlp.down_proj"]},
+    ]
+    hfsqueeze.Recipe.load({"stages": stages})  # a valid recipe
+    assert plan_of({"prune.enabled": True, "prune.heads": 0.0, "prune.ffn": 0.0}).pre_stages == []
+
+
+# ---- per-module choices -------------------------------------------------------------------------------------
+def test_full_module_name_skips_only_that_module():
+    """``model.layers.1.mlp.down_proj`` must not also keep ``model.layers.11.mlp.down_proj`` unquantized."""
+    model = tiny_llama(layers=12)
+    recipe = {"stages": [{"method": "quantize", "bits": 8,
+                          "skip_modules": ["lm_head", "model.layers.1.mlp.down_proj"]}]}
+    hfsqueeze.compress(model, recipe, measure_quality=False)
+    assert type(model.get_submodule("model.layers.1.mlp.down_proj")) is torch.nn.Linear
+    assert type(model.get_submodule("model.layers.11.mlp.down_proj")).__name__ == "Linear8bitLt"
+    assert type(model.get_submodule("model.layers.1.mlp.up_proj")).__name__ == "Linear8bitLt"
+    assert type(model.get_submodule("lm_head")) is torch.nn.Linear
+
+
+def test_sixteen_bit_rest_with_kept_modules_reloads_stock(tiny_tokenizer, tmp_path):
+    """The recipe tune writes (a bf16 stage, then int8 with kept modules) reloads with plain from_pretrained."""
+    model = tiny_llama()
+    recipe = {"stages": [{"method": "quantize", "bits": 16, "dtype": "bf16"},
+                         {"method": "quantize", "bits": 8, "threshold": 2.0,
+                          "skip_modules": ["lm_head", "model.layers.0.mlp.down_proj"]}],
+              "evaluation": {"max_tokens": 128, "seq_len": 64, "latency": False}}
+    model.compress(recipe, tokenizer=tiny_tokenizer)
+    kept = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert type(kept) is torch.nn.Linear and kept.weight.dtype == torch.bfloat16
+    out = hfsqueeze.save_compressed(model, tmp_path / "a", tokenizer=tiny_tokenizer)
+    torch.testing.assert_close(reload_outputs_in_fresh_process(out, IDS), outputs(model, IDS))
+
+
+@pytest.mark.parametrize("fmt, rest, keep", [
+    ({"bits": 8, "threshold": 6.0}, "fp32", 0.0), ({"bits": 8, "threshold": 1.0}, "bf16", 0.5),
+    ({"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}, "bf16", 1.0),
+    ({"bits": 4, "quant_type": "fp4", "double_quant": False, "compute_dtype": "float32"}, "fp32", 0.5),
+])
+def test_size_estimate_matches_the_saved_file(fmt, rest, keep):
+    """The solver's size model is within 1% of the real file, and never under it by more than 0.2%."""
+    model = tiny_llama(layers=4)
+    scores = {name: float(i) for i, (name, _) in enumerate(quantize_targets(model))}
+    sol = solve(model, fmt, rest, scores, keep=keep)
+    stages = plan_of({f"quantize.{k}": v for k, v in {**fmt, "rest_dtype": rest, "keep": keep}.items()}).stages(
+        sol.skip_modules)
+    hfsqueeze.compress(model, {"stages": stages}, measure_quality=False)
+    real = disk_bytes(model)
+    assert abs(sol.predicted_bytes - real) / real < 0.01
+    assert sol.predicted_bytes > real * 0.998
+
+
+def test_solver_fills_the_size_budget_by_kl_saved_per_byte():
+    model = tiny_llama(layers=4)
+    names = [name for name, _ in quantize_targets(model)]
+    scores = {name: (10.0 if "down_proj" in name else 0.1) for name in names}
+    fmt = {"bits": 8, "threshold": 6.0}
+    base = estimate_bytes(model, fmt, "bf16")
+    down = solve(model, fmt, "bf16", scores, keep=1.0, size_limit=base + 40_000)
+    assert {n for n in names if "down_proj" in n} <= set(down.kept)  # the most KL per byte first ...
+    assert len(down.kept) < len(names) // 2  # ... then whatever small module still fits
+    assert down.predicted_bytes <= base + 40_000
+    assert solve(model, fmt, "bf16", scores, keep=0.0, size_limit=base + 40_000).kept == []
+    assert down.skip_modules[0] == "lm_head"
+    everything = solve(model, fmt, "bf16", scores, keep=1.0)
+    assert len(everything.kept) == len(names) - 1  # one module stays quantized (else it is the bf16 point)
+
+
+# ---- sensitivity --------------------------------------------------------------------------------------------
+def test_sensitivity_replay_is_exact_and_cached(tiny_tokenizer, tmp_path, monkeypatch):
+    from hfsqueeze.data import load_texts, token_blocks
+    from hfsqueeze.tune import sensitivity as sens_mod
+
+    model = tiny_llama(layers=3)
+    blocks = token_blocks(tiny_tokenizer, load_texts("builtin", split="train"), max_tokens=128, seq_len=64)
+    scores = score_modules(model, blocks, {"bits": 4, "quant_type": "nf4"})
+    # The same module scored with a full forward pass (no replay of the earlier layers) gives the same KL.
+    name = "model.layers.2.mlp.down_proj"
+    monkeypatch.setattr(sens_mod, "find_layers", lambda m: None)
+    full = score_modules(model, blocks, {"bits": 4, "quant_type": "nf4"})
+    assert scores[name] == pytest.approx(full[name], rel=1e-4) and scores[name] > 0
+    assert all(type(m) is torch.nn.Linear for _, m in quantize_targets(model))  # the model is left unchanged
+    monkeypatch.undo()
+
+    cache = SensitivityCache([tmp_path / "s.json"])
+    first = sensitivities(model, blocks, [{"bits": 8}], cache)
+    monkeypatch.setattr(sens_mod, "score_modules", lambda *a, **k: pytest.fail("scored twice"))
+    again = sensitivities(model, blocks, [{"bits": 8, "threshold": 2.0}], cache)  # same base format: cached
+    assert again["int8"]["cached"] and again["int8"]["scores"] == first["int8"]["scores"]
+
+
+# ---- the whole search ---------------------------------------------------------------------------------------
+def test_tune_end_to_end_output_and_reproduction(tiny_tokenizer, tmp_path):
+    model = tiny_llama()
+    before = outputs(model, IDS)
+    result = run_tune(model, tiny_tokenizer, tmp_path / "tuned", budget="size=0.5", trials=6)
+    torch.testing.assert_close(outputs(model, IDS), before)  # the original is untouched
+    out = tmp_path / "tuned"
+    for name in ("config.json", "model.safetensors", "recipe.yaml", "report.json", "README.md",
+                 "tuning/study.journal", "tuning/trials.jsonl", "tuning/sensitivity.json", "tuning/pareto.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    tuning = report["tuning"]
+    assert tuning["budget"]["limits"] == {"size": 0.5} and tuning["objectives"] == ["kl", "size"]
+    assert len(tuning["trials"]) == 6 and tuning["pareto"] and tuning["chosen"] in tuning["pareto"]
+    chosen = next(t for t in tuning["trials"] if t["number"] == tuning["chosen"])
+    assert chosen["feasible"] and chosen["metrics"]["size"] <= 0.5
+    # Never worse than a uniform stock recipe that fits the budget.
+    uniform = [t for t in tuning["trials"] if t["kind"].startswith("uniform:") and t["feasible"]]
+    assert all(chosen["metrics"]["kl"] <= t["metrics"]["kl"] for t in uniform)
+    assert report["final"]["disk_bytes"] <= 0.5 * tuning["original"]["disk_bytes"]
+    assert "## Tuning" in (out / "README.md").read_text() and "tuning/pareto.png" in (out / "README.md").read_text()
+    lines = (out / "tuning/trials.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line)["stages"] for line in lines)
+
+    # recipe.yaml is explicit (plain values, no ranges) and reproduces the artifact from the original.
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["stages"] == chosen["stages"]
+    assert not any(isinstance(v, dict) for s in recipe["stages"] for v in s.values())
+    again = tiny_llama()
+    hfsqueeze.compress(again, str(out / "recipe.yaml"), measure_quality=False)
+    reloaded = hfsqueeze.load_compressed(out)
+    torch.testing.assert_close(outputs(again, IDS), outputs(reloaded, IDS))
+    torch.testing.assert_close(outputs(result.model, IDS), outputs(reloaded, IDS))
+    assert result.recipe["stages"] == chosen["stages"] and result.pareto
+
+
+def test_tuning_never_reads_eval_tokens(tiny_tokenizer, tmp_path, monkeypatch):
+    """The search (pruning, recovery training and quantization trials included) only reads the calibration split;
+    the held-out split is read once the search is over, to re-measure the chosen point."""
+    import hfsqueeze.data as data
+
+    calls, searching = [], [True]
+    real_text, real_finish = data.builtin_text, tuner_mod._finish
+
+    def recording_text(split="eval"):
+        calls.append((split, searching[0]))
+        return real_text(split)
+
+    def finish(*args, **kwargs):
+        searching[0] = False
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(data, "builtin_text", recording_text)
+    monkeypatch.setattr(tuner_mod, "_finish", finish)
+    space = {"quantize": {"bits": 8, "threshold": [6.0, 2.0], "rest_dtype": "fp32", "keep": 0.0},
+             "prune": {"enabled": True, "heads": 0.25, "importance": "gradient", "calibration_tokens": 128,
+                       "seq_len": 64},
+             "recover": {"enabled": True, "max_steps": 1}}
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.9", trials=2)
+    assert any(r["state"] == "COMPLETE" for r in result.trials)
+    assert any(s["method"] == "distill" for s in result.recipe["stages"])  # recovery really ran
+    assert ("eval", True) not in calls and ("train", True) in calls
+    assert ("eval", False) in calls  # ... and the chosen point was re-measured on the held-out split
+
+
+def test_failing_trial_is_recorded_not_raised(tiny_tokenizer, tmp_path, monkeypatch):
+    real = study_mod.run_point
+    count = [0]
+
+    def flaky(tctx, point):
+        count[0] += 1
+        if count[0] == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(tctx, point)
+
+    monkeypatch.setattr(study_mod, "run_point", flaky)
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", trials=4)
+    failed = [r for r in result.trials if r["state"] == "FAIL"]
+    assert len(failed) == 1 and "out of memory (simulated)" in failed[0]["error"]
+    assert len([r for r in result.trials if r["state"] == "COMPLETE"]) == 3
+
+
+def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
+    start = time.time()
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", trials=500, time_budget=8)
+    assert result.stopped == "time budget" and 1 <= len(result.trials) < 500
+    assert time.time() - start < 60 and (tmp_path / "t" / "model.safetensors").is_file()
+
+
+def test_infeasible_budget_names_the_closest_point(tiny_tokenizer, tmp_path):
+    with pytest.raises(InfeasibleBudgetError, match=r"no point within the budget size<=0.01x after 2 trials; "
+                                                    r"closest point found: #\d+ .*size 0\.\d+x"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="size=0.01", trials=2)
+    assert (tmp_path / "t" / "tuning" / "trials.jsonl").is_file()  # the trials are kept (resumable)
+
+
+def test_minimize_size_within_a_quality_budget(tiny_tokenizer, tmp_path):
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="kl=0.002", minimize="size", trials=5)
+    assert result.chosen["metrics"]["kl"] <= 0.002
+    feasible = [r for r in result.trials if r["feasible"]]
+    assert result.chosen["metrics"]["size"] == min(r["metrics"]["size"] for r in feasible)
+
+
+def test_output_checks_before_any_work(tiny_tokenizer, tmp_path):
+    model = tiny_llama()
+    run_tune(model, tiny_tokenizer, tmp_path / "t", trials=1)
+    with pytest.raises(hfsqueeze.ArtifactError, match="holds a previous tuning run; pass --resume"):
+        run_tune(model, tiny_tokenizer, tmp_path / "t", trials=1)
+    with pytest.raises(hfsqueeze.ArtifactError, match="holds no tuning run"):
+        run_tune(model, tiny_tokenizer, tmp_path / "new", trials=1, resume=True)
+    with pytest.raises(RecipeError, match="another budget"):
+        run_tune(model, tiny_tokenizer, tmp_path / "t", trials=2, resume=True, budget="size=0.4")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(hfsqueeze.ArtifactError, match="not empty"):
+        run_tune(model, tiny_tokenizer, tmp_path / "foreign", trials=1)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "size=2x"], "budget size='2x'"),
+    (["--budget", "kl=0.01"], "minimizing KL needs a size or latency limit"),
+    (["--budget", "size=0.3", "--space", "nope.yaml"], "space 'nope.yaml': not a file"),
+    (["--budget", "size=0.3", "--time-budget", "soon"], "--time-budget: got 'soon'"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    code = cli_main(["tune", *args, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("hfsqueeze: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_tune_runs_and_shows_progress(tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    real = tuner_mod.tune
+    monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: real(*a, **{**k, "settings": SETTINGS}))
+    code = cli_main(["tune", "--model", str(tmp_path / "m"), "--budget", "size=0.5", "--trials", "3",
+                     "--output", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "tune: 3/3 trials" in captured.err and "best so far" in captured.err and "ETA" in captured.err
+    assert "chosen:" in captured.out and (tmp_path / "out" / "tuning" / "pareto.png").is_file()
+
+
+# ---- robustness across processes ----------------------------------------------------------------------------
+KILLABLE = r"""
+import json, sys, hfsqueeze
+from hfsqueeze.models import load_model
+model, tok = load_model(sys.argv[1])
+hfsqueeze.tune(model, tok, budget="size=0.5", trials=int(sys.argv[3]), output=sys.argv[2], settings=json.loads(sys.argv[4]))
+"""
+
+
+def _completed(out: Path) -> list[dict]:
+    path = out / "tuning" / "trials.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"state": "COMPLETE"' in line]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_keeps_every_finished_trial(tiny_tokenizer, tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path / "m"), str(out), "6", json.dumps(SETTINGS)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {r["number"]: r for r in _completed(out)}
+    assert 2 <= len(first) < 6
+
+    result = run_tune(load_model(str(tmp_path / "m"))[0], tiny_tokenizer, out, trials=6,
+                      resume=True)
+    done = {r["number"]: r for r in result.trials if r["state"] == "COMPLETE"}
+    for number, record in first.items():  # every finished trial is still there, unchanged, and ran once
+        assert done[number]["stages"] == record["stages"] and done[number]["metrics"] == record["metrics"]
+    kinds = [r["kind"] for r in done.values() if r["kind"] != "search"]
+    assert len(kinds) == len(set(kinds))
+    assert len(done) == 6 - len([r for r in result.trials if r["state"] == "FAIL" and not r["interrupted"]])
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tiny_tokenizer, tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    # Trials slow enough (latency timed 10 times) that the second process, which takes seconds to start, gets some.
+    result = hfsqueeze.tune(model, tiny_tokenizer, budget="size=0.5", trials=12, output=tmp_path / "out", workers=2,
+                            model_path=str(tmp_path / "m"), settings={**SETTINGS, "latency_rounds": 10})
+    done = [r for r in result.trials if r["state"] == "COMPLETE"]
+    assert 12 <= len(done) <= 13  # two processes may each start the last trial
+    assert len({r["worker"] for r in done}) == 2, (tmp_path / "out/tuning/worker-1.log").read_text()[-2000:]
+    assert len({json.dumps(r["stages"], sort_keys=True) for r in done if r["kind"] != "search"}) == len(
+        [r for r in done if r["kind"] != "search"])  # no baseline ran twice
