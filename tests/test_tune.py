@@ -284,7 +284,7 @@ def test_tune_end_to_end_output_and_reproduction(tiny_tokenizer, tmp_path):
 def test_tuning_never_reads_eval_tokens(tiny_tokenizer, tmp_path, monkeypatch):
     """The search (pruning, recovery training and quantization trials included) only reads the calibration split;
     the held-out split is read once the search is over, to re-measure the chosen point."""
-    import hfsqueeze.data as data
+    from hfsqueeze import data
 
     calls, searching = [], [True]
     real_text, real_finish = data.builtin_text, tuner_mod._finish
@@ -415,7 +415,7 @@ def test_kill_9_then_resume_keeps_every_finished_trial(tiny_tokenizer, tmp_path)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path / "m"), str(out), "6", json.dumps(SETTINGS)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -313,7 +313,10 @@ def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials
     job = {"model_path": model_path, "trials": trials, "deadline": deadline}
     (tuning / "workers.json").write_text(json.dumps(job) + "\n")
     threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    # The workers import this very hfsqueeze (not another install that happens to come first on their path).
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join([root, os.environ["PYTHONPATH"]]) if os.environ.get("PYTHONPATH") else root
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     procs = []
     for index in range(1, workers):
         with open(tuning / f"worker-{index}.log", "a") as log:  # the child keeps its own copy of the descriptor
