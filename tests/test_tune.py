@@ -435,6 +435,29 @@ def test_kill_9_then_resume_keeps_every_finished_trial(tiny_tokenizer, tmp_path)
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_the_best_so_far_then_resume_continues(tiny_tokenizer, tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path / "m"), str(out), "200", json.dumps(SETTINGS)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads((out / "report.json").read_text())  # the best point so far, saved as a normal artifact
+    assert report["tuning"]["stopped"] == "interrupted" and (out / "model.safetensors").is_file()
+    finished = {r["number"] for r in _completed(out)}
+    result = run_tune(load_model(str(tmp_path / "m"))[0], tiny_tokenizer, out, trials=len(finished) + 2, resume=True)
+    assert result.stopped == "done"
+    assert finished <= {r["number"] for r in result.trials if r["state"] == "COMPLETE"}
+
+
+@pytest.mark.slow
 def test_two_workers_share_one_study(tiny_tokenizer, tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "m")

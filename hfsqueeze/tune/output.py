@@ -50,7 +50,7 @@ def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], ch
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
 
     def xy(rows):
-        return [r["metrics"][x_key] for r in rows], [max(r["metrics"][y_key], 1e-6) for r in rows]
+        return [r["metrics"][x_key] for r in rows], [max(r["metrics"][y_key], 1e-9) for r in rows]
 
     ax.scatter(*xy([r for r in done if not r["feasible"]]), s=14, c="#bbbbbb", label="outside the budget")
     ax.scatter(*xy([r for r in done if r["feasible"]]), s=18, c="#6a9fd8", label="within the budget")
@@ -59,7 +59,7 @@ def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], ch
         ax.plot(*xy(front), "-o", c="#1f4e9a", ms=5, label="Pareto front (feasible)")
     for r in done:
         if str(r.get("kind", "")).startswith("uniform:"):
-            x, y = r["metrics"][x_key], max(r["metrics"][y_key], 1e-6)
+            x, y = r["metrics"][x_key], max(r["metrics"][y_key], 1e-9)
             ax.scatter([x], [y], marker="s", s=26, facecolors="none", edgecolors="#444444")
             ax.annotate(r["kind"].split(":", 1)[1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     pick = next((r for r in done if r["number"] == chosen), None)
