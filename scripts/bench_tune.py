@@ -43,6 +43,14 @@ STOCK = {
     "nf4 + bf16 rest": [{"method": "quantize", "bits": 16, "dtype": "bf16"},
                         {"method": "quantize", "bits": 4, "quant_type": "nf4"}],
 }
+# --space all without recovery training (tens of seconds per step for SmolLM2 on one CPU thread) and with the
+# cheaper importance scores: pruning + 16-bit + quantization.
+LATENCY_SPACE = {"quantize": {"bits": [16, 8, 4], "dtype": ["bf16", "fp16"], "threshold": {"low": 0.0, "high": 8.0,
+                                                                                         "step": 0.5},
+                              "quant_type": ["nf4"], "compute_dtype": ["float32", "bfloat16"],
+                              "rest_dtype": ["fp32", "bf16"], "keep": {"low": 0.0, "high": 1.0, "step": 0.05}},
+                 "prune": {"enabled": [False, True], "heads": {"low": 0.0, "high": 0.5, "step": 0.0625},
+                           "ffn": {"low": 0.0, "high": 0.5, "step": 0.05}, "importance": ["magnitude", "activation"]}}
 GEMMA_SPACE = {"quantize": {"bits": [8, 4, 16], "quant_type": ["nf4"], "rest_dtype": ["bf16"],
                             "threshold": {"low": 0.0, "high": 8.0, "step": 0.5}, "keep": {"low": 0.0, "high": 1.0}}}
 
@@ -146,8 +154,8 @@ def smollm2(args, out: Path, bench: dict) -> None:
         rows += tuned_rows(res, model, tok, name, f"re-solve size={fraction}", f"size<={fraction}", 0)
 
     _progress.budget = hfsqueeze.tune.Budget.parse("prefill=0.6,kl=0.05", "size")
-    res, secs = run_tune(model, tok, out / "smollm2-latency", "prefill<=0.6, kl<=0.05, min size", budget="prefill=0.6,kl=0.05",
-                         minimize="size", space="all", trials=args.trials_small)
+    res, secs = run_tune(model, tok, out / "smollm2-latency", "prefill<=0.6, kl<=0.05, min size",
+                         budget="prefill=0.6,kl=0.05", minimize="size", space=LATENCY_SPACE, trials=args.trials)
     timings["smollm2: latency budget, space all"] = {"seconds": secs, "trials": len(res.trials)}
     rows += tuned_rows(res, model, tok, name, "prefill<=0.6,kl<=0.05,min size", "prefill<=0.6x, kl<=0.05", 0)
     del model
@@ -179,7 +187,8 @@ def table(rows: list[dict]) -> str:
             "Decode | load |")
     lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['point']} | {r.get('budget', '')} | {r['disk_mib']:.1f} | {r['size']:.3f}x | "
+        lines.append(f"| {r['model']} | {r['point']} | {r.get('budget', '')} | {r['disk_mib']:.1f} | "
+                     f"{r['size']:.3f}x | "
                      f"{r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} | "
                      f"{r['prefill']:.2f}x | {r['decode']:.2f}x | {r['load']} |")
     return "\n".join(lines)

@@ -396,7 +396,8 @@ KILLABLE = r"""
 import json, sys, hfsqueeze
 from hfsqueeze.models import load_model
 model, tok = load_model(sys.argv[1])
-hfsqueeze.tune(model, tok, budget="size=0.5", trials=int(sys.argv[3]), output=sys.argv[2], settings=json.loads(sys.argv[4]))
+hfsqueeze.tune(model, tok, budget="size=0.5", trials=int(sys.argv[3]), output=sys.argv[2],
+               settings=json.loads(sys.argv[4]))
 """
 
 
@@ -441,7 +442,8 @@ def test_ctrl_c_saves_the_best_so_far_then_resume_continues(tiny_tokenizer, tmp_
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path / "m"), str(out), "200", json.dumps(SETTINGS)],
+    args = [str(tmp_path / "m"), str(out), "200", json.dumps(SETTINGS)]
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:

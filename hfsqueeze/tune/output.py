@@ -1,5 +1,5 @@
-"""What `hfsqueeze.tune` leaves behind: ``trials.jsonl``, ``pareto.png``, the report's ``tuning`` section, the card's
-Pareto table, and the tuned artifact itself (a normal `hfsqueeze.save_compressed` directory holding ``tuning/``)."""
+"""What `hfsqueeze.tune` leaves behind: ``trials.jsonl``, ``pareto.png`` and the tuned artifact itself (a normal
+`hfsqueeze.save_compressed` directory holding ``tuning/``; the card renders the report's ``tuning`` section)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,6 @@ from typing import Any
 
 TUNING_DIR = "tuning"
 PARETO_PNG = "pareto.png"
-# Card column label and formatter per metric key of a trial record.
-_CARD_COLUMNS = [
-    ("size", "Size (x original)", lambda v: f"{v:.3f}x"),
-    ("disk_bytes", "Disk", lambda v: f"{v / 2**20:,.1f} MiB"),
-    ("kl", "KL (calibration)", lambda v: f"{v:.4g}"),
-    ("ppl", "Perplexity change", lambda v: f"{100 * (v - 1):+.2f}%"),
-    ("top1", "Top-1 agreement", lambda v: f"{v:.2%}"),
-    ("prefill", "Prefill (x)", lambda v: f"{v:.2f}x"),
-    ("decode", "Decode (x)", lambda v: f"{v:.2f}x"),
-]
-
-
 def write_trials_jsonl(tuning_dir: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite ``trials.jsonl`` from the study (the authoritative copy; workers also append as they go)."""
     path = Path(tuning_dir) / "trials.jsonl"
@@ -83,40 +71,6 @@ def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], ch
     return Path(path)
 
 
-def tuning_card_section(tuning: dict[str, Any] | None) -> list[str]:
-    """The model card's "Tuning" section: budget, objective, the feasible Pareto table beside the uniform stock
-    recipes that were measured, and the plot. Empty when the artifact was not tuned."""
-    if not tuning:
-        return []
-    records = {r["number"]: r for r in tuning.get("trials", []) if r.get("metrics")}
-    pareto = [records[n] for n in tuning.get("pareto", []) if n in records]
-    uniform = [r for r in records.values() if str(r.get("kind", "")).startswith("uniform:") and r["number"]
-               not in tuning.get("pareto", [])]
-    budget = tuning.get("budget", {})
-    intro = (f"Found by `hfsqueeze tune`: lowest {budget.get('minimize', 'kl')} within the budget "
-             f"**{budget.get('text') or 'none'}**, after {len(tuning.get('trials', []))} trials "
-             f"({tuning.get('stopped', 'done')}). Every trial was built and measured for real on the calibration "
-             "text; the chosen point was then re-measured on the held-out evaluation text (the results above).")
-    lines = ["## Tuning", "", intro, ""]
-    rows = sorted(pareto, key=lambda r: r["metrics"].get(tuning.get("objectives", ["kl", "size"])[1]) or 0)
-    rows += sorted(uniform, key=lambda r: r["metrics"].get("size") or 0)
-    if rows:
-        cols = [(k, label, fmt) for k, label, fmt in _CARD_COLUMNS if any(r["metrics"].get(k) is not None for r in rows)]
-        lines += ["| # | Recipe | " + " | ".join(label for _, label, _ in cols) + " | Within budget |",
-                  "|---:|---|" + "---:|" * len(cols) + "---|"]
-        for r in rows:
-            mark = " (chosen)" if r["number"] == tuning.get("chosen") else ""
-            kind = " (uniform stock)" if str(r.get("kind", "")).startswith("uniform:") else ""
-            cells = [fmt(r["metrics"][k]) if r["metrics"].get(k) is not None else "n/a" for k, _, fmt in cols]
-            lines.append(f"| {r['number']} | {r.get('label', '')}{kind}{mark} | " + " | ".join(cells)
-                         + f" | {'yes' if r.get('feasible') else 'no'} |")
-        lines += ["", ("Rows: the feasible Pareto front, then the uniform stock recipes measured in the same run "
-                       "(ratios are to the original, latency timed side by side in one process)."), ""]
-    if tuning.get("plot"):
-        lines += [f"![Pareto front]({tuning['plot']})", ""]
-    return lines
-
-
 def install_artifact(staged: Path, out: Path) -> None:
     """Move the files of a freshly saved artifact ``staged`` into ``out``, replacing the previous artifact files
     there and keeping ``out/tuning/``; ``staged`` is removed."""
@@ -134,4 +88,4 @@ def staging_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.tune-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-__all__ = ["install_artifact", "plot_pareto", "staging_dir", "tuning_card_section", "write_trials_jsonl"]
+__all__ = ["install_artifact", "plot_pareto", "staging_dir", "write_trials_jsonl"]

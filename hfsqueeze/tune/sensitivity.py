@@ -62,7 +62,8 @@ def fingerprint(model: nn.Module) -> str:
             if not param.is_floating_point():
                 continue
             flat = param.detach().float().reshape(-1)
-            digest.update(f"{name}:{tuple(param.shape)}:{float(flat.sum()):.6e}:{float(flat.abs().sum()):.6e}".encode())
+            sums = f"{float(flat.sum()):.6e}:{float(flat.abs().sum()):.6e}"
+            digest.update(f"{name}:{tuple(param.shape)}:{sums}".encode())
     return digest.hexdigest()[:16]
 
 

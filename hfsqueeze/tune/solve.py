@@ -22,7 +22,7 @@ from torch import nn
 
 from .space import default_skip_modules, quantize_targets, quantized_module, rest_torch_dtype
 
-# Safetensors stores a JSON header: per tensor its name, dtype, shape and offsets (about this many bytes plus the name).
+# Safetensors stores a JSON header: per tensor its name, dtype, shape and offsets (this many bytes plus the name).
 _HEADER_BYTES_PER_TENSOR = 72
 # Aim a little under a size limit: the header and rounding are estimated, the trial measures the real file.
 SIZE_MARGIN = 0.995

@@ -168,8 +168,9 @@ class Space:
                 if "choices" in p:
                     sections[section][key] = Param.choice(*p["choices"], when=when)
                 else:
-                    sections[section][key] = Param.range(p["low"], p["high"], step=p.get("step"), log=p.get("log", False),
-                                                         integer=p.get("integer", False), when=when)
+                    sections[section][key] = Param.range(p["low"], p["high"], step=p.get("step"),
+                                                         log=p.get("log", False), integer=p.get("integer", False),
+                                                         when=when)
         return cls(sections, name=data.get("name", "custom"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,7 +282,8 @@ def applies(param: Param, point: Mapping[str, Any]) -> bool:
 
 
 def suggest(trial: Any, space: Space) -> dict[str, Any]:
-    """Draw a point with an optuna ``trial`` (fixed keys are set, not drawn); keys whose ``when`` fails are left out."""
+    """Draw a point with an optuna ``trial`` (fixed keys are set, not drawn); keys whose ``when`` fails are left
+    out."""
     point: dict[str, Any] = {}
     for name, param in space.flat().items():
         if not applies(param, point):
@@ -377,7 +379,8 @@ def _strip_method(stage: dict[str, Any]) -> dict[str, Any]:
 
 # ---- running stages ------------------------------------------------------------------------------------------
 def run_stages(model: nn.Module, stages: list[dict[str, Any]], ctx: CompressionContext,
-               prune_scores: Callable[[nn.Module, Any, CompressionContext], Any] | None = None) -> list[dict[str, Any]]:
+               prune_scores: Callable[[nn.Module, Any, CompressionContext], Any] | None = None
+               ) -> list[dict[str, Any]]:
     """Apply ``stages`` to ``model`` in place, as `hfsqueeze.compress` does (recovery expanded, teachers
     snapshotted), without measuring; ``prune_scores(model, config, ctx)`` may hand the prune stage cached importance
     scores. Returns each stage's details."""

@@ -245,7 +245,8 @@ def progress_callback(budget: Budget, trials: int, workers: int, started: float,
         finished = [r["seconds"] for r in records if r.get("seconds")]
         per_trial = sum(finished) / len(finished) if finished else None
         eta = per_trial * max(0, trials - done) / max(1, workers) if per_trial else None
-        info = {"phase": "trial", "done": done, "trials": trials, "elapsed": time.time() - started, "eta": eta, "best": best,
+        info = {"phase": "trial", "done": done, "trials": trials, "elapsed": time.time() - started, "eta": eta,
+                "best": best,
                 "last": records[-1] if records else None}
         logger.info("%s", progress_line(info, budget))
         if report is not None:

@@ -1,6 +1,7 @@
 """`tune`: search compression settings to a budget, per module, and save the best point as a normal artifact.
 
-1. Sensitivity first: each quantizable module's KL cost in each candidate format (cached, `hfsqueeze.tune.sensitivity`).
+1. Sensitivity first: each quantizable module's KL cost in each candidate format (cached;
+   `hfsqueeze.tune.sensitivity`).
 2. Solve, then search: per-module choices are solved under the budget (`hfsqueeze.tune.solve`); optuna searches the
    global knobs (`hfsqueeze.tune.study`), starting from the uniform stock recipes and the solved points.
 3. Every trial is a concrete recipe built from a fresh copy of the original and measured for real on the calibration
