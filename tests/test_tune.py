@@ -363,6 +363,13 @@ def test_output_checks_before_any_work(tiny_tokenizer, tmp_path):
         run_tune(model, tiny_tokenizer, tmp_path / "foreign", trials=1)
 
 
+def test_missing_optuna_names_the_pip_command(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(hfsqueeze.BackendMissingError, match=r"pip install 'hfsqueeze\[tune\]'"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
 # ---- CLI ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["--budget", "size=2x"], "budget size='2x'"),

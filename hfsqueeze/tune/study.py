@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import require_backend
+from ..errors import BackendMissingError
 from .budget import Budget
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
@@ -45,7 +45,12 @@ UNIFORM = [
 
 
 def optuna_module():
-    optuna = require_backend("optuna")
+    """optuna, quiet; a `BackendMissingError` with the pip command when it is not installed."""
+    try:
+        import optuna
+    except ImportError as exc:
+        raise BackendMissingError("hfsqueeze tune needs optuna, which is not installed; install it with: "
+                                  "pip install 'hfsqueeze[tune]' (or pip install 'optuna>=5')") from exc
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna

@@ -110,14 +110,16 @@ def _nll(logprobs: list[torch.Tensor], blocks: torch.Tensor) -> float:
 @torch.no_grad()
 def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
     """KL(original || model) per token, perplexity ratio and top-1 agreement on the calibration blocks."""
-    kl, agree, tokens, outs = 0.0, 0, 0, []
+    kl, agree, tokens, nll, scored = 0.0, 0, 0, 0.0, 0
     for block, ref in zip(tctx.blocks, tctx.reference):
         lp = _logprobs(model, block)
-        outs.append(lp)
         kl += float(F.kl_div(lp, ref, log_target=True, reduction="none").sum())
         agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
         tokens += block.numel()
-    nll = _nll(outs, tctx.blocks)
+        nll -= float(lp[:-1].gather(-1, block[1:].unsqueeze(-1)).sum())
+        scored += block.numel() - 1
+        del lp  # one block's log-probabilities at a time (a 262k vocabulary makes them large)
+    nll /= max(scored, 1)
     return {"kl": kl / tokens, "top1": agree / tokens, "ppl": math.exp(nll - tctx.original_nll),
             "perplexity": math.exp(nll), "perplexity_original": math.exp(tctx.original_nll)}
 

@@ -45,6 +45,7 @@ from .study import (
     mark_interrupted,
     open_study,
     optimize,
+    optuna_module,
     plan_baselines,
     progress_callback,
     study_records,
@@ -143,6 +144,7 @@ def tune(
     space = load_space(space)
     settings = settings if isinstance(settings, TuneSettings) else TuneSettings(**(settings or {}))
     _check_args(tokenizer, budget, space, settings, trials, workers, time_budget, resume, output)
+    optuna_module()  # a missing backend fails here, before any work
     out, tuning, temporary = _prepare_output(output, resume, overwrite)
     was_training = model.training
     model.eval()
