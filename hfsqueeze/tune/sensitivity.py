@@ -184,7 +184,7 @@ class SensitivityCache:
     def put(self, key: str, entry: dict[str, Any]) -> None:
         for path in self.paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path.with_suffix(".lock"), "w") as lock:
+            with open(path.with_name(f".{path.stem}.lock"), "w") as lock:  # hidden: not part of the artifact
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 entries = _read(path)
                 entries[key] = entry

@@ -56,6 +56,7 @@ logger = logging.getLogger("hfsqueeze")
 
 RUN_FILE = "run.json"
 CALIBRATION_FILE = "calibration.jsonl"
+ORIGINAL_COPY = ".original"  # the original saved for worker processes when tune got no model_path
 # What must match for --resume to continue a study (anything else may change between runs).
 _RESUME_KEYS = ("budget", "space", "settings", "seed", "fingerprint", "calibration_hash")
 
@@ -157,6 +158,8 @@ def tune(
                        calibration, eval_text, command, started)
     finally:
         model.train(was_training)
+        # A copy of the original saved for worker processes is not part of the artifact (nor of a push).
+        shutil.rmtree(tuning / ORIGINAL_COPY, ignore_errors=True)
         if temporary:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -299,6 +302,9 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
     except KeyboardInterrupt:
         stopped = "interrupted"
         _interrupt(procs)
+    except BaseException:
+        _interrupt(procs)
+        raise
     if stopped == "done" and counted(study)[0] < trials:
         stopped = "time budget" if deadline is not None and time.time() >= deadline else "done"
     return study, stopped
@@ -309,7 +315,7 @@ def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials
     if workers < 2:
         return []
     if model_path is None:
-        model_path = str(tuning / "original")
+        model_path = str(tuning / ORIGINAL_COPY)
         if not (Path(model_path) / "config.json").is_file():
             model.save_pretrained(model_path)
             tctx.tokenizer.save_pretrained(model_path)
