@@ -363,6 +363,23 @@ def test_output_checks_before_any_work(tiny_tokenizer, tmp_path):
         run_tune(model, tiny_tokenizer, tmp_path / "foreign", trials=1)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"calibration_tokns": 5}, "settings: unknown key 'calibration_tokns'; allowed: calibration_tokens"),
+    ({"calibration_tokens": 0}, "key 'calibration_tokens': got 0; must be an integer >= 1"),
+])
+def test_bad_settings_fail_before_anything_is_written(tiny_tokenizer, tmp_path, settings, message):
+    with pytest.raises(RecipeError) as info:
+        hfsqueeze.tune(tiny_llama(), tiny_tokenizer, budget="size=0.5", output=tmp_path / "t", settings=settings)
+    assert message in str(info.value) and not (tmp_path / "t").exists()
+
+
+def test_a_failure_before_the_search_leaves_nothing_behind(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuner_mod, "sensitivities", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
 def test_missing_optuna_names_the_pip_command(tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     with pytest.raises(hfsqueeze.BackendMissingError, match=r"pip install 'hfsqueeze\[tune\]'"):

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..api import frozen_copy
 from ..context import CompressionContext
+from ..errors import RecipeError
 from ..measure import count_parameters, disk_bytes, latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
@@ -45,11 +46,26 @@ class TuneSettings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type in ("int", int) and value < 1:
-                raise ValueError(f"TuneSettings.{field.name}: got {value}; must be >= 1")
+            if field.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise RecipeError(f"settings: key '{field.name}': got {value!r}; must be an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls, value: "TuneSettings | dict[str, Any] | None") -> "TuneSettings":
+        """From a `TuneSettings`, a dict of its fields (unknown keys refused in one line) or ``None``."""
+        if isinstance(value, cls):
+            return value
+        value = dict(value or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise RecipeError(f"settings: unknown key {unknown[0]!r}; allowed: {', '.join(known)}")
+        try:
+            return cls(**value)
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"settings: {exc}") from None
 
 
 @dataclasses.dataclass

@@ -122,7 +122,8 @@ def tune(
         resume (`bool`): continue the study in ``output`` (finished trials are kept, never re-run).
         workers (`int`, defaults to 1): processes sharing the study (the extra ones load the model from
             ``model_path``, or from a copy saved under ``tuning/``).
-        time_budget (`float`, *optional*): seconds after which no new trial starts; the best point so far is saved.
+        time_budget (`float`, *optional*): seconds (from the call, sensitivity pass included) after which no new
+            trial starts; the best point so far is saved.
         seed (`int`): seeds the sampler (worker ``i`` uses ``seed + i``).
         calibration: the text tuning sees (built-in: its train split); the evaluation split is only read after the
             search, to re-measure the chosen point.
@@ -143,14 +144,21 @@ def tune(
     started = time.time()
     budget = Budget.parse(budget, minimize)
     space = load_space(space)
-    settings = settings if isinstance(settings, TuneSettings) else TuneSettings(**(settings or {}))
+    settings = TuneSettings.load(settings)
     _check_args(tokenizer, budget, space, settings, trials, workers, time_budget, resume, output)
     optuna_module()  # a missing backend fails here, before any work
+    existed = output is not None and Path(output).expanduser().exists()
     out, tuning, temporary = _prepare_output(output, resume, overwrite)
     was_training = model.training
     model.eval()
     try:
-        tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume, progress)
+        try:
+            tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume,
+                                progress)
+        except BaseException:
+            if not resume:  # nothing was searched yet: leave nothing behind
+                shutil.rmtree(tuning if existed else out, ignore_errors=True)
+            raise
         deadline = started + time_budget if time_budget else None
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
                                  started)
