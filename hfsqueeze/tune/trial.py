@@ -53,7 +53,7 @@ class TuneSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def load(cls, value: "TuneSettings | dict[str, Any] | None") -> "TuneSettings":
+    def load(cls, value: TuneSettings | dict[str, Any] | None) -> TuneSettings:
         """From a `TuneSettings`, a dict of its fields (unknown keys refused in one line) or ``None``."""
         if isinstance(value, cls):
             return value
