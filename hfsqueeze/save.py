@@ -22,6 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from .errors import ArtifactError
+from .loading import guarded_load
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -89,6 +90,7 @@ def load_snippet(config, path_or_repo: str) -> str:
     return f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{path_or_repo}")\n'
 
 
+@guarded_load  # one-line errors for damaged or edited artifacts; no remote code unless trust_remote_code=True
 def load_compressed(path: str | os.PathLike, **kwargs: Any):
     """Load any artifact `save_compressed` wrote (stock Transformers ones and those a stage's loader handles).
 
