@@ -147,8 +147,8 @@ def test_eval_base_that_does_not_exist_is_an_error(llama_dir, tmp_path, capsys, 
     model.config._name_or_path = str(llama_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.compress({"stages": [{"method": "quantize", "bits": 16}], "evaluation": {**SMALL_EVAL, "latency": False}},
-                       tokenizer=tiny_tokenizer)
+        model.compress({"stages": [{"method": "quantize", "bits": 16}],
+                        "evaluation": {**SMALL_EVAL, "latency": False}}, tokenizer=tiny_tokenizer)
     art = hfsqueeze.save_compressed(model, tmp_path / "art", tokenizer=tiny_tokenizer)
     cli_error(capsys, ["eval", art, "--base", "/nonexistent/base-model"], "model path not found: /nonexistent")
 
@@ -243,7 +243,7 @@ def test_report_is_printed_when_the_save_fails(llama_dir, tmp_path, capsys, monk
                                         "device); nothing was saved, the report above is all that remains"]
 
 
-# ---- hfsqueeze's own artifacts ----------------------------------------------------------------------------------------
+# ---- hfsqueeze's own artifacts --------------------------------------------------------------------------------------
 @pytest.fixture
 def pruned_artifact(tmp_path, tiny_tokenizer):
     """A non-uniformly pruned llama (per-layer head counts), saved by hfsqueeze."""
@@ -335,7 +335,7 @@ def test_training_args_numbers_written_as_strings_are_converted():
         DistillConfig.from_dict({"training_args": {"bf16": "yes"}})
 
 
-# ---- prune targets that cannot be met --------------------------------------------------------------------------------
+# ---- prune targets that cannot be met -------------------------------------------------------------------------------
 @pytest.fixture
 def one_kv_group_dir(tmp_path, tiny_tokenizer):
     """Gemma-3-270M's attention shape: 4 query heads sharing a single key/value head in every layer."""
