@@ -202,18 +202,19 @@ def _describe(source: str | os.PathLike, exc: Exception, records: list[logging.L
 
 
 def _mismatch_message(source: str | os.PathLike, records: list[logging.LogRecord]) -> str:
-    """Name the first tensor whose shape differs, from the load report Transformers logged before raising."""
-    detail = ""
+    """Name a tensor whose shape differs (the first by name), from the load report Transformers logged."""
+    rows = []
     for record in records:
         for line in _ANSI.sub("", record.getMessage()).splitlines():
             cells = [c.strip() for c in line.split("|")]
             if len(cells) >= 2 and cells[1] == "MISMATCH":
-                shapes = re.search(r"ckpt: torch\.Size\((\[[^\]]*\])\) vs model: ?torch\.Size\((\[[^\]]*\])\)", line)
-                detail = f": {cells[0]} is {shapes.group(1)} in the weights but {shapes.group(2)} by the config" \
-                    if shapes else f": {cells[0]} has another shape in the weights"
-                break
-        if detail:
-            break
+                rows.append((cells[0], line))
+    detail = ""
+    if rows:
+        key, line = min(rows)
+        shapes = re.search(r"ckpt: torch\.Size\((\[[^\]]*\])\) vs model: ?torch\.Size\((\[[^\]]*\])\)", line)
+        detail = (f": {key} is {shapes.group(1)} in the weights but {shapes.group(2)} by the config" if shapes
+                  else f": {key} has another shape in the weights")
     fields = _config_fields(source)
     field = f"config.json field '{PLAN_FIELD}'" if PLAN_FIELD in fields else "config.json"
     return (f"the weights in {source} do not have the shapes {field} describes{detail}; config.json was edited or "
