@@ -407,6 +407,14 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _warnings_section(report: dict[str, Any]) -> list[str]:
+    """What the recipe asked for but did not get (e.g. a prune target that rounded), from ``report["warnings"]``."""
+    notes = report.get("warnings") or []
+    if not notes:
+        return []
+    return ["## Warnings", "", "The recipe did not run exactly as written:", "", *[f"- {n}" for n in notes], ""]
+
+
 def _layer_rows(details: dict[str, Any]) -> list[dict[str, Any]]:
     for key in ("layers", "per_layer", "layer_plan", "plan"):
         rows = details.get(key)
@@ -603,6 +611,7 @@ def render_model_card(
     if report_d:
         body += _results_table(report_d) + [""]
         body += _stage_table(report_d) + [""]
+        body += _warnings_section(report_d)
         body += _architecture_diff(report_d)
     body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
              "```python", load_code.strip(), "```", ""]

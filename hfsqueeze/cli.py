@@ -11,10 +11,12 @@ import logging
 import shlex
 import signal
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import HfSqueezeError
+from .errors import ArtifactError, HfSqueezeError, HfSqueezeWarning
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -76,13 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("artifact", help="directory written by 'hfsqueeze compress --output' or save_compressed")
     e.add_argument("--base", default=None,
                    help="the uncompressed model to compare with (default: the report's base model if it is local)")
-    _add_common_recipe_args(e)
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="evaluation.KEY=VALUE",
+                   help=f"override an evaluation setting; KEY is one of: {', '.join(_evaluation_keys())}")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom modeling code when loading the artifact and --base")
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(command="recipes")
     _add_push_parser(sub)
     return parser
+
+
+def _evaluation_keys() -> list[str]:
+    from .recipe import EvaluationConfig
+
+    return EvaluationConfig.allowed_keys()
 
 
 def _add_hub_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +116,7 @@ def _cmd_validate(args) -> int:
     from .recipe import Recipe
 
     recipe = Recipe.load(args.recipe, args.overrides)
+    recipe.validate()  # what compress would refuse without a model: order, recover, training_args, data files
     sys.stdout.write(recipe.to_yaml())
     return 0
 
@@ -118,6 +130,22 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _check_output_writable(output: str) -> None:
+    """Fail before any compute when ``--output`` cannot be written: probe the directory the save will write into
+    (the nearest existing parent), the way `save_compressed` does (a temporary sibling, renamed into place)."""
+    path = Path(output).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"--output {output}: {parent} is a file, not a directory; choose another --output")
+    try:
+        Path(tempfile.mkdtemp(prefix=".hfsqueeze-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise ArtifactError(f"--output {output}: cannot write in {parent} ({exc.strerror or exc}); choose a "
+                            "writable directory") from None
+
+
 def _cmd_compress(args) -> int:
     from .api import compress
     from .models import load_model
@@ -125,22 +153,29 @@ def _cmd_compress(args) -> int:
     from .save import check_output_dir, save_compressed
 
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
+    recipe.validate()
     if args.output:
         check_output_dir(args.output, args.overwrite)
+        _check_output_writable(args.output)
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
         from .hub import check_push_args
 
         check_push_args(args)
-    kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
-    model, tokenizer = load_model(args.model, **kwargs)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
                       command=command)
-    if args.output:
-        save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    # The report first: a failed save (disk full, permissions changed) must not lose the measurements.
     print(report.to_json() if args.json else report.to_markdown())
     if args.output:
+        try:
+            save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+        except OSError as exc:
+            if isinstance(exc, HfSqueezeError):
+                raise
+            raise ArtifactError(f"could not save to {args.output} ({exc.strerror or exc}); nothing was saved, the "
+                                "report above is all that remains") from None
         print(f"\nsaved to {args.output}")
     if pre_push:
         from .hub import push_from_cli
@@ -166,10 +201,9 @@ def _override_evaluation(evaluation, overrides: list[str]):
 
 
 def _cmd_eval(args) -> int:
-    from .errors import ArtifactError
     from .measure import measure, measure_baseline
     from .models import load_model
-    from .recipe import EvaluationConfig, Recipe
+    from .recipe import EvaluationConfig
     from .report import CompressionReport, StageResult
     from .save import load_compressed, weights_bytes
     import torch
@@ -180,28 +214,31 @@ def _cmd_eval(args) -> int:
     path = Path(args.artifact)
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
+    if args.base is not None:
+        from .loading import check_model_source
+
+        check_model_source(args.base)  # a --base that cannot load fails now, not after the artifact is measured
     saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
     evaluation = EvaluationConfig()
     if saved is not None:
-        evaluation = Recipe.load(saved.recipe).evaluation
+        evaluation = EvaluationConfig.from_dict(saved.recipe.get("evaluation") or {}, where="evaluation")
     if args.overrides:
         evaluation = _override_evaluation(evaluation, args.overrides)
     base = args.base or (saved.model.get("name_or_path") if saved else None)
-    base_is_local = base is not None and (Path(base) / "config.json").is_file()
+    base_is_local = args.base is not None or (base is not None and (Path(base) / "config.json").is_file())
+    trust = {"trust_remote_code": args.trust_remote_code}
 
-    model = load_compressed(path)
+    model = load_compressed(path, **trust)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = AutoTokenizer.from_pretrained(path, **trust) if (path / "tokenizer_config.json").is_file() else None
     baseline, reference = None, None
     if base_is_local:
-        base_model, _ = load_model(base)
+        base_model, _ = load_model(base, **trust)
         baseline, reference = measure_baseline(base_model, tokenizer, evaluation)
         del base_model
     elif saved is not None:
         baseline = saved.baseline
-    elif args.base:
-        raise ArtifactError(f"--base {args.base} is not a local model directory")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
     metrics.disk_bytes = weights_bytes(path)
     report = CompressionReport(
@@ -220,6 +257,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _one_line_warnings(fallback):
+    """A ``warnings.showwarning`` printing hfsqueeze's own warnings as ``hfsqueeze: warning: ...`` (no file:line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, HfSqueezeWarning):
+            print(f"hfsqueeze: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -231,7 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers["push"] = run_push
     previous = _on_sigterm(_raise_terminated)
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", HfSqueezeWarning)
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return handlers[args.command](args)
     except Terminated:
         print("hfsqueeze: terminated", file=sys.stderr)
         return EXIT_TERMINATED

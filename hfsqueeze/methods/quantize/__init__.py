@@ -2,8 +2,15 @@
 
 from ...registry import register_stage
 from .apply import apply_quantize, guard_bnb_cpu_repack, is_bnb_quantized
-from .config import QuantizeConfig
+from .config import BNB_MODEL_TYPES, QuantizeConfig, validate_quantize
 
-register_stage("quantize", QuantizeConfig)(apply_quantize)
+register_stage("quantize", QuantizeConfig, validate=validate_quantize)(apply_quantize)
 
-__all__ = ["QuantizeConfig", "apply_quantize", "guard_bnb_cpu_repack", "is_bnb_quantized"]
+__all__ = [
+    "BNB_MODEL_TYPES",
+    "QuantizeConfig",
+    "apply_quantize",
+    "guard_bnb_cpu_repack",
+    "is_bnb_quantized",
+    "validate_quantize",
+]
