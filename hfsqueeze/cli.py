@@ -7,7 +7,9 @@ stderr and exit 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -119,7 +121,7 @@ def _cmd_compress(args) -> int:
                       command=command)
     if args.output:
         save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if args.output:
         print(f"\nsaved to {args.output}")
     if pre_push:
@@ -194,10 +196,39 @@ def _cmd_eval(args) -> int:
         stages=[StageResult(1, "eval", {"artifact": str(path)}, {"format": "re-measured"}, 0.0, metrics)],
         final=metrics,
     )
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if saved is not None and not base_is_local:
         print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
     return 0
+
+
+@contextlib.contextmanager
+def _result_stdout(result_only: bool):
+    """Yield the stream the command's result goes to. With ``result_only`` (``--json``) everything else that would
+    reach stdout (Trainer's log dicts, progress, "saved to", prints from C extensions) goes to stderr instead, so
+    stdout holds exactly one JSON document."""
+    if not result_only:
+        yield sys.stdout
+        return
+    original = sys.stdout
+    original.flush()
+    try:
+        saved_fd = os.dup(original.fileno()) if original.fileno() == 1 else None
+    except (AttributeError, OSError, ValueError):  # a test's capture object: no file descriptor to redirect
+        saved_fd = None
+    result = os.fdopen(os.dup(saved_fd), "w") if saved_fd is not None else original
+    if saved_fd is not None:
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield result
+    finally:
+        sys.stdout = original
+        result.flush()
+        if saved_fd is not None:
+            result.close()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         handlers["push"] = run_push
     try:
-        return handlers[args.command](args)
+        with _result_stdout(getattr(args, "json", False)) as args.stdout:
+            return handlers[args.command](args)
     except HfSqueezeError as exc:
         print(f"hfsqueeze: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
