@@ -149,7 +149,7 @@ def _override_evaluation(evaluation, overrides: list[str]):
 
 def _cmd_eval(args) -> int:
     from .errors import ArtifactError
-    from .measure import measure, measure_baseline
+    from .measure import measure, measure_baseline, remeasure_latency_interleaved
     from .models import load_model
     from .recipe import EvaluationConfig, Recipe
     from .report import CompressionReport, StageResult
@@ -175,16 +175,18 @@ def _cmd_eval(args) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    baseline, reference = None, None
+    baseline, reference, base_model = None, None, None
     if base_is_local:
         base_model, _ = load_model(base)
-        baseline, reference = measure_baseline(base_model, tokenizer, evaluation)
-        del base_model
+        baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
     elif saved is not None:
         baseline = saved.baseline
     elif args.base:
         raise ArtifactError(f"--base {args.base} is not a local model directory")
-    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
+    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
+    if base_model is not None and evaluation.latency and reference is not None:
+        remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)
+    del base_model
     metrics.disk_bytes = weights_bytes(path)
     report = CompressionReport(
         model=saved.model if saved else {"name_or_path": str(path), "model_type": model.config.model_type,
@@ -195,6 +197,7 @@ def _cmd_eval(args) -> int:
         baseline=baseline,
         stages=[StageResult(1, "eval", {"artifact": str(path)}, {"format": "re-measured"}, 0.0, metrics)],
         final=metrics,
+        latency_interleaved=base_is_local and evaluation.latency and reference is not None,
     )
     print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if saved is not None and not base_is_local:
