@@ -391,15 +391,19 @@ def _measurement_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"- **Quality:** {tokens:,} tokens of {_text_label(ev.get('text'))}, scored in windows of "
                      f"{ev.get('seq_len')} tokens; KL divergence and top-1 agreement compare every next-token "
                      "distribution with the original model's on the same tokens.")
-    check = report.get("latency")
-    if check:  # only when latency was actually measured (not without a tokenizer, not with `latency: false`)
+    check = report.get("latency")  # absent from reports written before latency was checked
+    measured = any((report.get(which) or {}).get(key) is not None
+                   for which in ("baseline", "final") for key in _LATENCY_KEYS)
+    if measured:  # not without a tokenizer, not with `latency: false`
         runs = f"{ev.get('repeats')} run{'s' if ev.get('repeats') != 1 else ''}"
-        how = ("the original and the compressed model timed in alternating runs" if check.get("interleaved")
-               else "the original timed before compression, the compressed model after")
-        note = (f"- **Latency:** median of {runs} (range in brackets), {how}; prefill of a "
+        how = ""
+        if check:
+            how = (", the original and the compressed model timed in alternating runs" if check.get("interleaved")
+                   else ", the original timed before compression, the compressed model after")
+        note = (f"- **Latency:** median of {runs} (range in brackets){how}; prefill of a "
                 f"{ev.get('prompt_tokens')}-token prompt and {ev.get('decode_tokens')} greedy decode steps, batch "
                 "size 1.")
-        if not check.get("reliable", True):
+        if check and not check.get("reliable", True):
             note += " **The latency ratios are unreliable:** " + "; ".join(check.get("reasons") or []) + "."
         notes.append(note)
     if report.get("command"):

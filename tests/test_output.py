@@ -173,7 +173,7 @@ def test_noisy_runs_flag_latency(monkeypatch):
     steady = measure.Metrics(prefill_ms_per_token=1.0, latency_spread={
         "prefill_ms_per_token": {"min": 1.0, "median": 1.0, "max": 1.2, "runs": [1.0, 1.2, 1.0]}}, load_average=0.0)
     check = measure.latency_check(steady, final, threads=2, interleaved=False)
-    assert not check["reliable"] and "compressed model's prefill runs spread" in check["reasons"][0]
+    assert not check["reliable"] and any("compressed model's prefill runs spread" in r for r in check["reasons"])
     assert measure.latency_check(steady, steady, threads=2, interleaved=False)["reliable"]
 
 
