@@ -12,7 +12,7 @@ import torch
 from .context import CompressionContext
 from .data import check_text_source, load_texts
 from .errors import UnsupportedModelError
-from .measure import Metrics, measure, measure_baseline, model_task
+from .measure import Metrics, measure, measure_baseline, model_task, remeasure_latency_interleaved
 from .recipe import Recipe, RecipeLike
 from .registry import get_stage
 from .report import CompressionReport, StageResult
@@ -82,8 +82,10 @@ def compress(
     was_training = model.training
     model.eval()
     reference = None
+    # With the original in memory anyway, time it interleaved with the result at the end: same load for both.
+    interleave = ctx.original is not None and measure_quality and tokenizer is not None and evaluation.latency
     if measure_quality:
-        baseline, reference = measure_baseline(model, tokenizer, evaluation, texts)
+        baseline, reference = measure_baseline(model, tokenizer, evaluation, texts, time_latency=not interleave)
     else:
         baseline = measure(model, None, evaluation, with_disk=False)
     report = CompressionReport(
@@ -115,12 +117,15 @@ def compress(
         metrics = None
         if index == last or evaluation.per_stage:
             metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
-                              with_disk=evaluation.disk_size)
+                              with_disk=evaluation.disk_size, time_latency=not (interleave and index == last))
         report.stages.append(StageResult(index, stage.method, stage.to_dict(), details, round(seconds, 3), metrics))
         report.warnings += [f"stage {index} ({stage.method}): {w}" for w in details.get("warnings") or []]
         ctx.results.append({"method": stage.method, **details})
     ctx.previous = None
     report.final = report.stages[-1].metrics
+    if interleave and reference is not None:
+        remeasure_latency_interleaved(ctx.original, model, [baseline, report.final], reference, evaluation)
+        report.latency_interleaved = True
     model.train(was_training)
     model.hfsqueeze_report = report
     return report

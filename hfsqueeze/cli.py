@@ -7,7 +7,9 @@ stderr and exit 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -167,7 +169,7 @@ def _cmd_compress(args) -> int:
     report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
                       command=command)
     # The report first: a failed save (disk full, permissions changed) must not lose the measurements.
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if args.output:
         try:
             save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
@@ -201,7 +203,7 @@ def _override_evaluation(evaluation, overrides: list[str]):
 
 
 def _cmd_eval(args) -> int:
-    from .measure import measure, measure_baseline
+    from .measure import measure, measure_baseline, remeasure_latency_interleaved
     from .models import load_model
     from .recipe import EvaluationConfig
     from .report import CompressionReport, StageResult
@@ -232,14 +234,16 @@ def _cmd_eval(args) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **trust) if (path / "tokenizer_config.json").is_file() else None
-    baseline, reference = None, None
+    baseline, reference, base_model = None, None, None
     if base_is_local:
         base_model, _ = load_model(base, **trust)
-        baseline, reference = measure_baseline(base_model, tokenizer, evaluation)
-        del base_model
+        baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
     elif saved is not None:
         baseline = saved.baseline
-    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
+    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
+    if base_model is not None and evaluation.latency and reference is not None:
+        remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)
+    del base_model
     metrics.disk_bytes = weights_bytes(path)
     report = CompressionReport(
         model=saved.model if saved else {"name_or_path": str(path), "model_type": model.config.model_type,
@@ -250,8 +254,9 @@ def _cmd_eval(args) -> int:
         baseline=baseline,
         stages=[StageResult(1, "eval", {"artifact": str(path)}, {"format": "re-measured"}, 0.0, metrics)],
         final=metrics,
+        latency_interleaved=base_is_local and evaluation.latency and reference is not None,
     )
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if saved is not None and not base_is_local:
         print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
     return 0
@@ -269,6 +274,35 @@ def _one_line_warnings(fallback):
     return show
 
 
+@contextlib.contextmanager
+def _result_stdout(result_only: bool):
+    """Yield the stream the command's result goes to. With ``result_only`` (``--json``) everything else that would
+    reach stdout (Trainer's log dicts, progress, "saved to", prints from C extensions) goes to stderr instead, so
+    stdout holds exactly one JSON document."""
+    if not result_only:
+        yield sys.stdout
+        return
+    original = sys.stdout
+    original.flush()
+    try:
+        saved_fd = os.dup(original.fileno()) if original.fileno() == 1 else None
+    except (AttributeError, OSError, ValueError):  # a test's capture object: no file descriptor to redirect
+        saved_fd = None
+    result = os.fdopen(os.dup(saved_fd), "w") if saved_fd is not None else original
+    if saved_fd is not None:
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield result
+    finally:
+        sys.stdout = original
+        result.flush()
+        if saved_fd is not None:
+            result.close()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -283,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", HfSqueezeWarning)
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
-            return handlers[args.command](args)
+            with _result_stdout(getattr(args, "json", False)) as args.stdout:
+                return handlers[args.command](args)
     except Terminated:
         print("hfsqueeze: terminated", file=sys.stderr)
         return EXIT_TERMINATED
