@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, BackendMissingError, UnsupportedModelError
+from .errors import BackendMissingError
+from .loading import PLAN_FIELD, check_model_source, load_errors
+from .save import load_compressed
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -74,33 +76,41 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
 
 
 def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]:
-    """Load a model and its tokenizer from a directory or Hub id: causal LM if the config says so, else AutoModel."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Load a model and its tokenizer from a directory or Hub id: causal LM if the config says so, else AutoModel.
+
+    A bad directory fails in one line before anything heavy (see `hfsqueeze.loading`); custom modeling code runs only
+    with ``trust_remote_code=True``; hfsqueeze's own pruned artifacts load through `load_compressed`.
+    """
+    from transformers import AutoTokenizer
 
     from .utils import quiet_transformers_progress
 
     quiet_transformers_progress()
     source = resolve_model_path(path)
-    if not Path(source).exists() and os.path.sep in source and not source.count("/") == 1:
-        raise ArtifactError(f"model path not found: {source}")
-    try:
-        config = AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
-    except OSError as exc:
-        raise ArtifactError(f"cannot load a model from {source!r}: not a model directory and not reachable on the "
-                            f"Hub ({str(exc).splitlines()[0]})") from None
-    except ValueError as exc:
-        raise UnsupportedModelError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from None
-    archs = config.architectures or []
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    )
-    auto = AutoModelForCausalLM if causal else AutoModel
-    model = auto.from_pretrained(source, **kwargs)
+    trust = bool(kwargs.pop("trust_remote_code", False))
+    model = _load_checked(source, trust, kwargs)
     strip_gguf(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
     except (OSError, ValueError, TypeError):
         logger.warning("no tokenizer found at %s; data-driven stages and perplexity will be unavailable", source)
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def _load_checked(source: str, trust_remote_code: bool, kwargs: dict[str, Any]) -> Any:
+    """The model at ``source``, after `check_model_source`; any failure is one line (`load_errors`)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    check_model_source(source)
+    with load_errors(source):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if getattr(config, PLAN_FIELD, None):  # per-layer shapes: stock from_pretrained would size-mismatch
+            return load_compressed(source, trust_remote_code=trust_remote_code, **kwargs)
+        archs = config.architectures or []
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+            not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        )
+        auto = AutoModelForCausalLM if causal else AutoModel
+        return auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)

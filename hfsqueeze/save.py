@@ -24,6 +24,7 @@ from typing import Any, Callable
 import yaml
 
 from .errors import ArtifactError
+from .loading import guarded_load
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -158,6 +159,7 @@ def load_snippet(config, path_or_repo: str) -> str:
 _DTYPE_KWARGS = ("dtype", "torch_dtype", "quantization_config")
 
 
+@guarded_load  # one-line errors for damaged or edited artifacts; no remote code unless trust_remote_code=True
 def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwargs: Any):
     """Load any artifact `save_compressed` wrote (stock Transformers ones and those a stage's loader handles).
 
