@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from ..api import frozen_copy
 from ..context import CompressionContext
 from ..errors import RecipeError
-from ..measure import count_parameters, disk_bytes, latency
+from ..measure import count_parameters, disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
 from .solve import SizeModel, Solution, solve
@@ -142,21 +141,17 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
 
 def latency_ratios(model: nn.Module, original: nn.Module, settings: TuneSettings, prompt: torch.Tensor
                    ) -> dict[str, float | None]:
-    """Prefill and decode time of ``model`` over the original's, alternating the two so load hits both alike."""
+    """Prefill and decode time of ``model`` over the original's, alternating the two in every round so a change in
+    machine load hits both alike (`hfsqueeze.measure.interleaved_latency`)."""
     prompt = prompt[: settings.prompt_tokens].unsqueeze(0)
-    rows: dict[str, list[float]] = {"prefill": [], "decode": [], "prefill_orig": [], "decode_orig": []}
-    for _ in range(settings.latency_rounds):
-        for suffix, m in (("_orig", original), ("", model)):
-            out = latency(m, prompt, decode_tokens=settings.decode_tokens, repeats=1)
-            rows["prefill" + suffix].append(out["prefill_ms_per_token"])
-            if out["decode_ms_per_token"] is not None:
-                rows["decode" + suffix].append(out["decode_ms_per_token"])
-    med = {k: statistics.median(v) if v else None for k, v in rows.items()}
-    return {
-        "prefill": med["prefill"] / med["prefill_orig"] if med["prefill"] else None,
-        "decode": med["decode"] / med["decode_orig"] if med["decode"] else None,
-        "prefill_ms": med["prefill"], "decode_ms": med["decode"],
-    }
+    orig, new = interleaved_latency([original, model], prompt, decode_tokens=settings.decode_tokens,
+                                    repeats=settings.latency_rounds)
+    out: dict[str, float | None] = {"load_average": new.get("load_average")}
+    for key in ("prefill", "decode"):
+        a, b = new.get(f"{key}_ms_per_token"), orig.get(f"{key}_ms_per_token")
+        out[key] = a / b if a and b else None
+        out[f"{key}_ms"] = a
+    return out
 
 
 def _layer_name_map(model: nn.Module, details: list[dict[str, Any]]) -> Callable[[str], str] | None:
