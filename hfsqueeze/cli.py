@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from . import __version__
 from .errors import HfSqueezeError
 
 logger = logging.getLogger("hfsqueeze")
@@ -33,6 +34,7 @@ def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hfsqueeze", description="Compress Hugging Face Transformers models with recipes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--version", action="version", version=f"hfsqueeze {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="compress a model with a recipe, print the report, optionally save it")
@@ -169,12 +171,14 @@ def _cmd_eval(args) -> int:
     base = args.base or (saved.model.get("name_or_path") if saved else None)
     base_is_local = base is not None and (Path(base) / "config.json").is_file()
 
+    logger.info("loading the artifact %s", path)
     model = load_compressed(path)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     baseline, reference = None, None
     if base_is_local:
+        logger.info("loading the base model %s to re-measure it", base)
         base_model, _ = load_model(base)
         baseline, reference = measure_baseline(base_model, tokenizer, evaluation)
         del base_model
@@ -182,6 +186,7 @@ def _cmd_eval(args) -> int:
         baseline = saved.baseline
     elif args.base:
         raise ArtifactError(f"--base {args.base} is not a local model directory")
+    logger.info("measuring the artifact")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
     metrics.disk_bytes = weights_bytes(path)
     report = CompressionReport(
