@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import statistics
 import tempfile
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_texts, token_blocks
-from .utils import progress
+from .utils import progress, progress_bar
+
+logger = logging.getLogger("hfsqueeze")
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -163,6 +166,7 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
     try:
         task = model_task(model)
         inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
+        logger.info("recording the reference outputs on %d evaluation tokens", inputs.numel())
         if task == CAUSAL_LM:
             outputs, nll, count = [], 0.0, 0
             for block in progress(inputs, desc="reference outputs"):
@@ -210,13 +214,15 @@ def _quality(model, reference: Reference) -> dict[str, float]:
             "eval_tokens": tokens}
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int, bar) -> float:
     fn()  # warm-up: first-call allocations, bnb weight preparation
+    bar.update()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
+        bar.update()
     return statistics.median(times)
 
 
@@ -225,10 +231,13 @@ def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) ->
     """Median prefill ms/token on ``prompt`` [1, P] and (causal LMs) greedy decode ms/token with the KV cache."""
     was_training = model.training
     model.eval()
+    timed_decode = model_task(model) == CAUSAL_LM and decode_tokens > 0
+    # Under load a decode run of a 135M model takes seconds: show the runs (warm-up + repeats, prefill then decode).
+    bar = progress_bar(desc="latency", total=(repeats + 1) * (2 if timed_decode else 1))
     try:
-        prefill = _median_ms(lambda: model(input_ids=prompt), repeats) / prompt.shape[1]
+        prefill = _median_ms(lambda: model(input_ids=prompt), repeats, bar) / prompt.shape[1]
         decode = None
-        if model_task(model) == CAUSAL_LM and decode_tokens > 0:
+        if timed_decode:
             # Transformers 5.2x renamed `past_key_values` to `cache` (input and output); accept both.
             key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -242,9 +251,15 @@ def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) ->
                 return (time.perf_counter() - start) * 1000
 
             run_decode()
-            decode = statistics.median(run_decode() for _ in range(repeats)) / decode_tokens
+            bar.update()
+            times = []
+            for _ in range(repeats):
+                times.append(run_decode())
+                bar.update()
+            decode = statistics.median(times) / decode_tokens
         return {"prefill_ms_per_token": prefill, "decode_ms_per_token": decode}
     finally:
+        bar.close()
         model.train(was_training)
 
 
@@ -274,6 +289,7 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         if reference.task == CAUSAL_LM:
             metrics.perplexity, metrics.eval_tokens = reference.perplexity, reference.inputs.numel()
     elif compare:
+        logger.info("measuring perplexity, KL and top-1 agreement against the reference")
         was_training = model.training
         model.eval()
         try:
@@ -282,6 +298,8 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         finally:
             model.train(was_training)
     if evaluation.latency:
+        logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats", evaluation.prompt_tokens,
+                    evaluation.decode_tokens, evaluation.repeats)
         prompt = reference.inputs.reshape(-1)[: evaluation.prompt_tokens].unsqueeze(0)
         if reference.task == ENCODER:
             prompt = reference.inputs[:1, : evaluation.prompt_tokens]
