@@ -165,7 +165,8 @@ def test_wheel_ships_the_builtin_recipes(tmp_path, model_dir):
         shutil.copy(REPO / name, src / name)
     for name in ("hfsqueeze", "recipes"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    offline = ["--no-build-isolation"] if _has("setuptools") else []  # else pip fetches setuptools to build
+    # With a recent enough setuptools here, build offline; else pip fetches the build-system requirement.
+    offline = ["--no-build-isolation"] if _setuptools_version() >= (68,) else []
     run = {"capture_output": True, "text": True, "timeout": 600, "check": False}
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-q", str(src),
                             "-w", str(tmp_path / "dist")], **run)
@@ -195,10 +196,13 @@ def test_wheel_ships_the_builtin_recipes(tmp_path, model_dir):
     assert json.loads((cwd / "out" / "report.json").read_text())["recipe"]["name"] == "int8"
 
 
-def _has(module: str) -> bool:
-    import importlib.util
+def _setuptools_version() -> tuple[int, ...]:
+    import importlib.metadata
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("setuptools").split(".")[:2] if p.isdigit())
+    except importlib.metadata.PackageNotFoundError:
+        return ()
 
 
 # ---- the command line: fast help, version, quiet -------------------------------------------------------------------
