@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from . import __version__
 from .errors import ArtifactError, HfSqueezeError, HfSqueezeWarning
 
 logger = logging.getLogger("hfsqueeze")
@@ -57,6 +58,7 @@ def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hfsqueeze", description="Compress Hugging Face Transformers models with recipes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--version", action="version", version=f"hfsqueeze {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="compress a model with a recipe, print the report, optionally save it")
@@ -308,16 +310,19 @@ def _cmd_eval(args) -> int:
     base_is_local = args.base is not None or (base is not None and (Path(base) / "config.json").is_file())
     trust = {"trust_remote_code": args.trust_remote_code}
 
+    logger.info("loading the artifact %s", path)
     model = load_compressed(path, **trust)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **trust) if (path / "tokenizer_config.json").is_file() else None
     baseline, reference, base_model = None, None, None
     if base_is_local:
+        logger.info("loading the base model %s to re-measure it", base)
         base_model, _ = load_model(base, **trust)
         baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
     elif saved is not None:
         baseline = saved.baseline
+    logger.info("measuring the artifact")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
     if base_model is not None and evaluation.latency and reference is not None:
         remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)

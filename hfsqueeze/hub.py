@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ArtifactError, HubError
+from .utils import LazyModule
+
+torch = LazyModule("torch")  # imported on first use: the CLI reads this module's options to print --help
 
 logger = logging.getLogger("hfsqueeze")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import statistics
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_texts, token_blocks
-from .utils import progress
+from .utils import progress, progress_bar
+
+logger = logging.getLogger("hfsqueeze")
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -170,6 +173,7 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
     try:
         task = model_task(model)
         inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
+        logger.info("recording the reference outputs on %d evaluation tokens", inputs.numel())
         if task == CAUSAL_LM:
             outputs, nll, count = [], 0.0, 0
             for block in progress(inputs, desc="reference outputs"):
@@ -274,10 +278,13 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
         for model in models:
             model.eval()
             timers.append(_timers(model, prompt, decode_tokens))
+        # Under load a decode run of a 135M model takes seconds: show the runs (warm-up + repeats, every model).
+        bar = progress_bar(desc="latency", total=(repeats + 1) * sum(1 + (d is not None) for _, d in timers))
         for prefill, decode in timers:
             prefill()
             if decode is not None:
                 decode()
+            bar.update(1 + (decode is not None))
         loads = [load_average()]
         runs: list[dict[str, list[float]]] = [{"prefill_ms_per_token": [], "decode_ms_per_token": []} for _ in models]
         for _ in range(repeats):
@@ -285,7 +292,9 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
                 samples["prefill_ms_per_token"].append(prefill())
                 if decode is not None:
                     samples["decode_ms_per_token"].append(decode())
+                bar.update(1 + (decode is not None))
         loads.append(load_average())
+        bar.close()
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
@@ -315,6 +324,8 @@ def latency_prompt(reference: Reference, evaluation) -> torch.Tensor:
 def remeasure_latency_interleaved(original, model, metrics: list[Metrics], reference: Reference, evaluation) -> None:
     """Re-time ``original`` and ``model`` interleaved and overwrite the latency fields of ``metrics`` (their two
     `Metrics`, in that order)."""
+    logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats (original and compressed, "
+                "alternating)", evaluation.prompt_tokens, evaluation.decode_tokens, evaluation.repeats)
     prompt = latency_prompt(reference, evaluation)
     results = interleaved_latency([original, model], prompt, decode_tokens=evaluation.decode_tokens,
                                   repeats=evaluation.repeats)
@@ -377,6 +388,7 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         if reference.task == CAUSAL_LM:
             metrics.perplexity, metrics.eval_tokens = reference.perplexity, reference.inputs.numel()
     elif compare:
+        logger.info("measuring perplexity, KL and top-1 agreement against the reference")
         was_training = model.training
         model.eval()
         try:
@@ -385,6 +397,8 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         finally:
             model.train(was_training)
     if evaluation.latency and time_latency:
+        logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats", evaluation.prompt_tokens,
+                    evaluation.decode_tokens, evaluation.repeats)
         for key, value in latency(model, latency_prompt(reference, evaluation), decode_tokens=evaluation.decode_tokens,
                                   repeats=evaluation.repeats).items():
             setattr(metrics, key, value)

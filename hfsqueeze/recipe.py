@@ -24,7 +24,17 @@ from .errors import RecipeError
 from .registry import get_stage, recipe_expanders, validate_stages
 
 RECIPE_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipes_dir() -> Path:
+    """The built-in recipes: ``hfsqueeze/recipes`` in an installed wheel (package data mapped from the top-level
+    ``recipes/`` folder, see pyproject), else ``recipes/`` next to the package (a source checkout or editable
+    install)."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 @dataclasses.dataclass

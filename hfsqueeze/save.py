@@ -25,6 +25,7 @@ import yaml
 
 from .errors import ArtifactError
 from .loading import guarded_load
+from .utils import default_permissions
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -373,6 +374,7 @@ def save_compressed(
             _write_report_files(report, tmp)
         if card:
             write_model_card(model.config, report, tmp, path_or_repo=str(out))
+        default_permissions(tmp)  # safetensors writes weights 0600; an artifact is for others to read too
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, backup)

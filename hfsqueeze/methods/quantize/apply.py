@@ -29,8 +29,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _bnb():
     bnb = require_backend("bitsandbytes")
-    # "MatMul8bitLt: inputs will be cast from float32 to float16" is emitted on every int8 matmul.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Older bnb releases warned (instead of logging, see utils.silence_bnb_noise) on every int8 matmul.
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     return bnb
 
