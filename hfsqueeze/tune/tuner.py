@@ -30,6 +30,7 @@ from ..data import load_texts, token_blocks
 from ..errors import ArtifactError, RecipeError
 from ..measure import count_parameters, disk_bytes
 from ..models import cache_dir
+from ..recipe import EvaluationConfig
 from ..save import check_output_dir, save_compressed
 from .budget import Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
@@ -102,6 +103,7 @@ def tune(
     seed: int = 0,
     calibration: Any = "builtin",
     eval_text: Any = None,
+    evaluation: dict[str, Any] | None = None,
     settings: TuneSettings | dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     model_path: str | None = None,
@@ -128,6 +130,8 @@ def tune(
         calibration: the text tuning sees (built-in: its train split); the evaluation split is only read after the
             search, to re-measure the chosen point.
         eval_text: evaluation text for that final measurement (default: the built-in held-out split).
+        evaluation (`dict`, *optional*): settings of that final measurement (the recipe's ``evaluation`` keys:
+            ``max_tokens``, ``latency``...); they are written into ``recipe.yaml``.
         settings (`TuneSettings` or `dict`, *optional*): calibration/sensitivity token counts, latency settings.
         progress (`callable`, *optional*): called after each trial with trials done, best so far and ETA.
         model_path (`str`, *optional*): where ``model`` was loaded from (lets workers load it).
@@ -145,6 +149,7 @@ def tune(
     budget = Budget.parse(budget, minimize)
     space = load_space(space)
     settings = TuneSettings.load(settings)
+    evaluation = EvaluationConfig.from_dict({"per_stage": False, **(evaluation or {})}, where="evaluation").to_dict()
     _check_args(tokenizer, budget, space, settings, trials, workers, time_budget, resume, output)
     optuna_module()  # a missing backend fails here, before any work
     existed = output is not None and Path(output).expanduser().exists()
@@ -163,7 +168,7 @@ def tune(
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
                                  started)
         return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
-                       calibration, eval_text, command, started)
+                       calibration, eval_text, evaluation, command, started)
     finally:
         model.train(was_training)
         # A copy of the original saved for worker processes is not part of the artifact (nor of a push).
@@ -388,7 +393,8 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
 
 
 def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], out: Path | None, trials: int,
-            stopped: str, calibration: Any, eval_text: Any, command: str | None, started: float) -> TuneResult:
+            stopped: str, calibration: Any, eval_text: Any, evaluation: dict[str, Any], command: str | None,
+            started: float) -> TuneResult:
     """Write trials.jsonl and the plot; rebuild the chosen point with `compress`, re-measure it on the held-out
     evaluation text and save it (a normal artifact, ``tuning/`` inside)."""
     tuning = tctx.workdir
@@ -410,7 +416,7 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
     final = copy.deepcopy(model)
     recipe = {"name": "tuned", "description": f"hfsqueeze tune: lowest {tctx.budget.minimize} within "
-              f"{tctx.budget.describe()}", "evaluation": {"per_stage": False}, "stages": chosen["stages"]}
+              f"{tctx.budget.describe()}", "evaluation": evaluation, "stages": chosen["stages"]}
     report = compress(final, recipe, tokenizer=tokenizer, calibration=calibration, eval_text=eval_text,
                       command=command)
     section["final_eval"] = report.final.to_dict() if report.final else None
