@@ -343,10 +343,21 @@ def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
 
 
 def test_infeasible_budget_names_the_closest_point(tiny_tokenizer, tmp_path):
-    with pytest.raises(InfeasibleBudgetError, match=r"no point within the budget size<=0.01x after 2 trials; "
-                                                    r"closest point found: #\d+ .*size 0\.\d+x"):
-        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="size=0.01", trials=2)
+    with pytest.raises(InfeasibleBudgetError, match=r"no point within the budget prefill<=0.01x after 2 trials; "
+                                                    r"closest point found: #\d+ .*size 0\.\d+x, KL .*prefill"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="prefill=0.01", trials=2)
     assert (tmp_path / "t" / "tuning" / "trials.jsonl").is_file()  # the trials are kept (resumable)
+
+
+def test_points_predicted_over_the_size_budget_are_skipped_not_built(tiny_tokenizer, tmp_path, monkeypatch):
+    """16-bit is 0.5x of fp32: under size=0.3 the exact size model rules it out before anything is built."""
+    monkeypatch.setattr(study_mod, "run_point", lambda *a: pytest.fail("a point over the size budget was built"))
+    space = {"quantize": {"bits": [16], "dtype": ["bf16", "fp16"]}}
+    with pytest.raises(InfeasibleBudgetError, match=r"after 0 trials \(no trial finished\)"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.3", trials=2)
+    records = [json.loads(line) for line in (tmp_path / "t/tuning/trials.jsonl").read_text().splitlines()]
+    assert records and all(r["skipped"].startswith("predicted size") and not r["feasible"] for r in records)
+    assert all(r["metrics"]["size"] == pytest.approx(0.5, abs=0.01) for r in records)
 
 
 def test_minimize_size_within_a_quality_budget(tiny_tokenizer, tmp_path):

@@ -31,7 +31,7 @@ def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], ch
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    done = [r for r in records if r.get("metrics") and r["state"] == "COMPLETE"]
+    done = [r for r in records if r.get("metrics") and r["state"] == "COMPLETE" and not r.get("skipped")]
     if not done:
         return None
     y_key, x_key = objectives[0], objectives[1]

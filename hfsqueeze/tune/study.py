@@ -25,11 +25,15 @@ from .budget import Budget
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
 from .space import Space, enqueue_params, plan_of, suggest
-from .trial import TrialContext, run_point
+from .trial import TrialContext, predict, run_point
 
 logger = logging.getLogger("hfsqueeze")
 
 STUDY_NAME = "hfsqueeze-tune"
+# A point predicted this far over the size limit is skipped (the size model is exact to about 0.01%).
+SKIP_MARGIN = 1.002
+# Objective value of what a skipped point did not measure (its constraints already mark it infeasible).
+UNMEASURED = 1e6
 JOURNAL = "study.journal"
 TRIALS_JSONL = "trials.jsonl"
 
@@ -91,6 +95,8 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
     for trial in study.get_trials(deepcopy=False):
         if trial.number == exclude:
             continue
+        if trial.user_attrs.get("skipped"):
+            continue
         if trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL
                                                   and not trial.user_attrs.get("interrupted")):
             done += 1
@@ -114,13 +120,16 @@ def baseline_points(space: Space) -> list[tuple[str, dict[str, Any]]]:
 
 
 def solved_points(space: Space, budget: Budget) -> list[tuple[str, dict[str, Any]]]:
-    """The solver's own answer per format, with a bf16 rest (it leaves the most bytes for kept modules); int8 also
+    """The solver's own answer per format, with a 16-bit rest (it leaves the most bytes for kept modules); int8 also
     at threshold 1.0, first (measured best for quality on SmolLM2, see NOTES)."""
     extra = {"prune.enabled": False} if "prune" in space.sections else {}
     keep = 1.0 if budget.size_limit_bytes(1, 1) is not None or budget.quality_kl_target() is None else 0.5
     formats = [("int8-t1", {**Q8, "quantize.threshold": 1.0}), ("int8", Q8)] + UNIFORM[1:]
-    return [(f"solved:{name}+bf16-rest", {**fmt, "quantize.rest_dtype": "bf16", "quantize.keep": keep, **extra})
-            for name, fmt in formats]
+    points = [(f"solved:{name}+bf16-rest", {**fmt, "quantize.rest_dtype": "bf16", "quantize.keep": keep, **extra})
+              for name, fmt in formats]
+    # fp16 keeps 3 more mantissa bits than bf16 (SmolLM2: KL 2e-5 vs 1.2e-3 as a plain cast), at the same size.
+    points.insert(1, ("solved:int8-t1+fp16-rest", {**points[0][1], "quantize.rest_dtype": "fp16"}))
+    return points
 
 
 def plan_baselines(tctx: TrialContext, limit: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -188,6 +197,9 @@ class Objective:
         trial.set_user_attr("worker", os.getpid())
         point = suggest(trial, self.tctx.space)
         trial.set_user_attr("point", point)
+        skipped = self._over_size(trial, point)
+        if skipped is not None:
+            return skipped
         try:
             result = run_point(self.tctx, point)
         except Exception as exc:
@@ -204,17 +216,42 @@ class Objective:
         return values
 
 
+    def _over_size(self, trial, point: dict[str, Any]) -> list[float] | None:
+        """Skip a point the exact size model puts over the size limit: recorded as infeasible (so the sampler
+        learns), not built, not measured, not counted toward ``--trials``."""
+        limit = self.tctx.budget.size_limit_bytes(self.tctx.original_bytes, self.tctx.original_params)
+        predicted = predict(self.tctx, point) if limit is not None else None
+        if predicted is None or predicted[0] <= limit * SKIP_MARGIN:
+            return None
+        size, stages = predicted
+        if sum(1 for t in trial.study.get_trials(deepcopy=False) if t.user_attrs.get("skipped")) > 5 * self.trials:
+            trial.study.stop()  # the space is mostly over the budget: stop rather than spin
+        metrics = {"disk_bytes": size, "size": size / self.tctx.original_bytes,
+                   "bits": 8 * size / self.tctx.original_params}
+        trial.set_user_attr("skipped", f"predicted size {size / 2**20:.1f} MiB is over the limit "
+                                       f"{limit / 2**20:.1f} MiB")
+        trial.set_user_attr("stages", stages)
+        trial.set_user_attr("metrics", metrics)
+        for key, value in self.tctx.budget.constraints({**metrics, "kl": None, "ppl": None, "top1": None,
+                                                        "prefill": None, "decode": None}).items():
+            trial.set_constraint(key, value)
+        values = [float(metrics.get(name, UNMEASURED)) for name in self.tctx.budget.objectives()]
+        append_record(self.tuning_dir, trial_record(trial, "COMPLETE", values))
+        return values
+
+
 def trial_record(trial, state: str, values: list[float] | None = None) -> dict[str, Any]:
     """One line of ``trials.jsonl`` from a live `optuna.trial.Trial` or a `FrozenTrial`."""
     attrs = dict(trial.user_attrs)
     constraints = dict(trial.constraints or {})
-    feasible = state == "COMPLETE" and all(v <= 0 for v in constraints.values())
+    feasible = state == "COMPLETE" and not attrs.get("skipped") and all(v <= 0 for v in constraints.values())
     return {
         "number": trial.number, "state": state, "kind": attrs.get("kind", "search"),
         "label": recipe_label(attrs["stages"]) if attrs.get("stages") else None, "point": attrs.get("point"),
         "stages": attrs.get("stages"), "metrics": attrs.get("metrics"), "solution": attrs.get("solution"),
         "constraints": constraints, "feasible": feasible, "values": values, "seconds": attrs.get("seconds"),
         "error": attrs.get("error"), "interrupted": bool(attrs.get("interrupted")), "worker": attrs.get("worker"),
+        "skipped": attrs.get("skipped"),
     }
 
 
@@ -273,7 +310,7 @@ def best_record(records: list[dict[str, Any]], budget: Budget) -> dict[str, Any]
 
 def closest_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The measured record with the smallest total constraint excess (for the infeasible message)."""
-    measured = [r for r in records if r["state"] == "COMPLETE" and r.get("metrics")]
+    measured = [r for r in records if r["state"] == "COMPLETE" and r.get("metrics") and not r.get("skipped")]
     if not measured:
         return None
     return min(measured, key=lambda r: sum(max(0.0, v) for v in r["constraints"].values()))

@@ -26,7 +26,7 @@ from ..errors import RecipeError
 from ..measure import count_parameters, disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
-from .solve import SizeModel, Solution, solve
+from .solve import SizeModel, Solution, estimate_bytes, solve
 from .space import Plan, Space, importance_key, plan_of, prune_importance, run_stages
 
 
@@ -171,6 +171,29 @@ def _layer_name_map(model: nn.Module, details: list[dict[str, Any]]) -> Callable
     return name_map
 
 
+def _solve(tctx: TrialContext, model: nn.Module, plan: Plan, details: list[dict[str, Any]]) -> Solution | None:
+    if plan.bits not in (4, 8):
+        return None
+    scores = tctx.sensitivity[format_key(plan.quantize)]["scores"]
+    return solve(
+        model, plan.quantize, plan.rest_dtype, scores, keep=plan.keep,
+        size_limit=tctx.budget.size_limit_bytes(tctx.original_bytes, tctx.original_params),
+        kl_target=tctx.budget.quality_kl_target(), name_map=_layer_name_map(model, details), sizes=tctx.sizes,
+    )
+
+
+def predict(tctx: TrialContext, point: dict[str, Any]) -> tuple[int, list[dict[str, Any]]] | None:
+    """The disk size (exact to about 0.01%) and the explicit stages of a point that only quantizes, without building
+    it; ``None`` when the point prunes first (its size is only known once pruned)."""
+    plan = plan_of(point)
+    if plan.pre_stages or plan.quantize is None:
+        return None
+    solution = _solve(tctx, tctx.original, plan, [])
+    if solution is not None:
+        return solution.predicted_bytes, plan.stages(solution.skip_modules)
+    return estimate_bytes(tctx.original, None, plan.quantize["dtype"], sizes=tctx.sizes), plan.stages()
+
+
 def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any]], Solution | None]:
     """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
     model = copy.deepcopy(tctx.original)
@@ -178,14 +201,7 @@ def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any
     if any(s.get("recover") for s in plan.pre_stages):  # recovery distills from the original
         ctx.original = tctx.teacher
     details = run_stages(model, plan.pre_stages, ctx, prune_scores=tctx.prune_scores)
-    solution = None
-    if plan.bits in (4, 8):
-        scores = tctx.sensitivity[format_key(plan.quantize)]["scores"]
-        solution = solve(
-            model, plan.quantize, plan.rest_dtype, scores, keep=plan.keep,
-            size_limit=tctx.budget.size_limit_bytes(tctx.original_bytes, tctx.original_params),
-            kl_target=tctx.budget.quality_kl_target(), name_map=_layer_name_map(model, details), sizes=tctx.sizes,
-        )
+    solution = _solve(tctx, model, plan, details)
     stages = plan.stages(solution.skip_modules if solution else None)
     run_stages(model, stages[len(plan.pre_stages):], ctx)
     return model, stages, solution
@@ -212,4 +228,4 @@ def run_point(tctx: TrialContext, point: dict[str, Any]) -> dict[str, Any]:
             "build_seconds": round(build_seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
 
 
-__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "quality", "run_point"]
+__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "predict", "quality", "run_point"]

@@ -409,10 +409,7 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     (tuning / "summary.json").write_text(json.dumps({k: v for k, v in section.items() if k != "trials"}, indent=1,
                                                     default=str) + "\n")
     if chosen is None:
-        closest = closest_record(records)
-        where = f"; closest point found: {describe_record(closest)}" if closest else " (no trial finished)"
-        raise InfeasibleBudgetError(f"no point within the budget {tctx.budget.describe()} after {len(records)} "
-                                    f"trials{where}")
+        raise InfeasibleBudgetError(_infeasible_message(records, tctx.budget))
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
     final = copy.deepcopy(model)
     recipe = {"name": "tuned", "description": f"hfsqueeze tune: lowest {tctx.budget.minimize} within "
@@ -430,6 +427,21 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
         install_artifact(staged, out)
         result.output = out
     return result
+
+
+def _infeasible_message(records: list[dict[str, Any]], budget: Budget) -> str:
+    measured = [r for r in records if not r.get("skipped")]
+    skipped = [r for r in records if r.get("skipped")]
+    closest = closest_record(records)
+    if closest is not None:
+        where = f"; closest point found: {describe_record(closest)}"
+    elif skipped:
+        smallest = min(r["metrics"]["size"] for r in skipped)
+        where = (f" (no trial finished; {len(skipped)} points were predicted over the size limit, the smallest at "
+                 f"{smallest:.3f}x)")
+    else:
+        where = " (no trial finished)"
+    return f"no point within the budget {budget.describe()} after {len(measured)} trials{where}"
 
 
 def _plot_limits(budget: Budget, spec: dict[str, Any]) -> dict[str, float]:
