@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -358,6 +359,28 @@ def test_points_predicted_over_the_size_budget_are_skipped_not_built(tiny_tokeni
     records = [json.loads(line) for line in (tmp_path / "t/tuning/trials.jsonl").read_text().splitlines()]
     assert records and all(r["skipped"].startswith("predicted size") and not r["feasible"] for r in records)
     assert all(r["metrics"]["size"] == pytest.approx(0.5, abs=0.01) for r in records)
+
+
+def test_baselines_just_over_the_budget_are_not_queued(tiny_tokenizer, tmp_path):
+    """A budget 0.1% under int8 with a bf16 rest: no int8 point with that rest can fit (the size model is exact), so
+    none is queued; before the fix a 2% margin let them in, and a one-trial run on SmolLM2 ended infeasible."""
+    from hfsqueeze.data import load_texts, token_blocks
+    from hfsqueeze.tune.study import plan_baselines
+    from hfsqueeze.tune.trial import TrialContext, TuneSettings
+
+    model = tiny_llama()
+    probe = copy.deepcopy(model)
+    hfsqueeze.compress(probe, {"stages": [{"method": "quantize", "bits": 16}, {"method": "quantize", "bits": 8}]},
+                       measure_quality=False)
+    limit = int(disk_bytes(probe) * 0.999)
+    blocks = token_blocks(tiny_tokenizer, load_texts("builtin", split="train"), max_tokens=64, seq_len=64)
+    scores = {"scores": {}}
+    tctx = TrialContext(model, tiny_tokenizer, "builtin", blocks, Budget.parse(f"size={limit}B"),
+                        load_space("quantize"), TuneSettings(), {"int8": scores, "nf4": scores, "fp4": scores},
+                        disk_bytes(model), sum(p.numel() for p in model.parameters()))
+    kinds = [kind for kind, _, _ in plan_baselines(tctx, 100)]
+    assert kinds and not [k for k in kinds if "int8" in k and "fp32" not in k]
+    assert "uniform:nf4+bf16-rest" in kinds
 
 
 def test_minimize_size_within_a_quality_budget(tiny_tokenizer, tmp_path):
