@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import hfsqueeze
-from hfsqueeze.models import cache_dir, load_model
+from hfsqueeze.models import gemma3_dir, load_model
 
 STOCK = {
     "int8": [{"method": "quantize", "bits": 8}],
@@ -123,52 +123,72 @@ def _progress(info: dict) -> None:
     log("  " + progress_line(info, _progress.budget))
 
 
+def resolve_only(model, tok, fraction: float, out: Path) -> tuple[str, float]:
+    """Re-solve the per-module choices for a new size budget from the cached sensitivities, nothing measured: what
+    ModelOpt's auto_quantize does for a new effective_bits. Returns the best solved point's label and the seconds."""
+    from hfsqueeze.tune import Budget, load_space
+    from hfsqueeze.tune.study import plan_baselines
+    from hfsqueeze.tune.trial import TrialContext, TuneSettings
+    from hfsqueeze.tune.tuner import make_context
+
+    start = time.time()
+    spec = json.loads((out / "tuning" / "run.json").read_text())
+    tctx = make_context(model, tok, spec, out / "tuning")  # sensitivities from the cache
+    tctx = TrialContext(model, tok, tctx.calibration, tctx.blocks[:1], Budget.parse({"size": fraction}),
+                        load_space("quantize"), TuneSettings(**spec["settings"]), tctx.sensitivity,
+                        spec["original_bytes"], spec["original_params"])
+    kind = plan_baselines(tctx, 1)[0][0]
+    return kind, time.time() - start
+
+
 def smollm2(args, out: Path, bench: dict) -> None:
     model, tok = load_model("builtin")
     name = "SmolLM2-135M"
     rows = bench.setdefault("rows", [])
-    stock = {k: measure(model, tok, v, f"stock {k}", name) for k, v in STOCK.items()}
-    rows += list(stock.values())
-    int8_bytes = int(stock["int8"]["disk_mib"] * 2**20)
-    nf4_bytes = int(stock["nf4"]["disk_mib"] * 2**20)
     timings = bench.setdefault("timings", {})
+    if "stock" in args.parts:
+        rows += [measure(model, tok, v, f"stock {k}", name) for k, v in STOCK.items()]
+    stock = {r["point"]: r for r in rows if r["model"] == name}
+    int8_bytes = round(stock["stock int8"]["disk_mib"] * 2**20)
+    nf4_bytes = round(stock["stock nf4"]["disk_mib"] * 2**20)
 
-    _progress.budget = hfsqueeze.tune.Budget.parse({"size": f"{int8_bytes}B"})
-    res, secs = run_tune(model, tok, out / "smollm2-int8-size", "<= stock int8 size",
-                         budget={"size": f"{int8_bytes}B"}, trials=args.trials)
-    timings["smollm2: sensitivity + trials at <= int8 size"] = {"seconds": secs, "trials": len(res.trials),
-                                                                "sensitivity": res.report.tuning["sensitivity"]}
-    rows += tuned_rows(res, model, tok, name, "<= int8 size", f"size<={int8_bytes / 2**20:.1f}MiB", args.remeasure)
-
-    _progress.budget = hfsqueeze.tune.Budget.parse({"size": f"{nf4_bytes}B"})
-    res, secs = run_tune(model, tok, out / "smollm2-nf4-size", "<= stock nf4 size", budget={"size": f"{nf4_bytes}B"},
-                         trials=args.trials_small)
-    timings["smollm2: trials at <= nf4 size (cached sensitivity)"] = {"seconds": secs, "trials": len(res.trials)}
-    rows += tuned_rows(res, model, tok, name, "<= nf4 size", f"size<={nf4_bytes / 2**20:.1f}MiB", args.remeasure)
-
-    for fraction in (0.25, 0.30, 0.35, 0.40, 0.50):
-        _progress.budget = hfsqueeze.tune.Budget.parse({"size": fraction})
-        res, secs = run_tune(model, tok, out / f"smollm2-resolve-{fraction}", f"re-solve size={fraction}",
-                             budget={"size": fraction}, trials=1)
-        timings[f"smollm2: re-solve size={fraction} (1 trial + eval re-measure)"] = {"seconds": secs}
-        rows += tuned_rows(res, model, tok, name, f"re-solve size={fraction}", f"size<={fraction}", 0)
-
-    _progress.budget = hfsqueeze.tune.Budget.parse("prefill=0.6,kl=0.05", "size")
-    res, secs = run_tune(model, tok, out / "smollm2-latency", "prefill<=0.6, kl<=0.05, min size",
-                         budget="prefill=0.6,kl=0.05", minimize="size", space=LATENCY_SPACE, trials=args.trials)
-    timings["smollm2: latency budget, space all"] = {"seconds": secs, "trials": len(res.trials)}
-    rows += tuned_rows(res, model, tok, name, "prefill<=0.6,kl<=0.05,min size", "prefill<=0.6x, kl<=0.05", 0)
+    if "int8" in args.parts:
+        _progress.budget = hfsqueeze.tune.Budget.parse({"size": f"{int8_bytes}B"})
+        res, secs = run_tune(model, tok, out / "smollm2-int8-size", "<= stock int8 size",
+                             budget={"size": f"{int8_bytes}B"}, trials=args.trials)
+        timings["smollm2: sensitivity + trials at <= int8 size"] = {"seconds": secs, "trials": len(res.trials),
+                                                                    "sensitivity": res.report.tuning["sensitivity"]}
+        rows += tuned_rows(res, model, tok, name, "<= int8 size", f"size<={int8_bytes / 2**20:.1f}MiB",
+                           args.remeasure)
+    if "nf4" in args.parts:
+        _progress.budget = hfsqueeze.tune.Budget.parse({"size": f"{nf4_bytes}B"})
+        res, secs = run_tune(model, tok, out / "smollm2-nf4-size", "<= stock nf4 size",
+                             budget={"size": f"{nf4_bytes}B"}, trials=args.trials_small)
+        timings["smollm2: trials at <= nf4 size (cached sensitivity)"] = {"seconds": secs, "trials": len(res.trials)}
+        rows += tuned_rows(res, model, tok, name, "<= nf4 size", f"size<={nf4_bytes / 2**20:.1f}MiB",
+                           args.remeasure)
+    if "resolve" in args.parts:
+        for fraction in (0.25, 0.30, 0.35, 0.40, 0.50):
+            label, secs = resolve_only(model, tok, fraction, out / "smollm2-int8-size")
+            timings[f"smollm2: re-solve size={fraction} from cached sensitivity (no measurement): {label}"] = {
+                "seconds": secs}
+            _progress.budget = hfsqueeze.tune.Budget.parse({"size": fraction})
+            res, secs = run_tune(model, tok, out / f"smollm2-resolve-{fraction}", f"re-solve size={fraction}",
+                                 budget={"size": fraction}, trials=1)
+            timings[f"smollm2: re-solve size={fraction}, 1 trial + eval re-measure"] = {"seconds": secs}
+            rows += tuned_rows(res, model, tok, name, f"re-solve size={fraction}", f"size<={fraction}", 0)
+    if "latency" in args.parts:
+        _progress.budget = hfsqueeze.tune.Budget.parse("prefill=0.6,kl=0.05", "size")
+        res, secs = run_tune(model, tok, out / "smollm2-latency", "prefill<=0.6, kl<=0.05, min size",
+                             budget="prefill=0.6,kl=0.05", minimize="size", space=LATENCY_SPACE, trials=args.trials)
+        timings["smollm2: latency budget, space prune + quantize"] = {"seconds": secs, "trials": len(res.trials)}
+        rows += tuned_rows(res, model, tok, name, "prefill<=0.6,kl<=0.05,min size", "prefill<=0.6x, kl<=0.05",
+                           args.remeasure)
     del model
 
 
 def gemma(args, out: Path, bench: dict) -> None:
-    path = cache_dir() / "gemma-3-270m"
-    fetch = getattr(hfsqueeze.models, "gemma3_dir", None)
-    if fetch is not None:
-        path = fetch()
-    if not (path / "config.json").is_file():
-        log(f"Gemma-3-270M is not converted at {path}; skipped")
-        return
+    path = gemma3_dir()  # converted once from the PyPI GGUF into the hfsqueeze cache
     model, tok = load_model(str(path), dtype=torch.float32)
     name = "Gemma-3-270M"
     rows = bench.setdefault("rows", [])
@@ -202,13 +222,18 @@ def main() -> int:
     parser.add_argument("--trials-small", type=int, default=12, help="trials of the other runs")
     parser.add_argument("--remeasure", type=int, default=4, help="Pareto points re-measured on eval per run")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", default="stock,int8,nf4,resolve,latency",
+                        help="SmolLM2 parts to run (stock rows are read back from OUTPUT/bench.json when skipped)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HFSQUEEZE_DISABLE_PROGRESS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    bench: dict = {"threads": args.threads, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    args.parts = args.parts.split(",")
+    previous = out / "bench.json"
+    bench: dict = json.loads(previous.read_text()) if previous.is_file() and "stock" not in args.parts else {}
+    bench.update({"threads": args.threads, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     try:
         if args.only in (None, "smollm2"):
             smollm2(args, out, bench)
