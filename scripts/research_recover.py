@@ -213,8 +213,6 @@ def exp_qat(a, teacher, tok, evals, data, qstage):
     in fp32 and quantize with bnb: the artifact is exactly what was trained."""
     import peft
 
-    from torch import nn
-
     out = {}
     m = copy.deepcopy(teacher)
     pm = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
