@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from .context import CompressionContext
-from .data import load_texts
-from .measure import Metrics, measure, measure_baseline, model_task
+from .data import check_text_source, load_texts
+from .errors import UnsupportedModelError
+from .measure import Metrics, measure, measure_baseline, model_task, remeasure_latency_interleaved
 from .recipe import Recipe, RecipeLike
 from .registry import get_stage
 from .report import CompressionReport, StageResult
@@ -68,7 +69,10 @@ def compress(
     """
     quiet_transformers_progress()
     recipe = Recipe.load(recipe, overrides)
-    recipe = _expand(recipe)
+    # Everything that can be known before the model runs fails here, before the baseline is measured.
+    check_measurable(model)
+    recipe = recipe.validate(model)
+    check_text_source(calibration)
     evaluation = recipe.evaluation
     texts = load_texts(eval_text if eval_text is not None else evaluation.text, split="eval") if tokenizer else None
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
@@ -78,8 +82,10 @@ def compress(
     was_training = model.training
     model.eval()
     reference = None
+    # With the original in memory anyway, time it interleaved with the result at the end: same load for both.
+    interleave = ctx.original is not None and measure_quality and tokenizer is not None and evaluation.latency
     if measure_quality:
-        baseline, reference = measure_baseline(model, tokenizer, evaluation, texts)
+        baseline, reference = measure_baseline(model, tokenizer, evaluation, texts, time_latency=not interleave)
     else:
         baseline = measure(model, None, evaluation, with_disk=False)
     report = CompressionReport(
@@ -111,11 +117,15 @@ def compress(
         metrics = None
         if index == last or evaluation.per_stage:
             metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
-                              with_disk=evaluation.disk_size)
+                              with_disk=evaluation.disk_size, time_latency=not (interleave and index == last))
         report.stages.append(StageResult(index, stage.method, stage.to_dict(), details, round(seconds, 3), metrics))
+        report.warnings += [f"stage {index} ({stage.method}): {w}" for w in details.get("warnings") or []]
         ctx.results.append({"method": stage.method, **details})
     ctx.previous = None
     report.final = report.stages[-1].metrics
+    if interleave and reference is not None:
+        remeasure_latency_interleaved(ctx.original, model, [baseline, report.final], reference, evaluation)
+        report.latency_interleaved = True
     model.train(was_training)
     model.hfsqueeze_report = report
     return report
@@ -123,11 +133,22 @@ def compress(
 
 def _expand(recipe: Recipe) -> Recipe:
     """Let stage packages rewrite the recipe before it runs (e.g. insert recovery after pruning)."""
-    from . import methods
+    return recipe.expanded()
 
-    for hook in getattr(methods, "RECIPE_EXPANDERS", []):
-        recipe = hook(recipe)
-    return recipe
+
+def check_measurable(model) -> None:
+    """Refuse, before any work, a model that no stage and no measurement supports: encoder-decoder models.
+
+    hfsqueeze compresses and measures decoder-only causal LMs and encoder models; each stage declares which model
+    types it supports on top of that (its ``validate``).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"model type {getattr(config, 'model_type', None)!r} ({type(model).__name__}) is an encoder-decoder "
+            "model; hfsqueeze compresses and measures decoder-only causal LMs (llama, gpt2, ...) and encoders "
+            "(bert, ...)"
+        )
 
 
 def _text_label(eval_text: Any, default: str) -> str:
@@ -157,4 +178,4 @@ def attach_compress_method() -> None:
     PreTrainedModel.compress = compress_method
 
 
-__all__ = ["Metrics", "attach_compress_method", "compress", "frozen_copy"]
+__all__ = ["Metrics", "attach_compress_method", "check_measurable", "compress", "frozen_copy"]

@@ -145,5 +145,10 @@ class StageConfig(ConfigBase):
         """``"original"`` or ``"previous"`` when the stage needs a frozen copy of the model (a teacher)."""
         return None
 
+    def frozen_weights(self) -> str | None:
+        """What this stage leaves the weights as when later stages can no longer cut or cast them (e.g.
+        ``"bitsandbytes int8"``), else ``None``. Later stages' ``validate`` reads it to refuse an impossible order."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **super().to_dict()}

@@ -29,6 +29,10 @@ class HubError(HfSqueezeError, RuntimeError):
     """Pushing to or talking with the Hugging Face Hub failed (auth, network, parity gate)."""
 
 
+class HfSqueezeWarning(UserWarning):
+    """A stage did something other than asked (e.g. a prune target rounded); also recorded in the report."""
+
+
 def require_backend(module: str, pip_name: str | None = None):
     """Import an optional backend or raise a `BackendMissingError` naming the pip command."""
     import importlib

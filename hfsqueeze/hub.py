@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ArtifactError, HubError
+from .utils import LazyModule
+
+torch = LazyModule("torch")  # imported on first use: the CLI reads this module's options to print --help
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -564,11 +565,12 @@ def add_push_options(parser: Any) -> None:
 
 
 def check_push_args(args: Any) -> None:
-    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id or no token."""
+    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id, no token, a token the
+    Hub rejects, or a Hub that cannot be reached (one ``whoami`` call to the endpoint the push will use)."""
     repo = args.push_to_hub
     if repo.count("/") > 1 or not all(part.strip() for part in repo.split("/")):
         raise HubError(f"--push-to-hub {repo!r} is not a repository id; use owner/name or name")
-    resolve_token(None)
+    _whoami(_api(None), resolve_token(None))
 
 
 def run_push(args: Any) -> int:

@@ -21,10 +21,20 @@ import yaml
 
 from .config import ConfigBase, StageConfig
 from .errors import RecipeError
-from .registry import get_stage
+from .registry import get_stage, recipe_expanders, validate_stages
 
 RECIPE_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipes_dir() -> Path:
+    """The built-in recipes: ``hfsqueeze/recipes`` in an installed wheel (package data mapped from the top-level
+    ``recipes/`` folder, see pyproject), else ``recipes/`` next to the package (a source checkout or editable
+    install)."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 @dataclasses.dataclass
@@ -108,6 +118,23 @@ class Recipe(ConfigBase):
         base.stages = parsed
         return base
 
+    def expanded(self) -> "Recipe":
+        """The recipe as it will run: every stage package's rewrite applied (e.g. recovery after pruning)."""
+        recipe = self
+        for hook in recipe_expanders():
+            recipe = hook(recipe)
+        return recipe
+
+    def validate(self, model: Any = None) -> "Recipe":
+        """Check, before anything runs, what the recipe (and ``model``, when given) allow; return `expanded`.
+
+        Catches bad ``recover`` values, impossible stage orders (prune after a bitsandbytes quantize), unreadable
+        local data files and, with a model, unsupported model types and targets the model cannot meet.
+        """
+        expanded = self.expanded()
+        validate_stages(expanded.stages, model)
+        return expanded
+
     def to_dict(self) -> dict[str, Any]:
         out = {"version": self.version}
         if self.name is not None:
@@ -144,6 +171,37 @@ def _parse_stage(index: int, raw: Any) -> StageConfig:
     return spec.config_cls.from_dict(raw, where=f"stage {index} ({method})")
 
 
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain YAML keeps the last one silently, so
+    ``bits: 8`` then ``bits: 4`` would run 4-bit). Keys brought in by a ``<<`` merge may still be overridden."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:  # an unhashable key: SafeLoader reports it itself
+            continue
+        if first != line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {first}); each key may appear once",
+                key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def safe_load_strict(text: str) -> Any:
+    """`yaml.safe_load` with duplicate keys refused (`StrictLoader`)."""
+    return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def builtin_recipe_path(name: str) -> Path | None:
     path = RECIPES_DIR / f"{name}.yaml"
     return path if path.is_file() else None
@@ -164,7 +222,7 @@ def _read_yaml(source: str | os.PathLike) -> dict:
         raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "
                           f"({', '.join(names)})")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_strict(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -180,7 +238,7 @@ def _apply_override(data: dict, item: str) -> None:
         raise RecipeError(f"override {item!r} must look like key.path=value, e.g. quantize.threshold=5.0")
     path, _, raw_value = item.partition("=")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = safe_load_strict(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         value = raw_value
     keys = [k for k in path.strip().split(".") if k]

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .measure import Metrics
+from .measure import Metrics, latency_check
 
 REPORT_SCHEMA = "hfsqueeze.report"
 REPORT_VERSION = 1
@@ -27,6 +27,7 @@ _ROWS = [
 ]
 _RATIO_FIELDS = {"parameters", "disk_bytes", "footprint_bytes", "perplexity", "prefill_ms_per_token",
                  "decode_ms_per_token"}
+_LATENCY_FIELDS = ("prefill_ms_per_token", "decode_ms_per_token")
 
 
 @dataclasses.dataclass
@@ -65,9 +66,16 @@ class CompressionReport:
     stages: list[StageResult] = dataclasses.field(default_factory=list)
     final: Metrics | None = None
     command: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
     created: str = dataclasses.field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     )
+    latency_interleaved: bool = False  # the original and the final model were timed in alternating runs
+
+    def latency_check(self) -> dict[str, Any] | None:
+        """Whether the final/original latency ratios can be trusted (see `hfsqueeze.measure.latency_check`)."""
+        return latency_check(self.baseline, self.final, threads=self.environment.get("threads"),
+                             interleaved=self.latency_interleaved)
 
     # ---- serialization ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +91,8 @@ class CompressionReport:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "stages": [s.to_dict() for s in self.stages],
             "final": self.final.to_dict() if self.final else None,
+            "warnings": list(self.warnings),
+            "latency": self.latency_check(),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -101,6 +111,8 @@ class CompressionReport:
             model=data["model"], recipe=data["recipe"], environment=data["environment"],
             evaluation=data["evaluation"], baseline=Metrics.from_dict(data.get("baseline")), stages=stages,
             final=Metrics.from_dict(data.get("final")), command=data.get("command"), created=data.get("created", ""),
+            warnings=list(data.get("warnings") or []),
+            latency_interleaved=bool((data.get("latency") or {}).get("interleaved", False)),
         )
 
     @classmethod
@@ -125,10 +137,13 @@ class CompressionReport:
         return cols
 
     def to_markdown(self) -> str:
-        """A before/after table: one column per measured state, then the final/original ratio."""
+        """A before/after table: one column per measured state, then the final/original ratio, then a footer that
+        says what was measured (and flags latency ratios that cannot be trusted)."""
         cols = self.columns()
         if not cols:
             return "_nothing was measured_"
+        check = self.latency_check()
+        unreliable = check is not None and not check["reliable"]
         head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for key, label, fmt, _ in _ROWS:
@@ -139,7 +154,8 @@ class CompressionReport:
             if len(head) > len(cols) + 1:
                 first, last = values[0], values[-1]
                 if key in _RATIO_FIELDS and first and last is not None:
-                    row.append(f"{last / first:.3f}x")
+                    row.append(f"{last / first:.3f}x" + (" (unreliable)" if unreliable and key in _LATENCY_FIELDS
+                                                          else ""))
                 elif key == "top1_agreement" and first is not None and last is not None:
                     row.append(f"{(last - first) * 100:+.2f} pp")
                 elif first is not None and last is not None:
@@ -147,11 +163,27 @@ class CompressionReport:
                 else:
                     row.append("n/a")
             lines.append("| " + " | ".join(row) + " |")
-        env = self.environment
-        foot = (f"\nMeasured on {env.get('cpu', 'CPU')} ({env.get('threads')} threads, {env.get('device', 'cpu')}), "
-                f"{self.evaluation.get('eval_tokens') or self.evaluation.get('max_tokens')} tokens of "
-                f"{self.evaluation.get('text')} text; latency is the median of {self.evaluation.get('repeats')} runs.")
-        return "\n".join(lines) + "\n" + foot
+        return "\n".join(lines) + "\n\n" + self._footer(cols, check)
+
+    def _footer(self, cols: list[tuple[str, Metrics]], check: dict[str, Any] | None) -> str:
+        """What was measured, and only that: no token count without quality metrics, no latency claim without it."""
+        env, ev = self.environment, self.evaluation
+        measured = []
+        tokens = ev.get("eval_tokens") or next((m.eval_tokens for _, m in reversed(cols) if m.eval_tokens), None)
+        if tokens:
+            measured.append(f"quality on {tokens} tokens of {ev.get('text')} text")
+        if check is not None:
+            runs = ev.get("repeats")
+            how = ("the original and the result timed in alternating runs" if check["interleaved"]
+                   else "the original timed before compression")
+            measured.append(f"latency as the median of {runs} run{'s' if runs != 1 else ''} ({how}; min/median/max "
+                            "in report.json)")
+        what = "; ".join(measured) if measured else "sizes only (no quality or latency measurements)"
+        where = f"{env.get('cpu', 'CPU')} ({env.get('threads')} threads, {env.get('device', 'cpu')})"
+        foot = f"Measured on {where}: {what}."
+        if check is not None and not check["reliable"]:
+            foot += "\nLatency ratios are unreliable: " + "; ".join(check["reasons"]) + "."
+        return foot
 
 
 def _stage_suffix(stage: StageResult) -> str:

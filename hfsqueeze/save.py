@@ -24,6 +24,8 @@ from typing import Any, Callable
 import yaml
 
 from .errors import ArtifactError
+from .loading import guarded_load
+from .utils import default_permissions
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -158,6 +160,7 @@ def load_snippet(config, path_or_repo: str) -> str:
 _DTYPE_KWARGS = ("dtype", "torch_dtype", "quantization_config")
 
 
+@guarded_load  # one-line errors for damaged or edited artifacts; no remote code unless trust_remote_code=True
 def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwargs: Any):
     """Load any artifact `save_compressed` wrote (stock Transformers ones and those a stage's loader handles).
 
@@ -371,6 +374,7 @@ def save_compressed(
             _write_report_files(report, tmp)
         if card:
             write_model_card(model.config, report, tmp, path_or_repo=str(out))
+        default_permissions(tmp)  # safetensors writes weights 0600; an artifact is for others to read too
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, backup)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ...errors import RecipeError
 from ...registry import register_stage
-from .config import DistillConfig
+from .config import DistillConfig, validate_distill
 from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id
 from .recover import attach_lora, expand_recovery, is_bnb_quantized, merge_lora, recovery_config
 from .student import build_student, num_layers
@@ -43,6 +43,7 @@ __all__ = [
     "apply_distill",
     "expand_recovery",
     "recovery_config",
+    "validate_distill",
 ]
 
 logger = logging.getLogger("hfsqueeze")
@@ -216,7 +217,7 @@ def _loss_curve_png(history: list[dict[str, Any]], components: list[dict[str, fl
     return path
 
 
-@register_stage("distill", DistillConfig)
+@register_stage("distill", DistillConfig, validate=validate_distill)
 def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict[str, Any]:
     """Distil ``config.teacher`` into ``model`` (or into a student built from it), in place.
 

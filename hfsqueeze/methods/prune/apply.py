@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import RecipeError, UnsupportedModelError
+from ...data import check_text_source
+from ...errors import HfSqueezeWarning, RecipeError, UnsupportedModelError
 from .config import PruneConfig
 from .importance import (
     Scores,
@@ -39,27 +40,147 @@ from .surgery import (
 logger = logging.getLogger("hfsqueeze")
 
 
-class PruneWarning(UserWarning):
+class PruneWarning(HfSqueezeWarning):
     """A prune target could not be met exactly (rounding, ``min_heads_per_layer`` or ``protect_layers``)."""
 
 
 def check_prunable(model: nn.Module, stage: str = "prune") -> str:
-    """Return the model's family, or raise a one-line error naming what is supported."""
+    """Return the model's family, or raise a one-line error naming what is supported (``stage`` prefixes it)."""
+    prefix = f"{stage}: " if stage else ""
     config = getattr(model, "config", None)
     family = family_of(config)
     if family is None:
         model_type = getattr(config, "model_type", None)
         raise UnsupportedModelError(
-            f"{stage}: model type {model_type!r} ({type(model).__name__}) is not supported; supported model types: "
+            f"{prefix}model type {model_type!r} ({type(model).__name__}) is not supported; supported model types: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if family == "llama" and not hasattr(base_of(model), "layers"):
-        raise UnsupportedModelError(f"{stage}: {type(model).__name__} has no decoder layers where expected")
+        raise UnsupportedModelError(f"{prefix}{type(model).__name__} has no decoder layers where expected")
     quantized = [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
     if quantized or getattr(model, "is_quantized", False):
-        raise RecipeError(f"{stage}: the model is already quantized (e.g. {quantized[0] if quantized else 'bnb'}); "
+        raise RecipeError(f"{prefix}the model is already quantized (e.g. {quantized[0] if quantized else 'bnb'}); "
                           "quantized weights cannot be cut, so put the prune stage before quantize")
     return family
+
+
+def validate_prune(config: PruneConfig, info: Any) -> None:
+    """The prune stage's up-front checks (`hfsqueeze.registry.validate_stages`): order, model type and targets."""
+    frozen = next((p.frozen_weights() for p in info.previous if p.frozen_weights()), None)
+    if frozen:
+        raise RecipeError(f"cannot follow a {frozen} stage: quantized weights cannot be cut, so put the prune stage "
+                          "before quantize")
+    if config.calibration is not None:
+        check_text_source(config.calibration)
+    if info.model is not None:
+        check_targets(check_prunable(info.model, ""), info.model, config)
+
+
+def _protected_layers(config: PruneConfig, n_layers: int) -> set[int]:
+    protected = set()
+    for index in config.protect_layers:
+        if not -n_layers <= index < n_layers:
+            raise RecipeError(f"key 'protect_layers': layer {index} does not exist; the model has {n_layers} layers "
+                              f"(0..{n_layers - 1}, or negative from the end)")
+        protected.add(index % n_layers)
+    return protected
+
+
+def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[str]:
+    """Check, before any scoring, that the model can meet ``config``'s targets; return warnings about rounding.
+
+    Raises `RecipeError` when a target removes nothing (a fraction rounding to 0, a single key/value group per layer
+    under ``gqa_mode: groups``, ``protect_layers``/``min_heads_per_layer`` leaving nothing) or asks for more than
+    exists. A layerwise target that rounds to a different amount is a warning: it is what the stage will remove.
+    """
+    layers = list(layer_list(family, model))
+    n_layers = len(layers)
+    protected = _protected_layers(config, n_layers)
+    eligible = [i not in protected for i in range(n_layers)]
+    layers_target = _target(config.layers, n_layers)
+    if config.layers and layers_target == 0:
+        raise RecipeError(f"key 'layers': {config.layers} of {n_layers} layers rounds to 0; give a count "
+                          "(layers: 1) or a larger fraction")
+    if layers_target > n_layers - max(1, len(protected)):
+        raise RecipeError(f"key 'layers': got {config.layers} ({layers_target} layers) but only "
+                          f"{n_layers - max(1, len(protected))} of {n_layers} layers can go (protect_layers="
+                          f"{sorted(protected)}; at least one layer stays)")
+    notes = []
+    if config.heads:
+        notes += _check_heads(config, [attention_shape(family, layer) for layer in layers], eligible)
+    if config.ffn:
+        notes += _check_ffn(config, [ffn_width(family, layer) for layer in layers], eligible)
+    return notes
+
+
+def _check_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> list[str]:
+    total = sum(n_q for n_q, _, _ in shapes)
+    target = _target(config.heads, total)
+    if target == 0:
+        raise RecipeError(f"key 'heads': {config.heads} of {total} query heads rounds to 0; give a count "
+                          "(heads: 1) or a larger fraction")
+    if target > total:
+        raise RecipeError(f"key 'heads': asks to remove {target} heads but the model has {total}")
+    units = [head_units(n_q, n_kv, config.gqa_mode) for n_q, n_kv, _ in shapes]
+    sizes = [len(u[0][0]) for u in units]
+    min_keep = max(config.min_heads_per_layer, 1)
+    if config.scope == "global":
+        can = [s * max(0, (n_q - min_keep) // s) if ok else 0 for (n_q, _, _), s, ok in zip(shapes, sizes, eligible)]
+    else:
+        can = [s * max(0, min(round(target / total * len(u)), len(u) - math.ceil(min_keep / s))) if ok else 0
+               for u, s, ok in zip(units, sizes, eligible)]
+    if sum(can) == 0:
+        raise RecipeError(f"key 'heads': {config.heads} removes no head: {_why_no_heads(config, shapes, eligible)}")
+    if config.scope == "layerwise" and sum(can) != target:
+        return [f"layerwise heads={config.heads} removes {sum(can)} of {total} query heads (per layer: {can}), "
+                f"not {target}: layers lose whole head units of {sorted(set(sizes))} heads"
+                + (f" and protect_layers={config.protect_layers} are kept" if not all(eligible) else "")]
+    return []
+
+
+def _why_no_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> str:
+    kept = [shape for shape, ok in zip(shapes, eligible) if ok]
+    if not kept:
+        return f"protect_layers={config.protect_layers} covers every layer"
+    if config.gqa_mode == "groups" and all(n_kv == 1 < n_q for n_q, n_kv, _ in kept):
+        n_q = kept[0][0]
+        return (f"every layer has a single key/value group ({n_q} query heads share 1 key/value head) and gqa_mode: "
+                "groups removes whole groups, one of which must stay; use gqa_mode: slots to remove query heads "
+                "and keep the key/value head")
+    if config.scope == "layerwise":
+        return (f"a layerwise fraction of {len(head_units(kept[0][0], kept[0][1], config.gqa_mode))} head "
+                f"units per layer rounds to 0 (min_heads_per_layer={config.min_heads_per_layer}); use scope: global "
+                "or a larger fraction")
+    return (f"min_heads_per_layer={config.min_heads_per_layer} keeps every head of the layers that may be pruned "
+            f"({sorted({q for q, _, _ in kept})} query heads per layer)")
+
+
+def _check_ffn(config: PruneConfig, widths: list[int], eligible: list[bool]) -> list[str]:
+    total = sum(widths)
+    target = _target(config.ffn, total)
+    if target == 0:
+        raise RecipeError(f"key 'ffn': {config.ffn} of {total} FFN neurons rounds to 0; give a count or a larger "
+                          "fraction")
+    if target > total:
+        raise RecipeError(f"key 'ffn': asks to remove {target} FFN neurons but the model has {total}")
+    if config.scope == "global":
+        can = [w - 1 if ok else 0 for w, ok in zip(widths, eligible)]
+    else:
+        can = [max(0, min(round(target / total * w), w - 1)) if ok else 0 for w, ok in zip(widths, eligible)]
+    if sum(can) == 0:
+        why = (f"protect_layers={config.protect_layers} covers every layer" if not any(eligible)
+               else "a layerwise fraction rounds to 0 neurons per layer; use scope: global or a larger fraction")
+        raise RecipeError(f"key 'ffn': {config.ffn} removes no FFN neuron: {why}")
+    if config.scope == "layerwise" and sum(can) != target:
+        return [f"layerwise ffn={config.ffn} removes {sum(can)} of {total} FFN neurons (per layer: {can}), not "
+                f"{target}" + (f": protect_layers={config.protect_layers} are kept" if not all(eligible) else "")]
+    return []
+
+
+def _warn(notes: list[str], stage: str, message: str) -> None:
+    """Record a warning for the report and emit it as a `PruneWarning` (the CLI prints it as one line)."""
+    notes.append(message)
+    warnings.warn(f"{stage}: {message}", PruneWarning, stacklevel=3)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -110,6 +231,8 @@ def compute_scores(
     if "blocks" not in cache:
         cache["blocks"] = calibration_blocks(model, config, ctx, config.calibration_tokens)
     blocks = cache["blocks"]
+    logger.info("prune: scoring heads, FFN neurons%s by %s importance on %d calibration tokens",
+                " and layers" if layers else "", config.importance, blocks.numel())
     if config.importance == "activation":
         return activation_scores(family, model, blocks, units, layers=layers), units
     grad = gradient_scores(family, model, blocks, units, layers=layers)
@@ -236,29 +359,23 @@ def apply_prune(
     """
     stage = f"stage {getattr(ctx, 'stage_index', 0) or 1} (prune)"
     family = check_prunable(model, stage)
+    try:
+        notes = check_targets(family, model, config)
+    except RecipeError as exc:
+        raise RecipeError(f"{stage}: {exc}") from None
+    for note in list(notes):
+        warnings.warn(f"{stage}: {note}", PruneWarning, stacklevel=2)
     start_time = time.perf_counter()
     layers0 = list(layer_list(family, model))
     n_layers0 = len(layers0)
-    protected = set()
-    for index in config.protect_layers:
-        if not -n_layers0 <= index < n_layers0:
-            raise RecipeError(f"{stage}: key 'protect_layers': layer {index} does not exist; the model has "
-                              f"{n_layers0} layers (0..{n_layers0 - 1}, or negative from the end)")
-        protected.add(index % n_layers0)
+    protected = _protected_layers(config, n_layers0)
     layers_target = _target(config.layers, n_layers0)
-    if layers_target > n_layers0 - max(1, len(protected)):
-        raise RecipeError(f"{stage}: key 'layers': got {config.layers} ({layers_target} layers) but only "
-                          f"{n_layers0 - max(1, len(protected))} of {n_layers0} layers can go (protect_layers="
-                          f"{sorted(protected)}; at least one layer stays)")
     start_shapes = [attention_shape(family, layer) for layer in layers0]
     start_units = [len(head_units(n_q, n_kv, config.gqa_mode)) for n_q, n_kv, _ in start_shapes]
     start_ffn = [ffn_width(family, layer) for layer in layers0]
     heads_total0, ffn_total0 = sum(s[0] for s in start_shapes), sum(start_ffn)
     heads_target_total = _target(config.heads, heads_total0)
     ffn_target_total = _target(config.ffn, ffn_total0)
-    if heads_target_total > heads_total0 or ffn_target_total > ffn_total0:
-        raise RecipeError(f"{stage}: asked to remove {heads_target_total} heads / {ffn_target_total} FFN neurons "
-                          f"but the model has {heads_total0} / {ffn_total0}")
     params_before = count_parameters(model)
     original_ids = list(range(n_layers0))  # current position -> layer index at the start of the stage
     head_ids = [list(range(n_q)) for n_q, _, _ in start_shapes]  # current query head -> index at the start
@@ -299,10 +416,9 @@ def apply_prune(
                     _normalized(step_scores.heads, config), sizes, min_keep, prunable, max(need, 0)
                 )
                 if done < need:
-                    warnings.warn(f"prune: removed {done} of the {need} heads asked for in step {step} "
-                                  f"(min_heads_per_layer={config.min_heads_per_layer}, protect_layers="
-                                  f"{config.protect_layers}, units of {sorted({s for z in sizes for s in z})} heads)",
-                                  PruneWarning, stacklevel=2)
+                    _warn(notes, stage, f"removed {done} of the {need} heads asked for in step {step} "
+                          f"(min_heads_per_layer={config.min_heads_per_layer}, protect_layers="
+                          f"{config.protect_layers}, units of {sorted({s for z in sizes for s in z})} heads)")
             else:
                 per_layer_fraction = heads_target_total / heads_total0
                 counts = []
@@ -312,10 +428,6 @@ def apply_prune(
                     min_units = math.ceil(config.min_heads_per_layer / unit_size)
                     want = int(round(per_layer_fraction * start * fraction)) - (start - len(layer_units))
                     counts.append(max(0, min(want, len(layer_units) - min_units)))
-                if per_layer_fraction > 0 and not any(c for c, ok in zip(counts, prunable) if ok) and step == 1:
-                    warnings.warn(f"prune: layerwise heads={config.heads} rounds to 0 of "
-                                  f"{sorted(set(start_units))} head units per layer; nothing removed "
-                                  "(use scope: global for finer steps)", PruneWarning, stacklevel=2)
                 removed_heads = _choose_layerwise(step_scores.heads, counts, prunable)
 
         removed_ffn: list[set[int]] = [set() for _ in layers_now]
@@ -330,9 +442,8 @@ def apply_prune(
                     [1] * len(widths), prunable, max(need, 0),
                 )
                 if done < need:
-                    warnings.warn(f"prune: removed {done} of the {need} FFN neurons asked for in step {step} "
-                                  f"(protect_layers={config.protect_layers}; every layer keeps one neuron)",
-                                  PruneWarning, stacklevel=2)
+                    _warn(notes, stage, f"removed {done} of the {need} FFN neurons asked for in step {step} "
+                          f"(protect_layers={config.protect_layers}; every layer keeps one neuron)")
             else:
                 per_layer_fraction = ffn_target_total / ffn_total0
                 counts = [
@@ -393,4 +504,5 @@ def apply_prune(
         "importance_scores": history,
         "scoring_seconds": round(scoring_seconds, 2),
         "seconds": round(time.perf_counter() - start_time, 2),
+        "warnings": notes,
     }

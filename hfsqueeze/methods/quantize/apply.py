@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...errors import RecipeError, require_backend
+from ...save import auto_class_name
 from .config import QuantizeConfig
 
 logger = logging.getLogger("hfsqueeze")
@@ -28,8 +29,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _bnb():
     bnb = require_backend("bitsandbytes")
-    # "MatMul8bitLt: inputs will be cast from float32 to float16" is emitted on every int8 matmul.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Older bnb releases warned (instead of logging, see utils.silence_bnb_noise) on every int8 matmul.
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     return bnb
 
@@ -56,6 +56,41 @@ def guard_bnb_cpu_repack(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
+
+
+# Appended to the stock loading code of a 4-bit artifact. bnb's own choice on CPUs with AVX512-BF16 would be a bf16
+# kernel (activations and scales rounded to bf16) that moves Gemma-3-270M's logits by up to 2.5 (2.8% of their
+# range): the live model, the report and `load_compressed` run the exact kernel, so the card's code must too.
+EXACT_4BIT_KERNEL_CODE = """
+# Keep bitsandbytes on its exact 4-bit CPU kernel, the one hfsqueeze measured this model with: on CPUs with
+# AVX512-BF16 it would repack the weights on the first forward and compute in bf16 (different logits, and saving
+# afterwards writes corrupt weights with bitsandbytes 0.50.2).
+for module in model.modules():
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+"""
+
+
+def _config_value(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def is_bnb_4bit_config(config: Any) -> bool:
+    """Whether a model config (object or dict) describes a bitsandbytes 4-bit checkpoint."""
+    qc = _config_value(config, "quantization_config")
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def load_snippet(config: Any, path_or_repo: str) -> str | None:
+    """Stock ``from_pretrained`` code for a 4-bit artifact plus `EXACT_4BIT_KERNEL_CODE`, so the card's code gives
+    the outputs hfsqueeze measured and recorded; artifacts that bring their own modeling code are left to the stage
+    that wrote it."""
+    if not is_bnb_4bit_config(config) or _config_value(config, "auto_map"):
+        return None
+    auto = auto_class_name(config)
+    return (f"from transformers import {auto}\n\n"
+            f'model = {auto}.from_pretrained("{path_or_repo}")\n{EXACT_4BIT_KERNEL_CODE}')
 
 
 def has_repacked_4bit(model: nn.Module) -> bool:
@@ -195,8 +230,9 @@ def saveable(model: nn.Module):
     """Let `save_pretrained` run on a 4-bit model that was *loaded* pre-quantized.
 
     Transformers 5.24 records a ``Bnb4bitDeserialize`` weight conversion on such a model and, on save, tries to
-    reverse it, which fails (that reverse step is not implemented upstream). bnb's `Linear4bit` already writes its quantization state itself,
-    so the reverse step has nothing to do: hide that conversion for the duration of the save.
+    reverse it, which fails (that reverse step is not implemented upstream). bnb's `Linear4bit` already writes its
+    quantization state itself, so the reverse step has nothing to do: hide that conversion for the duration of the
+    save.
     """
     conversions = getattr(model, "_weight_conversions", None)
     if not conversions:
