@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,8 +50,8 @@ def compress(
         tokenizer (*optional*): the model's tokenizer; needed for perplexity/KL and for data-driven stages.
         calibration (*optional*, defaults to `"builtin"`): calibration/training text for stages that need data: the
             built-in text (its train split), a local file, or a `datasets.Dataset`.
-        eval_text (*optional*): evaluation text; overrides the recipe's ``evaluation.text`` (a path, ``"builtin"``
-            or a `datasets.Dataset`).
+        eval_text (*optional*): evaluation text(s); overrides the recipe's ``evaluation.text``: a path,
+            ``"builtin"``, ``"builtin:bible"``, a `datasets.Dataset`, or a list of these (the report shows each).
         overrides (`list[str]`, *optional*): ``key.path=value`` recipe overrides, as the CLI's ``--set``.
         measure_quality (`bool`, defaults to `True`): measure before/after; off, only sizes are reported.
         command (`str`, *optional*): the command line that ran this, recorded in the report and the model card.
@@ -74,8 +75,9 @@ def compress(
     recipe = recipe.validate(model)
     check_text_source(calibration)
     evaluation = recipe.evaluation
-    texts = load_texts(eval_text if eval_text is not None else evaluation.text, split="eval") if tokenizer else None
-    ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
+    sources = eval_sources(eval_text, evaluation)
+    texts = {label: load_texts(src, split="eval") for label, src in sources.items()} if tokenizer else None
+    ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras, eval_texts=sources)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
         ctx.original = frozen_copy(model)
 
@@ -98,7 +100,7 @@ def compress(
         recipe=recipe.to_dict(),
         environment={**versions(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                      "device": str(getattr(model, "device", "cpu"))},
-        evaluation={**evaluation.to_dict(), "text": _text_label(eval_text, evaluation.text),
+        evaluation={**evaluation.to_dict(), "text": ", ".join(sources),
                     "eval_tokens": baseline.eval_tokens},
         baseline=baseline,
         command=command,
@@ -151,12 +153,21 @@ def check_measurable(model) -> None:
         )
 
 
-def _text_label(eval_text: Any, default: str) -> str:
-    if eval_text is None:
-        return default
-    if isinstance(eval_text, str):
-        return eval_text
-    return getattr(getattr(eval_text, "info", None), "dataset_name", None) or type(eval_text).__name__
+def _text_label(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        # A file is named by its file name; built-in texts and dataset names by themselves.
+        return Path(source).name if Path(source).is_file() else str(source)
+    return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
+
+
+def eval_sources(eval_text: Any, evaluation: Any) -> dict[str, Any]:
+    """The evaluation text sources by report label: ``eval_text`` (one or a list) or the recipe's
+    ``evaluation.text``; the first is the headline text."""
+    given = evaluation.texts if eval_text is None else (eval_text if isinstance(eval_text, list) else [eval_text])
+    labels = [_text_label(src) for src in given]
+    if len(set(labels)) != len(labels):  # two files with one name: fall back to the paths as given
+        labels = [str(src) if isinstance(src, (str, Path)) else label for src, label in zip(given, labels)]
+    return dict(zip(labels, given))
 
 
 def attach_compress_method() -> None:

@@ -13,9 +13,13 @@ from typing import Any
 
 import torch
 
+from .core.texts import BIBLE, bible_text
 from .errors import RecipeError
 
 BUILTIN = "builtin"
+# Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training) and `BIBLE`, prose
+# that no recipe trains on by default (out-of-domain evaluation; see hfsqueeze.core.texts).
+BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE)
 TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -45,13 +49,17 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
 
     Args:
         source (`str`, `Path` or `datasets.Dataset`, defaults to `"builtin"`):
-            ``"builtin"``, a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
+            ``"builtin"`` (``"builtin:pydoc"``), ``"builtin:bible"`` (out-of-domain prose), a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
             a `datasets.Dataset`, or a dataset name that `datasets.load_dataset` can load (offline: cached only).
         split (`str`, defaults to `"eval"`): for the built-in text, ``"eval"`` (held out) or ``"train"``.
         column (`str`, *optional*): the text column of a table or dataset.
     """
-    if source is None or source == BUILTIN:
+    if source is None or source in (BUILTIN, f"{BUILTIN}:pydoc"):
         return [builtin_text(split)]
+    if source == BIBLE:
+        return [bible_text()]
+    if isinstance(source, str) and source.startswith(f"{BUILTIN}:"):
+        raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
     if not isinstance(source, (str, Path)):
         return _texts_from_dataset(source, column)
     path = Path(source)
@@ -80,7 +88,10 @@ def check_text_source(source: Any) -> None:
 
     ``"builtin"``, datasets and dataset names are left for the stage that uses them (loading them may be slow).
     """
-    if isinstance(source, (str, Path)) and source != BUILTIN and (Path(source).is_file() or _looks_local(source)):
+    if isinstance(source, str) and source.startswith(f"{BUILTIN}:") and source not in BUILTIN_TEXTS:
+        raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
+    if isinstance(source, (str, Path)) and source not in BUILTIN_TEXTS and \
+            (Path(source).is_file() or _looks_local(source)):
         load_texts(source, split="train")
 
 

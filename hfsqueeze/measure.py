@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .adapters import save_pretrained_with_adapter
 from .data import load_texts, token_blocks
 from .utils import progress, progress_bar
 
@@ -50,12 +51,14 @@ class Metrics:
     eval_tokens: int | None = None
     latency_spread: dict[str, dict[str, Any]] | None = None  # per latency field: min, median, max, runs
     load_average: float | None = None  # highest 1-minute load average while latency was timed
+    # Quality on every evaluation text, by label, when there are several (the fields above are the first text's).
+    texts: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Metrics | None":
+    def from_dict(cls, data: dict[str, Any] | None) -> Metrics | None:
         if data is None:
             return None
         names = {f.name for f in dataclasses.fields(cls)}
@@ -71,6 +74,13 @@ class Reference:
     attention_mask: torch.Tensor | None
     outputs: list[torch.Tensor]  # causal: log-probs per block (fp32); encoder: embeddings per batch
     perplexity: float | None = None
+    label: str | None = None
+    # The other evaluation texts, by label (``evaluation.text`` as a list); the report shows each one.
+    others: dict[str, Reference] = dataclasses.field(default_factory=dict)
+
+    def all(self) -> dict[str, Reference]:
+        """Every text's reference by label, this one first."""
+        return {self.label or "text": self, **self.others}
 
 
 def model_task(model) -> str:
@@ -122,7 +132,7 @@ def disk_bytes(model) -> int:
 
     guard_bnb_cpu_repack(model)
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
-        model.save_pretrained(tmp)
+        save_pretrained_with_adapter(model, tmp)  # a kept LoRA adapter is part of the artifact
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
@@ -185,6 +195,26 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
         return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
     finally:
         model.train(was_training)
+
+
+def reference_set(model, tokenizer, evaluation, texts: dict[str, list[str]]) -> Reference | None:
+    """`reference_outputs` for several texts: the first label's reference holds the others in ``others``."""
+    refs = {label: reference_outputs(model, tokenizer, evaluation, docs) for label, docs in texts.items()}
+    if not refs or any(r is None for r in refs.values()):
+        return None
+    for label, ref in refs.items():
+        ref.label = label
+    first, *rest = refs.values()
+    first.others = {r.label: r for r in rest}
+    return first
+
+
+def _reference_quality(ref: Reference) -> dict[str, float]:
+    """The original model's own quality on a text: its perplexity, zero KL, full agreement."""
+    if ref.task == CAUSAL_LM:
+        return {"perplexity": ref.perplexity, "kl_divergence": 0.0, "top1_agreement": 1.0,
+                "eval_tokens": ref.inputs.numel()}
+    return {"embedding_cosine": 1.0, "eval_tokens": int(ref.attention_mask.sum())}
 
 
 @torch.no_grad()
@@ -394,6 +424,9 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         try:
             for key, value in _quality(model, reference).items():
                 setattr(metrics, key, value)
+            if reference.others:
+                metrics.texts = {reference.label: _reference_quality_of(metrics)}
+                metrics.texts.update({label: _quality(model, ref) for label, ref in reference.others.items()})
         finally:
             model.train(was_training)
     if evaluation.latency and time_latency:
@@ -405,11 +438,19 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
     return metrics
 
 
-def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = None, *, time_latency: bool = True
-                     ) -> tuple[Metrics, Reference | None]:
+def _reference_quality_of(metrics: Metrics) -> dict[str, float]:
+    keys = ("perplexity", "kl_divergence", "top1_agreement", "embedding_cosine", "eval_tokens")
+    return {k: getattr(metrics, k) for k in keys if getattr(metrics, k) is not None}
+
+
+def measure_baseline(model, tokenizer, evaluation, texts: list[str] | dict[str, list[str]] | None = None, *,
+                     time_latency: bool = True) -> tuple[Metrics, Reference | None]:
     """Measure the uncompressed model and record its outputs (on ``texts``, default: the evaluation text), which
-    later measurements compare against."""
-    reference = reference_outputs(model, tokenizer, evaluation, texts)
+    later measurements compare against. ``texts`` may map labels to texts: each is recorded and reported."""
+    if isinstance(texts, dict):
+        reference = reference_set(model, tokenizer, evaluation, texts) if tokenizer is not None else None
+    else:
+        reference = reference_outputs(model, tokenizer, evaluation, texts)
     metrics = measure(model, tokenizer, evaluation, reference, compare=False, time_latency=time_latency)
     if reference is not None:
         if reference.task == CAUSAL_LM:
@@ -418,4 +459,6 @@ def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = Non
         else:
             metrics.embedding_cosine = 1.0
             metrics.eval_tokens = int(reference.attention_mask.sum())
+        if reference.others:
+            metrics.texts = {label: _reference_quality(ref) for label, ref in reference.all().items()}
     return metrics, reference

@@ -11,6 +11,7 @@ Stages whose artifacts need more than stock Transformers extend three hooks: `re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import ArtifactError
+from .adapters import ADAPTER_CONFIG, save_pretrained_with_adapter
+from .errors import ArtifactError, BackendMissingError
 from .loading import guarded_load
 from .utils import default_permissions
 
@@ -190,6 +192,10 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
 
     path = _local_artifact(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+    if (Path(path) / ADAPTER_CONFIG).is_file() and importlib.util.find_spec("peft") is None:
+        # Without peft, Transformers would silently load the base model and drop the recovery adapter.
+        raise BackendMissingError(f"{path} holds a LoRA adapter (recovery kept unmerged on a quantized model); "
+                                  "loading it needs peft: pip install peft")
     model = None
     for fn in _LOADERS:
         model = fn(path, config, **kwargs)
@@ -363,7 +369,7 @@ def save_compressed(
     try:
         tmp.mkdir(mode=0o755)
         with saveable(model):
-            model.save_pretrained(tmp)
+            save_pretrained_with_adapter(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for hook in _SAVE_HOOKS:

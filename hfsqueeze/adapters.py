@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import require_backend
+from .errors import require_backend
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -97,6 +97,13 @@ def write_adapter(model: nn.Module, directory: str | Path) -> list[Path]:
     weights = directory / ADAPTER_WEIGHTS
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
     return [directory / ADAPTER_CONFIG, weights]
+
+
+def save_pretrained_with_adapter(model: nn.Module, directory: str | Path) -> None:
+    """``model.save_pretrained(directory)`` for the base weights, then the kept adapter's files beside them."""
+    with adapter_removed(model):
+        model.save_pretrained(directory)
+    write_adapter(model, directory)
 
 
 def adapter_summary(model: nn.Module) -> dict[str, Any] | None:
