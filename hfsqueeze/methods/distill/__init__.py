@@ -220,7 +220,6 @@ def _loss_curve_png(history: list[dict[str, Any]], components: list[dict[str, fl
     return path
 
 
-@register_stage("distill", DistillConfig, validate=validate_distill)
 def _quality_sets(model: nn.Module, tasks: list[TaskData], config: DistillConfig, context: Any) -> list[EvalSet]:
     """What the stage scores before and after training: each LM task's held-out split and the recipe's evaluation
     texts (``evaluation.text``), except the built-in text when a task trains on it (its held-out split is that)."""
@@ -231,6 +230,7 @@ def _quality_sets(model: nn.Module, tasks: list[TaskData], config: DistillConfig
                            block_size=config.block_size, max_tokens=max(t.eval_tokens for t in config.tasks))
 
 
+@register_stage("distill", DistillConfig, validate=validate_distill)
 def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict[str, Any]:
     """Distil ``config.teacher`` into ``model`` (or into a student built from it), in place.
 
