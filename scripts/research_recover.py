@@ -263,5 +263,34 @@ def exp_prune(a, teacher, tok, evals, data, qstage):
     return out
 
 
+
+@torch.no_grad()
+def generated_blocks(teacher, tok, n: int, seq: int, batch: int = 16, seed: int = 0) -> torch.Tensor:
+    """``n`` sequences of ``seq`` tokens sampled from the teacher itself (temperature 1), starting from BOS."""
+    torch.manual_seed(seed)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rows = []
+    for _ in range((n + batch - 1) // batch):
+        ids = torch.full((batch, 1), start, dtype=torch.long)
+        out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                               top_p=1.0, max_new_tokens=seq - 1, min_new_tokens=seq - 1,
+                               pad_token_id=tok.eos_token_id)
+        rows.append(out[:, :seq])
+    return torch.cat(rows)[:n]
+
+
+def exp_prune_gen(a, teacher, tok, evals, data, qstage):
+    """As exp_prune, but half the training sequences are sampled from the original model (data-free KD)."""
+    t = time.perf_counter()
+    gen = generated_blocks(teacher, tok, len(data) // 2, a.seq)
+    gen_s = time.perf_counter() - t
+    print("sample:", repr(tok.decode(gen[0][:80])), flush=True)
+    mixed = torch.cat([data[: len(data) - len(gen)], gen])
+    mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(1))]
+    out = exp_prune(a, teacher, tok, evals, mixed, qstage)
+    out["generate_s"] = round(gen_s, 1)
+    return out
+
+
 if __name__ == "__main__":
     main()

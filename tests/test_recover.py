@@ -15,7 +15,6 @@ import transformers as tf
 
 import hfsqueeze
 from hfsqueeze.api import frozen_copy
-from hfsqueeze.core.texts import parse_bible
 from hfsqueeze.methods.distill import losses
 from hfsqueeze.methods.distill.recover import expand_recovery, recovery_config
 from hfsqueeze.methods.distill.trainer import DistillationTrainer, DistillSpec, pool
@@ -105,6 +104,8 @@ def test_evaluation_text_list_reports_every_text(tiny_tokenizer, ood_text):
 
 
 def test_builtin_bible_text_is_parsed_from_the_package_layout():
+    from hfsqueeze.core.texts import parse_bible
+
     verses = {8001001: 0, 8001002: 30, 32001001: 61, 32001002: 90, 59001001: 120, 60001001: 150}
     body = ("In the days when judges ruled. There was a famine in the land. Now the word came to Jonah. "
             "Arise and go to Nineveh now. James, a servant of God. Tail of the next book.")
