@@ -358,7 +358,7 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
 
     outcome = finish(model, train_model, teacher=teacher, sets=sets, before=quality_before, use_lora=use_lora,
                      quantized=is_bnb_quantized(model), merge=config.lora.merge, guard=config.guard,
-                     tolerance=config.guard_tolerance, snapshot=snapshot)
+                     tolerance=config.guard_tolerance, snapshot=snapshot, fit_text=config.alpha < 1)
     del snapshot
     after = _evaluate(model, teacher, tasks, pad_id, aux, spec)
     if aux is not None:

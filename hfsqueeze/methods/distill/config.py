@@ -232,8 +232,9 @@ class DistillConfig(StageConfig):
     guard: bool = dataclasses.field(
         default=True,
         metadata={"help": "score the model before and after training on the held-out split and the recipe's "
-                  "evaluation texts; if the saved form is further from the teacher on any of them, restore the "
-                  "model from before training, warn, and say so in the report and the card"},
+                  "evaluation texts; if the saved form is further from the teacher on any of them (with alpha < 1: "
+                  "and has a higher perplexity), restore the model from before training, warn, and say so in the "
+                  "report and the card"},
     )
     guard_tolerance: float = dataclasses.field(
         default=0.01, metadata={"help": "relative worsening (of KL, or of 1 - embedding cosine) the guard accepts"}

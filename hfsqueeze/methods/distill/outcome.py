@@ -53,11 +53,12 @@ def _transplant(target: nn.Module, source: nn.Module) -> None:
 
 def finish(model: nn.Module, train_model: nn.Module, *, teacher: nn.Module, sets: list[EvalSet],
            before: dict[str, dict[str, float]], use_lora: bool, quantized: bool, merge: Any, guard: bool,
-           tolerance: float, snapshot: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+           tolerance: float, snapshot: dict[str, torch.Tensor] | None, fit_text: bool = False) -> dict[str, Any]:
     """Score the trained model, choose the form to keep, apply the guard; ``model`` ends in its final state.
 
     ``merge`` is ``"auto"`` (merge LoRA into full-precision weights, keep it unmerged on a quantized model), ``True``
-    or ``False``. Returns the report details: ``quality`` (per set: before / trained / saved), ``route``, ``kept``,
+    or ``False``. ``fit_text``: the hard loss is on, so only a set that is both further from the teacher and higher
+    in perplexity counts as worse. Returns the report details: ``quality`` (per set: before / trained / saved), ``route``, ``kept``,
     ``regressions`` and ``adapter_kept``.
     """
     trained = score(model, teacher, sets) if sets else {}
@@ -71,7 +72,7 @@ def finish(model: nn.Module, train_model: nn.Module, *, teacher: nn.Module, sets
             # Merging re-quantizes the weights, so the merged model is not what was trained: score it on a copy.
             candidate = merge_lora(copy.deepcopy(train_model))
             route, saved = "merged", score(candidate, teacher, sets) if sets else {}
-    found = regressions(before, saved, tolerance) if guard else []
+    found = regressions(before, saved, tolerance, fit_text=fit_text) if guard else []
     if found:
         logger.warning("distill: recovery made the model worse (%s); kept the model from before recovery",
                        "; ".join(found))

@@ -136,18 +136,32 @@ def _distance(metrics: dict[str, float]) -> float | None:
     return None
 
 
-def regressions(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-                tolerance: float) -> list[str]:
-    """One line per set on which ``after`` is further from the teacher than ``before`` (beyond ``tolerance``)."""
+def _worse(before: float, after: float, tolerance: float, lower_is_better: bool = True) -> bool:
+    if not lower_is_better:
+        before, after = -before, -after
+    return after > before + abs(before) * tolerance + 1e-6
+
+
+def regressions(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], tolerance: float, *,
+                fit_text: bool = False) -> list[str]:
+    """One line per set on which ``after`` is worse than ``before`` (beyond ``tolerance``, relative).
+
+    Worse means further from the teacher (higher KL, lower embedding cosine). With ``fit_text`` (the hard loss is on,
+    ``alpha < 1``: the recipe also asks to fit its text) a causal LM must also have a higher perplexity to count.
+    """
     found = []
     for label, b in before.items():
-        a = after.get(label)
-        db, da = _distance(b), _distance(a or {})
-        if db is None or da is None:
+        a = after.get(label) or {}
+        if "embedding_cosine" in b and "embedding_cosine" in a:
+            if _worse(1.0 - b["embedding_cosine"], 1.0 - a["embedding_cosine"], tolerance):
+                found.append(f"{label}: embedding cosine to the teacher {b['embedding_cosine']:.4f} -> "
+                             f"{a['embedding_cosine']:.4f}")
             continue
-        if da > db * (1 + tolerance) + 1e-6:
-            what = "KL to the teacher" if "kl_divergence" in b else "embedding cosine to the teacher"
-            vb, va = (b["kl_divergence"], a["kl_divergence"]) if "kl_divergence" in b else \
-                (b["embedding_cosine"], a["embedding_cosine"])
-            found.append(f"{label}: {what} {vb:.4f} -> {va:.4f}")
+        if "kl_divergence" not in b or "kl_divergence" not in a:
+            continue
+        kl_worse = _worse(b["kl_divergence"], a["kl_divergence"], tolerance)
+        ppl_worse = _worse(b["perplexity"], a["perplexity"], tolerance)
+        if kl_worse and (ppl_worse or not fit_text):
+            found.append(f"{label}: KL to the teacher {b['kl_divergence']:.4f} -> {a['kl_divergence']:.4f}, "
+                         f"perplexity {b['perplexity']:.2f} -> {a['perplexity']:.2f}")
     return found
