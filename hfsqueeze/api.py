@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .context import CompressionContext
-from .data import check_text_source, load_texts
+from .data import check_text_source, eval_sources, load_texts
 from .errors import UnsupportedModelError
 from .measure import Metrics, measure, measure_baseline, model_task, remeasure_latency_interleaved
 from .recipe import Recipe, RecipeLike
@@ -151,23 +150,6 @@ def check_measurable(model) -> None:
             "model; hfsqueeze compresses and measures decoder-only causal LMs (llama, gpt2, ...) and encoders "
             "(bert, ...)"
         )
-
-
-def _text_label(source: Any) -> str:
-    if isinstance(source, (str, Path)):
-        # A file is named by its file name; built-in texts and dataset names by themselves.
-        return Path(source).name if Path(source).is_file() else str(source)
-    return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
-
-
-def eval_sources(eval_text: Any, evaluation: Any) -> dict[str, Any]:
-    """The evaluation text sources by report label: ``eval_text`` (one or a list) or the recipe's
-    ``evaluation.text``; the first is the headline text."""
-    given = evaluation.texts if eval_text is None else (eval_text if isinstance(eval_text, list) else [eval_text])
-    labels = [_text_label(src) for src in given]
-    if len(set(labels)) != len(labels):  # two files with one name: fall back to the paths as given
-        labels = [str(src) if isinstance(src, (str, Path)) else label for src, label in zip(given, labels)]
-    return dict(zip(labels, given))
 
 
 def attach_compress_method() -> None:

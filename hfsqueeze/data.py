@@ -77,6 +77,23 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
     return _texts_from_dataset(ds, column)
 
 
+def _text_label(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        # A file is named by its file name; built-in texts and dataset names by themselves.
+        return Path(source).name if Path(source).is_file() else str(source)
+    return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
+
+
+def eval_sources(eval_text: Any, evaluation: Any) -> dict[str, Any]:
+    """The evaluation text sources by report label: ``eval_text`` (one or a list) or the recipe's
+    ``evaluation.text``; the first is the headline text."""
+    given = evaluation.texts if eval_text is None else (eval_text if isinstance(eval_text, list) else [eval_text])
+    labels = [_text_label(src) for src in given]
+    if len(set(labels)) != len(labels):  # two files with one name: fall back to the paths as given
+        labels = [str(src) if isinstance(src, (str, Path)) else label for src, label in zip(given, labels)]
+    return dict(zip(labels, given))
+
+
 def _looks_local(source: str | Path) -> bool:
     """A path by its looks (a text suffix, or a first component that exists here): never a datasets name."""
     text = str(source)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import save_pretrained_with_adapter
-from .data import load_texts, token_blocks
+from .data import eval_sources, load_texts, token_blocks
 from .utils import progress, progress_bar
 
 logger = logging.getLogger("hfsqueeze")
@@ -147,7 +147,7 @@ def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
 
 
 def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
-    texts = texts if texts is not None else load_texts(evaluation.text, split="eval")
+    texts = texts if texts is not None else load_texts(evaluation.texts[0], split="eval")
     if model_task(model) == CAUSAL_LM:
         return token_blocks(tokenizer, texts, max_tokens=evaluation.max_tokens, seq_len=evaluation.seq_len), None
     # Encoders: one sentence-ish chunk per paragraph, padded into a batch (the way sentence embeddings are used).
@@ -447,6 +447,8 @@ def measure_baseline(model, tokenizer, evaluation, texts: list[str] | dict[str, 
                      time_latency: bool = True) -> tuple[Metrics, Reference | None]:
     """Measure the uncompressed model and record its outputs (on ``texts``, default: the evaluation text), which
     later measurements compare against. ``texts`` may map labels to texts: each is recorded and reported."""
+    if texts is None and len(evaluation.texts) > 1:
+        texts = {label: load_texts(src, split="eval") for label, src in eval_sources(None, evaluation).items()}
     if isinstance(texts, dict):
         reference = reference_set(model, tokenizer, evaluation, texts) if tokenizer is not None else None
     else:

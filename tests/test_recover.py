@@ -101,6 +101,12 @@ def test_evaluation_text_list_reports_every_text(tiny_tokenizer, ood_text):
     md = report.to_markdown()
     assert all(label in md for label in labels)
     assert Recipe.load({"evaluation": {"text": "builtin"}, "stages": recipe["stages"]}).evaluation.texts == ["builtin"]
+    # `hfsqueeze eval` measures without compress: the same texts.
+    from hfsqueeze.measure import measure_baseline
+    from hfsqueeze.recipe import EvaluationConfig
+
+    metrics, _ = measure_baseline(tiny_llama(), tiny_tokenizer, EvaluationConfig.from_dict(recipe["evaluation"]))
+    assert list(metrics.texts) == labels
 
 
 def test_builtin_bible_text_is_parsed_from_the_package_layout():
