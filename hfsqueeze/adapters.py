@@ -20,11 +20,12 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import require_backend
+
+if TYPE_CHECKING:  # the Hub push imports this module and must not pay for torch
+    from torch import nn
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -117,10 +118,12 @@ def adapter_summary(model: nn.Module) -> dict[str, Any] | None:
             "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
 
 
-def set_hub_base(directory: str | Path, repo_id: str) -> None:
-    """Point ``adapter_config.json``'s base at ``repo_id``: loading from the Hub reads the base from there."""
-    path = Path(directory) / ADAPTER_CONFIG
-    if path.is_file():
-        data = json.loads(path.read_text())
-        data["base_model_name_or_path"] = repo_id
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def hub_adapter_config(path: str | Path, repo_id: str) -> bytes:
+    """``adapter_config.json`` as uploaded to ``repo_id``: its base points at the repository itself.
+
+    Loading an adapter repository from the Hub, Transformers reads the base model from ``base_model_name_or_path``
+    (locally it uses the directory, which holds the base too); here base and adapter live in the same repository.
+    """
+    data = json.loads(Path(path).read_text())
+    data["base_model_name_or_path"] = repo_id
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

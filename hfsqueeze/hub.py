@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .adapters import ADAPTER_CONFIG, hub_adapter_config
 from .errors import ArtifactError, HubError
 from .utils import LazyModule
 
@@ -482,7 +483,8 @@ def _operations(api: Any, repo_id: str, artifact: Path, readme: bytes, token: st
         if name == "README.md":
             continue
         local.add(name)
-        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+        content = hub_adapter_config(path, repo_id) if name == ADAPTER_CONFIG else str(path)
+        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     # Weights left over from an earlier push with another layout (e.g. shards) would shadow the new ones.
     for name in api.list_repo_files(repo_id, token=token):
         if name not in local and name.endswith(STALE_WEIGHT_SUFFIXES):
