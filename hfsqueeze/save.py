@@ -44,7 +44,8 @@ _CODE_CHECKS: list[CodeCheck] = []
 # Files `save_compressed` writes (weights, config, tokenizer, side files, stage plots and modeling code). A directory
 # holding anything else is not ours to replace.
 _ARTIFACT_FILES = re.compile(
-    r"^(config\.json|generation_config\.json|.*\.safetensors|.*\.safetensors\.index\.json|recipe\.yaml|report\.json"
+    r"^(config\.json|generation_config\.json|adapter_config\.json|.*\.safetensors|.*\.safetensors\.index\.json"
+    r"|recipe\.yaml|report\.json"
     r"|README\.md|.*\.png|modeling_hfsqueeze_pruned\.py|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
     r"|vocab\.(json|txt)|merges\.txt|.*\.model|chat_template\.(jinja|json))$"
 )

@@ -196,6 +196,8 @@ def test_quantized_recovery_keeps_adapter_that_transformers_loads(tiny_tokenizer
     loaded = hfsqueeze.load_compressed(out)  # parity-checked load
     torch.testing.assert_close(logits(unrepacked(loaded)), live)
     assert "from_pretrained" in (out / "README.md").read_text() and "peft" in (out / "README.md").read_text()
+    # Saving again over it (--overwrite) knows the adapter files as its own.
+    assert hfsqueeze.save_compressed(model, out, tokenizer=tiny_tokenizer, overwrite=True) == out
 
 
 def test_quantized_recovery_can_still_merge_when_asked(tiny_tokenizer, tmp_path):
