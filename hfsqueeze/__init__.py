@@ -6,10 +6,14 @@ report = model.compress("int8", tokenizer=tok)     # in place
 print(report.to_markdown())
 hfsqueeze.save_compressed(model, "out/", tokenizer=tok)
 ```
+
+The layers and the life of one call are described in ``hfsqueeze/ARCHITECTURE.md``.
 """
 
-from .api import compress
-from .errors import (
+from .api import attach_compress_method, compress
+from .artifact.load import load_compressed
+from .artifact.save import save_compressed
+from .core.errors import (
     ArtifactError,
     BackendMissingError,
     HfSqueezeError,
@@ -17,12 +21,12 @@ from .errors import (
     RecipeError,
     UnsupportedModelError,
 )
+from .core.stage import Stage
+from .evaluation.metrics import Metrics
+from .evaluation.report import CompressionReport
 from .hub import push_to_hub
-from .measure import Metrics
 from .recipe import EvaluationConfig, Recipe
 from .registry import available_stages, register_stage
-from .report import CompressionReport
-from .save import load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
@@ -36,6 +40,7 @@ __all__ = [
     "Metrics",
     "Recipe",
     "RecipeError",
+    "Stage",
     "UnsupportedModelError",
     "available_stages",
     "compress",
@@ -45,11 +50,4 @@ __all__ = [
     "save_compressed",
 ]
 
-
-def _attach() -> None:
-    from .api import attach_compress_method
-
-    attach_compress_method()
-
-
-_attach()
+attach_compress_method()

@@ -1,31 +1,31 @@
-"""`compress`: the one implementation behind `PreTrainedModel.compress` and the CLI."""
+"""`compress`: the one implementation behind `PreTrainedModel.compress` and the CLI; `evaluate_artifact` behind
+``hfsqueeze eval``."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
+from transformers import AutoTokenizer, PreTrainedModel
 
-from .context import CompressionContext
-from .data import load_texts
-from .measure import Metrics, measure, measure_baseline, model_task
-from .recipe import Recipe, RecipeLike
+from .artifact.load import load_compressed
+from .artifact.save import weights_bytes
+from .core.context import CompressionContext
+from .core.data import load_texts
+from .core.errors import ArtifactError
+from .core.hf import eval_mode, frozen_copy
+from .core.models import load_model
+from .core.stage import ModelInfo
+from .core.utils import quiet_transformers_progress
+from .evaluation.measure import Reference, measure, measure_baseline
+from .evaluation.metrics import Metrics
+from .evaluation.report import CompressionReport, StageResult, environment, model_summary
+from .recipe import EvaluationConfig, Recipe, RecipeLike
 from .registry import get_stage
-from .report import CompressionReport, StageResult
-from .utils import cpu_name, quiet_transformers_progress, versions
 
 logger = logging.getLogger("hfsqueeze")
-
-
-def frozen_copy(model):
-    """A deep copy of ``model`` in eval mode with gradients off: a teacher or a reference that never trains."""
-    clone = copy.deepcopy(model)
-    clone.eval()
-    clone.requires_grad_(False)
-    return clone
 
 
 def compress(
@@ -67,67 +67,49 @@ def compress(
     ```
     """
     quiet_transformers_progress()
-    recipe = Recipe.load(recipe, overrides)
-    recipe = _expand(recipe)
+    recipe = Recipe.load(recipe, overrides).expanded()
+    recipe.check(ModelInfo.of(model))  # every stage's checks, before a second goes into measuring
     evaluation = recipe.evaluation
     texts = load_texts(eval_text if eval_text is not None else evaluation.text, split="eval") if tokenizer else None
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
         ctx.original = frozen_copy(model)
-
-    was_training = model.training
-    model.eval()
-    reference = None
-    if measure_quality:
-        baseline, reference = measure_baseline(model, tokenizer, evaluation, texts)
-    else:
-        baseline = measure(model, None, evaluation, with_disk=False)
-    report = CompressionReport(
-        model={
-            "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-            "model_type": model.config.model_type,
-            "architecture": type(model).__name__,
-            "task": model_task(model),
-        },
-        recipe=recipe.to_dict(),
-        environment={**versions(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                     "device": str(getattr(model, "device", "cpu"))},
-        evaluation={**evaluation.to_dict(), "text": _text_label(eval_text, evaluation.text),
-                    "eval_tokens": baseline.eval_tokens},
-        baseline=baseline,
-        command=command,
-    )
-
-    last = len(recipe.stages)
-    for index, stage in enumerate(recipe.stages, start=1):
-        spec = get_stage(stage.method)
-        ctx.stage_index = index
-        ctx.previous = frozen_copy(model) if stage.snapshot_needed() == "previous" else None
-        logger.info("stage %d/%d: %s", index, last, stage.method)
-        start = time.perf_counter()
-        details = spec.apply(model, stage, ctx) or {}
-        seconds = time.perf_counter() - start
-        model.eval()
-        metrics = None
-        if index == last or evaluation.per_stage:
-            metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
-                              with_disk=evaluation.disk_size)
-        report.stages.append(StageResult(index, stage.method, stage.to_dict(), details, round(seconds, 3), metrics))
-        ctx.results.append({"method": stage.method, **details})
-    ctx.previous = None
-    report.final = report.stages[-1].metrics
-    model.train(was_training)
+    with eval_mode(model):
+        reference = None
+        if measure_quality:
+            baseline, reference = measure_baseline(model, tokenizer, evaluation, texts)
+        else:
+            baseline = measure(model, None, evaluation, with_disk=False)
+        report = CompressionReport(
+            model=model_summary(model), recipe=recipe.to_dict(), environment=environment(model),
+            evaluation={**evaluation.to_dict(), "text": _text_label(eval_text, evaluation.text),
+                        "eval_tokens": baseline.eval_tokens},
+            baseline=baseline, command=command,
+        )
+        for index, config in enumerate(recipe.stages, start=1):
+            metrics_wanted = index == len(recipe.stages) or evaluation.per_stage
+            result = _run_stage(model, config, ctx, index, len(recipe.stages))
+            if metrics_wanted:
+                result.metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
+                                         with_disk=evaluation.disk_size)
+            report.stages.append(result)
+            ctx.results.append({"method": config.method, **result.details})
+        ctx.previous = None
+        report.final = report.stages[-1].metrics
     model.hfsqueeze_report = report
     return report
 
 
-def _expand(recipe: Recipe) -> Recipe:
-    """Let stage packages rewrite the recipe before it runs (e.g. insert recovery after pruning)."""
-    from . import methods
-
-    for hook in getattr(methods, "RECIPE_EXPANDERS", []):
-        recipe = hook(recipe)
-    return recipe
+def _run_stage(model, config, ctx: CompressionContext, index: int, last: int) -> StageResult:
+    """Apply one stage (with a frozen copy of the model as it enters, when the stage asks for one)."""
+    ctx.stage_index = index
+    ctx.previous = frozen_copy(model) if config.snapshot_needed() == "previous" else None
+    logger.info("stage %d/%d: %s", index, last, config.method)
+    start = time.perf_counter()
+    details = get_stage(config.method).apply(model, config, ctx) or {}
+    seconds = time.perf_counter() - start
+    model.eval()
+    return StageResult(index, config.method, config.to_dict(), details, round(seconds, 3))
 
 
 def _text_label(eval_text: Any, default: str) -> str:
@@ -138,10 +120,59 @@ def _text_label(eval_text: Any, default: str) -> str:
     return getattr(getattr(eval_text, "info", None), "dataset_name", None) or type(eval_text).__name__
 
 
+def evaluate_artifact(path: str | Path, *, base: str | None = None,
+                      overrides: list[str] | None = None) -> CompressionReport:
+    """Re-measure a saved artifact; compare with ``base`` (an uncompressed model directory) when given.
+
+    Args:
+        path (`str` or `Path`): a directory written by `save_compressed`.
+        base (`str`, *optional*): the uncompressed model; defaults to the saved report's model when it is a local
+            directory. Without one, the original column comes from the saved ``report.json``.
+        overrides (`list[str]`, *optional*): ``evaluation.KEY=VALUE`` changes to the saved recipe's evaluation
+            settings (the defaults when the artifact has no report).
+
+    Returns:
+        `CompressionReport`: one ``eval`` stage; its config says where the original column came from (``base``).
+    """
+    quiet_transformers_progress()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
+    saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
+    evaluation = Recipe.load(saved.recipe).evaluation if saved is not None else EvaluationConfig()
+    evaluation = evaluation.overridden(overrides or [])
+    base_dir = base or (saved.model.get("name_or_path") if saved else None)
+    base_is_local = base_dir is not None and (Path(base_dir) / "config.json").is_file()
+    if base and not base_is_local and saved is None:
+        raise ArtifactError(f"--base {base} is not a local model directory")
+    model = load_compressed(path)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    baseline, reference = _original(base_dir if base_is_local else None, saved, tokenizer, evaluation)
+    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
+    metrics.disk_bytes = weights_bytes(path)
+    return CompressionReport(
+        model=saved.model if saved else model_summary(model),
+        recipe=saved.recipe if saved else {},
+        environment=environment(model),
+        evaluation={**evaluation.to_dict(), "eval_tokens": metrics.eval_tokens},
+        baseline=baseline,
+        stages=[StageResult(1, "eval", {"artifact": str(path), "base": base_dir if base_is_local else None},
+                            {"format": "re-measured"}, 0.0, metrics)],
+        final=metrics,
+    )
+
+
+def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: Any,
+              evaluation: EvaluationConfig) -> tuple[Metrics | None, Reference | None]:
+    """The original column: re-measured from ``base_dir`` (with outputs to compare against), or the saved one."""
+    if base_dir is None:
+        return (saved.baseline if saved is not None else None), None
+    base_model, _ = load_model(base_dir)
+    return measure_baseline(base_model, tokenizer, evaluation)
+
+
 def attach_compress_method() -> None:
     """Give every `PreTrainedModel` a ``compress`` method delegating to `compress`; never overwrite a foreign one."""
-    from transformers import PreTrainedModel
-
     existing = getattr(PreTrainedModel, "compress", None)
     if existing is not None:
         if not getattr(existing, "_hfsqueeze", False):
@@ -157,4 +188,4 @@ def attach_compress_method() -> None:
     PreTrainedModel.compress = compress_method
 
 
-__all__ = ["Metrics", "attach_compress_method", "compress", "frozen_copy"]
+__all__ = ["attach_compress_method", "compress", "evaluate_artifact"]

@@ -19,9 +19,10 @@ from typing import Any, Union
 
 import yaml
 
-from .config import ConfigBase, StageConfig
-from .errors import RecipeError
-from .registry import get_stage
+from .core.config import ConfigBase, StageConfig
+from .core.errors import RecipeError, prefixed
+from .core.stage import ModelInfo
+from .registry import get_stage, stages
 
 RECIPE_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -51,6 +52,17 @@ class EvaluationConfig(ConfigBase):
                 self.fail(key, f"got {getattr(self, key)}; must be >= 1")
         if self.max_tokens < 2:
             self.fail("max_tokens", "must be at least 2")
+
+    def overridden(self, overrides: list[str]) -> "EvaluationConfig":
+        """A copy with ``evaluation.KEY=VALUE`` overrides applied (as ``hfsqueeze eval --set``)."""
+        data = self.to_dict()
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.startswith("evaluation.") or key.count(".") != 1:
+                raise RecipeError(f"eval --set {item!r}: only evaluation.KEY=VALUE applies here; keys: "
+                                  f"{', '.join(self.allowed_keys())}")
+            data[key.split(".", 1)[1]] = yaml.safe_load(value)
+        return EvaluationConfig.from_dict(data, where="evaluation")
 
 
 @dataclasses.dataclass
@@ -119,6 +131,20 @@ class Recipe(ConfigBase):
         out["evaluation"] = self.evaluation.to_dict()
         out["stages"] = [s.to_dict() for s in self.stages]
         return out
+
+    def expanded(self) -> "Recipe":
+        """The recipe as it will run: every registered stage may rewrite it (``recover:`` inserts distill stages)."""
+        recipe = self
+        for stage in stages():
+            recipe = stage.expand(recipe)
+        return recipe
+
+    def check(self, info: ModelInfo) -> None:
+        """Run every stage's `Stage.validate` against the model ``info`` describes, in recipe order (each stage
+        sees the model as the stages before it leave it); the error names the stage."""
+        for index, config in enumerate(self.stages, start=1):
+            with prefixed(f"stage {index} ({config.method})"):
+                info = get_stage(config.method).validate(config, info) or info
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

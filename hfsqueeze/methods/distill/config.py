@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from ...config import ConfigBase, StageConfig
+from ...core.config import ConfigBase, StageConfig
+from ...core.errors import RecipeError
 
+CAUSAL_LM = "causal_lm"
+SEQUENCE_CLASSIFICATION = "sequence_classification"
 TEACHER_SNAPSHOTS = ("original", "previous")
 DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "max_steps": 200,
@@ -261,3 +264,20 @@ class DistillConfig(StageConfig):
 
     def snapshot_needed(self) -> str | None:
         return self.teacher if self.teacher in TEACHER_SNAPSHOTS else None
+
+
+# ---- checks against the model (run by the stage before anything trains, and by DistillStage.validate) -------------
+def check_tasks(config: DistillConfig, architecture: str) -> None:
+    """A sequence classifier cannot train on next-token tasks."""
+    if CAUSAL_LM in [t.task for t in config.tasks] and architecture.endswith("ForSequenceClassification"):
+        raise RecipeError(f"{architecture} is a sequence classifier; its data cannot include causal_lm tasks (use "
+                          "task: sequence_classification)")
+
+
+def uses_lora(config: DistillConfig, quantized: str | None) -> bool:
+    """LoRA adapters for a bnb-quantized model (whose weights cannot be trained directly), or when asked."""
+    bnb = quantized == "bitsandbytes"
+    if bnb and config.adapter == "none":
+        raise RecipeError("the model is bnb-quantized, so its weights cannot be fine-tuned directly; use adapter: "
+                          "auto or lora (LoRA adapters, merged at the end)")
+    return config.adapter == "lora" or (config.adapter == "auto" and bnb)

@@ -1,23 +1,16 @@
-"""The ``prune`` stage: structured removal of attention heads (MHA and GQA), FFN neurons and whole layers."""
+"""The ``prune`` method: structured removal of attention heads (MHA and GQA), FFN neurons and whole layers."""
 
-from ...registry import register_stage
-from ...save import register_load_snippet, register_loader, register_save_hook
-from .apply import PruneWarning, apply_prune, check_prunable, compute_scores, sync_config
-from .artifact import load_snippet, loader, save_hook
+from .apply import PruneWarning, apply_prune, compute_scores, sync_config
 from .config import PruneConfig
+from .stage import PruneStage
 from .surgery import SUPPORTED_MODEL_TYPES, drop_layers, prune_ffn, prune_heads
-
-register_stage("prune", PruneConfig)(apply_prune)
-register_save_hook(save_hook)
-register_loader(loader)
-register_load_snippet(load_snippet)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "PruneConfig",
+    "PruneStage",
     "PruneWarning",
     "apply_prune",
-    "check_prunable",
     "compute_scores",
     "drop_layers",
     "prune_ffn",

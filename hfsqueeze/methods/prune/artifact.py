@@ -17,6 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import transformers
+
+from ...core.hf import auto_class_name
 from . import surgery
 from .surgery import PLAN_KEY, family_of, pruned_class
 
@@ -26,14 +29,17 @@ MODELING_FILE = "modeling_hfsqueeze_pruned.py"
 _PREFIX = "Pruned"
 
 
+def has_plan(config: Any) -> bool:
+    """Whether ``config`` carries a pruning plan that only the artifact's modeling file (or hfsqueeze) can apply."""
+    return bool(getattr(config, PLAN_KEY, None)) and family_of(config) is not None
+
+
 def _stock_name(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
 
 def _classes(model: Any) -> dict[str, type]:
     """Auto class name -> the stock Transformers class to subclass, for the model and for its backbone."""
-    from ...save import auto_class_name
-
     stock = _stock_class(type(model))
     found = {auto_class_name(model.config): stock}
     base = getattr(model, "base_model", model)
@@ -43,8 +49,6 @@ def _classes(model: Any) -> dict[str, type]:
 
 
 def _stock_class(cls: type) -> type:
-    import transformers
-
     return getattr(transformers, _stock_name(cls.__name__), cls)
 
 
@@ -61,7 +65,7 @@ def save_hook(model: Any, tmp_dir: Path) -> None:
     """Write the modeling file and ``auto_map`` when the config carries a pruning plan."""
     config = getattr(model, "config", None)
     config_path = Path(tmp_dir) / "config.json"
-    if not getattr(config, PLAN_KEY, None) or family_of(config) is None or not config_path.is_file():
+    if not has_plan(config) or not config_path.is_file():
         return
     classes = _classes(model)
     (Path(tmp_dir) / MODELING_FILE).write_text(modeling_source(classes))
@@ -74,30 +78,20 @@ def save_hook(model: Any, tmp_dir: Path) -> None:
 
 def loader(path: str, config: Any, **kwargs: Any) -> Any:
     """`hfsqueeze.load_compressed` route for artifacts with a pruning plan (no remote code executed)."""
-    if not getattr(config, PLAN_KEY, None) or family_of(config) is None:
+    if not has_plan(config):
         return None
-    import transformers
-
-    from ..quantize import guard_bnb_cpu_repack
-
     archs = [_stock_name(a) for a in (getattr(config, "architectures", None) or [])]
     stock = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if stock is None:
-        from ...save import auto_class_name
-
         stock = getattr(transformers, auto_class_name(config))._model_mapping[type(config)]
     kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
-    model = pruned_class(stock).from_pretrained(path, **kwargs)
-    guard_bnb_cpu_repack(model)
-    return model.eval()
+    return pruned_class(stock).from_pretrained(path, **kwargs)
 
 
 def load_snippet(config: Any, path_or_repo: str) -> str | None:
     """``AutoModel*.from_pretrained(..., trust_remote_code=True)`` for artifacts with a pruning plan."""
-    if not getattr(config, PLAN_KEY, None) or family_of(config) is None:
+    if not has_plan(config):
         return None
-    from ...save import auto_class_name
-
     auto = auto_class_name(config)
     return (f"from transformers import {auto}\n\n"
             f'model = {auto}.from_pretrained("{path_or_repo}", trust_remote_code=True)\n')

@@ -1,9 +1,7 @@
-"""The ``quantize`` stage: bitsandbytes LLM.int8, 4-bit NF4/FP4 and 16-bit casts, applied in place."""
+"""The ``quantize`` method: bitsandbytes LLM.int8, 4-bit NF4/FP4 and 16-bit casts, applied in place."""
 
-from ...registry import register_stage
-from .apply import apply_quantize, guard_bnb_cpu_repack, is_bnb_quantized
+from .apply import apply_quantize
 from .config import QuantizeConfig
+from .stage import QuantizeStage
 
-register_stage("quantize", QuantizeConfig)(apply_quantize)
-
-__all__ = ["QuantizeConfig", "apply_quantize", "guard_bnb_cpu_repack", "is_bnb_quantized"]
+__all__ = ["QuantizeConfig", "QuantizeStage", "apply_quantize"]

@@ -14,42 +14,19 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .data import load_texts, token_blocks
-from .utils import progress
+from ..compat.bnb import guard_bnb_cpu_repack, saveable
+from ..core.data import load_texts, token_blocks
+from ..core.hf import count_parameters, eval_mode, is_causal_lm
+from ..core.utils import progress
+from .metrics import Metrics
 
-CAUSAL_LM = "causal-lm"
-ENCODER = "encoder"
-
-
-@dataclasses.dataclass
-class Metrics:
-    """One measurement of a model. ``None`` means "not measured" (e.g. perplexity of an encoder)."""
-
-    parameters: int | None = None
-    footprint_bytes: int | None = None
-    disk_bytes: int | None = None
-    perplexity: float | None = None
-    kl_divergence: float | None = None
-    top1_agreement: float | None = None
-    embedding_cosine: float | None = None
-    prefill_ms_per_token: float | None = None
-    decode_ms_per_token: float | None = None
-    eval_tokens: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Metrics | None":
-        if data is None:
-            return None
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+# `model_task` values, as the report records them (``report["model"]["task"]``).
+TASK_CAUSAL_LM = "causal-lm"
+TASK_ENCODER = "encoder"
 
 
 @dataclasses.dataclass
@@ -64,26 +41,8 @@ class Reference:
 
 
 def model_task(model) -> str:
-    """``"causal-lm"`` for generative LMs, ``"encoder"`` for BERT-style models without an LM head."""
-    names = type(model).__name__
-    if names.endswith(("ForCausalLM", "LMHeadModel")) or getattr(model.config, "is_decoder", False):
-        return CAUSAL_LM
-    return ENCODER
-
-
-def count_parameters(model) -> int:
-    """Logical parameter count: a 4-bit weight counts as in*out even though two values share a byte."""
-    seen, total = set(), 0
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if name == "weight" and type(param).__name__ == "Params4bit":
-                total += module.in_features * module.out_features
-            else:
-                total += param.numel()
-    return total
+    """``"causal-lm"`` for generative LMs, ``"encoder"`` for models without a next-token head (BERT-style)."""
+    return TASK_CAUSAL_LM if is_causal_lm(model) else TASK_ENCODER
 
 
 def footprint_bytes(model) -> int:
@@ -107,10 +66,6 @@ def footprint_bytes(model) -> int:
 
 def disk_bytes(model) -> int:
     """Size of the weight files `save_pretrained` writes for ``model`` (safetensors), measured by writing them."""
-    from .methods.quantize import guard_bnb_cpu_repack
-    from .methods.quantize.apply import saveable
-
-    guard_bnb_cpu_repack(model)
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
         model.save_pretrained(tmp)
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
@@ -128,7 +83,7 @@ def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
 
 def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
     texts = texts if texts is not None else load_texts(evaluation.text, split="eval")
-    if model_task(model) == CAUSAL_LM:
+    if model_task(model) == TASK_CAUSAL_LM:
         return token_blocks(tokenizer, texts, max_tokens=evaluation.max_tokens, seq_len=evaluation.seq_len), None
     # Encoders: one sentence-ish chunk per paragraph, padded into a batch (the way sentence embeddings are used).
     paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 20]
@@ -158,12 +113,10 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
     """Record the outputs of ``model`` (before compression) on the evaluation text; ``None`` without a tokenizer."""
     if tokenizer is None:
         return None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         task = model_task(model)
         inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
-        if task == CAUSAL_LM:
+        if task == TASK_CAUSAL_LM:
             outputs, nll, count = [], 0.0, 0
             for block in progress(inputs, desc="reference outputs"):
                 lp = _forward_logprobs(model, block)
@@ -172,28 +125,11 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
                 outputs.append(lp)
             return Reference(task, inputs, None, outputs, perplexity=math.exp(nll / count))
         return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor) -> float:
-    """Perplexity of a causal LM on token blocks ``[n, L]`` (every token but the first of each block is scored)."""
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        for block in progress(blocks, desc="perplexity"):
-            s, n = _nll(_forward_logprobs(model, block), block)
-            nll, count = nll + s, count + n
-    finally:
-        model.train(was_training)
-    return math.exp(nll / count)
 
 
 @torch.no_grad()
 def _quality(model, reference: Reference) -> dict[str, float]:
-    if reference.task == ENCODER:
+    if reference.task == TASK_ENCODER:
         new = _embeddings(model, reference.inputs, reference.attention_mask)
         cos = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(reference.outputs, new)])
         return {"embedding_cosine": cos.mean().item(), "eval_tokens": int(reference.attention_mask.sum())}
@@ -223,12 +159,10 @@ def _median_ms(fn, repeats: int) -> float:
 @torch.no_grad()
 def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) -> dict[str, float | None]:
     """Median prefill ms/token on ``prompt`` [1, P] and (causal LMs) greedy decode ms/token with the KV cache."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         prefill = _median_ms(lambda: model(input_ids=prompt), repeats) / prompt.shape[1]
         decode = None
-        if model_task(model) == CAUSAL_LM and decode_tokens > 0:
+        if model_task(model) == TASK_CAUSAL_LM and decode_tokens > 0:
             # Transformers 5.2x renamed `past_key_values` to `cache` (input and output); accept both.
             key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -244,8 +178,6 @@ def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) ->
             run_decode()
             decode = statistics.median(run_decode() for _ in range(repeats)) / decode_tokens
         return {"prefill_ms_per_token": prefill, "decode_ms_per_token": decode}
-    finally:
-        model.train(was_training)
 
 
 def measure(model, tokenizer, evaluation, reference: Reference | None = None, *, with_disk: bool | None = None,
@@ -261,8 +193,6 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         with_disk (`bool`, *optional*): serialize to measure disk size; defaults to ``evaluation.disk_size``.
         compare (`bool`, defaults to `True`): compare with ``reference``; `measure_baseline` turns it off.
     """
-    from .methods.quantize import guard_bnb_cpu_repack
-
     guard_bnb_cpu_repack(model)
     metrics = Metrics(parameters=count_parameters(model), footprint_bytes=footprint_bytes(model))
     if evaluation.disk_size if with_disk is None else with_disk:
@@ -271,19 +201,15 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         return metrics
     if reference is None:
         reference = reference_outputs(model, tokenizer, evaluation)
-        if reference.task == CAUSAL_LM:
+        if reference.task == TASK_CAUSAL_LM:
             metrics.perplexity, metrics.eval_tokens = reference.perplexity, reference.inputs.numel()
     elif compare:
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for key, value in _quality(model, reference).items():
                 setattr(metrics, key, value)
-        finally:
-            model.train(was_training)
     if evaluation.latency:
         prompt = reference.inputs.reshape(-1)[: evaluation.prompt_tokens].unsqueeze(0)
-        if reference.task == ENCODER:
+        if reference.task == TASK_ENCODER:
             prompt = reference.inputs[:1, : evaluation.prompt_tokens]
         for key, value in latency(model, prompt, decode_tokens=evaluation.decode_tokens,
                                   repeats=evaluation.repeats).items():
@@ -298,7 +224,7 @@ def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = Non
     reference = reference_outputs(model, tokenizer, evaluation, texts)
     metrics = measure(model, tokenizer, evaluation, reference, compare=False)
     if reference is not None:
-        if reference.task == CAUSAL_LM:
+        if reference.task == TASK_CAUSAL_LM:
             metrics.perplexity, metrics.kl_divergence, metrics.top1_agreement = reference.perplexity, 0.0, 1.0
             metrics.eval_tokens = reference.inputs.numel()
         else:

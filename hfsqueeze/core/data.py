@@ -16,7 +16,8 @@ import torch
 from .errors import RecipeError
 
 BUILTIN = "builtin"
-TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".parquet")
+TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)
 
 
 def builtin_text(split: str = "eval") -> str:
@@ -30,14 +31,39 @@ def builtin_text(split: str = "eval") -> str:
     return "\n\n".join(topics[n].strip() for n in chosen)
 
 
+def _text_column(names: list[str], first_row: Any, column: str | None) -> str | None:
+    """``column``, else ``text``, else the first column holding a string."""
+    if column is not None:
+        return column
+    if "text" in names:
+        return "text"
+    return next((c for c in names if isinstance(first_row[c], str)), None)
+
+
 def _texts_from_dataset(ds: Any, column: str | None) -> list[str]:
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict: take the first split
         ds = ds[list(ds.keys())[0]]
     names = list(getattr(ds, "column_names", []) or [])
-    col = column or ("text" if "text" in names else next((c for c in names if isinstance(ds[0][c], str)), None))
+    col = _text_column(names, ds[0], column) if names else None
     if col is None or col not in names:
         raise RecipeError(f"the dataset has no text column {column or 'text'!r}; columns: {', '.join(names)}")
     return [t for t in ds[col] if isinstance(t, str) and t.strip()]
+
+
+def read_rows(path: Path) -> list[Any]:
+    """The rows of a local table: ``.jsonl`` (one JSON value a line), ``.json`` (a list, or one value), ``.csv`` and
+    ``.parquet`` (one dict a row). The one reader of tables, for text sources and labelled data alike."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".json":
+        rows = json.loads(path.read_text())
+        return rows if isinstance(rows, list) else [rows]
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        return [dict(r) for r in datasets.load_dataset(suffix[1:], data_files=str(path), split="train")]
+    raise RecipeError(f"{path} has suffix {suffix!r}; allowed: {', '.join(TABLE_SUFFIXES)}")
 
 
 def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None = None) -> list[str]:
@@ -59,18 +85,12 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
         suffix = path.suffix.lower()
         if suffix in (".txt", ".md"):
             return [path.read_text()]
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            return _texts_from_rows(rows, column, path)
-        if suffix == ".json":
-            rows = json.loads(path.read_text())
-            return _texts_from_rows(rows if isinstance(rows, list) else [rows], column, path)
-        if suffix in (".csv", ".parquet"):
-            import datasets
-
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-            return _texts_from_dataset(ds, column)
-        raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+        if suffix not in TABLE_SUFFIXES:
+            raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+        rows = read_rows(path)
+        if suffix in (".csv", ".parquet") and rows:  # tables name their columns: take the text one
+            column = _text_column(list(rows[0]), rows[0], column)
+        return _texts_from_rows(rows, column, path)
     if str(source).endswith(TEXT_SUFFIXES) or "/" in str(source) and Path(str(source).split("/")[0]).exists():
         raise RecipeError(f"text file not found: {source}")
     try:

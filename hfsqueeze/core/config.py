@@ -137,7 +137,11 @@ class ConfigBase:
 
 @dataclasses.dataclass
 class StageConfig(ConfigBase):
-    """Base of every stage's config. Subclasses set the class attribute ``method``."""
+    """Base of every stage's config. Subclasses set the class attribute ``method``.
+
+    A config that declares a ``recover`` field (prune's does) takes part in recovery: the recipe may ask for a
+    recovery stage right after such a stage, and the distill stage's `expand` inserts it.
+    """
 
     method: ClassVar[str] = ""
 
