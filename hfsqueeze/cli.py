@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,25 @@ from .recipe import RECIPES_DIR, Recipe
 logger = logging.getLogger("hfsqueeze")
 
 EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup (``finally``, temporary directories) runs the same way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM and return the previous one (no-op outside the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +98,10 @@ def _push_flags(parser: Any) -> None:
     parser.add_argument("--commit-message", default=None, help="Hub commit message")
     parser.add_argument("--no-parity-check", dest="check_parity", action="store_false",
                         help="skip the reload parity check before uploading")
+    if not any("--trust-remote-code" in a.option_strings for a in parser._actions):
+        parser.add_argument("--trust-remote-code", action="store_true",
+                            help="allow Python code in the artifact that hfsqueeze did not generate, and run the "
+                                 "card's own load code for the parity check")
 
 
 def add_push_parser(subparsers: Any) -> Any:
@@ -112,7 +136,7 @@ def check_push_args(args: Any) -> None:
 def run_push(args: Any) -> int:
     """Handler of ``hfsqueeze push``: push ``args.artifact`` to ``args.repo``; returns the exit code."""
     info = push_to_hub(args.artifact, args.repo, private=args.private, commit_message=args.commit_message,
-                       check_parity=args.check_parity)
+                       check_parity=args.check_parity, trust_remote_code=args.trust_remote_code)
     sys.stdout.write(f"pushed {info.commit_url}\n")
     return 0
 
@@ -123,7 +147,8 @@ def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str
         return None
     source = artifact if artifact else model
     info = push_to_hub(source, args.push_to_hub, tokenizer=None if artifact else tokenizer, private=args.private,
-                       commit_message=args.commit_message, check_parity=args.check_parity)
+                       commit_message=args.commit_message, check_parity=args.check_parity,
+                       trust_remote_code=getattr(args, "trust_remote_code", False))
     sys.stdout.write(f"pushed {info.commit_url}\n")
     return info
 
@@ -147,7 +172,7 @@ def _cmd_recipes(args) -> int:
 def _cmd_compress(args) -> int:
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
     if args.output:
-        check_output_dir(Path(args.output).resolve(), args.overwrite)
+        check_output_dir(args.output, args.overwrite)
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
         check_push_args(args)
@@ -181,8 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes,
                 "push": run_push}
+    previous = _on_sigterm(_raise_terminated)
     try:
         return handlers[args.command](args)
+    except Terminated:
+        print("hfsqueeze: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except HfSqueezeError as exc:
         print(f"hfsqueeze: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -192,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hfsqueeze: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _on_sigterm(previous)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifact.card import merge_model_card, render_model_card
-from .artifact.load import load_snippet
+from .artifact.load import check_artifact_code, load_snippet
 from .artifact.parity import DEFAULT_PARITY_TOLERANCE, verify_parity
 from .artifact.save import save_compressed
 from .core.errors import ArtifactError, HubError
@@ -85,7 +85,7 @@ def _artifact_config(path: Path) -> Any:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception:  # a stage's own model_type: the snippet functions get the plain dict
         return json.loads((path / "config.json").read_text())
 
@@ -120,6 +120,7 @@ def push_to_hub(
     check_parity: bool = True,
     parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
     max_retries: int = 3,
+    trust_remote_code: bool = False,
 ):
     """Upload a compressed model (in memory or saved) with its model card, in one commit, after a parity check.
 
@@ -136,6 +137,9 @@ def push_to_hub(
         check_parity (`bool`, defaults to `True`): reload and compare before uploading.
         parity_tolerance (`float`, defaults to `1e-2`): see `verify_parity`.
         max_retries (`int`, defaults to `3`): retries of the commit on transient errors (429, 5xx, network).
+        trust_remote_code (`bool`, defaults to `False`): off, the artifact's Python files must be exactly the ones
+            hfsqueeze generates (anything else is refused, never run or uploaded) and the parity reload uses
+            `hfsqueeze.load_compressed`; on, the parity reload runs the card's own load code.
 
     Returns:
         `huggingface_hub.CommitInfo`: the commit (``.oid``, ``.commit_url``).
@@ -154,13 +158,14 @@ def push_to_hub(
     try:
         return _push(model_or_dir, repo_id, tokenizer=tokenizer, private=private, token=token,
                      commit_message=commit_message, report=report, endpoint=endpoint, check_parity=check_parity,
-                     parity_tolerance=parity_tolerance, max_retries=max_retries)
+                     parity_tolerance=parity_tolerance, max_retries=max_retries,
+                     trust_remote_code=trust_remote_code)
     except HubError as exc:
         raise HubError(_scrub(str(exc), token)) from None
 
 
 def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, report, endpoint, check_parity,
-          parity_tolerance, max_retries):
+          parity_tolerance, max_retries, trust_remote_code):
     api = _api(endpoint)
     user = _whoami(api, token)
     if "/" not in repo_id:
@@ -174,10 +179,12 @@ def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, r
         else:
             artifact = save_compressed(model_or_dir, Path(tmp) / "artifact", tokenizer, report=report)
         config = _artifact_config(artifact)
+        # Before anything from the artifact can run (parity reload) or be published: its code must be ours.
+        check_artifact_code(artifact, config, trust_remote_code=trust_remote_code)
         parity = None
         if check_parity:
-            parity = verify_parity(artifact, load_snippet(config, str(artifact.resolve())),
-                                   tolerance=parity_tolerance)
+            code = load_snippet(config, str(artifact.resolve())) if trust_remote_code else None
+            parity = verify_parity(artifact, code, tolerance=parity_tolerance)
             logger.info("parity check passed: max |diff| %.3g over %d tokens", parity["max_abs_diff"],
                         parity["tokens"])
         else:

@@ -446,6 +446,11 @@ def test_interrupted_run_resumes_from_last_checkpoint_to_same_steps(tiny_tokeniz
     with pytest.raises(_Interrupt):
         apply_distill(model, cfg(tmp_path / "run"), ctx)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # Ctrl-C during the next checkpoint save: only the config files made it to disk.
+    broken = tmp_path / "run" / "checkpoint-6"
+    broken.mkdir()
+    (broken / "config.json").write_text((tmp_path / "run" / "checkpoint-4" / "config.json").read_text())
+    (broken / "generation_config.json").write_text("{}")
     model = tiny_llama(2)
     d = apply_distill(model, cfg(tmp_path / "run"), context(model, tiny_tokenizer))
     assert d["resumed_from"].endswith("checkpoint-4")

@@ -272,6 +272,39 @@ def test_parity_gate_blocks_a_broken_artifact(hub, tiny_tokenizer, tmp_path):
     assert "alice/broken" not in hub.repos
 
 
+def _pruned_artifact(path, tok):
+    model = _compressed([{"method": "prune", "heads": 0.25, "importance": "magnitude", "scope": "global"}], tok)
+    saved = _save(model, path, tok)
+    assert (saved / "modeling_hfsqueeze_pruned.py").is_file()
+    return saved
+
+
+@pytest.mark.parametrize("tamper", ["edit-modeling-file", "extra-code-file"])
+def test_push_never_runs_or_uploads_code_hfsqueeze_did_not_write(tamper, hub, tiny_tokenizer, tmp_path):
+    saved = _pruned_artifact(tmp_path / "art", tiny_tokenizer)
+    marker = tmp_path / "code-ran"
+    payload = f"\nimport pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n"
+    if tamper == "edit-modeling-file":
+        with open(saved / "modeling_hfsqueeze_pruned.py", "a") as fh:
+            fh.write(payload)
+    else:
+        (saved / "helpers.py").write_text(payload)
+    with pytest.raises(hfsqueeze.ArtifactError, match="refusing to run or upload it"):
+        hfsqueeze.push_to_hub(saved, f"alice/tampered-{tamper}", token=TOKEN)
+    assert not marker.exists() and f"alice/tampered-{tamper}" not in hub.repos
+    # The user may opt in explicitly; then the card's own code (trust_remote_code=True) is what gets checked.
+    hfsqueeze.push_to_hub(saved, f"alice/tampered-{tamper}", token=TOKEN, trust_remote_code=True)
+    assert marker.exists() == (tamper == "edit-modeling-file")  # helpers.py is uploaded but nothing imports it
+
+
+def test_pruned_card_names_the_code_users_will_run(hub, pushed):
+    from huggingface_hub import ModelCard
+
+    text = ModelCard.load("alice/tiny-pruned", token=TOKEN).text
+    assert "runs modeling_hfsqueeze_pruned.py" in text and "hfsqueeze.load_compressed" in text
+    assert "no code from the artifact ran" in text
+
+
 def test_saved_artifact_without_parity_file_is_refused(hub, tmp_path):
     model = make_tiny("llama")
     saved = hfsqueeze.save_compressed(model, tmp_path / "art")

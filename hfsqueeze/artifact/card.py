@@ -489,7 +489,10 @@ def render_model_card(
              "```python", load_code.strip(), "```", ""]
     if parity:
         body += [
-            f"Before upload this artifact was reloaded in a fresh process with exactly this code, and its "
+            "Before upload this artifact was reloaded in a fresh process with "
+            + ("exactly this code" if parity.get("loader") == "the card's load code" else
+               "`hfsqueeze.load_compressed` (no code from the artifact ran)")
+            + f", and its "
             f"{parity.get('output', 'outputs')} on a fixed {parity.get('tokens')}-token input were compared with the "
             f"compressed model's: largest absolute difference {_num(parity.get('max_abs_diff', 0.0))} "
             f"(tolerance {_num(parity.get('tolerance', 0.0))}: {parity.get('relative_tolerance', 0.0):.2g} of the largest "

@@ -82,6 +82,51 @@ def record_parity(model: Any, out_dir: str | os.PathLike) -> Path:
     return path
 
 
+def is_parity_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a parity file hfsqueeze wrote (a safetensors file carrying our schema tag)."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("hfsqueeze", "{}"))
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign file: not ours
+        return False
+    return isinstance(meta, dict) and meta.get("schema") == PARITY_SCHEMA
+
+
+def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged file is the user's problem to see, in one line
+        raise ArtifactError(f"{path} is damaged ({type(exc).__name__}); re-save the artifact") from None
+    if "input_ids" not in tensors or "outputs" not in tensors:
+        raise ArtifactError(f"{path} lacks the recorded input_ids/outputs; re-save the artifact")
+    return tensors, json.loads(meta.get("hfsqueeze", "{}")).get("output", "outputs")
+
+
+def check_saved_parity(model: Any, artifact_dir: str | os.PathLike,
+                       tolerance: float = DEFAULT_PARITY_TOLERANCE) -> dict[str, Any] | None:
+    """Run a freshly loaded ``model`` on the input recorded at save time and compare with the recorded outputs.
+
+    Returns the comparison (`compare_outputs`), or ``None`` when the artifact has no parity file.
+
+    Raises:
+        `ArtifactError`: the outputs differ (config.json or the weights were changed after saving), naming how much.
+    """
+    path = Path(artifact_dir) / PARITY_FILE
+    if not path.is_file():
+        return None
+    reference, output = _read_parity(path)
+    with eval_mode(guard_bnb_cpu_repack(model)):
+        _, got = _outputs(model, reference["input_ids"])
+    problem, result = parity_problem(reference["outputs"], got, tolerance=tolerance, output=output)
+    if problem:
+        raise ArtifactError(f"{artifact_dir} does not reproduce the outputs recorded when it was saved: {problem}; "
+                            "its config.json or weights were changed after saving (re-save it, or load with "
+                            "check_parity=False to inspect it anyway)")
+    return result
+
+
 _RUNNER = '''\
 import os, sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,16 +148,18 @@ save_file({{"outputs": _t.detach().float().cpu().contiguous()}}, {result!r})
 
 def verify_parity(
     artifact_dir: str | os.PathLike,
-    load_code: str,
+    load_code: str | None = None,
     *,
     tolerance: float = DEFAULT_PARITY_TOLERANCE,
     timeout: float = 900,
 ) -> dict[str, Any]:
-    """Reload the artifact in a fresh Python process with ``load_code`` and compare its outputs on the recorded input.
+    """Reload the artifact in a fresh Python process and compare its outputs on the recorded input.
 
     Args:
         artifact_dir (`str` or `os.PathLike`): a saved artifact containing ``parity.safetensors``.
-        load_code (`str`): Python code that defines ``model`` (the card's code, pointed at ``artifact_dir``).
+        load_code (`str`, *optional*): Python code that defines ``model`` (e.g. the card's code, pointed at
+            ``artifact_dir``). Defaults to `hfsqueeze.load_compressed`, which runs no code from the artifact; pass
+            code that uses ``trust_remote_code=True`` only for an artifact whose code you trust.
         tolerance (`float`, defaults to `1e-2`): allowed largest absolute difference, relative to the largest
             absolute reference output.
         timeout (`float`, defaults to `900`): seconds the reload may take.
@@ -126,7 +173,7 @@ def verify_parity(
     Example:
 
     ```python
-    verify_parity("out", load_snippet(config, "out"))
+    verify_parity("out")
     ```
     """
     artifact = Path(artifact_dir)
@@ -135,9 +182,11 @@ def verify_parity(
         raise ArtifactError(f"{artifact} has no {PARITY_FILE} (outputs recorded at save time), so it cannot be "
                             "checked before upload; re-save it with hfsqueeze.save_compressed, or pass "
                             "check_parity=False (CLI: --no-parity-check) to push it unchecked")
-    with safe_open(str(parity_path), "pt") as fh:
-        meta = fh.metadata() or {}
-    reference = load_file(str(parity_path))
+    reference, output = _read_parity(parity_path)
+    how = "the card's load code" if load_code else "hfsqueeze.load_compressed"
+    if load_code is None:
+        load_code = ("import hfsqueeze\n\n"
+                     f"model = hfsqueeze.load_compressed({str(artifact.resolve())!r}, check_parity=False)\n")
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-parity-") as tmp:
         script, result = Path(tmp) / "reload.py", Path(tmp) / "outputs.safetensors"
         script.write_text(_RUNNER.format(parity=str(parity_path.resolve()), result=str(result), code=load_code))
@@ -150,21 +199,20 @@ def verify_parity(
                            f"{timeout:.0f} s; nothing was pushed") from None
         if proc.returncode != 0 or not result.is_file():
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            raise HubError(f"parity check failed: reloading {artifact} in a fresh process with the card's load code "
+            raise HubError(f"parity check failed: reloading {artifact} in a fresh process with {how} "
                            f"raised {lines[-1] if lines else f'exit status {proc.returncode}'}; nothing was pushed")
         got = load_file(str(result))["outputs"]
-    output = json.loads(meta.get("hfsqueeze", "{}")).get("output", "outputs")
-    return compare_outputs(reference["outputs"], got, tolerance=tolerance, output=output)
+    return {**compare_outputs(reference["outputs"], got, tolerance=tolerance, output=output), "loader": how}
 
 
-def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                    output: str = "logits") -> dict[str, Any]:
-    """Compare reference and reloaded outputs; raise `HubError` naming what differed."""
+def parity_problem(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
+                   output: str = "logits") -> tuple[str | None, dict[str, Any]]:
+    """Compare reference and reloaded outputs: ``(what differed or None, the comparison)``."""
     if tuple(expected.shape) != tuple(got.shape):
-        raise HubError(f"parity check failed: the reloaded model's {output} have shape {tuple(got.shape)}, the "
-                       f"in-memory model's {tuple(expected.shape)}; nothing was pushed")
+        return (f"the reloaded model's {output} have shape {tuple(got.shape)}, the in-memory model's "
+                f"{tuple(expected.shape)}"), {"output": output}
     if not torch.isfinite(got).all():
-        raise HubError(f"parity check failed: the reloaded model's {output} contain NaN or inf; nothing was pushed")
+        return f"the reloaded model's {output} contain NaN or inf", {"output": output}
     diff = (expected - got).abs()
     atol = tolerance * float(expected.abs().max().clamp_min(1e-6))
     flat = int(diff.argmax())
@@ -174,13 +222,21 @@ def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: flo
                               "relative_tolerance": tolerance}
     if output == "logits":
         result["top1_agreement"] = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
-    if result["max_abs_diff"] > atol:
-        agree = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
-        raise HubError(f"parity check failed: the reloaded model's {output} differ from the in-memory model's by up "
-                       f"to {result['max_abs_diff']:.4g} (at token {position}; allowed {atol:.3g}{agree}); "
-                       "nothing was pushed")
+    if result["max_abs_diff"] <= atol:
+        return None, result
+    agree = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
+    return (f"the reloaded model's {output} differ from the in-memory model's by up to {result['max_abs_diff']:.4g} "
+            f"(at token {position}; allowed {atol:.3g}{agree})"), result
+
+
+def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
+                    output: str = "logits") -> dict[str, Any]:
+    """Compare reference and reloaded outputs; raise `HubError` naming what differed."""
+    problem, result = parity_problem(expected, got, tolerance=tolerance, output=output)
+    if problem:
+        raise HubError(f"parity check failed: {problem}; nothing was pushed")
     return result
 
 
-__all__ = ["DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "compare_outputs", "parity_input_ids", "record_parity",
-           "verify_parity"]
+__all__ = ["DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "check_saved_parity", "compare_outputs", "is_parity_file",
+           "parity_input_ids", "parity_problem", "record_parity", "verify_parity"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,113 @@ from ..core.errors import ArtifactError
 from ..core.utils import quiet_transformers_progress
 from ..registry import stages
 from .card import write_model_card
-from .parity import PARITY_FILE, record_parity
+from .parity import PARITY_FILE, is_parity_file, record_parity
 
 logger = logging.getLogger("hfsqueeze")
 
+# Files `save_compressed` writes (weights, config, tokenizer, side files, stage plots and modeling code). A directory
+# holding anything else is not ours to replace.
+_ARTIFACT_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|.*\.safetensors|.*\.safetensors\.index\.json|recipe\.yaml|report\.json"
+    r"|README\.md|.*\.png|modeling_hfsqueeze_pruned\.py|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
+    r"|vocab\.(json|txt)|merges\.txt|.*\.model|chat_template\.(jinja|json))$"
+)
+# Our temporary and backup directories next to a target: ``.NAME.tmp-PID-RANDOM`` and ``.NAME.old-PID``.
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?$")
+# Temporary directories written by hfsqueeze 0.1.0 (``tempfile.mkdtemp`` suffix, no pid): stale after this long.
+_LEGACY_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp-[a-z0-9_]{8}$")
+_LEGACY_STALE_SECONDS = 3600
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+
+def _protected_dirs() -> set[Path]:
+    cwd = Path.cwd().resolve()
+    return {cwd, *cwd.parents, Path.home().resolve(), Path("/").resolve()}
+
+
+def is_artifact_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory `save_compressed` wrote: it holds our parity or report file and nothing but
+    files of the kinds we write."""
+    root = Path(path)
+    ours = is_parity_file(root / PARITY_FILE) or _is_report(root / "report.json")
+    return ours and _foreign_entry(root) is None
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("schema") == "hfsqueeze.report"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _foreign_entry(root: Path) -> str | None:
+    """The first entry of ``root`` that `save_compressed` would not have written (a folder or another file)."""
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() or not entry.is_file() or not _ARTIFACT_FILES.match(entry.name):
+            return entry.name + ("/" if entry.is_dir() else "")
+    return None
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output directory that saving could damage; return it resolved.
+
+    The current directory, its ancestors, the home directory and ``/`` are always refused. An existing directory is
+    replaced only with ``overwrite`` and only when it is empty or a previous hfsqueeze artifact (`is_artifact_dir`).
+    """
+    out = Path(out).expanduser().resolve()
+    if out in _protected_dirs():
+        raise ArtifactError(f"refusing to save into {out}: it is the current directory, one of its parents, the home "
+                            "directory or /; choose a new directory, e.g. --output out/model")
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path {out} exists and is not a directory; choose another --output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ArtifactError(f"output directory {out} is not empty; pass overwrite=True (CLI: --overwrite) to "
-                            "replace it, or choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ArtifactError(f"output directory {out} is not empty; pass overwrite=True (CLI: --overwrite) to "
+                                "replace it, or choose another directory")
+        if not (is_parity_file(out / PARITY_FILE) or _is_report(out / "report.json")):
+            raise ArtifactError(f"refusing to overwrite {out}: it is not an hfsqueeze artifact (no parity.safetensors "
+                                "or report.json of ours); --overwrite only replaces an empty directory or a previous "
+                                "artifact, so choose another --output")
+        foreign = _foreign_entry(out)
+        if foreign is not None:
+            raise ArtifactError(f"refusing to overwrite {out}: it holds {foreign!r}, which hfsqueeze did not write; "
+                                "move it away or choose another --output")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove our own temporary/backup directories next to ``out`` left by a killed save (their process is gone).
+
+    Only directories named like ours (``.NAME.tmp-PID-...``, ``.NAME.old-PID``) for this very ``out`` and holding
+    nothing but artifact files are removed; anything else is left alone.
+    """
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    now = time.time()
+    for entry in out.parent.iterdir():
+        match = _TEMP_DIR.match(entry.name)
+        legacy = _LEGACY_TEMP_DIR.match(entry.name)
+        if not entry.is_dir() or entry.is_symlink() or not (match or legacy):
+            continue
+        if (match or legacy).group("name") != out.name:
+            continue
+        stale = (not _pid_alive(int(match.group("pid")))) if match else \
+            now - entry.stat().st_mtime > _LEGACY_STALE_SECONDS
+        if stale and _foreign_entry(entry) is None:
+            shutil.rmtree(entry, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save", entry)
+            removed.append(entry)
+    return removed
 
 
 def save_compressed(
@@ -69,14 +167,14 @@ def save_compressed(
     ```
     """
     quiet_transformers_progress()
-    out = Path(out_dir).resolve()
-    check_output_dir(out, overwrite)
+    out = check_output_dir(out_dir, overwrite)
     report = report if report is not None else getattr(model, "hfsqueeze_report", None)
     check_not_repacked(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temp_dirs(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        os.chmod(tmp, 0o755)
+        tmp.mkdir(mode=0o755)
         with saveable(model):
             model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -3,8 +3,8 @@
 A stage owns its method's whole life, the way Transformers' ``HfQuantizer`` owns a quantization method's: what it can
 check before the model runs (`Stage.validate`), the work itself (`Stage.apply`), recipe rewriting (`Stage.expand`),
 how the report and the model card describe it (`Stage.describe`), what a saved artifact needs beyond
-``save_pretrained`` (`Stage.on_save`, `Stage.load`, `Stage.load_snippet`) and what a tuner may vary
-(`Stage.search_space`). Generic code (compress, save, card, hub) asks the registered stages and never branches on a
+``save_pretrained`` (`Stage.on_save`, `Stage.load`, `Stage.load_snippet`, `Stage.verify_code`) and what a tuner may
+vary (`Stage.search_space`). Generic code (compress, save, card, hub) asks the registered stages and never branches on a
 method's name. Every hook but `apply` has a default that does nothing.
 
 ```python
@@ -126,6 +126,12 @@ class Stage:
 
     def load_snippet(self, config: Any, path_or_repo: str) -> str | None:
         """The Python code that loads such an artifact without hfsqueeze (it defines ``model``); ``None``: stock."""
+        return None
+
+    def verify_code(self, file: Path, config: Any) -> bool | None:
+        """Claim a Python file of an artifact: ``True`` when this stage wrote it and it is byte for byte what this
+        version writes for ``config``; raise `ArtifactError` when it is this stage's file but altered; ``None``: not
+        this stage's. A file no stage claims is never run or uploaded unless the user trusts it."""
         return None
 
     def search_space(self, info: ModelInfo | None = None) -> dict[str, Param]:

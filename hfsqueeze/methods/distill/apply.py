@@ -7,14 +7,18 @@ See `DistillConfig` for the options, `DistillationTrainer` for the training loop
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ...compat.bnb import is_bnb_quantized
@@ -82,6 +86,50 @@ def _layer_map(auto_or_list: Any, student_n: int, teacher_n: int, source_layers:
     if student_n == teacher_n:
         return [(i, i) for i in range(student_n)]
     return [(i, round((i + 1) * teacher_n / student_n) - 1) for i in range(student_n)]
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "adapter_model.bin")
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """What makes a Trainer checkpoint unusable for resuming, or None when it is complete.
+
+    Trainer writes the weights first and ``trainer_state.json`` last, so a save cut short (Ctrl-C, kill) lacks the
+    state file or holds an unreadable one; the weights must be there and readable too.
+    """
+    state = path / "trainer_state.json"
+    try:
+        step = json.loads(state.read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return "trainer_state.json is missing or unreadable"
+    if step != int(_CHECKPOINT.match(path.name).group(1)):
+        return f"trainer_state.json says step {step}"
+    weights = [path / name for name in _WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        return "no weights file"
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), "pt") as fh:
+                    fh.keys()
+            except Exception:  # noqa: BLE001 - a truncated file is exactly what we are looking for
+                return f"{file.name} is truncated or corrupt"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest Trainer checkpoint in ``output_dir`` that was written completely (skipping broken ones, loudly)."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).iterdir()
+             if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    for _, path in sorted(found, reverse=True):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            logger.warning("distill: resuming from %s", path)
+            return str(path)
+        logger.warning("distill: skipping incomplete checkpoint %s (%s; the save was interrupted)", path, problem)
+    return None
 
 
 def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool):
@@ -244,9 +292,8 @@ def _trainer(model: nn.Module, train_model: nn.Module, config: DistillConfig, co
 
 
 def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str, user_dir: bool):
-    """Train (resuming from ``output_dir``'s last checkpoint when asked); leave the model as it was set up to be."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """Train (resuming from ``output_dir``'s last complete checkpoint when asked); leave the model as it was set up
+    to be."""
     attn_impl = getattr(model.config, "_attn_implementation", None)
     teacher_attn_impl = getattr(run.teacher.config, "_attn_implementation", None)
     if run.spec.attention_weight:
@@ -262,10 +309,8 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
         run.aux.requires_grad_(True)
     trainer = _trainer(model, train_model, config, context, run, output_dir, user_dir)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    resume_from = get_last_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
+    resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
-    if resume_from:
-        logger.info("distill: resuming from %s", resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:

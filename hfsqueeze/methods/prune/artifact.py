@@ -19,6 +19,7 @@ from typing import Any
 
 import transformers
 
+from ...core.errors import ArtifactError
 from ...core.hf import auto_class_name
 from . import surgery
 from .surgery import PLAN_KEY, family_of, pruned_class
@@ -61,6 +62,31 @@ def modeling_source(classes: dict[str, type]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _classes_from_config(config: Any) -> dict[str, type]:
+    """Auto class name -> stock class, read back from the ``auto_map`` that `save_hook` wrote."""
+    auto_map = (config.get("auto_map") if isinstance(config, dict) else getattr(config, "auto_map", None)) or {}
+    found = {}
+    for auto, target in auto_map.items() if isinstance(auto_map, dict) else []:
+        name = str(target).rsplit(".", 1)[-1]
+        stock = getattr(transformers, _stock_name(name), None) if name.startswith(_PREFIX) else None
+        if not isinstance(stock, type):
+            return {}
+        found[auto] = stock
+    return found
+
+
+def code_check(file: Path, config: Any) -> bool | None:
+    """Claim ``modeling_hfsqueeze_pruned.py`` when it is byte for byte what `save_hook` writes for ``config``."""
+    if file.name != MODELING_FILE:
+        return None
+    classes = _classes_from_config(config)
+    if not classes or file.read_bytes() != modeling_source(classes).encode():
+        raise ArtifactError(f"{file} is not the file hfsqueeze generates for this artifact (it was edited, or saved "
+                            "by another hfsqueeze version); refusing to run or upload it: re-save the artifact, or "
+                            "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust the edit")
+    return True
+
+
 def save_hook(model: Any, tmp_dir: Path) -> None:
     """Write the modeling file and ``auto_map`` when the config carries a pruning plan."""
     config = getattr(model, "config", None)
@@ -93,5 +119,9 @@ def load_snippet(config: Any, path_or_repo: str) -> str | None:
     if not has_plan(config):
         return None
     auto = auto_class_name(config)
-    return (f"from transformers import {auto}\n\n"
+    return (f"# trust_remote_code=True runs {MODELING_FILE} from this artifact: hfsqueeze's pruning surgery\n"
+            "# (torch and transformers only) plus one class line per architecture; hfsqueeze checks it is byte for\n"
+            "# byte the file it generates before pushing. To load without running code from the artifact:\n"
+            f'#     import hfsqueeze; model = hfsqueeze.load_compressed("{path_or_repo}")\n'
+            f"from transformers import {auto}\n\n"
             f'model = {auto}.from_pretrained("{path_or_repo}", trust_remote_code=True)\n')

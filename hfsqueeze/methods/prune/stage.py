@@ -11,7 +11,7 @@ from ...core.context import CompressionContext
 from ...core.search import Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
 from .apply import apply_prune, check_layers, check_prunable
-from .artifact import load_snippet, loader, save_hook
+from .artifact import code_check, load_snippet, loader, save_hook
 from .config import PruneConfig
 
 
@@ -89,6 +89,9 @@ class PruneStage(Stage):
 
     def load_snippet(self, config: Any, path_or_repo: str) -> str | None:
         return load_snippet(config, path_or_repo)
+
+    def verify_code(self, file: Path, config: Any) -> bool | None:
+        return code_check(file, config)
 
     def search_space(self, info: ModelInfo | None = None) -> dict[str, Param]:
         # All three at 0 is refused ("nothing to prune"): leaving pruning out is the stage being off, not a point.
