@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..core.hf import auto_class_name
+from ..core.hf import CAUSAL_LM_SUFFIXES, auto_class_name
 from ..core.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
 from ..core.stage import BASE_MODEL_RELATIONS, Description, format_of
 from ..evaluation.metrics import METRICS
@@ -38,7 +38,7 @@ _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".yaml", ".yml"
 _DATA_KEYS = {"text", "dataset", "dataset_name", "calibration", "data", "train_data"}
 
 _PIPELINES = [
-    (("ForCausalLM", "LMHeadModel"), "text-generation"),
+    (CAUSAL_LM_SUFFIXES, "text-generation"),
     (("ForSequenceClassification",), "text-classification"),
     (("ForTokenClassification",), "token-classification"),
     (("ForQuestionAnswering",), "question-answering"),

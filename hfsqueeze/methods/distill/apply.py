@@ -272,8 +272,8 @@ def _prepare(model: nn.Module, config: DistillConfig, context: Any) -> _Run:
                 pad_token_id(context.tokenizer), student)
 
 
-def _trainer(model: nn.Module, train_model: nn.Module, config: DistillConfig, context: Any, run: _Run,
-             output_dir: str, user_dir: bool) -> DistillationTrainer:
+def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str,
+             user_dir: bool) -> DistillationTrainer:
     args = _training_arguments(config, output_dir, user_dir)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     num_examples = args.max_steps * per_step if len(run.tasks) > 1 and args.max_steps > 0 else None
@@ -307,7 +307,7 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
     if run.aux is not None:
         model.add_module(AUX_NAME, run.aux)
         run.aux.requires_grad_(True)
-    trainer = _trainer(model, train_model, config, context, run, output_dir, user_dir)
+    trainer = _trainer(train_model, config, context, run, output_dir, user_dir)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
