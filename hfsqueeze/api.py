@@ -10,16 +10,15 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .artifact.load import load_compressed
+from .artifact.load import load_compressed, load_model
 from .artifact.save import weights_bytes
 from .core.context import CompressionContext
-from .core.data import load_texts
+from .core.data import check_text_source, load_texts
 from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
-from .core.models import load_model
-from .core.stage import ModelInfo
+from .core.loading import check_model_source
 from .core.utils import quiet_transformers_progress
-from .evaluation.measure import Reference, measure, measure_baseline
+from .evaluation.measure import Reference, check_measurable, measure, measure_baseline
 from .evaluation.metrics import Metrics
 from .evaluation.report import CompressionReport, StageResult, environment, model_summary
 from .recipe import EvaluationConfig, Recipe, RecipeLike
@@ -67,8 +66,11 @@ def compress(
     ```
     """
     quiet_transformers_progress()
-    recipe = Recipe.load(recipe, overrides).expanded()
-    recipe.check(ModelInfo.of(model))  # every stage's checks, before a second goes into measuring
+    recipe = Recipe.load(recipe, overrides)
+    # Everything that can be known before the model runs fails here, before the baseline is measured.
+    check_measurable(model)
+    recipe = recipe.validate(model)
+    check_text_source(calibration)
     evaluation = recipe.evaluation
     texts = load_texts(eval_text if eval_text is not None else evaluation.text, split="eval") if tokenizer else None
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
@@ -93,6 +95,7 @@ def compress(
                 result.metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
                                          with_disk=evaluation.disk_size)
             report.stages.append(result)
+            report.warnings += [f"stage {index} ({config.method}): {w}" for w in result.details.get("warnings") or []]
             ctx.results.append({"method": config.method, **result.details})
         ctx.previous = None
         report.final = report.stages[-1].metrics
@@ -120,16 +123,18 @@ def _text_label(eval_text: Any, default: str) -> str:
     return getattr(getattr(eval_text, "info", None), "dataset_name", None) or type(eval_text).__name__
 
 
-def evaluate_artifact(path: str | Path, *, base: str | None = None,
-                      overrides: list[str] | None = None) -> CompressionReport:
-    """Re-measure a saved artifact; compare with ``base`` (an uncompressed model directory) when given.
+def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: list[str] | None = None,
+                      trust_remote_code: bool = False) -> CompressionReport:
+    """Re-measure a saved artifact; compare with ``base`` (the uncompressed model) when given.
 
     Args:
         path (`str` or `Path`): a directory written by `save_compressed`.
-        base (`str`, *optional*): the uncompressed model; defaults to the saved report's model when it is a local
-            directory. Without one, the original column comes from the saved ``report.json``.
+        base (`str`, *optional*): the uncompressed model, re-measured with the KL against it; defaults to the saved
+            report's model when that is a local directory. Without one, the original column comes from the saved
+            ``report.json``.
         overrides (`list[str]`, *optional*): ``evaluation.KEY=VALUE`` changes to the saved recipe's evaluation
             settings (the defaults when the artifact has no report).
+        trust_remote_code (`bool`, defaults to `False`): allow custom modeling code in the artifact and ``base``.
 
     Returns:
         `CompressionReport`: one ``eval`` stage; its config says where the original column came from (``base``).
@@ -138,16 +143,18 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None,
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
+    if base is not None:
+        check_model_source(base)  # a --base that cannot load fails now, not after the artifact is measured
     saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
-    evaluation = Recipe.load(saved.recipe).evaluation if saved is not None else EvaluationConfig()
-    evaluation = evaluation.overridden(overrides or [])
-    base_dir = base or (saved.model.get("name_or_path") if saved else None)
-    base_is_local = base_dir is not None and (Path(base_dir) / "config.json").is_file()
-    if base and not base_is_local and saved is None:
-        raise ArtifactError(f"--base {base} is not a local model directory")
-    model = load_compressed(path)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    baseline, reference = _original(base_dir if base_is_local else None, saved, tokenizer, evaluation)
+    evaluation = EvaluationConfig.from_dict((saved.recipe.get("evaluation") or {}) if saved else {},
+                                            where="evaluation").overridden(overrides or [])
+    saved_base = saved.model.get("name_or_path") if saved else None
+    base_dir = base if base is not None else \
+        saved_base if saved_base is not None and (Path(saved_base) / "config.json").is_file() else None
+    model = load_compressed(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) \
+        if (path / "tokenizer_config.json").is_file() else None
+    baseline, reference = _original(base_dir, saved, tokenizer, evaluation, trust_remote_code)
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
     metrics.disk_bytes = weights_bytes(path)
     return CompressionReport(
@@ -156,18 +163,18 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None,
         environment=environment(model),
         evaluation={**evaluation.to_dict(), "eval_tokens": metrics.eval_tokens},
         baseline=baseline,
-        stages=[StageResult(1, "eval", {"artifact": str(path), "base": base_dir if base_is_local else None},
-                            {"format": "re-measured"}, 0.0, metrics)],
+        stages=[StageResult(1, "eval", {"artifact": str(path), "base": base_dir}, {"format": "re-measured"}, 0.0,
+                            metrics)],
         final=metrics,
     )
 
 
-def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: Any,
-              evaluation: EvaluationConfig) -> tuple[Metrics | None, Reference | None]:
+def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: Any, evaluation: EvaluationConfig,
+              trust_remote_code: bool) -> tuple[Metrics | None, Reference | None]:
     """The original column: re-measured from ``base_dir`` (with outputs to compare against), or the saved one."""
     if base_dir is None:
         return (saved.baseline if saved is not None else None), None
-    base_model, _ = load_model(base_dir)
+    base_model, _ = load_model(base_dir, trust_remote_code=trust_remote_code)
     return measure_baseline(base_model, tokenizer, evaluation)
 
 

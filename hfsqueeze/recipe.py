@@ -139,12 +139,20 @@ class Recipe(ConfigBase):
             recipe = stage.expand(recipe)
         return recipe
 
-    def check(self, info: ModelInfo) -> None:
-        """Run every stage's `Stage.validate` against the model ``info`` describes, in recipe order (each stage
-        sees the model as the stages before it leave it); the error names the stage."""
-        for index, config in enumerate(self.stages, start=1):
+    def validate(self, model: Any = None) -> "Recipe":
+        """Check, before anything runs, what the recipe (and ``model``, when given) allow; return `expanded`.
+
+        Every stage's `Stage.validate` runs in recipe order and sees the model as the stages before it leave it
+        (`ModelInfo`): impossible orders (prune after a bitsandbytes quantize), bad ``recover`` values, unreadable
+        local data files and, with a model, unsupported model types and targets the model cannot meet. The error
+        names the stage.
+        """
+        expanded = self.expanded()
+        info = ModelInfo.of(model) if model is not None else ModelInfo()
+        for index, config in enumerate(expanded.stages, start=1):
             with prefixed(f"stage {index} ({config.method})"):
                 info = get_stage(config.method).validate(config, info) or info
+        return expanded
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -170,6 +178,37 @@ def _parse_stage(index: int, raw: Any) -> StageConfig:
     return spec.config_cls.from_dict(raw, where=f"stage {index} ({method})")
 
 
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain YAML keeps the last one silently, so
+    ``bits: 8`` then ``bits: 4`` would run 4-bit). Keys brought in by a ``<<`` merge may still be overridden."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:  # an unhashable key: SafeLoader reports it itself
+            continue
+        if first != line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {first}); each key may appear once",
+                key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def safe_load_strict(text: str) -> Any:
+    """`yaml.safe_load` with duplicate keys refused (`StrictLoader`)."""
+    return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def builtin_recipe_path(name: str) -> Path | None:
     path = RECIPES_DIR / f"{name}.yaml"
     return path if path.is_file() else None
@@ -190,7 +229,7 @@ def _read_yaml(source: str | os.PathLike) -> dict:
         raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "
                           f"({', '.join(names)})")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_strict(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -206,7 +245,7 @@ def _apply_override(data: dict, item: str) -> None:
         raise RecipeError(f"override {item!r} must look like key.path=value, e.g. quantize.threshold=5.0")
     path, _, raw_value = item.partition("=")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = safe_load_strict(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         value = raw_value
     keys = [k for k in path.strip().split(".") if k]

@@ -32,8 +32,10 @@ def _add(stage: Stage) -> Stage:
     return stage
 
 
-def register_stage(stage: Stage | str, config_cls: type[StageConfig] | None = None) -> Any:
-    """Register a `Stage` (``register_stage(MyStage())``), or, as a decorator, an apply function.
+def register_stage(stage: Stage | str, config_cls: type[StageConfig] | None = None, *,
+                   validate: Callable | None = None) -> Any:
+    """Register a `Stage` (``register_stage(MyStage())``), or, as a decorator, an apply function (with an optional
+    ``validate(config, info)``, see `Stage.validate`).
 
     Example:
 
@@ -52,7 +54,7 @@ def register_stage(stage: Stage | str, config_cls: type[StageConfig] | None = No
         raise TypeError("register_stage(name, config_cls) needs the config class")
 
     def decorator(fn: Callable) -> Callable:
-        _add(FunctionStage(stage, config_cls, fn))
+        _add(FunctionStage(stage, config_cls, fn, validate))
         return fn
 
     return decorator

@@ -365,3 +365,32 @@ def test_compress_and_push_script(hub, tiny_tokenizer, tmp_path):
     assert json.loads(files["config.json"])["quantization_config"]["load_in_8bit"] is True
     assert b"python scripts/compress_and_push.py --model" in files["README.md"]
     assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_cli_push_to_hub_checks_token_and_reachability_before_loading(hub, tmp_path, monkeypatch, capsys):
+    """A rejected token or an unreachable Hub fails in one line before the model is even loaded."""
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    from hfsqueeze.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the Hub was checked")
+
+    monkeypatch.setattr("hfsqueeze.cli.load_model", no_load)
+    argv = ["compress", "--model", str(tmp_path / "never-loaded"), "--push-to-hub", "alice/checked"]
+    monkeypatch.setenv("HF_TOKEN", "hf_RejectedTokenabcdefabcdef0123")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rejected the token (401)" in err[0] and "Rejected" not in err[0]
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hfsqueeze: error: cannot reach the Hub at {closed}")
+    assert "alice/checked" not in hub.repos

@@ -313,12 +313,15 @@ def test_iterative_steps_reach_the_target(tiny_tokenizer):
     run(model)
 
 
-def test_layerwise_rounding_to_nothing_warns(tiny_tokenizer):
+def test_layerwise_rounding_to_nothing_fails_before_scoring(tiny_tokenizer, monkeypatch):
+    import hfsqueeze.methods.prune.apply as prune_apply
+
+    monkeypatch.setattr(prune_apply, "compute_scores", lambda *a, **k: pytest.fail("scored before the error"))
     model = make_tiny("llama")  # two key/value groups per layer: 10% rounds to none
-    with pytest.warns(PruneWarning, match="rounds to 0"):
-        details = apply_prune(model, small(heads=0.1, ffn=0.1, scope="layerwise", importance="magnitude"),
-                              ctx_for(tiny_tokenizer))
-    assert details["heads_kept_per_layer"] == [4, 4]
+    with pytest.raises(RecipeError, match="key 'heads': 0.1 removes no head: .* rounds to 0"):
+        apply_prune(model, small(heads=0.1, ffn=0.1, scope="layerwise", importance="gradient"),
+                    ctx_for(tiny_tokenizer))
+    assert attention_shape("llama", model.model.layers[0])[:2] == (4, 2)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------

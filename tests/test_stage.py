@@ -122,13 +122,13 @@ def test_an_unregistered_stage_is_an_unknown_method(cast_stage):
 
 @pytest.mark.parametrize("recipe, error, match", [
     ([{"method": "quantize", "bits": 8}, {"method": "prune", "heads": 0.25}], hfsqueeze.RecipeError,
-     r"^stage 2 \(prune\): the model is already quantized \(bitsandbytes\).*put the prune stage before quantize"),
+     r"^stage 2 \(prune\): cannot follow a bitsandbytes int8 stage.*put the prune stage before quantize"),
     ([{"method": "quantize", "bits": 4}, {"method": "quantize", "bits": 8}], hfsqueeze.RecipeError,
-     r"^stage 2 \(quantize\): the model is already quantized with bitsandbytes"),
+     r"^stage 2 \(quantize\): bits: 8 cannot follow a bitsandbytes nf4 stage"),
     ([{"method": "prune", "layers": 1, "protect_layers": [0]}, {"method": "prune", "heads": 1, "protect_layers": [1]}],
      hfsqueeze.RecipeError, r"^stage 2 \(prune\): key 'protect_layers': layer 1 does not exist; the model has 1 "),
     ([{"method": "quantize", "bits": 8}, {"method": "distill", "adapter": "none"}], hfsqueeze.RecipeError,
-     r"^stage 2 \(distill\): the model is bnb-quantized"),
+     r"^stage 2 \(distill\): adapter: none cannot train after a bitsandbytes int8 stage"),
 ])
 def test_every_stage_is_checked_before_the_baseline_is_measured(recipe, error, match, monkeypatch, tiny_tokenizer):
     def measured(*args, **kwargs):

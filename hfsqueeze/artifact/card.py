@@ -337,6 +337,14 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _warnings_section(report: dict[str, Any]) -> list[str]:
+    """What the recipe asked for but did not get (e.g. a prune target that rounded), from ``report["warnings"]``."""
+    notes = report.get("warnings") or []
+    if not notes:
+        return []
+    return ["## Warnings", "", "The recipe did not run exactly as written:", "", *[f"- {n}" for n in notes], ""]
+
+
 def _architecture_diff(report: dict[str, Any] | None) -> list[str]:
     lines: list[str] = []
     for stage in _stages(report):
@@ -484,6 +492,7 @@ def render_model_card(
     if report_d:
         body += _results_table(report_d) + [""]
         body += _stage_table(report_d) + [""]
+        body += _warnings_section(report_d)
         body += _architecture_diff(report_d)
     body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
              "```python", load_code.strip(), "```", ""]

@@ -19,6 +19,9 @@ from transformers import AutoConfig
 from ..compat.bnb import guard_bnb_cpu_repack
 from ..core.errors import ArtifactError
 from ..core.hf import auto_class_name
+from ..core.loading import check_model_source, guarded_load, load_errors
+from ..core.models import load_pretrained, load_tokenizer, prepared, resolve_model_path
+from ..core.utils import quiet_transformers_progress
 from ..registry import stages
 from .parity import check_saved_parity
 
@@ -38,6 +41,7 @@ def load_snippet(config, path_or_repo: str) -> str:
 _DTYPE_KWARGS = ("dtype", "torch_dtype", "quantization_config")
 
 
+@guarded_load  # one-line errors for damaged or edited artifacts; no remote code unless trust_remote_code=True
 def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwargs: Any):
     """Load any artifact `save_compressed` wrote (stock Transformers ones and those a stage's loader handles).
 
@@ -61,9 +65,40 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
     """
     path = _local_artifact(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
-    model = next((m for m in (stage.load(path, config, **kwargs) for stage in stages()) if m is not None), None)
+    model = _stage_load(path, config, kwargs)
     if model is None:
         model = getattr(transformers, auto_class_name(config)).from_pretrained(path, **kwargs)
+    return _checked(model, path, check_parity, kwargs)
+
+
+def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]:
+    """Load a model and its tokenizer from a directory or Hub id (``None`` or ``"builtin"``: the built-in default).
+
+    Stock models load like `hfsqueeze.core.models.load_pretrained` (causal LM if the config says so, else
+    AutoModel); hfsqueeze's own artifacts that need a stage to load them (a pruned model with per-layer sizes) load
+    through that stage, as in `load_compressed`. A bad directory fails in one line before anything heavy.
+    """
+    quiet_transformers_progress()
+    source = resolve_model_path(path)
+    trust = bool(kwargs.pop("trust_remote_code", False))
+    check_model_source(source)
+    with load_errors(source):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        model = _stage_load(source, config, {**kwargs, "trust_remote_code": trust})
+    if model is None:
+        return load_pretrained(source, trust_remote_code=trust, **kwargs)
+    with load_errors(source):
+        model = _checked(model, source, True, kwargs)
+    return prepared(model), load_tokenizer(source, trust_remote_code=trust)
+
+
+def _stage_load(path: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """The model as the first stage that claims the artifact loads it, or ``None`` (a stock artifact)."""
+    return next((m for m in (stage.load(path, config, **kwargs) for stage in stages()) if m is not None), None)
+
+
+def _checked(model: Any, path: str, check_parity: bool, kwargs: dict[str, Any]) -> Any:
+    """Guard bitsandbytes, eval mode, and (unless the load changed the outputs on purpose) the parity check."""
     guard_bnb_cpu_repack(model).eval()
     if check_parity and not any(k in kwargs for k in _DTYPE_KWARGS):
         check_saved_parity(model, path)
@@ -121,4 +156,4 @@ def _config_value(config: Any, key: str) -> Any:
     return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
-__all__ = ["check_artifact_code", "load_compressed", "load_snippet"]
+__all__ = ["check_artifact_code", "load_compressed", "load_model", "load_snippet"]

@@ -52,17 +52,36 @@ def _texts_from_dataset(ds: Any, column: str | None) -> list[str]:
 
 def read_rows(path: Path) -> list[Any]:
     """The rows of a local table: ``.jsonl`` (one JSON value a line), ``.json`` (a list, or one value), ``.csv`` and
-    ``.parquet`` (one dict a row). The one reader of tables, for text sources and labelled data alike."""
+    ``.parquet`` (one dict a row). The one reader of tables, for text sources and labelled data alike; a file that is
+    not UTF-8 or not valid JSON fails with one line naming where."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno}); each line "
+                                  "of a .jsonl file must be one JSON value") from None
+        return rows
     if suffix == ".json":
-        rows = json.loads(path.read_text())
+        try:
+            rows = json.loads(_read_utf8(path))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path} is not valid JSON ({exc.msg} on line {exc.lineno}, column {exc.colno})") \
+                from None
         return rows if isinstance(rows, list) else [rows]
     if suffix in (".csv", ".parquet"):
         import datasets
 
-        return [dict(r) for r in datasets.load_dataset(suffix[1:], data_files=str(path), split="train")]
+        try:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RecipeError(f"cannot read {path} as {suffix[1:]} ({type(exc).__name__}: {first})") from None
+        return [dict(r) for r in ds]
     raise RecipeError(f"{path} has suffix {suffix!r}; allowed: {', '.join(TABLE_SUFFIXES)}")
 
 
@@ -82,16 +101,8 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
         return _texts_from_dataset(source, column)
     path = Path(source)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".txt", ".md"):
-            return [path.read_text()]
-        if suffix not in TABLE_SUFFIXES:
-            raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
-        rows = read_rows(path)
-        if suffix in (".csv", ".parquet") and rows:  # tables name their columns: take the text one
-            column = _text_column(list(rows[0]), rows[0], column)
-        return _texts_from_rows(rows, column, path)
-    if str(source).endswith(TEXT_SUFFIXES) or "/" in str(source) and Path(str(source).split("/")[0]).exists():
+        return _texts_from_file(path, column)
+    if _looks_local(source):
         raise RecipeError(f"text file not found: {source}")
     try:
         import datasets
@@ -101,6 +112,43 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
         raise RecipeError(f"text source {str(source)!r} is not 'builtin', not a local file and could not be loaded "
                           f"with datasets.load_dataset ({type(exc).__name__})") from None
     return _texts_from_dataset(ds, column)
+
+
+def _looks_local(source: str | Path) -> bool:
+    """A path by its looks (a text suffix, or a first component that exists here): never a datasets name."""
+    text = str(source)
+    return text.endswith(TEXT_SUFFIXES) or ("/" in text and Path(text.split("/")[0]).exists())
+
+
+def check_text_source(source: Any) -> None:
+    """Read a local text source now, so a missing, non-UTF-8 or malformed file fails before any expensive work.
+
+    ``"builtin"``, datasets and dataset names are left for the stage that uses them (loading them may be slow).
+    """
+    if isinstance(source, (str, Path)) and source != BUILTIN and (Path(source).is_file() or _looks_local(source)):
+        load_texts(source, split="train")
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"text file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+
+
+def _texts_from_file(path: Path, column: str | None) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".md"):
+        return [_read_utf8(path)]
+    if suffix not in TABLE_SUFFIXES:
+        raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+    rows = read_rows(path)
+    if suffix in (".csv", ".parquet") and rows:  # tables name their columns: take the text one
+        column = _text_column(list(rows[0]), rows[0], column)
+    return _texts_from_rows(rows, column, path)
 
 
 def _texts_from_rows(rows: list, column: str | None, path: Path) -> list[str]:

@@ -33,6 +33,10 @@ class HubError(HfSqueezeError, RuntimeError):
     """Pushing to or talking with the Hugging Face Hub failed (auth, network, parity gate)."""
 
 
+class HfSqueezeWarning(UserWarning):
+    """A stage did something other than asked (e.g. a prune target rounded); also recorded in the report."""
+
+
 def require_backend(module: str, pip_name: str | None = None):
     """Import an optional backend or raise a `BackendMissingError` naming the pip command."""
     try:
@@ -50,4 +54,5 @@ def prefixed(where: str) -> Iterator[None]:
     try:
         yield
     except HfSqueezeError as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+        message = str(exc)
+        raise type(exc)(message if message.startswith(f"{where}: ") else f"{where}: {message}") from None

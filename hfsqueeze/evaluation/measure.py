@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..compat.bnb import guard_bnb_cpu_repack, saveable
 from ..core.data import load_texts, token_blocks
+from ..core.errors import UnsupportedModelError
 from ..core.hf import count_parameters, eval_mode, is_causal_lm
 from ..core.utils import progress
 from .metrics import Metrics
@@ -38,6 +39,21 @@ class Reference:
     attention_mask: torch.Tensor | None
     outputs: list[torch.Tensor]  # causal: log-probs per block (fp32); encoder: embeddings per batch
     perplexity: float | None = None
+
+
+def check_measurable(model) -> None:
+    """Refuse, before any work, a model that no stage and no measurement supports: encoder-decoder models.
+
+    hfsqueeze compresses and measures decoder-only causal LMs and encoder models; each stage declares which model
+    types it supports on top of that (its ``validate``).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"model type {getattr(config, 'model_type', None)!r} ({type(model).__name__}) is an encoder-decoder "
+            "model; hfsqueeze compresses and measures decoder-only causal LMs (llama, gpt2, ...) and encoders "
+            "(bert, ...)"
+        )
 
 
 def model_task(model) -> str:

@@ -70,6 +70,7 @@ class CompressionReport:
     stages: list[StageResult] = dataclasses.field(default_factory=list)
     final: Metrics | None = None
     command: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
     created: str = dataclasses.field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     )
@@ -88,6 +89,7 @@ class CompressionReport:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "stages": [s.to_dict() for s in self.stages],
             "final": self.final.to_dict() if self.final else None,
+            "warnings": list(self.warnings),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -106,6 +108,7 @@ class CompressionReport:
             model=data["model"], recipe=data["recipe"], environment=data["environment"],
             evaluation=data["evaluation"], baseline=Metrics.from_dict(data.get("baseline")), stages=stages,
             final=Metrics.from_dict(data.get("final")), command=data.get("command"), created=data.get("created", ""),
+            warnings=list(data.get("warnings") or []),
         )
 
     @classmethod

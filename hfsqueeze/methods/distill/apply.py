@@ -24,7 +24,7 @@ from torch import nn
 from ...compat.bnb import is_bnb_quantized
 from ...core.errors import RecipeError
 from ...core.hf import is_causal_lm, num_layers
-from ...core.models import load_model
+from ...core.models import load_pretrained
 from ...core.utils import progress_disabled
 from .config import DistillConfig, check_tasks, uses_lora
 from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id
@@ -66,7 +66,7 @@ def resolve_teacher(model: nn.Module, config: DistillConfig, context: Any) -> tu
         if teacher is model:
             raise RecipeError(f"{where}: the teacher is the model being trained; it must be a separate frozen copy")
         return teacher, config.teacher
-    teacher, _ = load_model(config.teacher)
+    teacher, _ = load_pretrained(config.teacher)
     return teacher, config.teacher
 
 

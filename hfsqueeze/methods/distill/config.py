@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
+import types
+import typing
 from typing import Any, Literal
 
-from ...core.config import ConfigBase, StageConfig
+from ...core.config import ConfigBase, StageConfig, _describe
+from ...core.data import check_text_source
 from ...core.errors import RecipeError
+from ...core.loading import check_model_source
 
 CAUSAL_LM = "causal_lm"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
@@ -247,23 +253,85 @@ class DistillConfig(StageConfig):
         return self.data if isinstance(self.data, list) else [self.data]
 
     def _check_training_args(self) -> None:
-        from transformers import TrainingArguments
-
-        allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-        for key in self.training_args:
+        fields = _training_arg_types()
+        for key, value in list(self.training_args.items()):
             if key in RESERVED_TRAINING_ARGS:
                 self.fail("training_args", f"'{key}' is set by the stage; use the stage option 'output_dir' for "
                           "the directory")
-            if key not in allowed:
-                close = sorted(k for k in allowed if k.startswith(key[:4]))[:5]
+            if key not in fields:
+                close = sorted(k for k in fields if k.startswith(key[:4]))[:5]
                 self.fail("training_args", f"unknown TrainingArguments field '{key}'"
                           + (f"; similar: {', '.join(close)}" if close else ""))
+            ok, converted = _training_value(value, fields[key])
+            if not ok:
+                self.fail("training_args", f"'{key}': got {value!r}; TrainingArguments expects "
+                          f"{_describe_training_type(fields[key])}")
+            self.training_args[key] = converted
 
     def resolved_training_args(self) -> dict[str, Any]:
         return {**DEFAULT_TRAINING_ARGS, **self.training_args}
 
     def snapshot_needed(self) -> str | None:
         return self.teacher if self.teacher in TEACHER_SNAPSHOTS else None
+
+
+@functools.lru_cache(maxsize=1)
+def _training_arg_types() -> dict[str, Any]:
+    """Field name -> type hint of every `transformers.TrainingArguments` init field."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _enum_values(tp: Any) -> list[Any] | None:
+    """The allowed values when ``tp`` is an Enum or a union holding one (``SchedulerType | str``), else ``None``."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+    return [m.value for e in enums for m in e] if enums else None
+
+
+def _training_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits the TrainingArguments hint ``tp``, and the value to pass (numeric strings -> float)."""
+    origin = typing.get_origin(tp)
+    allowed = _enum_values(tp)
+    if allowed is not None and isinstance(value, str):
+        return value in allowed, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, converted = _training_value(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, value
+        try:  # YAML reads "5e-5" (no dot) as a string
+            return isinstance(value, str), float(value)
+        except (TypeError, ValueError):
+            return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list or tp is list:
+        return isinstance(value, list), value
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return True, value  # a type this check does not model: TrainingArguments itself validates it
+
+
+def _describe_training_type(tp: Any) -> str:
+    allowed = _enum_values(tp)
+    if allowed is not None:
+        return "one of " + ", ".join(repr(v) for v in allowed)
+    return _describe(tp)
 
 
 # ---- checks against the model (run by the stage before anything trains, and by DistillStage.validate) -------------
@@ -281,3 +349,33 @@ def uses_lora(config: DistillConfig, quantized: str | None) -> bool:
         raise RecipeError("the model is bnb-quantized, so its weights cannot be fine-tuned directly; use adapter: "
                           "auto or lora (LoRA adapters, merged at the end)")
     return config.adapter == "lora" or (config.adapter == "auto" and bnb)
+
+
+def check_sources(config: DistillConfig) -> None:
+    """Read the local data files and check the teacher's directory now, before anything expensive runs."""
+    for task in config.tasks:
+        if task.text not in ("calibration", "builtin"):
+            check_text_source(task.text)
+    if config.teacher not in TEACHER_SNAPSHOTS:
+        check_model_source(config.teacher)
+
+
+def check_student(config: DistillConfig, n_layers: int | None) -> int | None:
+    """Refuse student layers the model does not have; return the student's layer count (``None``: unknown)."""
+    student = config.student
+    if student is None:
+        return n_layers
+    if student.layers is not None:
+        if n_layers is not None and max(student.layers) >= n_layers:
+            bad = [i for i in student.layers if i >= n_layers]
+            raise RecipeError(f"key 'student': layers {bad} do not exist; the model has {n_layers} layers "
+                              f"(0..{n_layers - 1})")
+        return len(student.layers)
+    if isinstance(student.keep, int):
+        if n_layers is not None and student.keep > n_layers:
+            raise RecipeError(f"key 'student': keep: {student.keep} layers, but the model has only {n_layers}")
+        return student.keep
+    if student.keep is not None:
+        return max(1, round(student.keep * n_layers)) if n_layers is not None else None
+    layers = (student.config or {}).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None

@@ -7,23 +7,11 @@ from typing import Any
 from torch import nn
 
 from ...core.context import CompressionContext
+from ...core.errors import RecipeError
 from ...core.search import OPTIONAL, Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
-from .config import DistillConfig, check_tasks, uses_lora
+from .config import DistillConfig, check_sources, check_student, check_tasks, uses_lora
 from .recover import expand_recovery
-
-
-def _student_layers(config: DistillConfig, info: ModelInfo) -> int | None:
-    """The layer count of the student the config builds (``None``: unknown before it runs)."""
-    student = config.student
-    if student.layers is not None:
-        return len(student.layers)
-    if isinstance(student.keep, int):
-        return student.keep
-    if student.keep is not None and info.num_layers is not None:
-        return max(1, round(student.keep * info.num_layers))
-    layers = (student.config or {}).get("num_hidden_layers")
-    return layers if isinstance(layers, int) else None
 
 
 class DistillStage(Stage):
@@ -33,11 +21,16 @@ class DistillStage(Stage):
     config_cls = DistillConfig
 
     def validate(self, config: DistillConfig, info: ModelInfo) -> ModelInfo | None:
-        check_tasks(config, info.architecture)
+        check_sources(config)
+        if info.frozen_by and config.adapter == "none":
+            raise RecipeError(f"adapter: none cannot train after a {info.frozen_by} stage (quantized weights cannot "
+                              "be fine-tuned directly); use adapter: auto or lora")
         uses_lora(config, info.quantized)
-        if config.student is None:
-            return None
-        return info.replace(num_layers=_student_layers(config, info))
+        if info.architecture:
+            check_tasks(config, info.architecture)
+        n_layers = check_student(config, info.num_layers)
+        # A student is another model: its layer count is new and the loaded model no longer describes it.
+        return info.replace(num_layers=n_layers, model=None) if config.student is not None else None
 
     def apply(self, model: nn.Module, config: DistillConfig, ctx: CompressionContext) -> dict[str, Any]:
         # Deferred: the training stack (transformers.Trainer, accelerate) takes seconds to import, and only a

@@ -1,6 +1,6 @@
 """The ``prune`` method: structured removal of attention heads (MHA and GQA), FFN neurons and whole layers."""
 
-from .apply import PruneWarning, apply_prune, compute_scores, sync_config
+from .apply import PruneWarning, apply_prune, check_targets, compute_scores, sync_config
 from .config import PruneConfig
 from .stage import PruneStage
 from .surgery import SUPPORTED_MODEL_TYPES, drop_layers, prune_ffn, prune_heads
@@ -11,6 +11,7 @@ __all__ = [
     "PruneStage",
     "PruneWarning",
     "apply_prune",
+    "check_targets",
     "compute_scores",
     "drop_layers",
     "prune_ffn",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.errors import RecipeError, UnsupportedModelError, prefixed
+from ...core.errors import HfSqueezeWarning, RecipeError, UnsupportedModelError, prefixed
 from ...core.hf import count_parameters, is_causal_lm
 from ...core.stage import ModelInfo
 from .config import PruneConfig
@@ -35,7 +35,7 @@ from .surgery import (
 logger = logging.getLogger("hfsqueeze")
 
 
-class PruneWarning(UserWarning):
+class PruneWarning(HfSqueezeWarning):
     """A prune target could not be met exactly (rounding, ``min_heads_per_layer`` or ``protect_layers``)."""
 
 
@@ -54,20 +54,110 @@ def check_prunable(info: ModelInfo) -> str:
     return family
 
 
-def check_layers(config: PruneConfig, n_layers: int) -> tuple[set[int], int]:
-    """The protected layer indices (normalized) and the number of layers to remove; raise when impossible."""
+def _protected_layers(config: PruneConfig, n_layers: int) -> set[int]:
     protected = set()
     for index in config.protect_layers:
         if not -n_layers <= index < n_layers:
             raise RecipeError(f"key 'protect_layers': layer {index} does not exist; the model has {n_layers} layers "
                               f"(0..{n_layers - 1}, or negative from the end)")
         protected.add(index % n_layers)
+    return protected
+
+
+def check_layers(config: PruneConfig, n_layers: int) -> tuple[set[int], int]:
+    """The protected layer indices (normalized) and the number of layers to remove; raise when impossible."""
+    protected = _protected_layers(config, n_layers)
     layers_target = _target(config.layers, n_layers)
+    if config.layers and layers_target == 0:
+        raise RecipeError(f"key 'layers': {config.layers} of {n_layers} layers rounds to 0; give a count "
+                          "(layers: 1) or a larger fraction")
     if layers_target > n_layers - max(1, len(protected)):
         raise RecipeError(f"key 'layers': got {config.layers} ({layers_target} layers) but only "
                           f"{n_layers - max(1, len(protected))} of {n_layers} layers can go (protect_layers="
                           f"{sorted(protected)}; at least one layer stays)")
     return protected, layers_target
+
+
+def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[str]:
+    """Check, before any scoring, that the model can meet ``config``'s targets; return warnings about rounding.
+
+    Raises `RecipeError` when a target removes nothing (a fraction rounding to 0, a single key/value group per layer
+    under ``gqa_mode: groups``, ``protect_layers``/``min_heads_per_layer`` leaving nothing) or asks for more than
+    exists. A layerwise target that rounds to a different amount is a warning: it is what the stage will remove.
+    """
+    layers = list(layer_list(family, model))
+    protected, _ = check_layers(config, len(layers))
+    eligible = [i not in protected for i in range(len(layers))]
+    notes = []
+    if config.heads:
+        notes += _check_heads(config, [attention_shape(family, layer) for layer in layers], eligible)
+    if config.ffn:
+        notes += _check_ffn(config, [ffn_width(family, layer) for layer in layers], eligible)
+    return notes
+
+
+def _check_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> list[str]:
+    total = sum(n_q for n_q, _, _ in shapes)
+    target = _target(config.heads, total)
+    if target == 0:
+        raise RecipeError(f"key 'heads': {config.heads} of {total} query heads rounds to 0; give a count "
+                          "(heads: 1) or a larger fraction")
+    if target > total:
+        raise RecipeError(f"key 'heads': asks to remove {target} heads but the model has {total}")
+    units = [head_units(n_q, n_kv, config.gqa_mode) for n_q, n_kv, _ in shapes]
+    sizes = [len(u[0][0]) for u in units]
+    min_keep = max(config.min_heads_per_layer, 1)
+    if config.scope == "global":
+        can = [s * max(0, (n_q - min_keep) // s) if ok else 0 for (n_q, _, _), s, ok in zip(shapes, sizes, eligible)]
+    else:
+        can = [s * max(0, min(round(target / total * len(u)), len(u) - math.ceil(min_keep / s))) if ok else 0
+               for u, s, ok in zip(units, sizes, eligible)]
+    if sum(can) == 0:
+        raise RecipeError(f"key 'heads': {config.heads} removes no head: {_why_no_heads(config, shapes, eligible)}")
+    if config.scope == "layerwise" and sum(can) != target:
+        return [f"layerwise heads={config.heads} removes {sum(can)} of {total} query heads (per layer: {can}), "
+                f"not {target}: layers lose whole head units of {sorted(set(sizes))} heads"
+                + (f" and protect_layers={config.protect_layers} are kept" if not all(eligible) else "")]
+    return []
+
+
+def _why_no_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> str:
+    kept = [shape for shape, ok in zip(shapes, eligible) if ok]
+    if not kept:
+        return f"protect_layers={config.protect_layers} covers every layer"
+    if config.gqa_mode == "groups" and all(n_kv == 1 < n_q for n_q, n_kv, _ in kept):
+        n_q = kept[0][0]
+        return (f"every layer has a single key/value group ({n_q} query heads share 1 key/value head) and gqa_mode: "
+                "groups removes whole groups, one of which must stay; use gqa_mode: slots to remove query heads "
+                "and keep the key/value head")
+    if config.scope == "layerwise":
+        return (f"a layerwise fraction of {len(head_units(kept[0][0], kept[0][1], config.gqa_mode))} head "
+                f"units per layer rounds to 0 (min_heads_per_layer={config.min_heads_per_layer}); use scope: global "
+                "or a larger fraction")
+    return (f"min_heads_per_layer={config.min_heads_per_layer} keeps every head of the layers that may be pruned "
+            f"({sorted({q for q, _, _ in kept})} query heads per layer)")
+
+
+def _check_ffn(config: PruneConfig, widths: list[int], eligible: list[bool]) -> list[str]:
+    total = sum(widths)
+    target = _target(config.ffn, total)
+    if target == 0:
+        raise RecipeError(f"key 'ffn': {config.ffn} of {total} FFN neurons rounds to 0; give a count or a larger "
+                          "fraction")
+    if target > total:
+        raise RecipeError(f"key 'ffn': asks to remove {target} FFN neurons but the model has {total}")
+    if config.scope == "global":
+        can = [w - 1 if ok else 0 for w, ok in zip(widths, eligible)]
+    else:
+        can = [max(0, min(round(target / total * w), w - 1)) if ok else 0 for w, ok in zip(widths, eligible)]
+    if sum(can) == 0:
+        why = (f"protect_layers={config.protect_layers} covers every layer" if not any(eligible)
+               else "a layerwise fraction rounds to 0 neurons per layer; use scope: global or a larger fraction")
+        raise RecipeError(f"key 'ffn': {config.ffn} removes no FFN neuron: {why}")
+    if config.scope == "layerwise" and sum(can) != target:
+        return [f"layerwise ffn={config.ffn} removes {sum(can)} of {total} FFN neurons (per layer: {can}), not "
+                f"{target}" + (f": protect_layers={config.protect_layers} are kept" if not all(eligible) else "")]
+    return []
 
 
 def _target(value: int | float, total: int) -> int:
@@ -249,9 +339,16 @@ class _Progress:
 
     original_ids: list[int]  # current layer position -> its index when the stage started
     head_ids: list[list[int]]  # per current layer: current query head -> its index when the stage started
+    where: str = "stage 1 (prune)"  # the stage, for warnings
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what did not go as asked, for the report
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     scoring_seconds: float = 0.0
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # calibration blocks, kl reference
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the report and emit it as a `PruneWarning` (the CLI prints it as one line)."""
+        self.warnings.append(message)
+        warnings.warn(f"{self.where}: {message}", PruneWarning, stacklevel=4)
 
 
 @dataclasses.dataclass
@@ -263,23 +360,22 @@ class _Choice:
     ffn: list[set[int]]
 
 
-def plan_prune(model: nn.Module, config: PruneConfig) -> _Plan:
-    """Check the model and the config against each other and fix the targets."""
+def plan_prune(model: nn.Module, config: PruneConfig) -> tuple[_Plan, list[str]]:
+    """Check the model and the config against each other (before any scoring) and fix the targets; return the plan
+    and the warnings about targets that round (see `check_targets`)."""
     family = check_prunable(ModelInfo.of(model))
     try:
         layers = list(layer_list(family, model))
     except AttributeError:
         raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers where expected") from None
+    notes = check_targets(family, model, config)
     protected, layers_target = check_layers(config, len(layers))
     shapes = [attention_shape(family, layer) for layer in layers]
     ffn = [ffn_width(family, layer) for layer in layers]
     plan = _Plan(family, protected, layers_target, shapes,
                  [len(head_units(n_q, n_kv, config.gqa_mode)) for n_q, n_kv, _ in shapes], ffn,
                  _target(config.heads, sum(s[0] for s in shapes)), _target(config.ffn, sum(ffn)))
-    if plan.heads_target > plan.heads_total or plan.ffn_target > sum(ffn):
-        raise RecipeError(f"asked to remove {plan.heads_target} heads / {plan.ffn_target} FFN neurons but the model "
-                          f"has {plan.heads_total} / {sum(ffn)}")
-    return plan
+    return plan, notes
 
 
 def _score_step(model: nn.Module, config: PruneConfig, ctx: Any, plan: _Plan, progress: _Progress,
@@ -321,10 +417,9 @@ def _choose_heads(model: nn.Module, config: PruneConfig, plan: _Plan, progress: 
         min_keep = [max(config.min_heads_per_layer, 1) for _ in units]
         removed, done = _choose_global(_normalized(scores.heads, config), sizes, min_keep, prunable, max(need, 0))
         if done < need:
-            warnings.warn(f"prune: removed {done} of the {need} heads asked for in step {step} "
+            progress.warn(f"removed {done} of the {need} heads asked for in step {step} "
                           f"(min_heads_per_layer={config.min_heads_per_layer}, protect_layers="
-                          f"{config.protect_layers}, units of {sorted({s for z in sizes for s in z})} heads)",
-                          PruneWarning, stacklevel=3)
+                          f"{config.protect_layers}, units of {sorted({s for z in sizes for s in z})} heads)")
         return removed
     per_layer_fraction = plan.heads_target / plan.heads_total
     counts = []
@@ -334,9 +429,6 @@ def _choose_heads(model: nn.Module, config: PruneConfig, plan: _Plan, progress: 
         min_units = math.ceil(config.min_heads_per_layer / unit_size)
         want = int(round(per_layer_fraction * start * fraction)) - (start - len(layer_units))
         counts.append(max(0, min(want, len(layer_units) - min_units)))
-    if per_layer_fraction > 0 and not any(c for c, ok in zip(counts, prunable) if ok) and step == 1:
-        warnings.warn(f"prune: layerwise heads={config.heads} rounds to 0 of {sorted(set(plan.units))} head units "
-                      "per layer; nothing removed (use scope: global for finer steps)", PruneWarning, stacklevel=3)
     return _choose_layerwise(scores.heads, counts, prunable)
 
 
@@ -353,9 +445,8 @@ def _choose_ffn(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _P
         removed, done = _choose_global(_normalized(scores.ffn, config), [[1] * w for w in widths], [1] * len(widths),
                                        prunable, max(need, 0))
         if done < need:
-            warnings.warn(f"prune: removed {done} of the {need} FFN neurons asked for in step {step} "
-                          f"(protect_layers={config.protect_layers}; every layer keeps one neuron)",
-                          PruneWarning, stacklevel=3)
+            progress.warn(f"removed {done} of the {need} FFN neurons asked for in step {step} "
+                          f"(protect_layers={config.protect_layers}; every layer keeps one neuron)")
         return removed
     per_layer_fraction = plan.ffn_target / sum(plan.ffn)
     counts = [max(0, min(int(round(per_layer_fraction * plan.ffn[ids[i]] * fraction)) - (plan.ffn[ids[i]] - w),
@@ -431,6 +522,7 @@ def _report(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _Progr
         "importance_scores": progress.history,
         "scoring_seconds": round(progress.scoring_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
+        "warnings": progress.warnings,
     }
 
 
@@ -453,10 +545,13 @@ def apply_prune(
     ```
     """
     started = time.perf_counter()
-    with prefixed(f"stage {getattr(ctx, 'stage_index', 0) or 1} (prune)"):
-        plan = plan_prune(model, config)
+    where = f"stage {getattr(ctx, 'stage_index', 0) or 1} (prune)"
+    with prefixed(where):
+        plan, notes = plan_prune(model, config)
     params_before = count_parameters(model)
-    progress = _Progress(list(range(plan.n_layers)), [list(range(n_q)) for n_q, _, _ in plan.shapes])
+    progress = _Progress(list(range(plan.n_layers)), [list(range(n_q)) for n_q, _, _ in plan.shapes], where)
+    for note in notes:
+        progress.warn(note)
     for step in range(1, config.steps + 1):
         step_scores, units = _score_step(model, config, ctx, plan, progress, scores)
         dropped = _cut(model, plan, progress, _choose_step(model, config, plan, progress, step_scores, units, step),

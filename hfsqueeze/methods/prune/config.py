@@ -52,7 +52,8 @@ class PruneConfig(StageConfig):
     )
     gqa_mode: Literal["groups", "slots"] = dataclasses.field(
         default="groups",
-        metadata={"help": "grouped-query attention: 'groups' removes whole key/value groups, 'slots' removes the "
+        metadata={"help": "grouped-query attention: 'groups' removes whole key/value groups (one must stay, so a "
+                  "model with a single group per layer, like Gemma-3-270M, is refused up front), 'slots' removes the "
                   "same query slot from every group (keeps all key/value heads)"},
     )
     normalize: bool | None = dataclasses.field(

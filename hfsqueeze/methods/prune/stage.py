@@ -8,9 +8,11 @@ from typing import Any
 from torch import nn
 
 from ...core.context import CompressionContext
+from ...core.data import check_text_source
+from ...core.errors import RecipeError
 from ...core.search import Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
-from .apply import apply_prune, check_layers, check_prunable
+from .apply import apply_prune, check_layers, check_prunable, check_targets
 from .artifact import code_check, load_snippet, loader, save_hook
 from .config import PruneConfig
 
@@ -68,11 +70,21 @@ class PruneStage(Stage):
     config_cls = PruneConfig
 
     def validate(self, config: PruneConfig, info: ModelInfo) -> ModelInfo | None:
-        check_prunable(info)
-        if info.num_layers is None:
+        if info.frozen_by:
+            raise RecipeError(f"cannot follow a {info.frozen_by} stage: quantized weights cannot be cut, so put the "
+                              "prune stage before quantize")
+        if config.calibration is not None:
+            check_text_source(config.calibration)
+        if not info.known:
             return None
-        _, layers_target = check_layers(config, info.num_layers)
-        return info.replace(num_layers=info.num_layers - layers_target)
+        family = check_prunable(info)
+        if info.model is not None:  # the model as loaded: every target can be checked against its shapes
+            check_targets(family, info.model, config)
+        n_layers = info.num_layers
+        if n_layers is not None:
+            n_layers -= check_layers(config, n_layers)[1]
+        # Shapes change: later stages see the layer count, no longer the loaded model's shapes.
+        return info.replace(num_layers=n_layers, model=None)
 
     def apply(self, model: nn.Module, config: PruneConfig, ctx: CompressionContext) -> dict[str, Any]:
         return apply_prune(model, config, ctx)

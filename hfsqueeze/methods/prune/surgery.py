@@ -305,23 +305,40 @@ def current_plan(family: str, model: nn.Module) -> dict[str, Any]:
 
 
 def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Resize a freshly built (usually meta-device) model to the shapes in ``plan``; the weights come after."""
+    """Resize a freshly built (usually meta-device) model to the shapes in ``plan``; the weights come after.
+
+    A plan that cannot describe this model raises `ValueError` naming the config field (an edited config.json).
+    """
     family = family_of(model.config)
     if family is None:
         raise ValueError(f"model type {model.config.model_type!r} cannot carry a pruning plan")
-    if plan.get("version", PLAN_VERSION) > PLAN_VERSION:
-        raise ValueError(f"pruning plan version {plan['version']} is newer than this loader ({PLAN_VERSION})")
+    field = f"config.json field '{PLAN_KEY}'"
+    if not isinstance(plan, dict):
+        raise ValueError(f"{field} must be a mapping of per-layer lists; got {type(plan).__name__} {plan!r:.80}")
+    version = plan.get("version", PLAN_VERSION)
+    if not isinstance(version, int) or version > PLAN_VERSION:
+        raise ValueError(f"{field}: version {version!r} is not one this loader reads (up to {PLAN_VERSION})")
     layers = layer_list(family, model)
     n_layers = len(layers)
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if len(plan[key]) != n_layers:
-            raise ValueError(f"pruning plan lists {len(plan[key])} values of {key} for {n_layers} layers")
+        values = plan.get(key)
+        if not isinstance(values, list) or len(values) != n_layers or \
+                not all(type(v) is int and v >= 1 for v in values):
+            raise ValueError(f"{field}: '{key}' must list {n_layers} positive integers (one per layer); got "
+                             f"{values!r:.80}")
     for i, layer in enumerate(layers):
         n_q, n_kv, _ = attention_shape(family, layer)
-        want_q, want_kv = int(plan["num_attention_heads"][i]), int(plan["num_key_value_heads"][i])
+        want_q, want_kv = plan["num_attention_heads"][i], plan["num_key_value_heads"][i]
+        fits = want_q <= n_q and want_kv <= n_kv and want_q % want_kv == 0 and want_q // want_kv <= n_q // n_kv
+        if not fits or (not FAMILIES[family].grouped and want_q != want_kv):
+            raise ValueError(f"{field}: layer {i} lists {want_q} query and {want_kv} key/value heads, which this "
+                             f"model ({n_q} query, {n_kv} key/value heads per layer) cannot have")
         if (want_q, want_kv) != (n_q, n_kv):
             _select_heads(family, layer, list(range(want_q)), list(range(want_kv)))
-        width = int(plan["intermediate_size"][i])
+        width = plan["intermediate_size"][i]
+        if width > ffn_width(family, layer):
+            raise ValueError(f"{field}: layer {i} lists intermediate_size {width}, more than the model's "
+                             f"{ffn_width(family, layer)}")
         if width != ffn_width(family, layer):
             prune_ffn(family, layer, list(range(width)))
 

@@ -8,6 +8,10 @@ from typing import Any, Literal
 from ...core.config import StageConfig
 
 DEFAULT_SKIP_MODULES = ["lm_head"]
+# bitsandbytes 8/4-bit: model types whose modeling code calls its nn.Linear modules (checked: compress, save and a
+# stock reload). Some architectures read `.weight` directly (Mamba's dt_proj), which breaks after the swap.
+BNB_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "opt", "gpt2", "bert",
+                   "roberta", "xlm-roberta", "distilbert")
 
 
 @dataclasses.dataclass

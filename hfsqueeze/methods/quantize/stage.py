@@ -7,10 +7,11 @@ from typing import Any
 from torch import nn
 
 from ...core.context import CompressionContext
+from ...core.errors import RecipeError, UnsupportedModelError
 from ...core.search import Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
 from .apply import apply_quantize, check_quantizable
-from .config import QuantizeConfig
+from .config import BNB_MODEL_TYPES, QuantizeConfig
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -43,8 +44,20 @@ class QuantizeStage(Stage):
     config_cls = QuantizeConfig
 
     def validate(self, config: QuantizeConfig, info: ModelInfo) -> ModelInfo | None:
+        if info.frozen_by:
+            fix = ("put the 16-bit cast before the 8/4-bit stage, or use compute_dtype for 4-bit" if config.bits == 16
+                   else "a model is quantized to 8/4 bits once; remove one quantize stage")
+            raise RecipeError(f"bits: {config.bits} cannot follow a {info.frozen_by} stage; {fix}")
         check_quantizable(info)
-        return info.replace(quantized="bitsandbytes") if config.bits in (4, 8) else None
+        if config.bits == 16:
+            return None
+        if info.known and info.model_type not in BNB_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"bits: {config.bits} (bitsandbytes) does not support model type {info.model_type!r} "
+                f"({info.architecture}); supported model types: {', '.join(BNB_MODEL_TYPES)} (bits: 16 works for "
+                "any model)"
+            )
+        return info.replace(quantized="bitsandbytes", frozen_by=f"bitsandbytes {config.label}")
 
     def apply(self, model: nn.Module, config: QuantizeConfig, ctx: CompressionContext) -> dict[str, Any]:
         return apply_quantize(model, config, ctx)
