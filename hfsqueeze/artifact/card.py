@@ -102,6 +102,17 @@ def _points(before: float, after: float, fmt) -> str:
     return f"{(after - before) * 100:+.2f} pp"
 
 
+_LATENCY_KEYS = tuple(m.key for m in METRICS if m.latency)
+
+
+def _runs_range(metrics: dict[str, Any], key: str, fmt) -> str:
+    """`` (min-max)`` of the timed runs behind a latency median, when there was more than one run."""
+    spread = (metrics.get("latency_spread") or {}).get(key)
+    if not spread or len(spread.get("runs") or []) < 2:
+        return ""
+    return f" ({fmt(spread['min'])}–{fmt(spread['max'])})"
+
+
 def is_hub_id(value: Any) -> bool:
     """Whether ``value`` looks like a Hub repository id (and is not a local path or a built-in name)."""
     if not isinstance(value, str) or not value or value in ("builtin",) or value.startswith("builtin:"):
@@ -268,6 +279,8 @@ def _results_table(report: dict[str, Any]) -> list[str]:
     baseline, final = report.get("baseline") or {}, report.get("final") or {}
     if not baseline and not final:
         return []
+    check = report.get("latency")
+    unreliable = bool(check) and not check.get("reliable", True)
     lines = ["## Results", "", "| Metric | Original | Compressed | Change |", "|---|---:|---:|---|"]
     for metric in METRICS:
         key, label, fmt, style = metric.key, metric.label, metric.fmt, metric.change
@@ -283,6 +296,11 @@ def _results_table(report: dict[str, Any]) -> list[str]:
         if before is not None and after is not None:
             change = {"ratio": _ratio, "delta": _delta, "delta_pct": _delta_pct, "points": _points}[style](
                 before, after, fmt) if style != "ratio" else _ratio(before, after)
+        if metric.latency:
+            shown_before += _runs_range(baseline, key, fmt)
+            shown_after += _runs_range(final, key, fmt)
+            if change and unreliable:
+                change += " **(unreliable, see below)**"
         lines.append(f"| {label} | {shown_before} | {shown_after} | {change} |")
     lines += ["", *_measurement_notes(report)]
     return lines
@@ -304,10 +322,21 @@ def _measurement_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"- **Quality:** {tokens:,} tokens of {_text_label(ev.get('text'))}, scored in windows of "
                      f"{ev.get('seq_len')} tokens; KL divergence and top-1 agreement compare every next-token "
                      "distribution with the original model's on the same tokens.")
-    if ev.get("latency") and ev.get("prompt_tokens"):
+    check = report.get("latency")  # absent from reports written before latency was checked
+    measured = any((report.get(which) or {}).get(key) is not None
+                   for which in ("baseline", "final") for key in _LATENCY_KEYS)
+    if measured:  # not without a tokenizer, not with `latency: false`
         runs = f"{ev.get('repeats')} run{'s' if ev.get('repeats') != 1 else ''}"
-        notes.append(f"- **Latency:** median of {runs}; prefill of a {ev['prompt_tokens']}-token "
-                     f"prompt and {ev.get('decode_tokens')} greedy decode steps, batch size 1.")
+        how = ""
+        if check:
+            how = (", the original and the compressed model timed in alternating runs" if check.get("interleaved")
+                   else ", the original timed before compression, the compressed model after")
+        note = (f"- **Latency:** median of {runs} (range in brackets){how}; prefill of a "
+                f"{ev.get('prompt_tokens')}-token prompt and {ev.get('decode_tokens')} greedy decode steps, batch "
+                "size 1.")
+        if check and not check.get("reliable", True):
+            note += " **The latency ratios are unreliable:** " + "; ".join(check.get("reasons") or []) + "."
+        notes.append(note)
     if report.get("command"):
         notes.append(f"- **Command:** `{report['command']}`")
     if report.get("created"):

@@ -2,18 +2,23 @@
 
 `reference_outputs` records the model's outputs before compression on the evaluation text (log-probabilities for
 causal LMs, mean-pooled sentence embeddings for encoders); `measure` re-runs the same inputs and compares. Latency
-uses the same prompt, thread count and repeat count for every measurement, and reports the median.
+uses the same prompt, thread count and repeat count for every measurement and reports the median, the spread of the
+runs and the load average; when both models are in memory their runs are interleaved, and `latency_check` says
+whether the ratio between them can be trusted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,8 @@ from .metrics import Metrics
 # `model_task` values, as the report records them (``report["model"]["task"]``).
 TASK_CAUSAL_LM = "causal-lm"
 TASK_ENCODER = "encoder"
+# Latency runs of one model whose slowest is more than this many times the fastest make a ratio unreliable.
+MAX_LATENCY_SPREAD = 1.5
 
 
 @dataclasses.dataclass
@@ -162,42 +169,135 @@ def _quality(model, reference: Reference) -> dict[str, float]:
             "eval_tokens": tokens}
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, bnb weight preparation
-    times = []
-    for _ in range(repeats):
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none): runnable processes competing for the CPUs."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _spread(runs: list[float]) -> dict[str, Any]:
+    return {"min": min(runs), "median": statistics.median(runs), "max": max(runs), "runs": runs}
+
+
+def _timers(model, prompt: torch.Tensor, decode_tokens: int):
+    """(prefill, decode) callables returning ms/token of one run; decode is ``None`` for encoders or 0 tokens."""
+
+    def prefill() -> float:
         start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        model(input_ids=prompt)
+        return (time.perf_counter() - start) * 1000 / prompt.shape[1]
+
+    if model_task(model) != TASK_CAUSAL_LM or decode_tokens <= 0:
+        return prefill, None
+    # Transformers 5.2x renamed `past_key_values` to `cache` (input and output); accept both.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def decode() -> float:
+        out = model(input_ids=prompt, use_cache=True)
+        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, use_cache=True, **{key: past})
+            past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) * 1000 / decode_tokens
+
+    return prefill, decode
 
 
 @torch.no_grad()
-def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) -> dict[str, float | None]:
-    """Median prefill ms/token on ``prompt`` [1, P] and (causal LMs) greedy decode ms/token with the KV cache."""
-    with eval_mode(model):
-        prefill = _median_ms(lambda: model(input_ids=prompt), repeats) / prompt.shape[1]
-        decode = None
-        if model_task(model) == TASK_CAUSAL_LM and decode_tokens > 0:
-            # Transformers 5.2x renamed `past_key_values` to `cache` (input and output); accept both.
-            key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: int, repeats: int
+                        ) -> list[dict[str, Any]]:
+    """Time several models on the same prompt, alternating between them in every round.
 
-            def run_decode():
-                out = model(input_ids=prompt, use_cache=True)
-                past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
-                start = time.perf_counter()
-                for _ in range(decode_tokens):
-                    out = model(input_ids=token, use_cache=True, **{key: past})
-                    past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
-                return (time.perf_counter() - start) * 1000
+    A change in machine load then hits every model alike, so their ratios stay meaningful. Each model gets one
+    untimed warm-up (first-call allocations, bnb weight preparation), then ``repeats`` rounds of one prefill and one
+    greedy decode run with the KV cache.
 
-            run_decode()
-            decode = statistics.median(run_decode() for _ in range(repeats)) / decode_tokens
-        return {"prefill_ms_per_token": prefill, "decode_ms_per_token": decode}
+    Returns:
+        `list[dict]`: per model, the median ``prefill_ms_per_token`` / ``decode_ms_per_token`` (``None`` when not
+        measured), ``latency_spread`` (min/median/max and every run) and ``load_average`` (the highest 1-minute load
+        average seen before and after the runs).
+    """
+    with contextlib.ExitStack() as stack:
+        timers = [_timers(stack.enter_context(eval_mode(model)), prompt, decode_tokens) for model in models]
+        for prefill, decode in timers:
+            prefill()
+            if decode is not None:
+                decode()
+        loads = [load_average()]
+        runs: list[dict[str, list[float]]] = [{"prefill_ms_per_token": [], "decode_ms_per_token": []} for _ in models]
+        for _ in range(repeats):
+            for (prefill, decode), samples in zip(timers, runs):
+                samples["prefill_ms_per_token"].append(prefill())
+                if decode is not None:
+                    samples["decode_ms_per_token"].append(decode())
+        loads.append(load_average())
+    seen = [x for x in loads if x is not None]
+    results = []
+    for samples in runs:
+        spread = {key: _spread(values) for key, values in samples.items() if values}
+        results.append({**{key: s["median"] for key, s in spread.items()}, "latency_spread": spread,
+                        "load_average": max(seen) if seen else None})
+        results[-1].setdefault("decode_ms_per_token", None)
+    return results
+
+
+def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) -> dict[str, Any]:
+    """Median prefill ms/token on ``prompt`` [1, P] and (causal LMs) greedy decode ms/token with the KV cache, with
+    the spread of the runs and the load average (see `interleaved_latency`)."""
+    return interleaved_latency([model], prompt, decode_tokens=decode_tokens, repeats=repeats)[0]
+
+
+def latency_prompt(reference: Reference, evaluation) -> torch.Tensor:
+    """The latency prompt ``[1, P]``: the first ``evaluation.prompt_tokens`` tokens of the evaluation inputs."""
+    if reference.task == TASK_ENCODER:
+        return reference.inputs[:1, : evaluation.prompt_tokens]
+    return reference.inputs.reshape(-1)[: evaluation.prompt_tokens].unsqueeze(0)
+
+
+def remeasure_latency_interleaved(original, model, metrics: list[Metrics], reference: Reference, evaluation) -> None:
+    """Re-time ``original`` and ``model`` interleaved and overwrite the latency fields of ``metrics`` (their two
+    `Metrics`, in that order)."""
+    prompt = latency_prompt(reference, evaluation)
+    results = interleaved_latency([original, model], prompt, decode_tokens=evaluation.decode_tokens,
+                                  repeats=evaluation.repeats)
+    for target, values in zip(metrics, results):
+        for key, value in values.items():
+            setattr(target, key, value)
+
+
+def latency_check(original: Metrics | None, final: Metrics | None, *, threads: int | None, interleaved: bool
+                  ) -> dict[str, Any] | None:
+    """Whether the final/original latency ratios can be trusted; ``None`` when no latency was measured.
+
+    A ratio is flagged unreliable when the runs of either model spread more than `MAX_LATENCY_SPREAD` (max/min), or
+    the 1-minute load average during either measurement exceeded the thread count (other processes competed for the
+    CPUs, see NOTES: decode 256 ms/token under load vs 41 ms alone).
+    """
+    pairs = [(label, m) for label, m in (("original", original), ("compressed", final))
+             if m is not None and (m.prefill_ms_per_token is not None or m.decode_ms_per_token is not None)]
+    if not pairs:
+        return None
+    reasons = []
+    for label, m in pairs:
+        for key, spread in sorted((m.latency_spread or {}).items()):
+            if spread["min"] > 0 and spread["max"] / spread["min"] > MAX_LATENCY_SPREAD:
+                what = key.split("_")[0]
+                reasons.append(f"the {label} model's {what} runs spread {spread['max'] / spread['min']:.2f}x "
+                               f"(max/min > {MAX_LATENCY_SPREAD})")
+        if threads and m.load_average is not None and m.load_average > threads:
+            reasons.append(f"the 1-minute load average was {m.load_average:.2f} (> {threads} "
+                           f"thread{'s' if threads != 1 else ''}) while the {label} model was timed")
+    return {"reliable": not reasons, "reasons": reasons, "interleaved": interleaved, "threads": threads,
+            "max_spread": MAX_LATENCY_SPREAD}
+
+
 
 
 def measure(model, tokenizer, evaluation, reference: Reference | None = None, *, with_disk: bool | None = None,
-            compare: bool = True) -> Metrics:
+            compare: bool = True, time_latency: bool = True) -> Metrics:
     """Measure ``model``: parameters, footprint, disk size, quality against ``reference``, latency.
 
     Args:
@@ -208,6 +308,8 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
             (perplexity is still measured for causal LMs).
         with_disk (`bool`, *optional*): serialize to measure disk size; defaults to ``evaluation.disk_size``.
         compare (`bool`, defaults to `True`): compare with ``reference``; `measure_baseline` turns it off.
+        time_latency (`bool`, defaults to `True`): time latency when ``evaluation.latency`` asks for it; off when
+            the caller times this model interleaved with another (`remeasure_latency_interleaved`).
     """
     guard_bnb_cpu_repack(model)
     metrics = Metrics(parameters=count_parameters(model), footprint_bytes=footprint_bytes(model))
@@ -223,22 +325,19 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         with eval_mode(model):
             for key, value in _quality(model, reference).items():
                 setattr(metrics, key, value)
-    if evaluation.latency:
-        prompt = reference.inputs.reshape(-1)[: evaluation.prompt_tokens].unsqueeze(0)
-        if reference.task == TASK_ENCODER:
-            prompt = reference.inputs[:1, : evaluation.prompt_tokens]
-        for key, value in latency(model, prompt, decode_tokens=evaluation.decode_tokens,
+    if evaluation.latency and time_latency:
+        for key, value in latency(model, latency_prompt(reference, evaluation), decode_tokens=evaluation.decode_tokens,
                                   repeats=evaluation.repeats).items():
             setattr(metrics, key, value)
     return metrics
 
 
-def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = None
+def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = None, *, time_latency: bool = True
                      ) -> tuple[Metrics, Reference | None]:
     """Measure the uncompressed model and record its outputs (on ``texts``, default: the evaluation text), which
     later measurements compare against."""
     reference = reference_outputs(model, tokenizer, evaluation, texts)
-    metrics = measure(model, tokenizer, evaluation, reference, compare=False)
+    metrics = measure(model, tokenizer, evaluation, reference, compare=False, time_latency=time_latency)
     if reference is not None:
         if reference.task == TASK_CAUSAL_LM:
             metrics.perplexity, metrics.kl_divergence, metrics.top1_agreement = reference.perplexity, 0.0, 1.0

@@ -24,6 +24,8 @@ class Metrics:
     prefill_ms_per_token: float | None = None
     decode_ms_per_token: float | None = None
     eval_tokens: int | None = None
+    latency_spread: dict[str, dict[str, Any]] | None = None  # per latency field: min, median, max, runs
+    load_average: float | None = None  # highest 1-minute load average while latency was timed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +73,7 @@ class MetricRow:
         report_change: how the report's final / original column shows it: ``ratio``, ``delta`` or ``points``.
         model_index: the ``metric_type`` of the card's model-index entry (quality metrics only).
         per_stage: shown in the card's stage-by-stage table.
+        latency: a timing, with a spread of runs, whose ratio can be flagged unreliable (see `latency_check`).
     """
 
     key: str
@@ -82,6 +85,7 @@ class MetricRow:
     report_change: str
     model_index: str | None = None
     per_stage: bool = False
+    latency: bool = False
 
 
 METRICS = [
@@ -102,9 +106,9 @@ METRICS = [
               "Embedding cosine to original", lambda v: f"{v:.4f}", "delta", "delta",
               model_index="cosine_similarity", per_stage=True),
     MetricRow("prefill_ms_per_token", "Prefill latency (ms/token)", lambda v: f"{v:.3f}",
-              "Prefill latency (ms/token)", lambda v: f"{v:.3f}", "ratio", "ratio"),
+              "Prefill latency (ms/token)", lambda v: f"{v:.3f}", "ratio", "ratio", latency=True),
     MetricRow("decode_ms_per_token", "Decode latency (ms/token)", lambda v: f"{v:.2f}", "Decode latency (ms/token)",
-              lambda v: f"{v:.2f}", "ratio", "ratio"),
+              lambda v: f"{v:.2f}", "ratio", "ratio", latency=True),
 ]
 
 __all__ = ["METRICS", "MetricRow", "Metrics", "fmt_bytes", "fmt_number", "fmt_params"]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..core.utils import cpu_name, versions
-from .measure import model_task
+from .measure import latency_check, model_task
 from .metrics import METRICS, Metrics
 
 REPORT_SCHEMA = "hfsqueeze.report"
@@ -74,6 +74,12 @@ class CompressionReport:
     created: str = dataclasses.field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     )
+    latency_interleaved: bool = False  # the original and the final model were timed in alternating runs
+
+    def latency_check(self) -> dict[str, Any] | None:
+        """Whether the final/original latency ratios can be trusted (see `hfsqueeze.measure.latency_check`)."""
+        return latency_check(self.baseline, self.final, threads=self.environment.get("threads"),
+                             interleaved=self.latency_interleaved)
 
     # ---- serialization ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +96,7 @@ class CompressionReport:
             "stages": [s.to_dict() for s in self.stages],
             "final": self.final.to_dict() if self.final else None,
             "warnings": list(self.warnings),
+            "latency": self.latency_check(),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -109,6 +116,7 @@ class CompressionReport:
             evaluation=data["evaluation"], baseline=Metrics.from_dict(data.get("baseline")), stages=stages,
             final=Metrics.from_dict(data.get("final")), command=data.get("command"), created=data.get("created", ""),
             warnings=list(data.get("warnings") or []),
+            latency_interleaved=bool((data.get("latency") or {}).get("interleaved", False)),
         )
 
     @classmethod
@@ -133,10 +141,13 @@ class CompressionReport:
         return cols
 
     def to_markdown(self) -> str:
-        """A before/after table: one column per measured state, then the final/original ratio."""
+        """A before/after table: one column per measured state, then the final/original ratio, then a footer that
+        says what was measured (and flags latency ratios that cannot be trusted)."""
         cols = self.columns()
         if not cols:
             return "_nothing was measured_"
+        check = self.latency_check()
+        unreliable = check is not None and not check["reliable"]
         head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for metric in METRICS:
@@ -145,19 +156,36 @@ class CompressionReport:
                 continue
             row = [metric.short] + [metric.short_fmt(v) if v is not None else "n/a" for v in values]
             if len(head) > len(cols) + 1:
-                row.append(_change(metric.report_change, values[0], values[-1]))
+                row.append(_change(metric.report_change, values[0], values[-1], unreliable and metric.latency))
             lines.append("| " + " | ".join(row) + " |")
-        env = self.environment
-        foot = (f"\nMeasured on {env.get('cpu', 'CPU')} ({env.get('threads')} threads, {env.get('device', 'cpu')}), "
-                f"{self.evaluation.get('eval_tokens') or self.evaluation.get('max_tokens')} tokens of "
-                f"{self.evaluation.get('text')} text; latency is the median of {self.evaluation.get('repeats')} runs.")
-        return "\n".join(lines) + "\n" + foot
+        return "\n".join(lines) + "\n\n" + self._footer(cols, check)
+
+    def _footer(self, cols: list[tuple[str, Metrics]], check: dict[str, Any] | None) -> str:
+        """What was measured, and only that: no token count without quality metrics, no latency claim without it."""
+        env, ev = self.environment, self.evaluation
+        measured = []
+        tokens = ev.get("eval_tokens") or next((m.eval_tokens for _, m in reversed(cols) if m.eval_tokens), None)
+        if tokens:
+            measured.append(f"quality on {tokens} tokens of {ev.get('text')} text")
+        if check is not None:
+            runs = ev.get("repeats")
+            how = ("the original and the result timed in alternating runs" if check["interleaved"]
+                   else "the original timed before compression")
+            measured.append(f"latency as the median of {runs} run{'s' if runs != 1 else ''} ({how}; min/median/max "
+                            "in report.json)")
+        what = "; ".join(measured) if measured else "sizes only (no quality or latency measurements)"
+        where = f"{env.get('cpu', 'CPU')} ({env.get('threads')} threads, {env.get('device', 'cpu')})"
+        foot = f"Measured on {where}: {what}."
+        if check is not None and not check["reliable"]:
+            foot += "\nLatency ratios are unreliable: " + "; ".join(check["reasons"]) + "."
+        return foot
 
 
-def _change(style: str, first: Any, last: Any) -> str:
-    """The final / original column: a ratio, percentage points, or a signed difference."""
+def _change(style: str, first: Any, last: Any, unreliable: bool = False) -> str:
+    """The final / original column: a ratio (flagged when it cannot be trusted), percentage points, or a signed
+    difference."""
     if style == "ratio" and first and last is not None:
-        return f"{last / first:.3f}x"
+        return f"{last / first:.3f}x" + (" (unreliable)" if unreliable else "")
     if style == "points" and first is not None and last is not None:
         return f"{(last - first) * 100:+.2f} pp"
     if first is not None and last is not None:  # a difference, also when a ratio has a zero to divide by

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...compat.bnb import import_bnb
 from ...core.errors import RecipeError
-from ...core.hf import strip_gguf
+from ...core.hf import auto_class_name, strip_gguf
 from ...core.stage import ModelInfo
 from .config import QuantizeConfig
 
@@ -35,6 +35,41 @@ def check_quantizable(info: ModelInfo) -> None:
     if info.quantized is not None:
         raise RecipeError(f"the model is already quantized with {info.quantized}; load it unquantized to use the "
                           "quantize stage")
+
+
+# Appended to the stock loading code of a 4-bit artifact. bnb's own choice on CPUs with AVX512-BF16 would be a bf16
+# kernel (activations and scales rounded to bf16) that moves Gemma-3-270M's logits by up to 2.5 (2.8% of their
+# range): the live model, the report and `load_compressed` run the exact kernel, so the card's code must too.
+EXACT_4BIT_KERNEL_CODE = """
+# Keep bitsandbytes on its exact 4-bit CPU kernel, the one hfsqueeze measured this model with: on CPUs with
+# AVX512-BF16 it would repack the weights on the first forward and compute in bf16 (different logits, and saving
+# afterwards writes corrupt weights with bitsandbytes 0.50.2).
+for module in model.modules():
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+"""
+
+
+def _config_value(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def is_bnb_4bit_config(config: Any) -> bool:
+    """Whether a model config (object or dict) describes a bitsandbytes 4-bit checkpoint."""
+    qc = _config_value(config, "quantization_config")
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def load_snippet(config: Any, path_or_repo: str) -> str | None:
+    """Stock ``from_pretrained`` code for a 4-bit artifact plus `EXACT_4BIT_KERNEL_CODE`, so the card's code gives
+    the outputs hfsqueeze measured and recorded; artifacts that bring their own modeling code are left to the stage
+    that wrote it."""
+    if not is_bnb_4bit_config(config) or _config_value(config, "auto_map"):
+        return None
+    auto = auto_class_name(config)
+    return (f"from transformers import {auto}\n\n"
+            f'model = {auto}.from_pretrained("{path_or_repo}")\n{EXACT_4BIT_KERNEL_CODE}')
 
 
 def bnb_config(config: QuantizeConfig):

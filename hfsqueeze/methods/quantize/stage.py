@@ -10,7 +10,7 @@ from ...core.context import CompressionContext
 from ...core.errors import RecipeError, UnsupportedModelError
 from ...core.search import Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
-from .apply import apply_quantize, check_quantizable
+from .apply import apply_quantize, check_quantizable, load_snippet
 from .config import BNB_MODEL_TYPES, QuantizeConfig
 
 
@@ -65,6 +65,9 @@ class QuantizeStage(Stage):
     def describe(self, config: dict[str, Any], details: dict[str, Any]) -> Description:
         return Description(label=_label(config), short=format_of(details) or self.name, tags=_tags(config),
                            relation="quantized")
+
+    def load_snippet(self, config: Any, path_or_repo: str) -> str | None:
+        return load_snippet(config, path_or_repo)
 
     def search_space(self, info: ModelInfo | None = None) -> dict[str, Param]:
         return {
