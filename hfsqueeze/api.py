@@ -157,10 +157,12 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
     saved_base = saved.model.get("name_or_path") if saved else None
     base_dir = base if base is not None else \
         saved_base if saved_base is not None and (Path(saved_base) / "config.json").is_file() else None
+    logger.info("loading the artifact %s", path)
     model = load_compressed(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) \
         if (path / "tokenizer_config.json").is_file() else None
     baseline, reference, base_model = _original(base_dir, saved, tokenizer, evaluation, trust_remote_code)
+    logger.info("measuring the artifact")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
     interleaved = base_model is not None and evaluation.latency and reference is not None
     if interleaved:  # both models in memory: time them in alternating runs, under the same load
@@ -186,6 +188,7 @@ def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: 
     interleaved timing; the base model is returned for it), or the saved one."""
     if base_dir is None:
         return (saved.baseline if saved is not None else None), None, None
+    logger.info("loading the base model %s to re-measure it", base_dir)
     base_model, _ = load_model(base_dir, trust_remote_code=trust_remote_code)
     return (*measure_baseline(base_model, tokenizer, evaluation, time_latency=False), base_model)
 
@@ -206,5 +209,9 @@ def attach_compress_method() -> None:
     compress_method._hfsqueeze = True
     PreTrainedModel.compress = compress_method
 
+
+# `import hfsqueeze` attaches this once Transformers defines PreTrainedModel; when that happens during the import of
+# this module (which imports Transformers), the attaching is done here, now that `compress` exists.
+attach_compress_method()
 
 __all__ = ["attach_compress_method", "compress", "evaluate_artifact"]

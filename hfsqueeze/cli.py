@@ -18,12 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .api import compress, evaluate_artifact
-from .artifact.load import load_model
-from .artifact.save import check_output_dir, save_compressed
+# Only light imports here: `hfsqueeze --help` must answer without torch; each command imports what it runs.
+from . import __version__
 from .core.errors import ArtifactError, HfSqueezeError, HfSqueezeWarning, HubError
-from .hub import check_access, push_to_hub
-from .recipe import RECIPES_DIR, EvaluationConfig, Recipe
+from .evaluation.config import EvaluationConfig
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -62,6 +60,7 @@ def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hfsqueeze", description="Compress Hugging Face Transformers models with recipes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--version", action="version", version=f"hfsqueeze {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="compress a model with a recipe, print the report, optionally save it")
@@ -137,11 +136,15 @@ def check_push_args(args: Any) -> None:
     repo = args.push_to_hub
     if repo.count("/") > 1 or not all(part.strip() for part in repo.split("/")):
         raise HubError(f"--push-to-hub {repo!r} is not a repository id; use owner/name or name")
+    from .hub import check_access
+
     check_access()
 
 
 def run_push(args: Any) -> int:
     """Handler of ``hfsqueeze push``: push ``args.artifact`` to ``args.repo``; returns the exit code."""
+    from .hub import push_to_hub
+
     info = push_to_hub(args.artifact, args.repo, private=args.private, commit_message=args.commit_message,
                        check_parity=args.check_parity, trust_remote_code=args.trust_remote_code)
     sys.stdout.write(f"pushed {info.commit_url}\n")
@@ -152,6 +155,8 @@ def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str
     """After ``hfsqueeze compress --push-to-hub REPO``: push the saved ``artifact``, or the model in memory."""
     if not getattr(args, "push_to_hub", None):
         return None
+    from .hub import push_to_hub
+
     source = artifact if artifact else model
     info = push_to_hub(source, args.push_to_hub, tokenizer=None if artifact else tokenizer, private=args.private,
                        commit_message=args.commit_message, check_parity=args.check_parity,
@@ -164,6 +169,8 @@ def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str
 
 
 def _cmd_validate(args) -> int:
+    from .recipe import Recipe
+
     recipe = Recipe.load(args.recipe, args.overrides)
     recipe.validate()  # what compress would refuse without a model: order, recover, training_args, data files
     sys.stdout.write(recipe.to_yaml())
@@ -171,6 +178,8 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_recipes(args) -> int:
+    from .recipe import RECIPES_DIR, Recipe
+
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         recipe = Recipe.load(path)
         print(f"{path.stem:24s} {recipe.description or ''}")
@@ -194,6 +203,11 @@ def _check_output_writable(output: str) -> None:
 
 
 def _cmd_compress(args) -> int:
+    from .api import compress
+    from .artifact.save import check_output_dir, save_compressed
+    from .models import load_model
+    from .recipe import Recipe
+
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
     recipe.validate()
     if args.output:
@@ -223,6 +237,8 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .api import evaluate_artifact
+
     path = Path(args.artifact)
     report = evaluate_artifact(path, base=args.base, overrides=args.overrides,
                                trust_remote_code=args.trust_remote_code)

@@ -22,47 +22,21 @@ import yaml
 from .core.config import ConfigBase, StageConfig
 from .core.errors import RecipeError, prefixed
 from .core.stage import ModelInfo
+from .evaluation.config import EvaluationConfig
 from .registry import get_stage, stages
 
 RECIPE_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-@dataclasses.dataclass
-class EvaluationConfig(ConfigBase):
-    """What the report measures before and after each stage."""
+def _recipes_dir() -> Path:
+    """The built-in recipes: ``hfsqueeze/recipes`` in an installed wheel (package data mapped from the top-level
+    ``recipes/`` folder, see pyproject), else ``recipes/`` next to the package (a source checkout or editable
+    install)."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
 
-    text: str = dataclasses.field(
-        default="builtin",
-        metadata={"help": "'builtin' (held-out pydoc_data.topics), a local .txt/.json/.jsonl/.csv/.parquet file, "
-                  "or a datasets name"},
-    )
-    max_tokens: int = dataclasses.field(default=4096, metadata={"help": "tokens scored for perplexity and KL"})
-    seq_len: int = dataclasses.field(default=512, metadata={"help": "window length for perplexity"})
-    latency: bool = dataclasses.field(default=True, metadata={"help": "measure prefill and decode latency"})
-    prompt_tokens: int = dataclasses.field(default=128, metadata={"help": "prompt length for latency"})
-    decode_tokens: int = dataclasses.field(default=32, metadata={"help": "greedy steps timed for decode latency"})
-    repeats: int = dataclasses.field(default=3, metadata={"help": "timed repeats (the median is reported)"})
-    per_stage: bool = dataclasses.field(default=True, metadata={"help": "measure after every stage, not just the end"})
-    disk_size: bool = dataclasses.field(default=True, metadata={"help": "serialize to measure the on-disk size"})
 
-    def __post_init__(self):
-        for key in ("max_tokens", "seq_len", "prompt_tokens", "decode_tokens", "repeats"):
-            if getattr(self, key) < 1:
-                self.fail(key, f"got {getattr(self, key)}; must be >= 1")
-        if self.max_tokens < 2:
-            self.fail("max_tokens", "must be at least 2")
-
-    def overridden(self, overrides: list[str]) -> "EvaluationConfig":
-        """A copy with ``evaluation.KEY=VALUE`` overrides applied (as ``hfsqueeze eval --set``)."""
-        data = self.to_dict()
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key.startswith("evaluation.") or key.count(".") != 1:
-                raise RecipeError(f"eval --set {item!r}: only evaluation.KEY=VALUE applies here; keys: "
-                                  f"{', '.join(self.allowed_keys())}")
-            data[key.split(".", 1)[1]] = yaml.safe_load(value)
-        return EvaluationConfig.from_dict(data, where="evaluation")
+RECIPES_DIR = _recipes_dir()
 
 
 @dataclasses.dataclass

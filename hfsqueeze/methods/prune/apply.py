@@ -204,6 +204,8 @@ def compute_scores(
     if "blocks" not in cache:
         cache["blocks"] = calibration_blocks(model, config, ctx, config.calibration_tokens)
     blocks = cache["blocks"]
+    logger.info("prune: scoring heads, FFN neurons%s by %s importance on %d calibration tokens",
+                " and layers" if layers else "", config.importance, blocks.numel())
     if config.importance == "activation":
         return activation_scores(family, model, blocks, units, layers=layers), units
     grad = gradient_scores(family, model, blocks, units, layers=layers)

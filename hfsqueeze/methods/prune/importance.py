@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.hf import eval_mode, is_causal_lm
+from ...core.utils import progress, progress_bar
 from .surgery import (
     attention_shape,
     base_of,
@@ -219,7 +220,7 @@ def gradient_scores(
     layer_acc = torch.zeros_like(gates.layer) if layers else None
     generator = torch.Generator().manual_seed(seed)
     with frozen_weights(model), torch.enable_grad(), gates:
-        for start in range(0, blocks.shape[0], batch_size):
+        for start in progress(range(0, blocks.shape[0], batch_size), desc="importance (gradient)"):
             ids = blocks[start:start + batch_size].to(gates.head[0].device)
             gates.zero_grad()
             out = _forward(model, ids)
@@ -256,7 +257,7 @@ def activation_scores(
     """Mean output norm of every head and neuron (and relative update norm of every layer) on ``blocks``."""
     gates = Gates(family, model, layers=layers, track=True)
     with frozen_weights(model), gates:
-        for start in range(0, blocks.shape[0], batch_size):
+        for start in progress(range(0, blocks.shape[0], batch_size), desc="importance (activation)"):
             _forward(model, blocks[start:start + batch_size])
     tokens = blocks.numel()
     ffn = []
@@ -284,7 +285,7 @@ def _record(model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor, cau
     handles = [layer.register_forward_hook(keep(j)) for j, layer in enumerate(layers)]
     finals = []
     try:
-        for i in range(blocks.shape[0]):
+        for i in progress(range(blocks.shape[0]), desc="importance (kl): reference pass"):
             current[0] = i
             out = _forward(model, blocks[i:i + 1]).float()
             finals.append(out.log_softmax(-1) if causal else out)
@@ -341,13 +342,16 @@ def kl_scores(
         reference = finals if reference is None else reference
         gates = Gates(family, model, layers=layers)
         heads = []
-        with gates:
+        # One masked pass over the blocks per head unit (and per layer): minutes on a real model.
+        bar = progress_bar(desc="importance (kl)", total=sum(map(len, units)) + (len(units) if layers else 0))
+        with gates, bar:
             for i, layer_units in enumerate(units):
                 scores = []
                 for q_heads, _ in layer_units:
                     gates.head[i][q_heads] = 0.0
                     scores.append(_divergence(model, blocks, reference, causal, modules, recorded, i))
                     gates.head[i][q_heads] = 1.0
+                    bar.update()
                 heads.append(torch.tensor(scores))
             layer_scores = None
             if layers:
@@ -356,5 +360,6 @@ def kl_scores(
                     gates.layer[i] = 0.0
                     values.append(_divergence(model, blocks, reference, causal, modules, recorded, i))
                     gates.layer[i] = 1.0
+                    bar.update()
                 layer_scores = torch.tensor(values)
     return Scores(heads=heads, layers=layer_scores), reference
