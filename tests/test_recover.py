@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 
 import hfsqueeze
-from hfsqueeze.api import frozen_copy
+from hfsqueeze.core.hf import frozen_copy
 from hfsqueeze.methods.distill import losses
 from hfsqueeze.methods.distill.recover import expand_recovery, recovery_config
 from hfsqueeze.methods.distill.trainer import DistillationTrainer, DistillSpec, pool
@@ -102,7 +102,7 @@ def test_evaluation_text_list_reports_every_text(tiny_tokenizer, ood_text):
     assert all(label in md for label in labels)
     assert Recipe.load({"evaluation": {"text": "builtin"}, "stages": recipe["stages"]}).evaluation.texts == ["builtin"]
     # `hfsqueeze eval` measures without compress: the same texts.
-    from hfsqueeze.measure import measure_baseline
+    from hfsqueeze.evaluation.measure import measure_baseline
     from hfsqueeze.recipe import EvaluationConfig
 
     metrics, _ = measure_baseline(tiny_llama(), tiny_tokenizer, EvaluationConfig.from_dict(recipe["evaluation"]))

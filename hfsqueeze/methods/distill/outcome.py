@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters import adapter_summary, drop_adapter, keep_adapter
+from ...compat.peft import adapter_summary, drop_adapter, keep_adapter
 from .quality import EvalSet, regressions, score
 from .recover import merge_lora
 

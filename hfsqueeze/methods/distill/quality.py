@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data import load_texts, token_blocks
+from ...core.data import load_texts, token_blocks
 from .data import CAUSAL_LM, TaskData
 from .trainer import pool
 

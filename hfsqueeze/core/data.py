@@ -13,14 +13,15 @@ from typing import Any
 
 import torch
 
-from .core.texts import BIBLE, bible_text
+from .texts import BIBLE, bible_text
 from .errors import RecipeError
 
 BUILTIN = "builtin"
 # Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training) and `BIBLE`, prose
 # that no recipe trains on by default (out-of-domain evaluation; see hfsqueeze.core.texts).
 BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE)
-TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".parquet")
+TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)
 
 
 def builtin_text(split: str = "eval") -> str:
@@ -34,14 +35,58 @@ def builtin_text(split: str = "eval") -> str:
     return "\n\n".join(topics[n].strip() for n in chosen)
 
 
+def _text_column(names: list[str], first_row: Any, column: str | None) -> str | None:
+    """``column``, else ``text``, else the first column holding a string."""
+    if column is not None:
+        return column
+    if "text" in names:
+        return "text"
+    return next((c for c in names if isinstance(first_row[c], str)), None)
+
+
 def _texts_from_dataset(ds: Any, column: str | None) -> list[str]:
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict: take the first split
         ds = ds[list(ds.keys())[0]]
     names = list(getattr(ds, "column_names", []) or [])
-    col = column or ("text" if "text" in names else next((c for c in names if isinstance(ds[0][c], str)), None))
+    col = _text_column(names, ds[0], column) if names else None
     if col is None or col not in names:
         raise RecipeError(f"the dataset has no text column {column or 'text'!r}; columns: {', '.join(names)}")
     return [t for t in ds[col] if isinstance(t, str) and t.strip()]
+
+
+def read_rows(path: Path) -> list[Any]:
+    """The rows of a local table: ``.jsonl`` (one JSON value a line), ``.json`` (a list, or one value), ``.csv`` and
+    ``.parquet`` (one dict a row). The one reader of tables, for text sources and labelled data alike; a file that is
+    not UTF-8 or not valid JSON fails with one line naming where."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno}); each line "
+                                  "of a .jsonl file must be one JSON value") from None
+        return rows
+    if suffix == ".json":
+        try:
+            rows = json.loads(_read_utf8(path))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path} is not valid JSON ({exc.msg} on line {exc.lineno}, column {exc.colno})") \
+                from None
+        return rows if isinstance(rows, list) else [rows]
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RecipeError(f"cannot read {path} as {suffix[1:]} ({type(exc).__name__}: {first})") from None
+        return [dict(r) for r in ds]
+    raise RecipeError(f"{path} has suffix {suffix!r}; allowed: {', '.join(TABLE_SUFFIXES)}")
 
 
 def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None = None) -> list[str]:
@@ -126,34 +171,12 @@ def _texts_from_file(path: Path, column: str | None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md"):
         return [_read_utf8(path)]
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno}); each line "
-                                  "of a .jsonl file must be one JSON value") from None
-        return _texts_from_rows(rows, column, path)
-    if suffix == ".json":
-        try:
-            rows = json.loads(_read_utf8(path))
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path} is not valid JSON ({exc.msg} on line {exc.lineno}, column {exc.colno})") \
-                from None
-        return _texts_from_rows(rows if isinstance(rows, list) else [rows], column, path)
-    if suffix in (".csv", ".parquet"):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is unusable
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise RecipeError(f"cannot read {path} as {suffix[1:]} ({type(exc).__name__}: {first})") from None
-        return _texts_from_dataset(ds, column)
-    raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+    if suffix not in TABLE_SUFFIXES:
+        raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+    rows = read_rows(path)
+    if suffix in (".csv", ".parquet") and rows:  # tables name their columns: take the text one
+        column = _text_column(list(rows[0]), rows[0], column)
+    return _texts_from_rows(rows, column, path)
 
 
 def _texts_from_rows(rows: list, column: str | None, path: Path) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .data import load_texts, token_blocks
+from .errors import RecipeError
 
 
 @dataclass
@@ -37,8 +38,6 @@ class CompressionContext:
 
     def require_tokenizer(self, why: str) -> Any:
         if self.tokenizer is None:
-            from .errors import RecipeError
-
             raise RecipeError(f"stage {self.stage_index}: {why} needs a tokenizer; pass compress(..., tokenizer=tok)")
         return self.tokenizer
 
