@@ -371,7 +371,7 @@ def uses_lora(config: DistillConfig, quantized: str | None) -> bool:
     bnb = quantized == "bitsandbytes"
     if bnb and config.adapter == "none":
         raise RecipeError("the model is bnb-quantized, so its weights cannot be fine-tuned directly; use adapter: "
-                          "auto or lora (LoRA adapters, merged at the end)")
+                          "auto or lora (LoRA adapters, kept beside the quantized weights)")
     return config.adapter == "lora" or (config.adapter == "auto" and bnb)
 
 
