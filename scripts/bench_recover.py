@@ -58,7 +58,8 @@ def recipes(steps: int | None) -> dict[str, dict]:
                     stage["training_args"]["max_steps"] = steps
             if isinstance(data.get("recover"), dict):
                 data["recover"].setdefault("training_args", {})["max_steps"] = steps
-        data["evaluation"] = {"latency": False, "disk_size": False, "max_tokens": 512}
+        # Keep the recipe's evaluation texts: the distill stage scores them, and its guard acts on them.
+        data["evaluation"] = {**data.get("evaluation", {}), "latency": False, "disk_size": False}
         return data
 
     recover_int8 = load("distill-int8")
