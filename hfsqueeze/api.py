@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from .artifact.load import load_compressed, load_model
 from .artifact.save import weights_bytes
 from .core.context import CompressionContext
-from .core.data import check_text_source, load_texts
+from .core.data import check_text_source, eval_sources, load_texts
 from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
@@ -47,8 +47,8 @@ def compress(
         tokenizer (*optional*): the model's tokenizer; needed for perplexity/KL and for data-driven stages.
         calibration (*optional*, defaults to `"builtin"`): calibration/training text for stages that need data: the
             built-in text (its train split), a local file, or a `datasets.Dataset`.
-        eval_text (*optional*): evaluation text; overrides the recipe's ``evaluation.text`` (a path, ``"builtin"``
-            or a `datasets.Dataset`).
+        eval_text (*optional*): evaluation text(s); overrides the recipe's ``evaluation.text``: a path,
+            ``"builtin"``, ``"builtin:bible"``, a `datasets.Dataset`, or a list of these (the report shows each).
         overrides (`list[str]`, *optional*): ``key.path=value`` recipe overrides, as the CLI's ``--set``.
         measure_quality (`bool`, defaults to `True`): measure before/after; off, only sizes are reported.
         command (`str`, *optional*): the command line that ran this, recorded in the report and the model card.
@@ -72,8 +72,9 @@ def compress(
     recipe = recipe.validate(model)
     check_text_source(calibration)
     evaluation = recipe.evaluation
-    texts = load_texts(eval_text if eval_text is not None else evaluation.text, split="eval") if tokenizer else None
-    ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
+    sources = eval_sources(eval_text, evaluation)
+    texts = {label: load_texts(src, split="eval") for label, src in sources.items()} if tokenizer else None
+    ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras, eval_texts=sources)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
         ctx.original = frozen_copy(model)
     # With the original in memory anyway, time it interleaved with the result at the end: same load for both.
@@ -86,7 +87,7 @@ def compress(
             baseline = measure(model, None, evaluation, with_disk=False)
         report = CompressionReport(
             model=model_summary(model), recipe=recipe.to_dict(), environment=environment(model),
-            evaluation={**evaluation.to_dict(), "text": _text_label(eval_text, evaluation.text),
+            evaluation={**evaluation.to_dict(), "text": ", ".join(sources),
                         "eval_tokens": baseline.eval_tokens},
             baseline=baseline, command=command,
         )
@@ -119,14 +120,6 @@ def _run_stage(model, config, ctx: CompressionContext, index: int, last: int) ->
     seconds = time.perf_counter() - start
     model.eval()
     return StageResult(index, config.method, config.to_dict(), details, round(seconds, 3))
-
-
-def _text_label(eval_text: Any, default: str) -> str:
-    if eval_text is None:
-        return default
-    if isinstance(eval_text, str):
-        return eval_text
-    return getattr(getattr(eval_text, "info", None), "dataset_name", None) or type(eval_text).__name__
 
 
 def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: list[str] | None = None,

@@ -20,6 +20,7 @@ from .artifact.card import merge_model_card, render_model_card
 from .artifact.load import check_artifact_code, load_snippet
 from .artifact.parity import DEFAULT_PARITY_TOLERANCE, verify_parity
 from .artifact.save import save_compressed
+from .compat.peft import ADAPTER_CONFIG, hub_adapter_config
 from .core.errors import ArtifactError, HubError
 
 logger = logging.getLogger("hfsqueeze")
@@ -243,7 +244,8 @@ def _operations(api: Any, repo_id: str, artifact: Path, readme: bytes, token: st
         if name == "README.md":
             continue
         local.add(name)
-        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+        content = hub_adapter_config(path, repo_id) if name == ADAPTER_CONFIG else str(path)
+        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     # Weights left over from an earlier push with another layout (e.g. shards) would shadow the new ones.
     for name in api.list_repo_files(repo_id, token=token):
         if name not in local and name.endswith(STALE_WEIGHT_SUFFIXES):

@@ -394,3 +394,36 @@ def test_cli_push_to_hub_checks_token_and_reachability_before_loading(hub, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"hfsqueeze: error: cannot reach the Hub at {closed}")
     assert "alice/checked" not in hub.repos
+
+
+def test_recovered_adapter_artifact_loads_from_the_hub(hub, tiny_tokenizer, tmp_path):
+    """A quantized model whose recovery adapter is kept unmerged: the Hub copy loads base + adapter with a standard
+    call (adapter_config.json points its base at the repository itself)."""
+    pytest.importorskip("peft")
+    model = _compressed([{"method": "quantize", "bits": 4, "quant_type": "nf4"},
+                         {"method": "distill", "block_size": 64, "guard": False,
+                          "data": {"text": "builtin", "max_tokens": 4000, "eval_tokens": 256},
+                          "training_args": {"max_steps": 2, "learning_rate": 5e-3}}], tiny_tokenizer)
+    assert model.hfsqueeze_report.stages[1].details["route"] == "adapter"
+    hfsqueeze.push_to_hub(model, "alice/tiny-nf4-recovered", tokenizer=tiny_tokenizer, token=TOKEN)
+    files = hub.files("alice/tiny-nf4-recovered")
+    assert {"adapter_model.safetensors", "model.safetensors", "config.json"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "alice/tiny-nf4-recovered"
+    save_file(load(files[hubmod.PARITY_FILE]), str(tmp_path / "ref.safetensors"))
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        ref = load_file({str(tmp_path / "ref.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained("alice/tiny-nf4-recovered", device_map="cpu").eval()
+        assert any("lora_A" in n for n, _ in model.named_parameters())
+        with torch.no_grad():
+            got = model(input_ids=ref["input_ids"]).logits
+        print("diff", (got - ref["outputs"]).abs().max().item() / ref["outputs"].abs().max().item())
+    """))
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "home"),
+           "HF_TOKEN": TOKEN}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("diff")[-1]) <= 1e-2

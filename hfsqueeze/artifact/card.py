@@ -366,6 +366,57 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _texts_table(report: dict[str, Any]) -> list[str]:
+    """Quality on every evaluation text when the recipe named several (``evaluation.text`` as a list)."""
+    before, after = (report.get("baseline") or {}).get("texts") or {}, (report.get("final") or {}).get("texts") or {}
+    if len(after) < 2:
+        return []
+    lines = ["### Quality on each evaluation text", "", "| Text | Metric | Original | Compressed |", "|---|---|---:|---:|"]
+    for label, metrics in after.items():
+        for metric in METRICS:
+            if metrics.get(metric.key) is None:
+                continue
+            b = (before.get(label) or {}).get(metric.key)
+            shown = metric.fmt(b) if b is not None else "not measured"
+            lines.append(f"| {label} | {metric.label} | {shown} | {metric.fmt(metrics[metric.key])} |")
+    return lines + [""]
+
+
+def _recovery_section(report: dict[str, Any]) -> list[str]:
+    """What each recovery (distill) stage did to quality, before training / after training / as saved, per text."""
+    lines = []
+    for stage in _stages(report):
+        quality = stage["details"].get("quality")
+        if not quality:
+            continue
+        d = stage["details"]
+        lines += [f"### Recovery (stage {stage.get('index')})", ""]
+        if d.get("kept") == "before":
+            lines += ["**Recovery made the model worse, so hfsqueeze kept the model from before recovery** "
+                      f"({'; '.join(d.get('regressions') or [])}).", ""]
+        elif d.get("route") == "adapter":
+            lines += ["The recovery is a LoRA adapter kept unmerged beside the quantized weights (merging would "
+                      "re-quantize them and round the update away).", ""]
+        lines += ["| Text | Metric | Before recovery | Trained | Saved |", "|---|---|---:|---:|---:|"]
+        for label, points in quality.items():
+            keys = [k for k in ("kl_divergence", "perplexity", "embedding_cosine") if (points.get("before") or {}).get(k)
+                    is not None]
+            for key in keys:
+                cells = [_num(p[key]) if p and p.get(key) is not None else "" for p in
+                         (points.get("before"), points.get("trained"), points.get("saved"))]
+                lines.append(f"| {label} | {key.replace('_', ' ')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _adapter_note(report: dict[str, Any] | None) -> list[str]:
+    if not any(s["details"].get("route") == "adapter" for s in _stages(report)):
+        return []
+    return ["This artifact holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) beside the "
+            "quantized base. `from_pretrained` applies it when `peft` is installed (`pip install peft`); without "
+            "peft, Transformers loads the quantized base alone and the recovery is lost.", ""]
+
+
 def _warnings_section(report: dict[str, Any]) -> list[str]:
     """What the recipe asked for but did not get (e.g. a prune target that rounded), from ``report["warnings"]``."""
     notes = report.get("warnings") or []
@@ -520,11 +571,14 @@ def render_model_card(
                  "exactly those weights.", ""]
     if report_d:
         body += _results_table(report_d) + [""]
+        body += _texts_table(report_d)
         body += _stage_table(report_d) + [""]
+        body += _recovery_section(report_d)
         body += _warnings_section(report_d)
         body += _architecture_diff(report_d)
     body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
              "```python", load_code.strip(), "```", ""]
+    body += _adapter_note(report_d)
     if parity:
         body += [
             "Before upload this artifact was reloaded in a fresh process with "

@@ -17,6 +17,7 @@ import transformers
 from transformers import AutoConfig
 
 from ..compat.bnb import guard_bnb_cpu_repack
+from ..compat.peft import check_adapter_loadable
 from ..core.errors import ArtifactError
 from ..core.hf import auto_class_name
 from ..core.loading import check_model_source, guarded_load, load_errors
@@ -65,6 +66,7 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
     """
     path = _local_artifact(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+    check_adapter_loadable(path)
     model = _stage_load(path, config, kwargs)
     if model is None:
         model = getattr(transformers, auto_class_name(config)).from_pretrained(path, **kwargs)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from ..compat.bnb import check_not_repacked, saveable
+from ..compat.peft import save_pretrained_with_adapter
 from ..core.errors import ArtifactError
 from ..core.utils import default_permissions, quiet_transformers_progress
 from ..registry import stages
@@ -35,7 +36,8 @@ logger = logging.getLogger("hfsqueeze")
 # Files `save_compressed` writes (weights, config, tokenizer, side files, stage plots and modeling code). A directory
 # holding anything else is not ours to replace.
 _ARTIFACT_FILES = re.compile(
-    r"^(config\.json|generation_config\.json|.*\.safetensors|.*\.safetensors\.index\.json|recipe\.yaml|report\.json"
+    r"^(config\.json|generation_config\.json|adapter_config\.json|.*\.safetensors|.*\.safetensors\.index\.json"
+    r"|recipe\.yaml|report\.json"
     r"|README\.md|.*\.png|modeling_hfsqueeze_pruned\.py|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
     r"|vocab\.(json|txt)|merges\.txt|.*\.model|chat_template\.(jinja|json))$"
 )
@@ -176,7 +178,7 @@ def save_compressed(
     try:
         tmp.mkdir(mode=0o755)
         with saveable(model):
-            model.save_pretrained(tmp)
+            save_pretrained_with_adapter(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for stage in stages():

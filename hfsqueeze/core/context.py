@@ -23,6 +23,8 @@ class CompressionContext:
         stage_index: 1-based number of the stage being applied.
         results: details returned by the stages already applied (``[{"method": ..., **details}]``).
         extras: free-form per-call objects passed to `compress(..., **extras)`.
+        eval_texts: the recipe's evaluation text sources by report label (a distill stage scores each one before
+            and after training, next to its own held-out split).
     """
 
     tokenizer: Any = None
@@ -32,6 +34,7 @@ class CompressionContext:
     stage_index: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    eval_texts: dict[str, Any] = field(default_factory=dict)
 
     def require_tokenizer(self, why: str) -> Any:
         if self.tokenizer is None:

@@ -13,9 +13,13 @@ from typing import Any
 
 import torch
 
+from .texts import BIBLE, bible_text
 from .errors import RecipeError
 
 BUILTIN = "builtin"
+# Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training) and `BIBLE`, prose
+# that no recipe trains on by default (out-of-domain evaluation; see hfsqueeze.core.texts).
+BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE)
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)
 
@@ -90,13 +94,17 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
 
     Args:
         source (`str`, `Path` or `datasets.Dataset`, defaults to `"builtin"`):
-            ``"builtin"``, a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
+            ``"builtin"`` (``"builtin:pydoc"``), ``"builtin:bible"`` (out-of-domain prose), a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
             a `datasets.Dataset`, or a dataset name that `datasets.load_dataset` can load (offline: cached only).
         split (`str`, defaults to `"eval"`): for the built-in text, ``"eval"`` (held out) or ``"train"``.
         column (`str`, *optional*): the text column of a table or dataset.
     """
-    if source is None or source == BUILTIN:
+    if source is None or source in (BUILTIN, f"{BUILTIN}:pydoc"):
         return [builtin_text(split)]
+    if source == BIBLE:
+        return [bible_text()]
+    if isinstance(source, str) and source.startswith(f"{BUILTIN}:"):
+        raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
     if not isinstance(source, (str, Path)):
         return _texts_from_dataset(source, column)
     path = Path(source)
@@ -114,6 +122,23 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
     return _texts_from_dataset(ds, column)
 
 
+def _text_label(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        # A file is named by its file name; built-in texts and dataset names by themselves.
+        return Path(source).name if Path(source).is_file() else str(source)
+    return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
+
+
+def eval_sources(eval_text: Any, evaluation: Any) -> dict[str, Any]:
+    """The evaluation text sources by report label: ``eval_text`` (one or a list) or the recipe's
+    ``evaluation.text``; the first is the headline text."""
+    given = evaluation.texts if eval_text is None else (eval_text if isinstance(eval_text, list) else [eval_text])
+    labels = [_text_label(src) for src in given]
+    if len(set(labels)) != len(labels):  # two files with one name: fall back to the paths as given
+        labels = [str(src) if isinstance(src, (str, Path)) else label for src, label in zip(given, labels)]
+    return dict(zip(labels, given))
+
+
 def _looks_local(source: str | Path) -> bool:
     """A path by its looks (a text suffix, or a first component that exists here): never a datasets name."""
     text = str(source)
@@ -125,7 +150,10 @@ def check_text_source(source: Any) -> None:
 
     ``"builtin"``, datasets and dataset names are left for the stage that uses them (loading them may be slow).
     """
-    if isinstance(source, (str, Path)) and source != BUILTIN and (Path(source).is_file() or _looks_local(source)):
+    if isinstance(source, str) and source.startswith(f"{BUILTIN}:") and source not in BUILTIN_TEXTS:
+        raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
+    if isinstance(source, (str, Path)) and source not in BUILTIN_TEXTS and \
+            (Path(source).is_file() or _looks_local(source)):
         load_texts(source, split="train")
 
 

@@ -17,10 +17,11 @@ from ..core.errors import RecipeError
 class EvaluationConfig(ConfigBase):
     """What the report measures before and after each stage."""
 
-    text: str = dataclasses.field(
+    text: str | list[str] = dataclasses.field(
         default="builtin",
-        metadata={"help": "'builtin' (held-out pydoc_data.topics), a local .txt/.json/.jsonl/.csv/.parquet file, "
-                  "or a datasets name"},
+        metadata={"help": "'builtin' (held-out pydoc_data.topics), 'builtin:bible' (out-of-domain English prose), a "
+                  "local .txt/.json/.jsonl/.csv/.parquet file, a datasets name, or a list of these (the first is "
+                  "the headline number; the report shows every text)"},
     )
     max_tokens: int = dataclasses.field(default=4096, metadata={"help": "tokens scored for perplexity and KL"})
     seq_len: int = dataclasses.field(default=512, metadata={"help": "window length for perplexity"})
@@ -37,6 +38,16 @@ class EvaluationConfig(ConfigBase):
                 self.fail(key, f"got {getattr(self, key)}; must be >= 1")
         if self.max_tokens < 2:
             self.fail("max_tokens", "must be at least 2")
+        if isinstance(self.text, list):
+            if not self.text:
+                self.fail("text", "got an empty list; give at least one text source")
+            if len(set(self.text)) != len(self.text):
+                self.fail("text", f"got {self.text}; each text may appear once")
+
+    @property
+    def texts(self) -> list[str]:
+        """The evaluation text sources as a list (``text`` may be one source or a list)."""
+        return list(self.text) if isinstance(self.text, list) else [self.text]
 
     def overridden(self, overrides: list[str]) -> "EvaluationConfig":
         """A copy with ``evaluation.KEY=VALUE`` overrides applied (as ``hfsqueeze eval --set``)."""

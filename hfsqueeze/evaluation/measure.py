@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..compat.bnb import guard_bnb_cpu_repack, saveable
-from ..core.data import load_texts, token_blocks
+from ..compat.peft import save_pretrained_with_adapter
+from ..core.data import eval_sources, load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
 from ..core.hf import count_parameters, eval_mode, is_causal_lm
 from ..core.utils import progress, progress_bar
@@ -49,6 +50,13 @@ class Reference:
     attention_mask: torch.Tensor | None
     outputs: list[torch.Tensor]  # causal: log-probs per block (fp32); encoder: embeddings per batch
     perplexity: float | None = None
+    label: str | None = None
+    # The other evaluation texts, by label (``evaluation.text`` as a list); the report shows each one.
+    others: dict[str, Reference] = dataclasses.field(default_factory=dict)
+
+    def all(self) -> dict[str, Reference]:
+        """Every text's reference by label, this one first."""
+        return {self.label or "text": self, **self.others}
 
 
 def check_measurable(model) -> None:
@@ -93,7 +101,7 @@ def footprint_bytes(model) -> int:
 def disk_bytes(model) -> int:
     """Size of the weight files `save_pretrained` writes for ``model`` (safetensors), measured by writing them."""
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
-        model.save_pretrained(tmp)
+        save_pretrained_with_adapter(model, tmp)  # a kept LoRA adapter is part of the artifact
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
@@ -108,7 +116,7 @@ def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
 
 
 def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
-    texts = texts if texts is not None else load_texts(evaluation.text, split="eval")
+    texts = texts if texts is not None else load_texts(evaluation.texts[0], split="eval")
     if model_task(model) == TASK_CAUSAL_LM:
         return token_blocks(tokenizer, texts, max_tokens=evaluation.max_tokens, seq_len=evaluation.seq_len), None
     # Encoders: one sentence-ish chunk per paragraph, padded into a batch (the way sentence embeddings are used).
@@ -152,6 +160,28 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
                 outputs.append(lp)
             return Reference(task, inputs, None, outputs, perplexity=math.exp(nll / count))
         return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
+
+
+def reference_set(model, tokenizer, evaluation, texts: dict[str, list[str]]) -> Reference | None:
+    """`reference_outputs` for several texts: the first label's reference holds the others in ``others``."""
+    refs = {label: reference_outputs(model, tokenizer, evaluation, docs) for label, docs in texts.items()}
+    if not refs or any(r is None for r in refs.values()):
+        return None
+    for label, ref in refs.items():
+        ref.label = label
+    first, *rest = refs.values()
+    first.others = {r.label: r for r in rest}
+    return first
+
+
+def _reference_quality(ref: Reference) -> dict[str, float]:
+    """The original model's own quality on a text: its perplexity, zero KL, full agreement."""
+    if ref.task == TASK_CAUSAL_LM:
+        return {"perplexity": ref.perplexity, "kl_divergence": 0.0, "top1_agreement": 1.0,
+                "eval_tokens": ref.inputs.numel()}
+    return {"embedding_cosine": 1.0, "eval_tokens": int(ref.attention_mask.sum())}
+
+
 
 
 @torch.no_grad()
@@ -337,6 +367,9 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         with eval_mode(model):
             for key, value in _quality(model, reference).items():
                 setattr(metrics, key, value)
+            if reference.others:
+                metrics.texts = {reference.label: _reference_quality_of(metrics)}
+                metrics.texts.update({label: _quality(model, ref) for label, ref in reference.others.items()})
     if evaluation.latency and time_latency:
         logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats", evaluation.prompt_tokens,
                     evaluation.decode_tokens, evaluation.repeats)
@@ -346,11 +379,21 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
     return metrics
 
 
-def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = None, *, time_latency: bool = True
-                     ) -> tuple[Metrics, Reference | None]:
+def _reference_quality_of(metrics: Metrics) -> dict[str, float]:
+    keys = ("perplexity", "kl_divergence", "top1_agreement", "embedding_cosine", "eval_tokens")
+    return {k: getattr(metrics, k) for k in keys if getattr(metrics, k) is not None}
+
+
+def measure_baseline(model, tokenizer, evaluation, texts: list[str] | dict[str, list[str]] | None = None, *,
+                     time_latency: bool = True) -> tuple[Metrics, Reference | None]:
     """Measure the uncompressed model and record its outputs (on ``texts``, default: the evaluation text), which
-    later measurements compare against."""
-    reference = reference_outputs(model, tokenizer, evaluation, texts)
+    later measurements compare against. ``texts`` may map labels to texts: each is recorded and reported."""
+    if texts is None and len(evaluation.texts) > 1:
+        texts = {label: load_texts(src, split="eval") for label, src in eval_sources(None, evaluation).items()}
+    if isinstance(texts, dict):
+        reference = reference_set(model, tokenizer, evaluation, texts) if tokenizer is not None else None
+    else:
+        reference = reference_outputs(model, tokenizer, evaluation, texts)
     metrics = measure(model, tokenizer, evaluation, reference, compare=False, time_latency=time_latency)
     if reference is not None:
         if reference.task == TASK_CAUSAL_LM:
@@ -359,4 +402,6 @@ def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = Non
         else:
             metrics.embedding_cosine = 1.0
             metrics.eval_tokens = int(reference.attention_mask.sum())
+        if reference.others:
+            metrics.texts = {label: _reference_quality(ref) for label, ref in reference.all().items()}
     return metrics, reference

@@ -26,6 +26,8 @@ class Metrics:
     eval_tokens: int | None = None
     latency_spread: dict[str, dict[str, Any]] | None = None  # per latency field: min, median, max, runs
     load_average: float | None = None  # highest 1-minute load average while latency was timed
+    # Quality on every evaluation text, by label, when there are several (the fields above are the first text's).
+    texts: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -158,7 +158,27 @@ class CompressionReport:
             if len(head) > len(cols) + 1:
                 row.append(_change(metric.report_change, values[0], values[-1], unreliable and metric.latency))
             lines.append("| " + " | ".join(row) + " |")
-        return "\n".join(lines) + "\n\n" + self._footer(cols, check)
+        extra = self._texts_table(cols) + self._warnings_lines()
+        return "\n".join(lines) + "\n\n" + "".join(f"{block}\n\n" for block in extra) + self._footer(cols, check)
+
+    def _texts_table(self, cols: list[tuple[str, Metrics]]) -> list[str]:
+        """Quality on every evaluation text (``evaluation.text`` as a list), one row per text and metric."""
+        labels = list(dict.fromkeys(label for _, m in cols for label in (m.texts or {})))
+        if len(labels) < 2:
+            return []
+        lines = ["Quality on each evaluation text:", "",
+                 "| Text | Metric | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+        for label in labels:
+            for metric in METRICS:
+                values = [(m.texts or {}).get(label, {}).get(metric.key) for _, m in cols]
+                if all(v is None for v in values):
+                    continue
+                cells = [metric.short_fmt(v) if v is not None else "n/a" for v in values]
+                lines.append(f"| {label} | {metric.short} | " + " | ".join(cells) + " |")
+        return ["\n".join(lines)]
+
+    def _warnings_lines(self) -> list[str]:
+        return ["Warnings:\n\n" + "\n".join(f"- {w}" for w in self.warnings)] if self.warnings else []
 
     def _footer(self, cols: list[tuple[str, Metrics]], check: dict[str, Any] | None) -> str:
         """What was measured, and only that: no token count without quality metrics, no latency claim without it."""

@@ -22,13 +22,16 @@ from safetensors import safe_open
 from torch import nn
 
 from ...compat.bnb import is_bnb_quantized
+from ...core.data import BUILTIN
 from ...core.errors import RecipeError
 from ...core.hf import is_causal_lm, num_layers
 from ...core.models import load_pretrained
 from ...core.utils import progress_disabled
 from .config import DistillConfig, check_tasks, uses_lora
-from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id
-from .recover import attach_lora, merge_lora
+from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id, resolve_source
+from .outcome import finish, snapshot_trainable
+from .quality import EvalSet, evaluation_sets, score
+from .recover import attach_lora
 from .student import build_student
 from .trainer import (
     AUX_NAME,
@@ -234,7 +237,7 @@ def _spec(model: nn.Module, teacher: nn.Module, config: DistillConfig, tasks: li
         hidden_weight=config.hidden_states.weight, hidden_kind=config.hidden_states.loss,
         attention_weight=config.attentions.weight,
         pooling="last" if is_causal_lm(model) else "mean",
-        student_is_classifier=student_is_classifier,
+        student_is_classifier=student_is_classifier, embedding_loss=config.embedding_loss,
         teacher_class_logits=[i for i, t in enumerate(tasks) if t.kind != CAUSAL_LM and _is_classifier(teacher)
                               and teacher.config.num_labels == t.num_labels],
     )
@@ -354,6 +357,27 @@ def _perplexity_details(run: _Run, before: dict, after: dict, teacher_metrics: d
             "gap_closed": round((ppl_before - ppl_after) / gap, 4) if meaningful else None}
 
 
+def _quality_sets(model: nn.Module, run: _Run, config: DistillConfig, context: Any) -> list[EvalSet]:
+    """What the stage scores before and after training: each LM task's held-out split and the recipe's evaluation
+    texts (``evaluation.text``), except the built-in text when a task trains on it (its held-out split is that)."""
+    if run.spec.student_is_classifier:
+        return []
+    trains_on_builtin = any(resolve_source(t.text, context) == BUILTIN for t in config.tasks)
+    texts = {label: src for label, src in (getattr(context, "eval_texts", None) or {}).items()
+             if not (trains_on_builtin and src in (BUILTIN, f"{BUILTIN}:pydoc"))}
+    return evaluation_sets(run.tasks, texts, context.tokenizer, encoder=not _has_lm_head(model),
+                           block_size=config.block_size, max_tokens=max(t.eval_tokens for t in config.tasks))
+
+
+def _outcome_details(outcome: dict[str, Any], tokens: int, seconds: float) -> dict[str, Any]:
+    """The recovery outcome for the report, with a warning when the guard restored the model."""
+    details = {**outcome, "train_tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
+    if outcome["regressions"]:
+        worse = "; ".join(outcome["regressions"])
+        details["warnings"] = [f"recovery made the model worse ({worse}); kept the model from before recovery"]
+    return details
+
+
 def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict[str, Any]:
     """Distil ``config.teacher`` into ``model`` (or into a student built from it), in place.
 
@@ -375,6 +399,9 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
     before = _evaluate(model, run.teacher, run.tasks, run.pad_id, None, run.spec)
     teacher_metrics = _evaluate(run.teacher, None, lm_tasks, run.pad_id, None, run.spec) \
         if _has_lm_head(run.teacher) else {}
+    sets = _quality_sets(model, run, config, context)
+    quality_before = score(model, run.teacher, sets) if sets else {}
+    snapshot = snapshot_trainable(model) if config.guard and not run.use_lora else None
     user_dir = config.output_dir is not None
     output_dir = config.output_dir or tempfile.mkdtemp(prefix="hfsqueeze-distill-")
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -382,13 +409,16 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
     trainer, train_model, trainable, result, resume_from = _train(model, config, context, run, output_dir,
                                                                   user_dir)
     train_seconds = time.perf_counter() - train_started
-    if run.use_lora:
-        merge_lora(train_model)
+    # Keep the adapter, merge it, or restore the model from before training (the guard); see outcome.finish.
+    outcome = finish(model, train_model, teacher=run.teacher, sets=sets, before=quality_before, use_lora=run.use_lora,
+                     quantized=is_bnb_quantized(model), merge=config.lora.merge, guard=config.guard,
+                     tolerance=config.guard_tolerance, snapshot=snapshot, fit_text=config.alpha < 1)
+    del snapshot
     after = _evaluate(model, run.teacher, run.tasks, run.pad_id, run.aux, run.spec)
     if run.aux is not None:
         delattr(model, AUX_NAME)
     for name, p in model.named_parameters():
-        p.requires_grad_(grad_flags.get(name, True))
+        p.requires_grad_(grad_flags.get(name, False))  # a kept adapter is frozen too
     model.eval()
 
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -409,6 +439,7 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
         "loss_curve": [[h["step"], round(h["loss"], 5)] for h in history],
         "tasks": _task_details(run, before, after, teacher_metrics), "output_dir": output_dir,
         "artifacts": artifacts, **_perplexity_details(run, before, after, teacher_metrics),
+        **_outcome_details(outcome, trainer.tokens_seen * world_size, train_seconds),
     }
     logger.info("distill: %d steps in %.1fs, %s", details["steps"], train_seconds,
                 {k: details.get(k) for k in ("perplexity_before", "perplexity_after", "teacher_perplexity")})

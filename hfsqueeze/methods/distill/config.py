@@ -138,13 +138,20 @@ class DataConfig(ConfigBase):
 
 @dataclasses.dataclass
 class LoraConfig(ConfigBase):
-    """LoRA adapters for models already quantized with bitsandbytes (QLoRA); merged into the weights at the end."""
+    """LoRA adapters (QLoRA on bitsandbytes-quantized models): kept unmerged on a quantized model, merged otherwise."""
 
     r: int = dataclasses.field(default=16, metadata={"help": "adapter rank"})
     alpha: int = dataclasses.field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapter input"})
     target_modules: list[str] | Literal["all-linear"] = dataclasses.field(
         default="all-linear", metadata={"help": "module names to adapt, or 'all-linear'"}
+    )
+    merge: Literal["auto"] | bool = dataclasses.field(
+        default="auto",
+        metadata={"help": "'auto': merge into full-precision weights (exact), keep the adapter unmerged on a "
+                  "bnb-quantized model (merging re-quantizes the weights and rounds the update away; the artifact "
+                  "then holds adapter_model.safetensors, which from_pretrained applies with peft installed); true: "
+                  "always merge; false: never"},
     )
 
     def __post_init__(self):
@@ -219,6 +226,21 @@ class DistillConfig(StageConfig):
     resume: bool = dataclasses.field(
         default=True, metadata={"help": "resume from the last checkpoint found in output_dir"}
     )
+    embedding_loss: Literal["cosine", "mse"] = dataclasses.field(
+        default="cosine",
+        metadata={"help": "models without an LM head (sentence encoders): distance between the mean-pooled "
+                  "embeddings of student and teacher, 1 - cosine or MSE"},
+    )
+    guard: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "score the model before and after training on the held-out split and the recipe's "
+                  "evaluation texts; if the saved form is further from the teacher on any of them (with alpha < 1: "
+                  "and has a higher perplexity), restore the model from before training, warn, and say so in the "
+                  "report and the card"},
+    )
+    guard_tolerance: float = dataclasses.field(
+        default=0.01, metadata={"help": "relative worsening (of KL, or of 1 - embedding cosine) the guard accepts"}
+    )
 
     def __post_init__(self):
         if self.student is not None and not isinstance(self.student, StudentConfig):
@@ -233,6 +255,8 @@ class DistillConfig(StageConfig):
                          for i, d in enumerate(self.data)]
         elif not isinstance(self.data, DataConfig):
             self.fail("data", f"got {self.data!r}; expected a mapping (one task) or a list of mappings")
+        if self.guard_tolerance < 0:
+            self.fail("guard_tolerance", f"got {self.guard_tolerance}; must be >= 0")
         if self.temperature <= 0:
             self.fail("temperature", f"got {self.temperature}; must be > 0")
         if not 0 <= self.alpha <= 1:
@@ -347,7 +371,7 @@ def uses_lora(config: DistillConfig, quantized: str | None) -> bool:
     bnb = quantized == "bitsandbytes"
     if bnb and config.adapter == "none":
         raise RecipeError("the model is bnb-quantized, so its weights cannot be fine-tuned directly; use adapter: "
-                          "auto or lora (LoRA adapters, merged at the end)")
+                          "auto or lora (LoRA adapters, kept beside the quantized weights)")
     return config.adapter == "lora" or (config.adapter == "auto" and bnb)
 
 

@@ -130,3 +130,23 @@ def combine_losses(*, alpha: float, hard: torch.Tensor | None, kd: torch.Tensor 
     if hard is None:
         return kd
     return alpha * kd + (1.0 - alpha) * hard
+
+
+def embedding_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
+                   kind: str = "cosine") -> torch.Tensor:
+    """Distance between mean-pooled sentence embeddings (what a sentence-embedding model outputs), per sequence.
+
+    Args:
+        student_hidden / teacher_hidden (`torch.Tensor`): last hidden states ``[batch, seq, width]``.
+        mask (`torch.Tensor`): ``[batch, seq]``; padding is left out of the mean.
+        kind (`str`, defaults to `"cosine"`): ``"cosine"`` (``1 - cosine similarity``) or ``"mse"`` (mean squared
+            error over the width).
+    """
+    m = mask.unsqueeze(-1).to(torch.float32)
+    s = (student_hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    t = (teacher_hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if kind == "mse":
+        return (s - t).pow(2).mean()
+    raise ValueError(f"kind must be 'cosine' or 'mse', got {kind!r}")

@@ -20,12 +20,17 @@ from .config import DistillConfig, LoraConfig
 
 logger = logging.getLogger("hfsqueeze")
 
+# Pure distillation: recovery imitates the original model (alpha 1.0). The hard-label half of the loss fits the model
+# to the one text it trains on: measured on SmolLM2 nf4 + LoRA, alpha 0.5 raised KL to the original on out-of-domain
+# text by 6% over alpha 1.0 while lowering in-domain perplexity (see recipes/README.md). Sized for minutes on a CPU.
 RECOVER_DEFAULTS: dict[str, Any] = {
     "teacher": "original",
     "temperature": 2.0,
-    "alpha": 0.5,
-    "data": {"text": "calibration"},
-    "training_args": {"max_steps": 100, "per_device_train_batch_size": 4, "learning_rate": 5e-5},
+    "alpha": 1.0,
+    "data": {"text": "calibration", "eval_tokens": 2048},
+    "freeze_embeddings": True,
+    "training_args": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2e-4,
+                      "warmup_steps": 0.1},
 }
 
 

@@ -49,6 +49,7 @@ class DistillSpec:
     attention_map: list[tuple[int, int]] = field(default_factory=list)
     pooling: str = "last"
     student_is_classifier: bool = False
+    embedding_loss: str = "cosine"
     teacher_class_logits: list[int] = field(default_factory=list)
 
 
@@ -130,6 +131,10 @@ class DistillationTrainer(Trainer):
         self.aux = aux
         self.component_log: list[dict[str, float]] = []
         self.tokens_seen = 0
+        # Frozen bitsandbytes layers compute in train mode differently than at inference (LLM.int8 drops to
+        # weight-only): adapters must learn against the kernel the saved model will run, so these stay in eval mode.
+        self.inference_mode_modules = [m for m in self.model.modules()
+                                       if type(m).__name__ in ("Linear8bitLt", "Linear4bit")]
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any):
@@ -159,6 +164,8 @@ class DistillationTrainer(Trainer):
         forward_kwargs = {"output_hidden_states": True} if need_hidden else {}
         if need_attn:
             forward_kwargs["output_attentions"] = True
+        for module in self.inference_mode_modules:
+            module.training = False
         outputs = model(**inputs, **forward_kwargs)
         # alpha = 0 with no feature losses is plain fine-tuning: skip the teacher's forward pass entirely.
         if not (spec.alpha > 0 or bool(spec.hidden_weight) or need_attn or _logits(outputs) is None):
@@ -185,8 +192,12 @@ class DistillationTrainer(Trainer):
             if kind == CAUSAL_LM:
                 if s_logits is None:
                     # An encoder without an LM head: imitate the teacher's final representation (DistilBERT).
+                    # A sentence encoder: imitate the teacher's sentence embedding (the mean-pooled output).
                     s_last, t_last = _last_hidden(outputs)[rows], _last_hidden(t_out)[rows]
-                    kd = losses.hidden_state_loss([s_last], [t_last], [self._projection(-1, -1)], m, kind="cosine")
+                    projection = self._projection(-1, -1)
+                    if projection is not None:
+                        s_last = projection(s_last)
+                    kd = losses.embedding_loss(s_last, t_last, m, kind=spec.embedding_loss)
                 else:
                     hard = losses.causal_lm_loss(s_logits[rows], inputs["input_ids"][rows], m)
                     if t_logits is not None:
