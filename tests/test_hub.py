@@ -409,7 +409,7 @@ def test_recovered_adapter_artifact_loads_from_the_hub(hub, tiny_tokenizer, tmp_
     files = hub.files("alice/tiny-nf4-recovered")
     assert {"adapter_model.safetensors", "model.safetensors", "config.json"} <= set(files)
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "alice/tiny-nf4-recovered"
-    save_file(load(files[hubmod.PARITY_FILE]), str(tmp_path / "ref.safetensors"))
+    save_file(load(files[PARITY_FILE]), str(tmp_path / "ref.safetensors"))
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent(f"""
         import torch
