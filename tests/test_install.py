@@ -48,14 +48,6 @@ def cache(tmp_path, monkeypatch):
     return path
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_tiny("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def _fake_wheel(path: Path) -> Path:
     wheel = path / "fake_model_pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:

@@ -18,14 +18,6 @@ import hfsqueeze  # noqa: F401  (gives models .compress)
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_tiny("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("HFSQUEEZE_DISABLE_PROGRESS", None)  # progress on: bars and Trainer's log lines must not reach stdout
