@@ -6,6 +6,8 @@ report = model.compress("int8", tokenizer=tok)     # in place
 print(report.to_markdown())
 hfsqueeze.save_compressed(model, "out/", tokenizer=tok)
 ```
+
+The layers and the life of one call are described in ``hfsqueeze/ARCHITECTURE.md``.
 """
 
 import importlib
@@ -14,7 +16,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from .errors import (
+from .core.errors import (
     ArtifactError,
     BackendMissingError,
     HfSqueezeError,
@@ -23,7 +25,7 @@ from .errors import (
     RecipeError,
     UnsupportedModelError,
 )
-from .utils import silence_bnb_noise
+from .core.utils import silence_bnb_noise
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,7 @@ __all__ = [
     "Metrics",
     "Recipe",
     "RecipeError",
+    "Stage",
     "UnsupportedModelError",
     "available_stages",
     "compress",
@@ -51,26 +54,30 @@ __all__ = [
 # The rest of the public API is imported on first use (PEP 562), so `import hfsqueeze` does not import torch and
 # `hfsqueeze --help` answers at once.
 _LAZY = {
-    "CompressionReport": "report",
-    "EvaluationConfig": "recipe",
-    "Metrics": "measure",
+    "CompressionReport": "evaluation.report",
+    "EvaluationConfig": "evaluation.config",
+    "Metrics": "evaluation.metrics",
     "Recipe": "recipe",
+    "Stage": "core.stage",
     "available_stages": "registry",
     "compress": "api",
-    "load_compressed": "save",
+    "load_compressed": "artifact.load",
     "push_to_hub": "hub",
     "register_stage": "registry",
-    "save_compressed": "save",
+    "save_compressed": "artifact.save",
 }
 
 if TYPE_CHECKING:
     from .api import compress
+    from .artifact.load import load_compressed
+    from .artifact.save import save_compressed
+    from .core.stage import Stage
+    from .evaluation.config import EvaluationConfig
+    from .evaluation.metrics import Metrics
+    from .evaluation.report import CompressionReport
     from .hub import push_to_hub
-    from .measure import Metrics
-    from .recipe import EvaluationConfig, Recipe
+    from .recipe import Recipe
     from .registry import available_stages, register_stage
-    from .report import CompressionReport
-    from .save import load_compressed, save_compressed
     from .tune import tune
 
 
@@ -93,6 +100,10 @@ _MODELING_UTILS = "transformers.modeling_utils"
 
 
 def _attach() -> None:
+    api = sys.modules.get(f"{__name__}.api")
+    if api is not None and not hasattr(api, "attach_compress_method"):
+        return  # Transformers loaded while hfsqueeze.api is being imported: its last line attaches
+    # Deferred until Transformers defines PreTrainedModel: `import hfsqueeze` itself must not import torch.
     from .api import attach_compress_method
 
     try:

@@ -1,32 +1,30 @@
-"""`compress`: the one implementation behind `PreTrainedModel.compress` and the CLI."""
+"""`compress`: the one implementation behind `PreTrainedModel.compress` and the CLI; `evaluate_artifact` behind
+``hfsqueeze eval``."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
+from transformers import AutoTokenizer, PreTrainedModel
 
-from .context import CompressionContext
-from .data import check_text_source, load_texts
-from .errors import UnsupportedModelError
-from .measure import Metrics, measure, measure_baseline, model_task, remeasure_latency_interleaved
-from .recipe import Recipe, RecipeLike
+from .artifact.load import load_compressed, load_model
+from .artifact.save import weights_bytes
+from .core.context import CompressionContext
+from .core.data import check_text_source, eval_sources, load_texts
+from .core.errors import ArtifactError
+from .core.hf import eval_mode, frozen_copy
+from .core.loading import check_model_source
+from .core.utils import quiet_transformers_progress
+from .evaluation.measure import Reference, check_measurable, measure, measure_baseline, remeasure_latency_interleaved
+from .evaluation.metrics import Metrics
+from .evaluation.report import CompressionReport, StageResult, environment, model_summary
+from .recipe import EvaluationConfig, Recipe, RecipeLike
 from .registry import get_stage
-from .report import CompressionReport, StageResult
-from .utils import cpu_name, quiet_transformers_progress, versions
 
 logger = logging.getLogger("hfsqueeze")
-
-
-def frozen_copy(model):
-    """A deep copy of ``model`` in eval mode with gradients off: a teacher or a reference that never trains."""
-    clone = copy.deepcopy(model)
-    clone.eval()
-    clone.requires_grad_(False)
-    return clone
 
 
 def compress(
@@ -49,8 +47,8 @@ def compress(
         tokenizer (*optional*): the model's tokenizer; needed for perplexity/KL and for data-driven stages.
         calibration (*optional*, defaults to `"builtin"`): calibration/training text for stages that need data: the
             built-in text (its train split), a local file, or a `datasets.Dataset`.
-        eval_text (*optional*): evaluation text; overrides the recipe's ``evaluation.text`` (a path, ``"builtin"``
-            or a `datasets.Dataset`).
+        eval_text (*optional*): evaluation text(s); overrides the recipe's ``evaluation.text``: a path,
+            ``"builtin"``, ``"builtin:bible"``, a `datasets.Dataset`, or a list of these (the report shows each).
         overrides (`list[str]`, *optional*): ``key.path=value`` recipe overrides, as the CLI's ``--set``.
         measure_quality (`bool`, defaults to `True`): measure before/after; off, only sizes are reported.
         command (`str`, *optional*): the command line that ran this, recorded in the report and the model card.
@@ -74,95 +72,122 @@ def compress(
     recipe = recipe.validate(model)
     check_text_source(calibration)
     evaluation = recipe.evaluation
-    texts = load_texts(eval_text if eval_text is not None else evaluation.text, split="eval") if tokenizer else None
-    ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras)
+    sources = eval_sources(eval_text, evaluation)
+    texts = {label: load_texts(src, split="eval") for label, src in sources.items()} if tokenizer else None
+    ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras, eval_texts=sources)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
         ctx.original = frozen_copy(model)
-
-    was_training = model.training
-    model.eval()
-    reference = None
     # With the original in memory anyway, time it interleaved with the result at the end: same load for both.
     interleave = ctx.original is not None and measure_quality and tokenizer is not None and evaluation.latency
-    if measure_quality:
-        baseline, reference = measure_baseline(model, tokenizer, evaluation, texts, time_latency=not interleave)
-    else:
-        baseline = measure(model, None, evaluation, with_disk=False)
-    report = CompressionReport(
-        model={
-            "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-            "model_type": model.config.model_type,
-            "architecture": type(model).__name__,
-            "task": model_task(model),
-        },
-        recipe=recipe.to_dict(),
-        environment={**versions(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                     "device": str(getattr(model, "device", "cpu"))},
-        evaluation={**evaluation.to_dict(), "text": _text_label(eval_text, evaluation.text),
-                    "eval_tokens": baseline.eval_tokens},
-        baseline=baseline,
-        command=command,
-    )
-
-    last = len(recipe.stages)
-    for index, stage in enumerate(recipe.stages, start=1):
-        spec = get_stage(stage.method)
-        ctx.stage_index = index
-        ctx.previous = frozen_copy(model) if stage.snapshot_needed() == "previous" else None
-        logger.info("stage %d/%d: %s", index, last, stage.method)
-        start = time.perf_counter()
-        details = spec.apply(model, stage, ctx) or {}
-        seconds = time.perf_counter() - start
-        model.eval()
-        metrics = None
-        if index == last or evaluation.per_stage:
-            metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
-                              with_disk=evaluation.disk_size, time_latency=not (interleave and index == last))
-        report.stages.append(StageResult(index, stage.method, stage.to_dict(), details, round(seconds, 3), metrics))
-        report.warnings += [f"stage {index} ({stage.method}): {w}" for w in details.get("warnings") or []]
-        ctx.results.append({"method": stage.method, **details})
-    ctx.previous = None
-    report.final = report.stages[-1].metrics
-    if interleave and reference is not None:
-        remeasure_latency_interleaved(ctx.original, model, [baseline, report.final], reference, evaluation)
-        report.latency_interleaved = True
-    model.train(was_training)
+    with eval_mode(model):
+        reference = None
+        if measure_quality:
+            baseline, reference = measure_baseline(model, tokenizer, evaluation, texts, time_latency=not interleave)
+        else:
+            baseline = measure(model, None, evaluation, with_disk=False)
+        report = CompressionReport(
+            model=model_summary(model), recipe=recipe.to_dict(), environment=environment(model),
+            evaluation={**evaluation.to_dict(), "text": ", ".join(sources),
+                        "eval_tokens": baseline.eval_tokens},
+            baseline=baseline, command=command,
+        )
+        for index, config in enumerate(recipe.stages, start=1):
+            metrics_wanted = index == len(recipe.stages) or evaluation.per_stage
+            result = _run_stage(model, config, ctx, index, len(recipe.stages))
+            if metrics_wanted:
+                result.metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
+                                         with_disk=evaluation.disk_size,
+                                         time_latency=not (interleave and index == len(recipe.stages)))
+            report.stages.append(result)
+            report.warnings += [f"stage {index} ({config.method}): {w}" for w in result.details.get("warnings") or []]
+            ctx.results.append({"method": config.method, **result.details})
+        ctx.previous = None
+        report.final = report.stages[-1].metrics
+        if interleave and reference is not None:
+            remeasure_latency_interleaved(ctx.original, model, [baseline, report.final], reference, evaluation)
+            report.latency_interleaved = True
     model.hfsqueeze_report = report
     return report
 
 
-def _expand(recipe: Recipe) -> Recipe:
-    """Let stage packages rewrite the recipe before it runs (e.g. insert recovery after pruning)."""
-    return recipe.expanded()
+def _run_stage(model, config, ctx: CompressionContext, index: int, last: int) -> StageResult:
+    """Apply one stage (with a frozen copy of the model as it enters, when the stage asks for one)."""
+    ctx.stage_index = index
+    ctx.previous = frozen_copy(model) if config.snapshot_needed() == "previous" else None
+    logger.info("stage %d/%d: %s", index, last, config.method)
+    start = time.perf_counter()
+    details = get_stage(config.method).apply(model, config, ctx) or {}
+    seconds = time.perf_counter() - start
+    model.eval()
+    return StageResult(index, config.method, config.to_dict(), details, round(seconds, 3))
 
 
-def check_measurable(model) -> None:
-    """Refuse, before any work, a model that no stage and no measurement supports: encoder-decoder models.
+def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: list[str] | None = None,
+                      trust_remote_code: bool = False) -> CompressionReport:
+    """Re-measure a saved artifact; compare with ``base`` (the uncompressed model) when given.
 
-    hfsqueeze compresses and measures decoder-only causal LMs and encoder models; each stage declares which model
-    types it supports on top of that (its ``validate``).
+    Args:
+        path (`str` or `Path`): a directory written by `save_compressed`.
+        base (`str`, *optional*): the uncompressed model, re-measured with the KL against it; defaults to the saved
+            report's model when that is a local directory. Without one, the original column comes from the saved
+            ``report.json``.
+        overrides (`list[str]`, *optional*): ``evaluation.KEY=VALUE`` changes to the saved recipe's evaluation
+            settings (the defaults when the artifact has no report).
+        trust_remote_code (`bool`, defaults to `False`): allow custom modeling code in the artifact and ``base``.
+
+    Returns:
+        `CompressionReport`: one ``eval`` stage; its config says where the original column came from (``base``).
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"model type {getattr(config, 'model_type', None)!r} ({type(model).__name__}) is an encoder-decoder "
-            "model; hfsqueeze compresses and measures decoder-only causal LMs (llama, gpt2, ...) and encoders "
-            "(bert, ...)"
-        )
+    quiet_transformers_progress()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
+    if base is not None:
+        check_model_source(base)  # a --base that cannot load fails now, not after the artifact is measured
+    saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
+    evaluation = EvaluationConfig.from_dict((saved.recipe.get("evaluation") or {}) if saved else {},
+                                            where="evaluation").overridden(overrides or [])
+    saved_base = saved.model.get("name_or_path") if saved else None
+    base_dir = base if base is not None else \
+        saved_base if saved_base is not None and (Path(saved_base) / "config.json").is_file() else None
+    logger.info("loading the artifact %s", path)
+    model = load_compressed(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) \
+        if (path / "tokenizer_config.json").is_file() else None
+    baseline, reference, base_model = _original(base_dir, saved, tokenizer, evaluation, trust_remote_code)
+    logger.info("measuring the artifact")
+    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
+    interleaved = base_model is not None and evaluation.latency and reference is not None
+    if interleaved:  # both models in memory: time them in alternating runs, under the same load
+        remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)
+    del base_model
+    metrics.disk_bytes = weights_bytes(path)
+    return CompressionReport(
+        model=saved.model if saved else model_summary(model),
+        recipe=saved.recipe if saved else {},
+        environment=environment(model),
+        evaluation={**evaluation.to_dict(), "eval_tokens": metrics.eval_tokens},
+        baseline=baseline,
+        stages=[StageResult(1, "eval", {"artifact": str(path), "base": base_dir}, {"format": "re-measured"}, 0.0,
+                            metrics)],
+        final=metrics,
+        latency_interleaved=interleaved,
+    )
 
 
-def _text_label(eval_text: Any, default: str) -> str:
-    if eval_text is None:
-        return default
-    if isinstance(eval_text, str):
-        return eval_text
-    return getattr(getattr(eval_text, "info", None), "dataset_name", None) or type(eval_text).__name__
+def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: Any, evaluation: EvaluationConfig,
+              trust_remote_code: bool) -> tuple[Metrics | None, Reference | None, Any]:
+    """The original column: re-measured from ``base_dir`` (with outputs to compare against, latency left for the
+    interleaved timing; the base model is returned for it), or the saved one."""
+    if base_dir is None:
+        return (saved.baseline if saved is not None else None), None, None
+    logger.info("loading the base model %s to re-measure it", base_dir)
+    base_model, _ = load_model(base_dir, trust_remote_code=trust_remote_code)
+    return (*measure_baseline(base_model, tokenizer, evaluation, time_latency=False), base_model)
 
 
 def attach_compress_method() -> None:
     """Give every `PreTrainedModel` a ``compress`` method delegating to `compress`; never overwrite a foreign one."""
-    from transformers import PreTrainedModel
-
     existing = getattr(PreTrainedModel, "compress", None)
     if existing is not None:
         if not getattr(existing, "_hfsqueeze", False):
@@ -178,4 +203,8 @@ def attach_compress_method() -> None:
     PreTrainedModel.compress = compress_method
 
 
-__all__ = ["Metrics", "attach_compress_method", "check_measurable", "compress", "frozen_copy"]
+# `import hfsqueeze` attaches this once Transformers defines PreTrainedModel; when that happens during the import of
+# this module (which imports Transformers), the attaching is done here, now that `compress` exists.
+attach_compress_method()
+
+__all__ = ["attach_compress_method", "compress", "evaluate_artifact"]

@@ -16,10 +16,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+# Only light imports here: `hfsqueeze --help` must answer without torch; each command imports what it runs.
 from . import __version__
-from .errors import ArtifactError, HfSqueezeError, HfSqueezeWarning
+from .core.errors import ArtifactError, HfSqueezeError, HfSqueezeWarning, HubError, RecipeError
+from .evaluation.config import EvaluationConfig
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default="builtin", help="calibration/training text for data-driven stages")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     c.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
-    _add_hub_args(c)
+    add_push_options(c)
 
     v = sub.add_parser("validate", help="check a recipe and print it in canonical form")
     v.add_argument("recipe", help="YAML recipe path or built-in name")
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=None,
                    help="the uncompressed model to compare with (default: the report's base model if it is local)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="evaluation.KEY=VALUE",
-                   help=f"override an evaluation setting; KEY is one of: {', '.join(_evaluation_keys())}")
+                   help=f"override an evaluation setting; KEY is one of: {', '.join(EvaluationConfig.allowed_keys())}")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modeling code when loading the artifact and --base")
@@ -92,8 +94,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(command="recipes")
-    _add_push_parser(sub)
+    add_push_parser(sub)
     return parser
+
+
+# ---- Hub options ------------------------------------------------------------------------------------------------
+# ---- CLI ------------------------------------------------------------------------------------------------------
+def _push_flags(parser: Any) -> None:
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--commit-message", default=None, help="Hub commit message")
+    parser.add_argument("--no-parity-check", dest="check_parity", action="store_false",
+                        help="skip the reload parity check before uploading")
+    if not any("--trust-remote-code" in a.option_strings for a in parser._actions):
+        parser.add_argument("--trust-remote-code", action="store_true",
+                            help="allow Python code in the artifact that hfsqueeze did not generate, and run the "
+                                 "card's own load code for the parity check")
+
+
+def add_push_parser(subparsers: Any) -> Any:
+    """Add ``hfsqueeze push DIR --repo ID`` to an argparse ``subparsers``; its handler is `run_push`."""
+    parser = subparsers.add_parser(
+        "push", help="upload a saved artifact with its model card, after a reload parity check",
+        description="Upload a saved hfsqueeze artifact to the Hugging Face Hub in one commit. The token comes from "
+                    "HF_TOKEN or `hf auth login` (never from the command line, which the report records).",
+    )
+    parser.add_argument("artifact", metavar="DIR", help="artifact directory written by `hfsqueeze compress --output`")
+    parser.add_argument("--repo", required=True, metavar="ID", help="Hub repository id (owner/name, or name)")
+    _push_flags(parser)
+    return parser
+
+
+def add_push_options(parser: Any) -> None:
+    """Add ``--push-to-hub REPO`` (and ``--private``, ``--commit-message``, ``--no-parity-check``) to ``compress``."""
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="after compressing, push to this Hub repository (owner/name, or name); the token "
+                             "comes from HF_TOKEN or `hf auth login`")
+    _push_flags(parser)
+
+
+def check_push_args(args: Any) -> None:
+    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id, no token, a token the
+    Hub rejects, or a Hub that cannot be reached (one ``whoami`` call to the endpoint the push will use)."""
+    repo = args.push_to_hub
+    if repo.count("/") > 1 or not all(part.strip() for part in repo.split("/")):
+        raise HubError(f"--push-to-hub {repo!r} is not a repository id; use owner/name or name")
+    from .hub import check_access
+
+    check_access()
+
+
+def run_push(args: Any) -> int:
+    """Handler of ``hfsqueeze push``: push ``args.artifact`` to ``args.repo``; returns the exit code."""
+    from .hub import push_to_hub
+
+    info = push_to_hub(args.artifact, args.repo, private=args.private, commit_message=args.commit_message,
+                       check_parity=args.check_parity, trust_remote_code=args.trust_remote_code)
+    sys.stdout.write(f"pushed {info.commit_url}\n")
+    return 0
+
+
+def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str | os.PathLike | None = None) -> Any:
+    """After ``hfsqueeze compress --push-to-hub REPO``: push the saved ``artifact``, or the model in memory."""
+    if not getattr(args, "push_to_hub", None):
+        return None
+    from .hub import push_to_hub
+
+    source = artifact if artifact else model
+    info = push_to_hub(source, args.push_to_hub, tokenizer=None if artifact else tokenizer, private=args.private,
+                       commit_message=args.commit_message, check_parity=args.check_parity,
+                       trust_remote_code=getattr(args, "trust_remote_code", False))
+    sys.stdout.write(f"pushed {info.commit_url}\n")
+    return info
+
+
+# ---- commands ---------------------------------------------------------------------------------------------------
 
 
 def _add_tune_parser(sub) -> None:
@@ -122,8 +196,6 @@ def _add_tune_parser(sub) -> None:
 
 
 def _parse_duration(value: str | None) -> float | None:
-    from .errors import RecipeError
-
     if value is None:
         return None
     text = value.strip().lower()
@@ -172,26 +244,6 @@ def _cmd_tune(args) -> int:
     return 0
 
 
-def _evaluation_keys() -> list[str]:
-    from .recipe import EvaluationConfig
-
-    return EvaluationConfig.allowed_keys()
-
-
-def _add_hub_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from .hub import add_push_options
-    except ImportError:
-        return
-    add_push_options(p)
-
-
-def _add_push_parser(sub) -> None:
-    try:
-        from .hub import add_push_parser
-    except ImportError:
-        return
-    add_push_parser(sub)
 
 
 def _cmd_validate(args) -> int:
@@ -230,9 +282,9 @@ def _check_output_writable(output: str) -> None:
 
 def _cmd_compress(args) -> int:
     from .api import compress
+    from .artifact.save import check_output_dir, save_compressed
     from .models import load_model
     from .recipe import Recipe
-    from .save import check_output_dir, save_compressed
 
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
     recipe.validate()
@@ -241,8 +293,6 @@ def _cmd_compress(args) -> int:
         _check_output_writable(args.output)
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
-        from .hub import check_push_args
-
         check_push_args(args)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
@@ -260,87 +310,18 @@ def _cmd_compress(args) -> int:
                                 "report above is all that remains") from None
         print(f"\nsaved to {args.output}")
     if pre_push:
-        from .hub import push_from_cli
-
         push_from_cli(args, model=model, tokenizer=tokenizer, artifact=args.output)
     return 0
 
 
-def _override_evaluation(evaluation, overrides: list[str]):
-    import yaml
-
-    from .errors import RecipeError
-    from .recipe import EvaluationConfig
-
-    data = evaluation.to_dict()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("evaluation.") or key.count(".") != 1:
-            raise RecipeError(f"eval --set {item!r}: only evaluation.KEY=VALUE applies here; keys: "
-                              f"{', '.join(EvaluationConfig.allowed_keys())}")
-        data[key.split(".", 1)[1]] = yaml.safe_load(value)
-    return EvaluationConfig.from_dict(data, where="evaluation")
-
-
 def _cmd_eval(args) -> int:
-    from .measure import measure, measure_baseline, remeasure_latency_interleaved
-    from .models import load_model
-    from .recipe import EvaluationConfig
-    from .report import CompressionReport, StageResult
-    from .save import load_compressed, weights_bytes
-    import torch
+    from .api import evaluate_artifact
 
-    from .utils import cpu_name, quiet_transformers_progress, versions
-
-    quiet_transformers_progress()
     path = Path(args.artifact)
-    if not (path / "config.json").is_file():
-        raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
-    if args.base is not None:
-        from .loading import check_model_source
-
-        check_model_source(args.base)  # a --base that cannot load fails now, not after the artifact is measured
-    saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
-    evaluation = EvaluationConfig()
-    if saved is not None:
-        evaluation = EvaluationConfig.from_dict(saved.recipe.get("evaluation") or {}, where="evaluation")
-    if args.overrides:
-        evaluation = _override_evaluation(evaluation, args.overrides)
-    base = args.base or (saved.model.get("name_or_path") if saved else None)
-    base_is_local = args.base is not None or (base is not None and (Path(base) / "config.json").is_file())
-    trust = {"trust_remote_code": args.trust_remote_code}
-
-    logger.info("loading the artifact %s", path)
-    model = load_compressed(path, **trust)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, **trust) if (path / "tokenizer_config.json").is_file() else None
-    baseline, reference, base_model = None, None, None
-    if base_is_local:
-        logger.info("loading the base model %s to re-measure it", base)
-        base_model, _ = load_model(base, **trust)
-        baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
-    elif saved is not None:
-        baseline = saved.baseline
-    logger.info("measuring the artifact")
-    metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
-    if base_model is not None and evaluation.latency and reference is not None:
-        remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)
-    del base_model
-    metrics.disk_bytes = weights_bytes(path)
-    report = CompressionReport(
-        model=saved.model if saved else {"name_or_path": str(path), "model_type": model.config.model_type,
-                                         "architecture": type(model).__name__},
-        recipe=saved.recipe if saved else {},
-        environment={**versions(), "cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu"},
-        evaluation={**evaluation.to_dict(), "eval_tokens": metrics.eval_tokens},
-        baseline=baseline,
-        stages=[StageResult(1, "eval", {"artifact": str(path)}, {"format": "re-measured"}, 0.0, metrics)],
-        final=metrics,
-        latency_interleaved=base_is_local and evaluation.latency and reference is not None,
-    )
+    report = evaluate_artifact(path, base=args.base, overrides=args.overrides,
+                               trust_remote_code=args.trust_remote_code)
     print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
-    if saved is not None and not base_is_local:
+    if (path / "report.json").is_file() and report.stages[0].config.get("base") is None:
         print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
     return 0
 
@@ -391,11 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes,
-                "tune": _cmd_tune}
-    if args.command == "push":
-        from .hub import run_push
-
-        handlers["push"] = run_push
+                "push": run_push, "tune": _cmd_tune}
     previous = _on_sigterm(_raise_terminated)
     try:
         with warnings.catch_warnings():

@@ -2,8 +2,8 @@
 
 `push_to_hub` saves an in-memory model (or takes a saved artifact), reloads it in a fresh Python process with the
 exact code the model card shows, compares its outputs on a fixed input with the ones recorded at save time
-(``parity.safetensors``, written by `record_parity`), and only then uploads everything in one commit. The commit names
-the head it was built on (``parent_commit``), so a retry after a lost answer can never stack a second copy.
+(``parity.safetensors``, see `hfsqueeze.artifact.parity`), and only then uploads everything in one commit. The commit
+names the head it was built on (``parent_commit``), so a retry after a lost answer can never stack a second copy.
 """
 
 from __future__ import annotations
@@ -11,261 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, HubError
-from .utils import LazyModule
-
-torch = LazyModule("torch")  # imported on first use: the CLI reads this module's options to print --help
+from .artifact.card import merge_model_card, render_model_card
+from .artifact.load import check_artifact_code, load_snippet
+from .artifact.parity import DEFAULT_PARITY_TOLERANCE, verify_parity
+from .artifact.save import save_compressed
+from .compat.peft import ADAPTER_CONFIG, hub_adapter_config
+from .core.errors import ArtifactError, HubError
 
 logger = logging.getLogger("hfsqueeze")
 
-PARITY_FILE = "parity.safetensors"
-PARITY_SCHEMA = "hfsqueeze.parity"
-PARITY_TOKENS = 16
-PARITY_SEED = 20240607
-# Relative to the largest reference output. Reloading the same weights is bit-exact for fp32/16-bit; bitsandbytes
-# 4-bit may run a different CPU kernel after a reload (repacked weights), which moves logits by ~1e-3 of their range.
-DEFAULT_PARITY_TOLERANCE = 1e-2
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 RETRY_BASE_SECONDS = 2.0
 STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth")
-
-
-# ---- parity ---------------------------------------------------------------------------------------------------
-def parity_input_ids(config: Any, tokens: int = PARITY_TOKENS) -> torch.Tensor:
-    """The fixed parity input: ``tokens`` pseudo-random ids below the vocabulary size, shape ``[1, tokens]``."""
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    if vocab < 2:
-        raise ArtifactError(f"cannot build a parity input: the config has vocab_size={vocab!r}")
-    generator = torch.Generator().manual_seed(PARITY_SEED)
-    return torch.randint(0, vocab, (1, tokens), generator=generator)
-
-
-def _outputs(model: Any, input_ids: torch.Tensor) -> tuple[str, torch.Tensor]:
-    device = getattr(model, "device", torch.device("cpu"))
-    with torch.no_grad():
-        out = model(input_ids=input_ids.to(device))
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return name, value.detach().float().cpu().contiguous()
-    raise ArtifactError(f"cannot record parity: {type(model).__name__} returns neither logits nor last_hidden_state")
-
-
-def record_parity(model: Any, out_dir: str | os.PathLike) -> Path:
-    """Run ``model`` on the fixed parity input and write the ids and outputs to ``out_dir/parity.safetensors``.
-
-    The model is run in eval mode (restored afterwards). bitsandbytes 4-bit layers are kept from repacking their
-    weights for the CPU kernel during this forward, so the live model can still be saved correctly afterwards.
-
-    Args:
-        model (`PreTrainedModel`): the model exactly as it is being saved.
-        out_dir (`str` or `os.PathLike`): the artifact directory.
-
-    Returns:
-        `Path`: the written file.
-
-    Example:
-
-    ```python
-    model.save_pretrained("out")
-    record_parity(model, "out")
-    ```
-    """
-    from safetensors.torch import save_file
-
-    from .methods.quantize import guard_bnb_cpu_repack
-
-    input_ids = parity_input_ids(model.config)
-    guard_bnb_cpu_repack(model)
-    was_training = model.training
-    try:
-        model.eval()
-        name, outputs = _outputs(model, input_ids)
-    finally:
-        model.train(was_training)
-    path = Path(out_dir) / PARITY_FILE
-    save_file({"input_ids": input_ids.contiguous(), "outputs": outputs}, str(path),
-              metadata={"hfsqueeze": json.dumps(  # one key: safetensors writes several in random order
-                  {"schema": PARITY_SCHEMA, "version": 1, "output": name, "model": type(model).__name__},
-                  sort_keys=True)})
-    return path
-
-
-def is_parity_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a parity file hfsqueeze wrote (a safetensors file carrying our schema tag)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get("hfsqueeze", "{}"))
-    except Exception:  # noqa: BLE001 - missing, truncated or foreign file: not ours
-        return False
-    return isinstance(meta, dict) and meta.get("schema") == PARITY_SCHEMA
-
-
-def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - a damaged file is the user's problem to see, in one line
-        raise ArtifactError(f"{path} is damaged ({type(exc).__name__}); re-save the artifact") from None
-    if "input_ids" not in tensors or "outputs" not in tensors:
-        raise ArtifactError(f"{path} lacks the recorded input_ids/outputs; re-save the artifact")
-    return tensors, json.loads(meta.get("hfsqueeze", "{}")).get("output", "outputs")
-
-
-def check_saved_parity(model: Any, artifact_dir: str | os.PathLike,
-                       tolerance: float = DEFAULT_PARITY_TOLERANCE) -> dict[str, Any] | None:
-    """Run a freshly loaded ``model`` on the input recorded at save time and compare with the recorded outputs.
-
-    Returns the comparison (`compare_outputs`), or ``None`` when the artifact has no parity file.
-
-    Raises:
-        `ArtifactError`: the outputs differ (config.json or the weights were changed after saving), naming how much.
-    """
-    path = Path(artifact_dir) / PARITY_FILE
-    if not path.is_file():
-        return None
-    from .methods.quantize import guard_bnb_cpu_repack
-
-    reference, output = _read_parity(path)
-    guard_bnb_cpu_repack(model)
-    was_training = model.training
-    try:
-        model.eval()
-        _, got = _outputs(model, reference["input_ids"])
-    finally:
-        model.train(was_training)
-    problem, result = parity_problem(reference["outputs"], got, tolerance=tolerance, output=output)
-    if problem:
-        raise ArtifactError(f"{artifact_dir} does not reproduce the outputs recorded when it was saved: {problem}; "
-                            "its config.json or weights were changed after saving (re-save it, or load with "
-                            "check_parity=False to inspect it anyway)")
-    return result
-
-
-_RUNNER = '''\
-import os, sys
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import torch
-from safetensors.torch import load_file, save_file
-_parity = load_file({parity!r})
-
-{code}
-
-model.eval()
-with torch.no_grad():
-    _out = model(input_ids=_parity["input_ids"].to(getattr(model, "device", "cpu")))
-_t = getattr(_out, "logits", None)
-if _t is None:
-    _t = _out.last_hidden_state
-save_file({{"outputs": _t.detach().float().cpu().contiguous()}}, {result!r})
-'''
-
-
-def verify_parity(
-    artifact_dir: str | os.PathLike,
-    load_code: str | None = None,
-    *,
-    tolerance: float = DEFAULT_PARITY_TOLERANCE,
-    timeout: float = 900,
-) -> dict[str, Any]:
-    """Reload the artifact in a fresh Python process and compare its outputs on the recorded input.
-
-    Args:
-        artifact_dir (`str` or `os.PathLike`): a saved artifact containing ``parity.safetensors``.
-        load_code (`str`, *optional*): Python code that defines ``model`` (e.g. the card's code, pointed at
-            ``artifact_dir``). Defaults to `hfsqueeze.load_compressed`, which runs no code from the artifact; pass
-            code that uses ``trust_remote_code=True`` only for an artifact whose code you trust.
-        tolerance (`float`, defaults to `1e-2`): allowed largest absolute difference, relative to the largest
-            absolute reference output.
-        timeout (`float`, defaults to `900`): seconds the reload may take.
-
-    Returns:
-        `dict`: ``output``, ``tokens``, ``max_abs_diff``, ``tolerance`` (absolute), ``top1_agreement`` (logits only).
-
-    Raises:
-        `HubError`: the reload failed, or the outputs differ; the message says what differed.
-
-    Example:
-
-    ```python
-    verify_parity("out")
-    ```
-    """
-    from safetensors.torch import load_file
-
-    artifact = Path(artifact_dir)
-    parity_path = artifact / PARITY_FILE
-    if not parity_path.is_file():
-        raise ArtifactError(f"{artifact} has no {PARITY_FILE} (outputs recorded at save time), so it cannot be "
-                            "checked before upload; re-save it with hfsqueeze.save_compressed, or pass "
-                            "check_parity=False (CLI: --no-parity-check) to push it unchecked")
-    reference, output = _read_parity(parity_path)
-    how = "the card's load code" if load_code else "hfsqueeze.load_compressed"
-    if load_code is None:
-        load_code = ("import hfsqueeze\n\n"
-                     f"model = hfsqueeze.load_compressed({str(artifact.resolve())!r}, check_parity=False)\n")
-    with tempfile.TemporaryDirectory(prefix="hfsqueeze-parity-") as tmp:
-        script, result = Path(tmp) / "reload.py", Path(tmp) / "outputs.safetensors"
-        script.write_text(_RUNNER.format(parity=str(parity_path.resolve()), result=str(result), code=load_code))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        try:
-            proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
-                                  cwd=tmp, env=env)
-        except subprocess.TimeoutExpired:
-            raise HubError(f"parity check failed: reloading {artifact} in a fresh process took more than "
-                           f"{timeout:.0f} s; nothing was pushed") from None
-        if proc.returncode != 0 or not result.is_file():
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            raise HubError(f"parity check failed: reloading {artifact} in a fresh process with {how} "
-                           f"raised {lines[-1] if lines else f'exit status {proc.returncode}'}; nothing was pushed")
-        got = load_file(str(result))["outputs"]
-    return {**compare_outputs(reference["outputs"], got, tolerance=tolerance, output=output), "loader": how}
-
-
-def parity_problem(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                   output: str = "logits") -> tuple[str | None, dict[str, Any]]:
-    """Compare reference and reloaded outputs: ``(what differed or None, the comparison)``."""
-    if tuple(expected.shape) != tuple(got.shape):
-        return (f"the reloaded model's {output} have shape {tuple(got.shape)}, the in-memory model's "
-                f"{tuple(expected.shape)}"), {"output": output}
-    if not torch.isfinite(got).all():
-        return f"the reloaded model's {output} contain NaN or inf", {"output": output}
-    diff = (expected - got).abs()
-    atol = tolerance * float(expected.abs().max().clamp_min(1e-6))
-    flat = int(diff.argmax())
-    position = flat // expected.shape[-1] % expected.shape[-2] if expected.dim() >= 2 else flat
-    result: dict[str, Any] = {"output": output, "tokens": int(expected.shape[-2]) if expected.dim() >= 2 else 1,
-                              "max_abs_diff": float(diff.max()), "tolerance": atol,
-                              "relative_tolerance": tolerance}
-    if output == "logits":
-        result["top1_agreement"] = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
-    if result["max_abs_diff"] <= atol:
-        return None, result
-    agree = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
-    return (f"the reloaded model's {output} differ from the in-memory model's by up to {result['max_abs_diff']:.4g} "
-            f"(at token {position}; allowed {atol:.3g}{agree})"), result
-
-
-def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                    output: str = "logits") -> dict[str, Any]:
-    """Compare reference and reloaded outputs; raise `HubError` naming what differed."""
-    problem, result = parity_problem(expected, got, tolerance=tolerance, output=output)
-    if problem:
-        raise HubError(f"parity check failed: {problem}; nothing was pushed")
-    return result
 
 
 # ---- auth -----------------------------------------------------------------------------------------------------
@@ -284,6 +46,11 @@ def resolve_token(token: str | None = None) -> str:
         raise HubError("no Hugging Face token: pass token=..., set the HF_TOKEN environment variable, or run "
                        "`hf auth login`")
     return found
+
+
+def check_access(token: str | None = None, endpoint: str | None = None) -> str:
+    """Ask the Hub who the token belongs to: fails in one line on no token, a rejected one or an unreachable Hub."""
+    return _whoami(_api(endpoint), resolve_token(token))
 
 
 def _api(endpoint: str | None):
@@ -405,9 +172,6 @@ def push_to_hub(
 
 def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, report, endpoint, check_parity,
           parity_tolerance, max_retries, trust_remote_code):
-    from .card import merge_model_card, render_model_card
-    from .save import check_artifact_code, load_snippet, save_compressed
-
     api = _api(endpoint)
     user = _whoami(api, token)
     if "/" not in repo_id:
@@ -420,8 +184,6 @@ def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, r
                                     "hfsqueeze.save_compressed(model, dir) or pass the model itself")
         else:
             artifact = save_compressed(model_or_dir, Path(tmp) / "artifact", tokenizer, report=report)
-            if not (artifact / PARITY_FILE).is_file():
-                record_parity(model_or_dir, artifact)
         config = _artifact_config(artifact)
         # Before anything from the artifact can run (parity reload) or be published: its code must be ours.
         check_artifact_code(artifact, config, trust_remote_code=trust_remote_code)
@@ -482,7 +244,8 @@ def _operations(api: Any, repo_id: str, artifact: Path, readme: bytes, token: st
         if name == "README.md":
             continue
         local.add(name)
-        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+        content = hub_adapter_config(path, repo_id) if name == ADAPTER_CONFIG else str(path)
+        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     # Weights left over from an earlier push with another layout (e.g. shards) would shadow the new ones.
     for name in api.list_repo_files(repo_id, token=token):
         if name not in local and name.endswith(STALE_WEIGHT_SUFFIXES):
@@ -531,82 +294,4 @@ def _commit_with_retries(api, repo_id, artifact, readme, message, description, t
     raise AssertionError("unreachable")
 
 
-# ---- CLI ------------------------------------------------------------------------------------------------------
-def _push_flags(parser: Any) -> None:
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    parser.add_argument("--commit-message", default=None, help="Hub commit message")
-    parser.add_argument("--no-parity-check", dest="check_parity", action="store_false",
-                        help="skip the reload parity check before uploading")
-    if not any("--trust-remote-code" in a.option_strings for a in parser._actions):
-        parser.add_argument("--trust-remote-code", action="store_true",
-                            help="allow Python code in the artifact that hfsqueeze did not generate, and run the "
-                                 "card's own load code for the parity check")
-
-
-def add_push_parser(subparsers: Any) -> Any:
-    """Add ``hfsqueeze push DIR --repo ID`` to an argparse ``subparsers``; its handler is `run_push`."""
-    parser = subparsers.add_parser(
-        "push", help="upload a saved artifact with its model card, after a reload parity check",
-        description="Upload a saved hfsqueeze artifact to the Hugging Face Hub in one commit. The token comes from "
-                    "HF_TOKEN or `hf auth login` (never from the command line, which the report records).",
-    )
-    parser.add_argument("artifact", metavar="DIR", help="artifact directory written by `hfsqueeze compress --output`")
-    parser.add_argument("--repo", required=True, metavar="ID", help="Hub repository id (owner/name, or name)")
-    _push_flags(parser)
-    return parser
-
-
-def add_push_options(parser: Any) -> None:
-    """Add ``--push-to-hub REPO`` (and ``--private``, ``--commit-message``, ``--no-parity-check``) to ``compress``."""
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
-                        help="after compressing, push to this Hub repository (owner/name, or name); the token "
-                             "comes from HF_TOKEN or `hf auth login`")
-    _push_flags(parser)
-
-
-def check_push_args(args: Any) -> None:
-    """Fail before any heavy work when ``--push-to-hub`` cannot succeed: a malformed repo id, no token, a token the
-    Hub rejects, or a Hub that cannot be reached (one ``whoami`` call to the endpoint the push will use)."""
-    repo = args.push_to_hub
-    if repo.count("/") > 1 or not all(part.strip() for part in repo.split("/")):
-        raise HubError(f"--push-to-hub {repo!r} is not a repository id; use owner/name or name")
-    _whoami(_api(None), resolve_token(None))
-
-
-def run_push(args: Any) -> int:
-    """Handler of ``hfsqueeze push``: push ``args.artifact`` to ``args.repo``; returns the exit code."""
-    info = push_to_hub(args.artifact, args.repo, private=args.private, commit_message=args.commit_message,
-                       check_parity=args.check_parity, trust_remote_code=args.trust_remote_code)
-    sys.stdout.write(f"pushed {info.commit_url}\n")
-    return 0
-
-
-def push_from_cli(args: Any, *, model: Any, tokenizer: Any = None, artifact: str | os.PathLike | None = None) -> Any:
-    """After ``hfsqueeze compress --push-to-hub REPO``: push the saved ``artifact``, or the model in memory."""
-    if not getattr(args, "push_to_hub", None):
-        return None
-    source = artifact if artifact else model
-    info = push_to_hub(source, args.push_to_hub, tokenizer=None if artifact else tokenizer, private=args.private,
-                       commit_message=args.commit_message, check_parity=args.check_parity,
-                       trust_remote_code=getattr(args, "trust_remote_code", False))
-    sys.stdout.write(f"pushed {info.commit_url}\n")
-    return info
-
-
-__all__ = [
-    "PARITY_FILE",
-    "add_push_options",
-    "add_push_parser",
-    "check_push_args",
-    "check_saved_parity",
-    "compare_outputs",
-    "is_parity_file",
-    "parity_input_ids",
-    "parity_problem",
-    "push_from_cli",
-    "push_to_hub",
-    "record_parity",
-    "resolve_token",
-    "run_push",
-    "verify_parity",
-]
+__all__ = ["check_access", "push_to_hub", "resolve_token"]

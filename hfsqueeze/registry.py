@@ -1,118 +1,90 @@
-"""The stage registry: a method name maps to its config class, its apply function and its up-front checks.
+"""The stage registry: a method name maps to its `Stage` (see `hfsqueeze.core.stage`).
 
-Stages register explicitly with `register_stage`; a duplicate name is refused and an unknown one lists the valid
-names. Registering imports nothing heavy: a stage's backend (bitsandbytes, peft) is imported inside ``apply``.
-
-A stage may also register ``validate(config, info)``: the checks that can run before any expensive work (what model
-types it supports, targets the model cannot meet, stage order). `validate_stages` runs them for a whole recipe, with
-the model (``hfsqueeze.compress``, before the baseline is measured) or without one (``hfsqueeze validate``).
+This is the one module that imports the method folders, the way ``transformers/quantizers/auto.py`` holds its
+quantizers; everything above it (recipes, compress, save, card, hub) asks it for stages and never imports a method.
+A fourth method is one folder under ``methods/`` plus one line below. Registering imports nothing heavy: a stage's
+backend (bitsandbytes, peft, the Trainer) is imported when the stage runs. A duplicate name is refused, and an unknown
+one lists the valid names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from .errors import HfSqueezeError, RecipeError
+from .core.config import StageConfig
+from .core.errors import RecipeError
+from .core.stage import FunctionStage, Stage
+from .methods.distill import DistillStage
+from .methods.prune import PruneStage
+from .methods.quantize import QuantizeStage
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-    from .config import StageConfig
-    from .context import CompressionContext
-
-ApplyFn = Callable[["PreTrainedModel", "StageConfig", "CompressionContext"], dict[str, Any]]
+_REGISTRY: dict[str, Stage] = {}
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a stage's ``validate`` sees before anything runs.
-
-    Attributes:
-        model (`PreTrainedModel`, *optional*): the model as loaded, or ``None`` when only the recipe is checked.
-            Earlier stages may still change it (fewer layers, quantized weights): check only what they cannot undo.
-        previous (`tuple[StageConfig, ...]`): the configs of the stages that run before this one.
-    """
-
-    model: Any = None
-    previous: tuple = ()
+def _add(stage: Stage) -> Stage:
+    if not stage.name:
+        raise ValueError(f"{type(stage).__name__} has no name")
+    if stage.name in _REGISTRY:
+        raise ValueError(f"a stage named '{stage.name}' is already registered")
+    if getattr(stage.config_cls, "method", None) != stage.name:
+        raise ValueError(f"{stage.config_cls.__name__}.method must be '{stage.name}'")
+    _REGISTRY[stage.name] = stage
+    return stage
 
 
-ValidateFn = Callable[["StageConfig", ModelInfo], None]
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    config_cls: type
-    apply: ApplyFn
-    validate: ValidateFn | None = None
-
-
-_REGISTRY: dict[str, StageSpec] = {}
-
-
-def register_stage(name: str, config_cls: type, *, validate: ValidateFn | None = None
-                   ) -> Callable[[ApplyFn], ApplyFn]:
-    """Register ``apply(model, config, context) -> details`` as the stage ``name``.
-
-    ``validate(config, info)`` (optional) raises `RecipeError` / `UnsupportedModelError` for what can be known
-    before the stage runs; ``info`` is a `ModelInfo`. It must be cheap: no forward passes, no data.
+def register_stage(stage: Stage | str, config_cls: type[StageConfig] | None = None, *,
+                   validate: Callable | None = None) -> Any:
+    """Register a `Stage` (``register_stage(MyStage())``), or, as a decorator, an apply function (with an optional
+    ``validate(config, info)``, see `Stage.validate`).
 
     Example:
 
     ```python
-    @register_stage("quantize", QuantizeConfig)
-    def apply_quantize(model, config, context):
-        ...
-        return {"quantized_modules": 84}
+    hfsqueeze.register_stage(CastStage())
+
+    @register_stage("cast", CastConfig)
+    def apply_cast(model, config, context):
+        model.to(torch.bfloat16)
+        return {"format": "bf16"}
     ```
     """
+    if isinstance(stage, Stage):
+        return _add(stage)
+    if config_cls is None:
+        raise TypeError("register_stage(name, config_cls) needs the config class")
 
-    def decorator(fn: ApplyFn) -> ApplyFn:
-        if name in _REGISTRY:
-            raise ValueError(f"a stage named '{name}' is already registered")
-        if getattr(config_cls, "method", None) != name:
-            raise ValueError(f"{config_cls.__name__}.method must be '{name}'")
-        _REGISTRY[name] = StageSpec(name, config_cls, fn, validate)
+    def decorator(fn: Callable) -> Callable:
+        _add(FunctionStage(stage, config_cls, fn, validate))
         return fn
 
     return decorator
 
 
-def _ensure_builtin_stages() -> None:
-    from . import methods  # noqa: F401  (registers quantize, prune, distill)
+def unregister_stage(name: str) -> Stage:
+    """Remove the stage ``name`` and return it (for plugins and tests that register a stage for a while)."""
+    return _REGISTRY.pop(name)
 
 
-def get_stage(name: str) -> StageSpec:
-    _ensure_builtin_stages()
+def get_stage(name: str) -> Stage:
     if name not in _REGISTRY:
         raise RecipeError(f"unknown method {name!r}; allowed: {', '.join(available_stages())}")
     return _REGISTRY[name]
 
 
-def recipe_expanders() -> list[Callable[[Any], Any]]:
-    """The hooks stage packages registered to rewrite a recipe before it runs (``methods.RECIPE_EXPANDERS``)."""
-    _ensure_builtin_stages()
-    from . import methods
-
-    return list(getattr(methods, "RECIPE_EXPANDERS", []))
+def find_stage(name: str | None) -> Stage | None:
+    """The stage ``name``, or ``None`` for a method this installation does not know (e.g. in an old report)."""
+    return _REGISTRY.get(name) if isinstance(name, str) else None
 
 
 def available_stages() -> list[str]:
-    _ensure_builtin_stages()
     return sorted(_REGISTRY)
 
 
-def validate_stages(stages: list["StageConfig"], model: Any = None) -> None:
-    """Run every stage's ``validate`` in recipe order; an error names the stage (``stage 2 (prune): ...``)."""
-    for index, stage in enumerate(stages, start=1):
-        spec = get_stage(stage.method)
-        if spec.validate is None:
-            continue
-        try:
-            spec.validate(stage, ModelInfo(model=model, previous=tuple(stages[: index - 1])))
-        except HfSqueezeError as exc:
-            prefix = f"stage {index} ({stage.method}): "
-            message = str(exc)
-            raise type(exc)(message if message.startswith(prefix) else prefix + message) from None
+def stages() -> list[Stage]:
+    """Every registered stage, in registration order (save hooks, loaders and recipe expansion run in this order)."""
+    return list(_REGISTRY.values())
+
+
+register_stage(QuantizeStage())
+register_stage(PruneStage())
+register_stage(DistillStage())

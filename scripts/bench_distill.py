@@ -94,9 +94,10 @@ def part_a(args: argparse.Namespace, out: Path) -> dict:
 
 
 def part_b(args: argparse.Namespace, out: Path) -> dict:
-    from hfsqueeze.api import frozen_copy
-    from hfsqueeze.context import CompressionContext
-    from hfsqueeze.methods.distill import DistillConfig, apply_distill
+    from hfsqueeze.core.context import CompressionContext
+    from hfsqueeze.core.hf import frozen_copy
+    from hfsqueeze.methods.distill import DistillConfig
+    from hfsqueeze.methods.distill.apply import apply_distill
     from hfsqueeze.models import default_model_dir, load_model
 
     teacher, tok = load_model(default_model_dir())

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hfsqueeze.context import CompressionContext  # noqa: E402
-from hfsqueeze.data import builtin_text, token_blocks  # noqa: E402
+from hfsqueeze.core.context import CompressionContext  # noqa: E402
+from hfsqueeze.core.data import builtin_text, token_blocks  # noqa: E402
 from hfsqueeze.methods.prune import PruneConfig, PruneWarning, apply_prune  # noqa: E402
 from hfsqueeze.methods.prune.apply import calibration_blocks  # noqa: E402
 from hfsqueeze.methods.prune.importance import (  # noqa: E402

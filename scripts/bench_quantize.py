@@ -20,7 +20,7 @@ import torch
 
 os.environ.setdefault("HFSQUEEZE_DISABLE_PROGRESS", "1")
 
-from hfsqueeze.measure import measure, measure_baseline  # noqa: E402
+from hfsqueeze.evaluation.measure import measure, measure_baseline  # noqa: E402
 from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize  # noqa: E402
 from hfsqueeze.models import load_model  # noqa: E402
 from hfsqueeze.recipe import EvaluationConfig  # noqa: E402

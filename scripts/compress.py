@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, require_method: str | None = None):
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
-    from hfsqueeze.errors import HfSqueezeError
+    from hfsqueeze import HfSqueezeError
 
     try:
         run(args)

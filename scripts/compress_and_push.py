@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     import hfsqueeze
-    from hfsqueeze.hub import PARITY_FILE, push_to_hub, record_parity
+    from hfsqueeze.hub import push_to_hub
     from hfsqueeze.models import load_model
 
     try:
@@ -70,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.output) if args.output else Path(tmp) / "artifact"
             saved = hfsqueeze.save_compressed(model, out, tokenizer=tokenizer, report=report,
                                               overwrite=args.overwrite)
-            if not (saved / PARITY_FILE).is_file():
-                record_parity(model, saved)
             if args.repo:
                 info = push_to_hub(saved, args.repo, private=args.private, commit_message=args.commit_message)
                 sys.stdout.write(f"pushed {info.commit_url}\n")

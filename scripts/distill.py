@@ -24,7 +24,7 @@ from compress import build_parser, is_main_process, run  # noqa: E402
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
     args = build_parser(__doc__.splitlines()[0]).parse_args(argv)
-    from hfsqueeze.errors import HfSqueezeError
+    from hfsqueeze import HfSqueezeError
 
     try:
         report = run(args, require_method="distill")

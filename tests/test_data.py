@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hfsqueeze import RecipeError
-from hfsqueeze.data import builtin_text, load_texts, token_blocks
+from hfsqueeze.core.data import builtin_text, load_texts, token_blocks
 
 
 def test_builtin_splits_are_disjoint_real_english():

@@ -16,10 +16,11 @@ import pytest
 import torch
 import transformers as tf
 
-from hfsqueeze.api import frozen_copy
-from hfsqueeze.context import CompressionContext
-from hfsqueeze.errors import RecipeError
-from hfsqueeze.methods.distill import DistillConfig, apply_distill, expand_recovery, losses
+from hfsqueeze.core.context import CompressionContext
+from hfsqueeze.core.errors import RecipeError
+from hfsqueeze.core.hf import frozen_copy
+from hfsqueeze.methods.distill import DistillConfig, expand_recovery, losses
+from hfsqueeze.methods.distill.apply import apply_distill
 from hfsqueeze.methods.distill.data import MixedDataset, build_tasks
 from hfsqueeze.methods.distill.trainer import DistillationTrainer, DistillSpec
 from hfsqueeze.recipe import Recipe
@@ -122,11 +123,10 @@ def test_hidden_state_and_attention_losses_by_hand():
 
 
 def test_combine_losses_weights():
-    kd, hard, hidden = torch.tensor(2.0), torch.tensor(4.0), torch.tensor(10.0)
+    kd, hard = torch.tensor(2.0), torch.tensor(4.0)
     assert losses.combine_losses(alpha=0.25, hard=hard, kd=kd).item() == pytest.approx(0.25 * 2 + 0.75 * 4)
-    assert losses.combine_losses(alpha=0.25, hard=hard, kd=kd, hidden=hidden, hidden_weight=0.1).item() == \
-        pytest.approx(3.5 + 1.0)
     assert losses.combine_losses(alpha=0.25, hard=None, kd=kd).item() == pytest.approx(2.0)
+    assert losses.combine_losses(alpha=0.25, hard=hard, kd=None).item() == pytest.approx(4.0)
 
 
 # ---- config -------------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_builtin_heldout_split_is_never_trained_on(tiny_tokenizer):
 
 @pytest.mark.parametrize("suffix", ["txt", "jsonl", "csv", "parquet"])
 def test_local_text_files_hold_out_documents(tmp_path, tiny_tokenizer, suffix):
-    from hfsqueeze.data import builtin_text
+    from hfsqueeze.core.data import builtin_text
 
     docs = [p for p in builtin_text("train").split("\n\n") if len(p) > 200][:40]
     path = tmp_path / f"docs.{suffix}"
@@ -200,7 +200,7 @@ def test_local_text_files_hold_out_documents(tmp_path, tiny_tokenizer, suffix):
 def test_datasets_objects_by_name_and_as_calibration(tiny_tokenizer):
     from datasets import Dataset
 
-    from hfsqueeze.data import builtin_text
+    from hfsqueeze.core.data import builtin_text
 
     paragraphs = [p for p in builtin_text("train").split("\n\n") if len(p) > 100][:30]
     text = Dataset.from_dict({"text": paragraphs})
@@ -402,8 +402,9 @@ def test_qlora_recovery_on_bnb_model_merges_and_reloads(tiny_tokenizer, tmp_path
     model = tiny_llama(2)
     recipe = {"evaluation": SMALL_EVAL, "stages": [
         {"method": "quantize", "bits": bits},
-        {"method": "distill", "block_size": 64, "data": {"text": "builtin", **FAST},
-         "training_args": {"max_steps": 4, "learning_rate": 1e-3}},
+        # merge: true (the default keeps the adapter unmerged on a quantized model: tests/test_recover.py).
+        {"method": "distill", "block_size": 64, "data": {"text": "builtin", **FAST}, "lora": {"merge": True},
+         "guard": False, "training_args": {"max_steps": 4, "learning_rate": 1e-3}},
     ]}
     report = hfsqueeze.compress(model, recipe, tokenizer=tiny_tokenizer)
     d = report.stages[1].details
@@ -497,25 +498,23 @@ def test_expand_recovery_inserts_after_pruning_and_is_idempotent():
 
 
 def test_compress_recover_auto_inserts_recovery_after_pruning(tiny_tokenizer):
-    from hfsqueeze.registry import available_stages
-
-    if "prune" not in available_stages():
-        pytest.skip("the prune stage is not registered in this tree")
     import hfsqueeze
 
-    model = tiny_llama(4)
+    model = tiny_llama(4, initializer_range=0.2)  # peaked outputs: pruning moves them, recovery brings them back
     recipe = {
         "evaluation": SMALL_EVAL,
         "recover": {"block_size": 64, "data": {"text": "builtin", **FAST},
-                    "training_args": {"max_steps": 8, "learning_rate": 2e-3}},
+                    "training_args": {"max_steps": 8, "learning_rate": 1e-3}},
         "stages": [{"method": "prune", "heads": 0.5, "ffn": 0.5, "importance": "magnitude"}],
     }
     report = hfsqueeze.compress(model, recipe, tokenizer=tiny_tokenizer)
     assert [s.method for s in report.stages] == ["prune", "distill"]
     assert "recover" not in report.recipe and report.recipe["stages"][1]["teacher"] == "original"
     d = report.stages[1].details
-    assert d["teacher"] == "original" and d["steps"] == 8
-    assert d["perplexity_after"] < d["perplexity_before"]
+    assert d["teacher"] == "original" and d["steps"] == 8 and report.recipe["stages"][1]["alpha"] == 1.0
+    # Pure distillation: recovery brings the pruned model closer to the original.
+    points = d["quality"]["held-out: causal_lm"]
+    assert points["saved"]["kl_divergence"] < points["before"]["kl_divergence"] and d["kept"] == "recovered"
 
 
 # ---- scripts under a real two-process launcher ----------------------------------------------------------------------

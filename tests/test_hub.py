@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load, load_file, save_file
 
 import hfsqueeze
+from hfsqueeze import cli
 from hfsqueeze import hub as hubmod
-from hfsqueeze.card import CARD_END, CARD_START
-from hfsqueeze.errors import HubError
-from hfsqueeze.save import load_snippet
+from hfsqueeze.artifact.parity import PARITY_FILE, compare_outputs
+from hfsqueeze.artifact.card import CARD_END, CARD_START
+from hfsqueeze.artifact.load import load_snippet
+from hfsqueeze.core.errors import HubError
 
 from conftest import make_tiny
 from hub_server import HubServer
@@ -62,8 +64,7 @@ def _compressed(stages, tok, name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
 
 def _save(model, path, tokenizer=None):
     saved = hfsqueeze.save_compressed(model, path, tokenizer=tokenizer)
-    if not (saved / hubmod.PARITY_FILE).is_file():  # until save_compressed records it itself
-        hubmod.record_parity(model, saved)
+    assert (saved / PARITY_FILE).is_file(), "save_compressed must record the parity outputs"
     return saved
 
 
@@ -90,7 +91,7 @@ def test_push_creates_one_commit_with_everything(hub, pushed):
     for repo_id in pushed:
         files = hub.files(repo_id)
         assert hub.commit_count(repo_id) == 2, repo_id  # the repo's initial commit + ours
-        assert {"README.md", "config.json", "model.safetensors", hubmod.PARITY_FILE} <= set(files), repo_id
+        assert {"README.md", "config.json", "model.safetensors", PARITY_FILE} <= set(files), repo_id
     for repo_id in ("alice/tiny-int8", "alice/tiny-nf4", "alice/tiny-pruned"):
         files = hub.files(repo_id)
         assert {"recipe.yaml", "report.json", "tokenizer.json"} <= set(files), repo_id
@@ -130,7 +131,7 @@ def test_from_pretrained_from_the_hub_gives_the_same_outputs(hub, pushed, tmp_pa
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     for i, repo_id in enumerate(pushed):
-        parity = load(hub.files(repo_id)[hubmod.PARITY_FILE])
+        parity = load(hub.files(repo_id)[PARITY_FILE])
         save_file(parity, str(ref_dir / f"{i}.safetensors"))
     fp32 = pushed["alice/tiny-fp32"][0]
     with torch.no_grad():
@@ -307,44 +308,42 @@ def test_pruned_card_names_the_code_users_will_run(hub, pushed):
 def test_saved_artifact_without_parity_file_is_refused(hub, tmp_path):
     model = make_tiny("llama")
     saved = hfsqueeze.save_compressed(model, tmp_path / "art")
-    (saved / hubmod.PARITY_FILE).unlink(missing_ok=True)
+    (saved / PARITY_FILE).unlink(missing_ok=True)
     with pytest.raises(hfsqueeze.ArtifactError, match="no parity.safetensors"):
         hfsqueeze.push_to_hub(saved, "alice/unchecked", token=TOKEN)
 
 
 def test_compare_outputs_names_what_differed():
     ref = torch.randn(1, 4, 10)
-    assert hubmod.compare_outputs(ref, ref.clone())["max_abs_diff"] == 0
+    assert compare_outputs(ref, ref.clone())["max_abs_diff"] == 0
     with pytest.raises(HubError, match=r"shape \(1, 3, 10\)"):
-        hubmod.compare_outputs(ref, ref[:, :3])
+        compare_outputs(ref, ref[:, :3])
     bad = ref.clone()
     bad[0, 2, 5] += 10
     with pytest.raises(HubError, match="at token 2"):
-        hubmod.compare_outputs(ref, bad)
+        compare_outputs(ref, bad)
 
 
 def test_cli_push(hub, pushed, tmp_path, monkeypatch, capsys):
-    from hfsqueeze.cli import main
-
     int8_dir = pushed["alice/tiny-int8"][0]
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert main(["push", str(int8_dir), "--repo", "cli-int8", "--private", "--commit-message", "from cli",
+    assert cli.main(["push", str(int8_dir), "--repo", "cli-int8", "--private", "--commit-message", "from cli",
                  "--no-parity-check"]) == 0
     assert "/alice/cli-int8/commit/" in capsys.readouterr().out
     assert hub.repos["alice/cli-int8"].private
     assert hub.repos["alice/cli-int8"].head.title == "from cli"
 
     parser = argparse.ArgumentParser()
-    hubmod.add_push_options(parser)
-    assert hubmod.push_from_cli(parser.parse_args([]), model=None) is None
+    cli.add_push_options(parser)
+    assert cli.push_from_cli(parser.parse_args([]), model=None) is None
     args = parser.parse_args(["--push-to-hub", "alice/cli-int8", "--no-parity-check"])
-    hubmod.check_push_args(args)
-    assert hubmod.push_from_cli(args, model=None, artifact=int8_dir).oid == hub.repos["alice/cli-int8"].head.oid
+    cli.check_push_args(args)
+    assert cli.push_from_cli(args, model=None, artifact=int8_dir).oid == hub.repos["alice/cli-int8"].head.oid
     with pytest.raises(HubError, match="not a repository id"):
-        hubmod.check_push_args(parser.parse_args(["--push-to-hub", "a/b/c"]))
+        cli.check_push_args(parser.parse_args(["--push-to-hub", "a/b/c"]))
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(HubError, match="no Hugging Face token"):
-        hubmod.check_push_args(args)
+        cli.check_push_args(args)
 
 
 @pytest.mark.slow
@@ -395,3 +394,36 @@ def test_cli_push_to_hub_checks_token_and_reachability_before_loading(hub, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"hfsqueeze: error: cannot reach the Hub at {closed}")
     assert "alice/checked" not in hub.repos
+
+
+def test_recovered_adapter_artifact_loads_from_the_hub(hub, tiny_tokenizer, tmp_path):
+    """A quantized model whose recovery adapter is kept unmerged: the Hub copy loads base + adapter with a standard
+    call (adapter_config.json points its base at the repository itself)."""
+    pytest.importorskip("peft")
+    model = _compressed([{"method": "quantize", "bits": 4, "quant_type": "nf4"},
+                         {"method": "distill", "block_size": 64, "guard": False,
+                          "data": {"text": "builtin", "max_tokens": 4000, "eval_tokens": 256},
+                          "training_args": {"max_steps": 2, "learning_rate": 5e-3}}], tiny_tokenizer)
+    assert model.hfsqueeze_report.stages[1].details["route"] == "adapter"
+    hfsqueeze.push_to_hub(model, "alice/tiny-nf4-recovered", tokenizer=tiny_tokenizer, token=TOKEN)
+    files = hub.files("alice/tiny-nf4-recovered")
+    assert {"adapter_model.safetensors", "model.safetensors", "config.json"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "alice/tiny-nf4-recovered"
+    save_file(load(files[PARITY_FILE]), str(tmp_path / "ref.safetensors"))
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        ref = load_file({str(tmp_path / "ref.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained("alice/tiny-nf4-recovered", device_map="cpu").eval()
+        assert any("lora_A" in n for n, _ in model.named_parameters())
+        with torch.no_grad():
+            got = model(input_ids=ref["input_ids"]).logits
+        print("diff", (got - ref["outputs"]).abs().max().item() / ref["outputs"].abs().max().item())
+    """))
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "home"),
+           "HF_TOKEN": TOKEN}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("diff")[-1]) <= 1e-2

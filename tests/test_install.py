@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 from conftest import SMALL_EVAL, make_tiny
 
-from hfsqueeze import fetch, models
+from hfsqueeze.core import fetch, models
 from hfsqueeze.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,14 +45,6 @@ def _env(**extra: str) -> dict[str, str]:
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("HFSQUEEZE_CACHE", str(path))
-    return path
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_tiny("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
     return path
 
 
@@ -240,7 +232,7 @@ def test_cli_stderr_has_no_bitsandbytes_noise(model_dir, tmp_path):
 
 
 def test_other_bitsandbytes_warnings_still_show(caplog):
-    from hfsqueeze.utils import silence_bnb_noise
+    from hfsqueeze.core.utils import silence_bnb_noise
 
     silence_bnb_noise()
     ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -254,7 +246,7 @@ def test_other_bitsandbytes_warnings_still_show(caplog):
 
 # ---- progress and -v on long steps ---------------------------------------------------------------------------------
 def test_importance_scoring_and_latency_report_progress(monkeypatch, capsys):
-    from hfsqueeze.measure import latency
+    from hfsqueeze.evaluation.measure import latency
     from hfsqueeze.methods.prune.importance import gradient_scores, head_units, kl_scores
     from hfsqueeze.methods.prune.surgery import attention_shape, layer_list
 

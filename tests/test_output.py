@@ -18,14 +18,6 @@ import hfsqueeze  # noqa: F401  (gives models .compress)
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_tiny("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("HFSQUEEZE_DISABLE_PROGRESS", None)  # progress on: bars and Trainer's log lines must not reach stdout
@@ -62,7 +54,7 @@ def test_compress_json_with_distill_prints_exactly_one_json_document(model_dir, 
 
 # ---- the footer and the card say only what was measured ----------------------------------------------------------
 def _card_text(model, report) -> str:
-    from hfsqueeze.card import render_model_card
+    from hfsqueeze.artifact.card import render_model_card
 
     return str(render_model_card(model.config, report, load_code="model = ..."))
 
@@ -106,7 +98,7 @@ class _SteadyClock:
 
 @pytest.fixture
 def quiet_machine(monkeypatch):
-    from hfsqueeze import measure
+    from hfsqueeze.evaluation import measure
 
     monkeypatch.setattr(measure, "time", _SteadyClock())
     monkeypatch.setattr(measure.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
@@ -136,7 +128,7 @@ def test_steady_runs_on_a_quiet_machine_are_not_flagged(quiet_machine, tiny_toke
 def test_load_average_above_thread_count_flags_latency(quiet_machine, monkeypatch, tiny_tokenizer):
     import torch
 
-    from hfsqueeze import measure
+    from hfsqueeze.evaluation import measure
 
     monkeypatch.setattr(measure.os, "getloadavg", lambda: (torch.get_num_threads() + 3.5, 0.0, 0.0))
     model, report = _compress_timed(tiny_tokenizer)
@@ -152,7 +144,7 @@ def test_load_average_above_thread_count_flags_latency(quiet_machine, monkeypatc
 def test_noisy_runs_flag_latency(monkeypatch):
     import time
 
-    from hfsqueeze import measure
+    from hfsqueeze.evaluation import measure
 
     monkeypatch.setattr(measure.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     model = make_tiny("llama")
@@ -184,7 +176,7 @@ def torch_prompt():
 
 
 def test_interleaved_latency_alternates_models(monkeypatch):
-    from hfsqueeze import measure
+    from hfsqueeze.evaluation import measure
 
     monkeypatch.setattr(measure.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     a, b = make_tiny("llama"), make_tiny("llama")
@@ -217,6 +209,6 @@ def test_compress_interleaves_when_the_original_is_in_memory(quiet_machine, monk
     assert report.latency_interleaved and report.to_dict()["latency"]["interleaved"] is True
     assert len(report.baseline.latency_spread["decode_ms_per_token"]["runs"]) == 2
     assert "alternating runs" in report.to_markdown()
-    from hfsqueeze.report import CompressionReport
+    from hfsqueeze.evaluation.report import CompressionReport
 
     assert CompressionReport.from_dict(report.to_dict()).latency_interleaved  # survives report.json

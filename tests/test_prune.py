@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from hfsqueeze.context import CompressionContext
-from hfsqueeze.errors import RecipeError, UnsupportedModelError
+from hfsqueeze.core.context import CompressionContext
+from hfsqueeze.core.errors import RecipeError, UnsupportedModelError
 from hfsqueeze.methods.prune import PruneConfig, PruneWarning, apply_prune, drop_layers, prune_ffn, prune_heads
 from hfsqueeze.methods.prune.importance import Gates, head_units
 from hfsqueeze.methods.prune.surgery import (
@@ -371,7 +371,7 @@ def test_bad_layer_requests(tiny_tokenizer):
 
 def test_quantized_model_is_refused():
     pytest.importorskip("bitsandbytes")
-    from hfsqueeze.context import CompressionContext as Ctx
+    from hfsqueeze.core.context import CompressionContext as Ctx
     from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize
 
     model = make_tiny("llama")
@@ -435,8 +435,7 @@ def test_save_reload_in_fresh_process(tmp_path, tiny_tokenizer):
         if name in ("llama_global", "bert"):
             again = load_compressed(out)
             torch.testing.assert_close(run(again), expected[name], atol=ATOL, rtol=0)
-            card = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
-            assert not card or "trust_remote_code=True" in card
+            assert "trust_remote_code=True" in (out / "README.md").read_text()
     proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -452,7 +451,7 @@ def test_save_reload_in_fresh_process(tmp_path, tiny_tokenizer):
 def test_smollm2_prune_heads_and_ffn_save_reload(smollm2_dir, tmp_path):
     """Real SmolLM2-135M (9 query heads, 3 key/value heads per layer): prune, check quality, save, reload."""
     from hfsqueeze import load_compressed, save_compressed
-    from hfsqueeze.data import builtin_text, token_blocks
+    from hfsqueeze.core.data import builtin_text, token_blocks
     from hfsqueeze.models import load_model
 
     model, tok = load_model(smollm2_dir)

@@ -101,11 +101,9 @@ def test_recover_override_at_top_level():
 
 
 def test_recover_on_a_prune_stage_inserts_recovery_after_it():
-    from hfsqueeze.api import _expand
-
     recipe = Recipe.load({"stages": [{"method": "prune", "heads": 0.25, "recover": "auto"},
                                      {"method": "quantize", "bits": 8}]})
-    expanded = _expand(recipe)
+    expanded = recipe.expanded()
     assert [s.method for s in expanded.stages] == ["prune", "distill", "quantize"]
     assert expanded.stages[1].teacher == "original" and expanded.stages[0].recover is None
-    assert [s.method for s in _expand(expanded).stages] == ["prune", "distill", "quantize"]  # idempotent
+    assert [s.method for s in expanded.expanded().stages] == ["prune", "distill", "quantize"]  # idempotent

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import hfsqueeze
 from hfsqueeze.cli import main
-from hfsqueeze.errors import ArtifactError
+from hfsqueeze.artifact.save import is_artifact_dir
+from hfsqueeze.core.errors import ArtifactError
 
 from conftest import SMALL_EVAL, make_tiny, outputs
 
@@ -72,7 +73,7 @@ def test_overwrite_replaces_an_empty_dir_or_a_previous_artifact(tmp_path):
     (tmp_path / "empty").mkdir()
     hfsqueeze.save_compressed(model, tmp_path / "empty", overwrite=True)
     hfsqueeze.save_compressed(model, tmp_path / "empty", overwrite=True)
-    assert hfsqueeze.save.is_artifact_dir(tmp_path / "empty")
+    assert is_artifact_dir(tmp_path / "empty")
 
 
 def test_artifact_files_get_the_default_permissions(tmp_path):

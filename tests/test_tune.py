@@ -19,7 +19,7 @@ from conftest import outputs, reload_outputs_in_fresh_process
 import hfsqueeze
 from hfsqueeze import RecipeError
 from hfsqueeze.cli import main as cli_main
-from hfsqueeze.measure import disk_bytes
+from hfsqueeze.evaluation.measure import disk_bytes
 from hfsqueeze.models import load_model
 from hfsqueeze.tune import Budget, InfeasibleBudgetError, load_space
 from hfsqueeze.tune import study as study_mod
@@ -113,7 +113,8 @@ def test_builtin_spaces():
     assert set(load_space("all").sections) == {"quantize", "prune", "recover"}
     flat = load_space("all").flat()
     assert flat["quantize.threshold"].when == {"quantize.bits": (8,)}
-    assert flat["recover.max_steps"].when == {"recover.enabled": (True,), "prune.enabled": (True,)}
+    assert flat["recover.training_args.max_steps"].when == {"recover.enabled": (True,), "prune.enabled": (True,)}
+    assert flat["prune.heads"].when == {"prune.enabled": (True,)}  # the prune stage's own space, behind a switch
 
 
 @pytest.mark.parametrize("body, message", [
@@ -145,7 +146,7 @@ def test_space_yaml_choices_ranges_and_fixed_values(tmp_path):
     flat = space.flat()
     assert flat["quantize.bits"].choices == (8, 4)
     assert flat["quantize.threshold"].low == 1.0 and flat["quantize.threshold"].when == {"quantize.bits": (8,)}
-    assert flat["quantize.rest_dtype"].fixed
+    assert flat["quantize.rest_dtype"].choices == ("bf16",)  # a plain value: fixed, never drawn
     assert type(space).from_dict(space.to_dict()).to_dict() == space.to_dict()
 
 
@@ -153,11 +154,11 @@ def test_point_to_explicit_recipe():
     plan = plan_of({"quantize.bits": 4, "quantize.quant_type": "nf4", "quantize.double_quant": True,
                     "quantize.compute_dtype": "bfloat16", "quantize.rest_dtype": "bf16", "quantize.keep": 0.5,
                     "prune.enabled": True, "prune.heads": 0.25, "prune.ffn": 0.0, "prune.importance": "magnitude",
-                    "recover.enabled": True, "recover.max_steps": 5})
+                    "recover.enabled": True, "recover.training_args.max_steps": 5, "recover.alpha": 1.0})
     stages = plan.stages(["lm_head", "model.layers.0.mlp.down_proj"])
     assert stages == [
         {"method": "prune", "heads": 0.25, "ffn": 0.0, "importance": "magnitude",
-         "recover": {"training_args": {"max_steps": 5}}},
+         "recover": {"training_args": {"max_steps": 5}, "alpha": 1.0}},
         {"method": "quantize", "bits": 16, "dtype": "bf16"},
         {"method": "quantize", "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
          "skip_modules": ["lm_head", "model.layers.0.mlp.down_proj"]},
@@ -229,7 +230,7 @@ def test_solver_fills_the_size_budget_by_kl_saved_per_byte():
 
 # ---- sensitivity --------------------------------------------------------------------------------------------
 def test_sensitivity_replay_is_exact_and_cached(tiny_tokenizer, tmp_path, monkeypatch):
-    from hfsqueeze.data import load_texts, token_blocks
+    from hfsqueeze.core.data import load_texts, token_blocks
     from hfsqueeze.tune import sensitivity as sens_mod
 
     model = tiny_llama(layers=3)
@@ -289,25 +290,31 @@ def test_tune_end_to_end_output_and_reproduction(tiny_tokenizer, tmp_path):
 def test_tuning_never_reads_eval_tokens(tiny_tokenizer, tmp_path, monkeypatch):
     """The search (pruning, recovery training and quantization trials included) only reads the calibration split;
     the held-out split is read once the search is over, to re-measure the chosen point."""
-    from hfsqueeze import data
-
     calls, searching = [], [True]
-    real_text, real_finish = data.builtin_text, tuner_mod._finish
+    real_finish = tuner_mod._finish
 
-    def recording_text(split="eval"):
-        calls.append((split, searching[0]))
-        return real_text(split)
+    def recording(name, real):
+        def text(split="eval", *args, **kwargs):
+            calls.append(("eval" if name == "bible_text" else split, searching[0]))
+            return real(split, *args, **kwargs) if name == "builtin_text" else real(*args, **kwargs)
+
+        return text
 
     def finish(*args, **kwargs):
         searching[0] = False
         return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(data, "builtin_text", recording_text)
+    # Every module's binding of the built-in texts (the held-out pydoc split, and the Bible text used only for
+    # evaluation), wherever it was imported.
+    for module in [m for name, m in sys.modules.items() if name.startswith("hfsqueeze") and m is not None]:
+        for name in ("builtin_text", "bible_text"):
+            if callable(getattr(module, name, None)):
+                monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
     monkeypatch.setattr(tuner_mod, "_finish", finish)
     space = {"quantize": {"bits": 8, "threshold": [6.0, 2.0], "rest_dtype": "fp32", "keep": 0.0},
              "prune": {"enabled": True, "heads": 0.25, "importance": "gradient", "calibration_tokens": 128,
                        "seq_len": 64},
-             "recover": {"enabled": True, "max_steps": 1}}
+             "recover": {"enabled": True, "training_args.max_steps": 1}}
     result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.9", trials=2)
     assert any(r["state"] == "COMPLETE" for r in result.trials)
     assert any(s["method"] == "distill" for s in result.recipe["stages"])  # recovery really ran
@@ -354,7 +361,8 @@ def test_points_predicted_over_the_size_budget_are_skipped_not_built(tiny_tokeni
     """16-bit is 0.5x of fp32: under size=0.3 the exact size model rules it out before anything is built."""
     monkeypatch.setattr(study_mod, "run_point", lambda *a: pytest.fail("a point over the size budget was built"))
     space = {"quantize": {"bits": [16], "dtype": ["bf16", "fp16"]}}
-    with pytest.raises(InfeasibleBudgetError, match=r"after 0 trials \(no trial finished\)"):
+    with pytest.raises(InfeasibleBudgetError, match=r"after 0 trials \(no trial finished; \d+ points were predicted "
+                                                    r"over the size limit, the smallest at 0.50\dx\)"):
         run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.3", trials=2)
     records = [json.loads(line) for line in (tmp_path / "t/tuning/trials.jsonl").read_text().splitlines()]
     assert records and all(r["skipped"].startswith("predicted size") and not r["feasible"] for r in records)
@@ -364,7 +372,7 @@ def test_points_predicted_over_the_size_budget_are_skipped_not_built(tiny_tokeni
 def test_baselines_just_over_the_budget_are_not_queued(tiny_tokenizer, tmp_path):
     """A budget 0.1% under int8 with a bf16 rest: no int8 point with that rest can fit (the size model is exact), so
     none is queued; before the fix a 2% margin let them in, and a one-trial run on SmolLM2 ended infeasible."""
-    from hfsqueeze.data import load_texts, token_blocks
+    from hfsqueeze.core.data import load_texts, token_blocks
     from hfsqueeze.tune.study import plan_baselines
     from hfsqueeze.tune.trial import TrialContext, TuneSettings
 

@@ -1,5 +1,5 @@
-"""Built-in stages. Importing this package registers each method folder's stage (see `hfsqueeze.registry`)."""
+"""One folder per compression method; each defines a `Stage` (see `hfsqueeze.core.stage`).
 
-from . import quantize  # noqa: F401
-from . import distill  # noqa: F401
-from . import prune  # noqa: F401
+Method folders import only `hfsqueeze.core` and `hfsqueeze.compat`; `hfsqueeze.registry` is the one module that
+imports them.
+"""

@@ -24,7 +24,7 @@ import math
 import re
 from typing import Any
 
-from ..errors import HfSqueezeError, RecipeError
+from ..core.errors import HfSqueezeError, RecipeError
 
 OBJECTIVES = ("kl", "size", "prefill", "decode")
 SIZE_KEYS = ("size", "size_bytes", "bits")

@@ -26,7 +26,7 @@ import copy
 import dataclasses
 import os
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,108 +34,72 @@ import torch
 import yaml
 from torch import nn
 
-from ..api import frozen_copy
-from ..config import _coerce
-from ..context import CompressionContext
-from ..errors import RecipeError
-from ..methods.distill.recover import expand_recovery
-from ..methods.prune import PruneConfig, apply_prune
-from ..methods.quantize import QuantizeConfig
-from ..methods.quantize.apply import _bnb, _new_module, bnb_config
+from ..core.config import _coerce
+from ..core.context import CompressionContext
+from ..core.errors import RecipeError
+from ..core.hf import frozen_copy
+from ..core.search import OPTIONAL, Param
 from ..recipe import Recipe
 from ..registry import get_stage
 
 SECTIONS = ("quantize", "prune", "recover")
+STAGE_OF = {"quantize": "quantize", "prune": "prune", "recover": "distill"}  # the stage that declares each section
 BUILTIN_SPACES = {"quantize": ("quantize",), "prune": ("prune", "recover"), "all": ("quantize", "prune", "recover")}
-ENABLED = "enabled"  # a boolean knob: the stage is in the recipe (same key as hfsqueeze.core.search.OPTIONAL)
+ENABLED = OPTIONAL  # a boolean knob: the stage is in the recipe
 REST_DTYPES = ("fp32", "bf16", "fp16")
 _REST_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Tuning's own quantize knobs: the dtype of what bitsandbytes leaves unquantized, and the solver's share (solve.py).
+_TUNER_KNOBS = {
+    "rest_dtype": Param.choice("fp32", "bf16", "fp16", when={"bits": (8, 4)}),
+    "keep": Param.range(0.0, 1.0, step=0.05, when={"bits": (8, 4)}),
+}
 # Keys a tuner never draws: the solver picks skip_modules; the rest are settings, not compression choices.
 _NOT_SEARCHED = {"quantize": {"skip_modules"}, "prune": {"recover", "calibration"}}
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """One dimension: ``choices``, or numbers from ``low`` to ``high`` (on a ``step`` grid, or ``log``); drawn only
-    when the keys in ``when`` took one of the listed values. Same shape as `hfsqueeze.core.search.Param`."""
-
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    integer: bool = False
-    when: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def choice(cls, *choices: Any, when: Mapping[str, tuple[Any, ...]] | None = None) -> Param:
-        return cls(choices=tuple(choices), when=dict(when or {}))
-
-    @classmethod
-    def range(cls, low: float, high: float, *, step: float | None = None, log: bool = False, integer: bool = False,
-              when: Mapping[str, tuple[Any, ...]] | None = None) -> Param:
-        return cls(low=low, high=high, step=step, log=log, integer=integer, when=dict(when or {}))
-
-    @property
-    def fixed(self) -> bool:
-        return self.choices is not None and len(self.choices) == 1
-
-    def contains(self, value: Any) -> bool:
-        if self.choices is not None:
-            return any(value == c and type(value) is type(c) for c in self.choices)
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"choices": list(self.choices)} if self.choices is not None else {
-            "low": self.low, "high": self.high, **({"step": self.step} if self.step else {}),
-            **({"log": True} if self.log else {}), **({"integer": True} if self.integer else {})}
-        if self.when:
-            out["when"] = {k: list(v) for k, v in self.when.items()}
-        return out
-
-
-def _fallback_space(section: str) -> dict[str, Param]:
-    """Declarations for stages that do not declare ``search_space()`` themselves (keys are within the section)."""
-    if section == "quantize":
-        q48 = {"bits": (8, 4)}
-        return {
-            "bits": Param.choice(8, 4, 16),
-            "dtype": Param.choice("bf16", "fp16", when={"bits": (16,)}),
-            # Measured on SmolLM2 (NOTES): lower thresholds trade prefill/decode speed for quality.
-            "threshold": Param.range(0.0, 8.0, step=0.5, when={"bits": (8,)}),
-            "quant_type": Param.choice("nf4", "fp4", when={"bits": (4,)}),
-            "double_quant": Param.choice(False, True, when={"bits": (4,)}),
-            "compute_dtype": Param.choice("float32", "bfloat16", "float16", when={"bits": (4,)}),
-            "rest_dtype": Param.choice("fp32", "bf16", "fp16", when=q48),
-            "keep": Param.range(0.0, 1.0, step=0.05, when=q48),
-        }
-    if section == "prune":
-        on = {ENABLED: (True,)}
-        return {
-            ENABLED: Param.choice(False, True),
-            "heads": Param.range(0.0, 0.5, step=0.0625, when=on),
-            "ffn": Param.range(0.0, 0.5, step=0.05, when=on),
-            "importance": Param.choice("magnitude", "activation", "gradient", when=on),
-        }
-    if section == "recover":
-        on = {ENABLED: (True,)}
-        return {ENABLED: Param.choice(False, True), "max_steps": Param.choice(10, 25, 50, when=on)}
-    raise RecipeError(f"space: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+# The prune stage keeps its first step's importance scores in this `CompressionContext.extras` dict when a caller
+# passes one (the prune stage's SCORES_CACHE): every trial prunes a copy of the same original.
+PRUNE_SCORES_CACHE = "prune_scores_cache"
 
 
 def stage_space(section: str) -> dict[str, Param]:
-    """The section's declared space: the stage's own ``search_space()`` when it has one, else the fallback.
-
-    Tuning's own quantize knobs (``rest_dtype``, ``keep``) are added to whatever the stage declares.
-    """
-    space = _fallback_space(section)
-    stage_name = {"recover": None}.get(section, section)
-    declared = getattr(get_stage(stage_name), "search_space", None) if stage_name else None
-    if callable(declared):
-        own = {k: v for k, v in declared().items() if k not in _NOT_SEARCHED.get(section, set())}
-        extra = {k: v for k, v in space.items() if k in ("rest_dtype", "keep")} if section == "quantize" else {}
-        space = {**own, **extra}
+    """The section's space as its stage declares it (`Stage.search_space`), plus tuning's own quantize knobs;
+    ``prune`` and ``recover`` get an on/off knob (``enabled``) that the other keys depend on."""
+    if section not in SECTIONS:
+        raise RecipeError(f"space: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+    declared = {k: v for k, v in get_stage(STAGE_OF[section]).search_space().items()
+                if k not in _NOT_SEARCHED.get(section, set())}
+    if section == "quantize":
+        return {**declared, **_TUNER_KNOBS}
+    space = {ENABLED: declared.pop(ENABLED, Param.choice(False, True))}
+    for key, param in declared.items():
+        space[key] = dataclasses.replace(param, when={ENABLED: (True,), **param.when})
     return space
+
+
+def _fixed(param: Param) -> bool:
+    return param.choices is not None and len(param.choices) == 1
+
+
+def _contains(param: Param, value: Any) -> bool:
+    if param.choices is not None:
+        return any(value == c and type(value) is type(c) for c in param.choices)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high
+
+
+def param_dict(param: Param) -> dict[str, Any]:
+    out: dict[str, Any] = {"choices": list(param.choices)} if param.choices is not None else {
+        "low": param.low, "high": param.high, **({"step": param.step} if param.step else {}),
+        **({"log": True} if param.log else {}), **({"integer": True} if param.integer else {})}
+    if param.when:
+        out["when"] = {k: list(v) for k, v in param.when.items()}
+    return out
+
+
+def param_from_dict(data: dict[str, Any]) -> Param:
+    when = {k: tuple(v) for k, v in data.get("when", {}).items()}
+    if "choices" in data:
+        return Param.choice(*data["choices"], when=when)
+    return Param.range(data["low"], data["high"], step=data.get("step"), log=data.get("log", False),
+                       integer=data.get("integer", False), when=when)
 
 
 # ---- the space: built-in names and YAML files ----------------------------------------------------------------
@@ -160,21 +124,12 @@ class Space:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Space:
         """Inverse of `to_dict` (a space written by this version, e.g. in ``tuning/run.json``)."""
-        sections = {}
-        for section, params in data["sections"].items():
-            sections[section] = {}
-            for key, p in params.items():
-                when = {k: tuple(v) for k, v in p.get("when", {}).items()}
-                if "choices" in p:
-                    sections[section][key] = Param.choice(*p["choices"], when=when)
-                else:
-                    sections[section][key] = Param.range(p["low"], p["high"], step=p.get("step"),
-                                                         log=p.get("log", False), integer=p.get("integer", False),
-                                                         when=when)
+        sections = {section: {key: param_from_dict(p) for key, p in params.items()}
+                    for section, params in data["sections"].items()}
         return cls(sections, name=data.get("name", "custom"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sections": {s: {k: p.to_dict() for k, p in ps.items()}
+        return {"name": self.name, "sections": {s: {k: param_dict(p) for k, p in ps.items()}
                                                 for s, ps in self.sections.items()}}
 
 
@@ -215,25 +170,31 @@ def _space_from_dict(data: Any, where: str) -> Space:
 
 
 def _field_types(section: str) -> dict[str, Any]:
-    """The type of every key a space section may set."""
+    """The type of every key a space section may set: the stage config's fields (``recover``: the keys the distill
+    stage declares, some nested like ``training_args.max_steps``), plus tuning's own knobs."""
+    if section == "recover":
+        return {key: _declared_type(param) for key, param in stage_space(section).items()}
+    config_cls = get_stage(STAGE_OF[section]).config_cls
+    hints = typing.get_type_hints(config_cls)
+    types = {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
     if section == "quantize":
-        hints = typing.get_type_hints(QuantizeConfig)
-        types = {f.name: hints[f.name] for f in dataclasses.fields(QuantizeConfig)}
         types.update({"rest_dtype": typing.Literal["fp32", "bf16", "fp16"], "keep": float})
-    elif section == "prune":
-        hints = typing.get_type_hints(PruneConfig)
-        types = {f.name: hints[f.name] for f in dataclasses.fields(PruneConfig)}
-        types[ENABLED] = bool
     else:
-        types = {ENABLED: bool, "max_steps": int}
+        types[ENABLED] = bool
     for key in _NOT_SEARCHED.get(section, set()):
         types.pop(key, None)
     return types
 
 
+def _declared_type(param: Param) -> Any:
+    if param.choices is not None:
+        return type(param.choices[0])
+    return int if param.integer else float
+
+
 def _section_params(section: str, body: dict[str, Any], where: str) -> dict[str, Param]:
     types = _field_types(section)
-    declared = _fallback_space(section)
+    declared = stage_space(section)
     params: dict[str, Param] = {}
     for key, value in body.items():
         if key not in types:
@@ -250,7 +211,7 @@ def _section_params(section: str, body: dict[str, Any], where: str) -> dict[str,
             params[key] = Param.choice(_coerce(value, tp, at), when=when)
     keep = params.get("keep") if section == "quantize" else None
     if keep is not None and any(v < 0 or v > 1 for v in (keep.choices or (keep.low, keep.high))):
-        raise RecipeError(f"{where}: key 'keep': a fraction range must lie within 0..1")
+        raise RecipeError(f"{where}: key 'keep': a fraction of the solver's capacity, within 0..1")
     return params
 
 
@@ -278,7 +239,8 @@ def _range_param(value: dict[str, Any], tp: Any, at: str, when: Mapping[str, tup
 
 # ---- points and recipes --------------------------------------------------------------------------------------
 def applies(param: Param, point: Mapping[str, Any]) -> bool:
-    return all(point.get(key) in values for key, values in param.when.items())
+    """Whether ``param`` is drawn given the ``section.key`` values drawn before it (`Space.flat` qualifies ``when``)."""
+    return param.applies(point)
 
 
 def suggest(trial: Any, space: Space) -> dict[str, Any]:
@@ -288,7 +250,7 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
     for name, param in space.flat().items():
         if not applies(param, point):
             continue
-        if param.fixed:
+        if _fixed(param):
             point[name] = param.choices[0]
         elif param.choices is not None:
             point[name] = trial.suggest_categorical(name, list(param.choices))
@@ -308,9 +270,9 @@ def enqueue_params(space: Space, point: dict[str, Any]) -> dict[str, Any] | None
             continue
         if name not in point:
             return None
-        if not param.contains(point[name]):
+        if not _contains(param, point[name]):
             return None
-        if not param.fixed:
+        if not _fixed(param):
             params[name] = point[name]
     extra = set(point) - set(space.flat())
     return None if extra else params
@@ -358,44 +320,44 @@ def plan_of(point: Mapping[str, Any]) -> Plan:
     if prune.pop(ENABLED, True) and any(amounts):  # nothing to remove: the stage is left out
         recover = sections.get("recover", {})
         if recover.pop(ENABLED, False):
-            steps = recover.pop("max_steps", None)
-            prune["recover"] = {"training_args": {"max_steps": steps}} if steps else "auto"
+            prune["recover"] = _nested(recover) or "auto"
         pre.append({"method": "prune", **prune})
     quant = dict(sections.get("quantize", {}))
     if not quant:
         return Plan(pre, None)
     rest = quant.pop("rest_dtype", "fp32")
     keep = float(quant.pop("keep", 1.0))
-    bits = quant.get("bits", QuantizeConfig.bits)
-    if bits == 16:
+    config_cls = get_stage("quantize").config_cls
+    if quant.get("bits", config_cls.bits) == 16:
         quant = {"bits": 16, "dtype": quant.get("dtype", "bf16")}
-    fmt = QuantizeConfig.from_dict(quant, where="space point (quantize)").to_dict()
+    fmt = config_cls.from_dict(quant, where="space point (quantize)").to_dict()
     return Plan(pre, {k: v for k, v in fmt.items() if k not in ("method", "skip_modules")}, rest, keep)
 
 
-def _strip_method(stage: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in stage.items() if k != "method"}
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"training_args.max_steps": 50, "alpha": 1.0}`` -> ``{"training_args": {"max_steps": 50}, "alpha": 1.0}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
 
 
 # ---- running stages ------------------------------------------------------------------------------------------
-def run_stages(model: nn.Module, stages: list[dict[str, Any]], ctx: CompressionContext,
-               prune_scores: Callable[[nn.Module, Any, CompressionContext], Any] | None = None
-               ) -> list[dict[str, Any]]:
-    """Apply ``stages`` to ``model`` in place, as `hfsqueeze.compress` does (recovery expanded, teachers
-    snapshotted), without measuring; ``prune_scores(model, config, ctx)`` may hand the prune stage cached importance
-    scores. Returns each stage's details."""
+def run_stages(model: nn.Module, stages: list[dict[str, Any]], ctx: CompressionContext) -> list[dict[str, Any]]:
+    """Apply ``stages`` to ``model`` in place, as `hfsqueeze.compress` does (the recipe expanded, so ``recover:``
+    becomes distill stages; teachers snapshotted), without measuring. Returns each stage's details."""
     if not stages:
         return []
-    recipe = expand_recovery(Recipe.load({"stages": stages}))
     details = []
     offset = len(ctx.results)
-    for index, stage in enumerate(recipe.stages, start=offset + 1):
+    for index, stage in enumerate(Recipe.load({"stages": stages}).expanded().stages, start=offset + 1):
         ctx.stage_index = index
         ctx.previous = frozen_copy(model) if stage.snapshot_needed() == "previous" else None
-        if stage.method == "prune" and prune_scores is not None:
-            out = apply_prune(model, stage, ctx, scores=prune_scores(model, stage, ctx))
-        else:
-            out = get_stage(stage.method).apply(model, stage, ctx)
+        out = get_stage(stage.method).apply(model, stage, ctx)
         model.eval()
         details.append({"method": stage.method, **(out or {})})
         ctx.results.append(details[-1])
@@ -403,48 +365,29 @@ def run_stages(model: nn.Module, stages: list[dict[str, Any]], ctx: CompressionC
     return details
 
 
-def prune_importance(model: nn.Module, config: Any, ctx: CompressionContext) -> Any:
-    """The prune stage's importance scores of ``model`` for ``config`` (what its first step would compute)."""
-    from ..methods.prune.apply import check_prunable, compute_scores
-
-    family = check_prunable(model)
-    scores, _ = compute_scores(family, model, config, ctx, layers=bool(config.layers))
-    return scores
+# ---- talking to the quantize stage (its per-module hooks) ----------------------------------------------------
+def _quantize_config(fmt: dict[str, Any]) -> Any:
+    stage = get_stage("quantize")
+    return stage.config_cls.from_dict({k: v for k, v in fmt.items() if k != "method"})
 
 
-def importance_key(config: Any) -> str:
-    """What the prune stage's scores depend on besides the model and calibration text."""
-    keys = ("importance", "gqa_mode", "calibration_tokens", "kl_tokens", "seq_len", "calibration")
-    return "-".join(str(getattr(config, k)) for k in keys) + f"-layers{bool(config.layers)}"
-
-
-# ---- talking to the quantize stage ---------------------------------------------------------------------------
 def quantize_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules the quantize stage converts with its default skip list (``lm_head`` stays)."""
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers import AutoHfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    qc = bnb_config(QuantizeConfig(bits=8))
-    quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
-    skip = quantizer.get_modules_to_not_convert(model, qc.llm_int8_skip_modules, model._keep_in_fp32_modules)
-    return [(name, module) for name, module in model.named_modules()
-            if (isinstance(module, Conv1D) or type(module) is nn.Linear) and should_convert_module(name, skip)]
+    return get_stage("quantize").targets(model, _quantize_config({"bits": 8}))
 
 
 def default_skip_modules() -> list[str]:
-    return list(QuantizeConfig(bits=8).skip_modules)
+    return list(_quantize_config({"bits": 8}).skip_modules)
 
 
 def quantized_module(module: nn.Module, fmt: dict[str, Any]) -> nn.Module:
     """The bitsandbytes module the quantize stage would put in place of ``module`` for format ``fmt``."""
-    config = QuantizeConfig.from_dict(_strip_method(fmt))
-    return _new_module(_bnb(), module, bnb_config(config), config)
+    return get_stage("quantize").quantized_module(module, _quantize_config(fmt))
 
 
 def rest_torch_dtype(rest: str) -> torch.dtype:
     return _REST_TORCH[rest]
 
 
-__all__ = ["BUILTIN_SPACES", "Param", "Plan", "Space", "applies", "enqueue_params", "load_space", "plan_of",
-           "quantize_targets", "quantized_module", "stage_space", "suggest"]
+__all__ = ["BUILTIN_SPACES", "PRUNE_SCORES_CACHE", "Plan", "Space", "applies", "enqueue_params", "load_space",
+           "plan_of", "quantize_targets", "quantized_module", "run_stages", "stage_space", "suggest"]

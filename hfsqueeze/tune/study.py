@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendMissingError
+from ..core.errors import BackendMissingError
 from .budget import Budget
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve

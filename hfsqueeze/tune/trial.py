@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import frozen_copy
-from ..context import CompressionContext
-from ..errors import RecipeError
-from ..measure import count_parameters, disk_bytes, interleaved_latency
+from ..core.context import CompressionContext
+from ..core.errors import RecipeError
+from ..core.hf import count_parameters, frozen_copy
+from ..evaluation.measure import disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
 from .solve import SizeModel, Solution, estimate_bytes, solve
-from .space import Plan, Space, importance_key, plan_of, prune_importance, run_stages
+from .space import PRUNE_SCORES_CACHE, Plan, Space, plan_of, run_stages
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ class TrialContext:
     reference: list[torch.Tensor] = dataclasses.field(default_factory=list)
     original_nll: float = 0.0
     sizes: SizeModel = dataclasses.field(default_factory=SizeModel)
-    importance_cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    importance_cache: dict[Any, Any] = dataclasses.field(default_factory=dict)  # the prune stage's scores
     workdir: Path | None = None
     _teacher: nn.Module | None = None
 
@@ -100,13 +100,6 @@ class TrialContext:
             with torch.no_grad():
                 self.reference = [_logprobs(self.original, block) for block in self.blocks]
             self.original_nll = _nll(self.reference, self.blocks)
-
-    def prune_scores(self, model: nn.Module, config: Any, ctx: CompressionContext) -> Any:
-        """The prune stage's importance scores of the original, computed once per process and kept."""
-        key = importance_key(config)
-        if key not in self.importance_cache:
-            self.importance_cache[key] = prune_importance(model, config, ctx)
-        return self.importance_cache[key]
 
 
 def _logprobs(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
@@ -197,10 +190,12 @@ def predict(tctx: TrialContext, point: dict[str, Any]) -> tuple[int, list[dict[s
 def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any]], Solution | None]:
     """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
     model = copy.deepcopy(tctx.original)
-    ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration)
+    # The prune stage scores the original once (the cache lives as long as this process's context).
+    ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration,
+                             extras={PRUNE_SCORES_CACHE: tctx.importance_cache})
     if any(s.get("recover") for s in plan.pre_stages):  # recovery distills from the original
         ctx.original = tctx.teacher
-    details = run_stages(model, plan.pre_stages, ctx, prune_scores=tctx.prune_scores)
+    details = run_stages(model, plan.pre_stages, ctx)
     solution = _solve(tctx, model, plan, details)
     stages = plan.stages(solution.skip_modules if solution else None)
     run_stages(model, stages[len(plan.pre_stages):], ctx)

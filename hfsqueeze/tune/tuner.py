@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from ..api import compress
-from ..data import load_texts, token_blocks
-from ..errors import ArtifactError, RecipeError
-from ..measure import count_parameters, disk_bytes
-from ..models import cache_dir
-from ..recipe import EvaluationConfig
-from ..save import check_output_dir, save_compressed
+from ..artifact.save import check_output_dir, save_compressed
+from ..core.data import load_texts, token_blocks
+from ..core.errors import ArtifactError, RecipeError
+from ..core.fetch import cache_dir
+from ..core.hf import count_parameters
+from ..evaluation.config import EvaluationConfig
+from ..evaluation.measure import disk_bytes
 from .budget import Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash

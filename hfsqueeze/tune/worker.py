@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import load_model
-from ..utils import quiet_transformers_progress
+from ..artifact.load import load_model
+from ..core.utils import quiet_transformers_progress
 from .sensitivity import fingerprint
 from .study import Objective, open_study, optimize
 from .tuner import RUN_FILE, make_context

@@ -9,11 +9,13 @@ import types
 import typing
 from typing import Any, Literal
 
-from ...config import ConfigBase, StageConfig, _describe
-from ...data import check_text_source
-from ...errors import RecipeError
-from ...loading import check_model_source
+from ...core.config import ConfigBase, StageConfig, _describe
+from ...core.data import check_text_source
+from ...core.errors import RecipeError
+from ...core.loading import check_model_source
 
+CAUSAL_LM = "causal_lm"
+SEQUENCE_CLASSIFICATION = "sequence_classification"
 TEACHER_SNAPSHOTS = ("original", "previous")
 DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "max_steps": 200,
@@ -136,13 +138,20 @@ class DataConfig(ConfigBase):
 
 @dataclasses.dataclass
 class LoraConfig(ConfigBase):
-    """LoRA adapters for models already quantized with bitsandbytes (QLoRA); merged into the weights at the end."""
+    """LoRA adapters (QLoRA on bitsandbytes-quantized models): kept unmerged on a quantized model, merged otherwise."""
 
     r: int = dataclasses.field(default=16, metadata={"help": "adapter rank"})
     alpha: int = dataclasses.field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapter input"})
     target_modules: list[str] | Literal["all-linear"] = dataclasses.field(
         default="all-linear", metadata={"help": "module names to adapt, or 'all-linear'"}
+    )
+    merge: Literal["auto"] | bool = dataclasses.field(
+        default="auto",
+        metadata={"help": "'auto': merge into full-precision weights (exact), keep the adapter unmerged on a "
+                  "bnb-quantized model (merging re-quantizes the weights and rounds the update away; the artifact "
+                  "then holds adapter_model.safetensors, which from_pretrained applies with peft installed); true: "
+                  "always merge; false: never"},
     )
 
     def __post_init__(self):
@@ -217,6 +226,21 @@ class DistillConfig(StageConfig):
     resume: bool = dataclasses.field(
         default=True, metadata={"help": "resume from the last checkpoint found in output_dir"}
     )
+    embedding_loss: Literal["cosine", "mse"] = dataclasses.field(
+        default="cosine",
+        metadata={"help": "models without an LM head (sentence encoders): distance between the mean-pooled "
+                  "embeddings of student and teacher, 1 - cosine or MSE"},
+    )
+    guard: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "score the model before and after training on the held-out split and the recipe's "
+                  "evaluation texts; if the saved form is further from the teacher on any of them (with alpha < 1: "
+                  "and has a higher perplexity), restore the model from before training, warn, and say so in the "
+                  "report and the card"},
+    )
+    guard_tolerance: float = dataclasses.field(
+        default=0.01, metadata={"help": "relative worsening (of KL, or of 1 - embedding cosine) the guard accepts"}
+    )
 
     def __post_init__(self):
         if self.student is not None and not isinstance(self.student, StudentConfig):
@@ -231,6 +255,8 @@ class DistillConfig(StageConfig):
                          for i, d in enumerate(self.data)]
         elif not isinstance(self.data, DataConfig):
             self.fail("data", f"got {self.data!r}; expected a mapping (one task) or a list of mappings")
+        if self.guard_tolerance < 0:
+            self.fail("guard_tolerance", f"got {self.guard_tolerance}; must be >= 0")
         if self.temperature <= 0:
             self.fail("temperature", f"got {self.temperature}; must be > 0")
         if not 0 <= self.alpha <= 1:
@@ -332,30 +358,48 @@ def _describe_training_type(tp: Any) -> str:
     return _describe(tp)
 
 
-def validate_distill(config: DistillConfig, info: Any) -> None:
-    """The distill stage's up-front checks: local data files and teacher path, student layers, the model's kind."""
+# ---- checks against the model (run by the stage before anything trains, and by DistillStage.validate) -------------
+def check_tasks(config: DistillConfig, architecture: str) -> None:
+    """A sequence classifier cannot train on next-token tasks."""
+    if CAUSAL_LM in [t.task for t in config.tasks] and architecture.endswith("ForSequenceClassification"):
+        raise RecipeError(f"{architecture} is a sequence classifier; its data cannot include causal_lm tasks (use "
+                          "task: sequence_classification)")
+
+
+def uses_lora(config: DistillConfig, quantized: str | None) -> bool:
+    """LoRA adapters for a bnb-quantized model (whose weights cannot be trained directly), or when asked."""
+    bnb = quantized == "bitsandbytes"
+    if bnb and config.adapter == "none":
+        raise RecipeError("the model is bnb-quantized, so its weights cannot be fine-tuned directly; use adapter: "
+                          "auto or lora (LoRA adapters, kept beside the quantized weights)")
+    return config.adapter == "lora" or (config.adapter == "auto" and bnb)
+
+
+def check_sources(config: DistillConfig) -> None:
+    """Read the local data files and check the teacher's directory now, before anything expensive runs."""
     for task in config.tasks:
         if task.text not in ("calibration", "builtin"):
             check_text_source(task.text)
     if config.teacher not in TEACHER_SNAPSHOTS:
         check_model_source(config.teacher)
-    frozen = next((p.frozen_weights() for p in info.previous if p.frozen_weights()), None)
-    if frozen and config.adapter == "none":
-        raise RecipeError(f"adapter: none cannot train after a {frozen} stage (quantized weights cannot be "
-                          "fine-tuned directly); use adapter: auto or lora")
-    model = info.model
-    if model is None:
-        return
-    if type(model).__name__.endswith("ForSequenceClassification") and any(t.task == "causal_lm" for t in config.tasks):
-        raise RecipeError(f"{type(model).__name__} is a sequence classifier; its data cannot include causal_lm "
-                          "tasks (use task: sequence_classification)")
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+
+
+def check_student(config: DistillConfig, n_layers: int | None) -> int | None:
+    """Refuse student layers the model does not have; return the student's layer count (``None``: unknown)."""
     student = config.student
-    if student is None or not isinstance(n_layers, int):
-        return
-    if student.layers is not None and max(student.layers) >= n_layers:
-        bad = [i for i in student.layers if i >= n_layers]
-        raise RecipeError(f"key 'student': layers {bad} do not exist; the model has {n_layers} layers "
-                          f"(0..{n_layers - 1})")
-    if isinstance(student.keep, int) and student.keep > n_layers:
-        raise RecipeError(f"key 'student': keep: {student.keep} layers, but the model has only {n_layers}")
+    if student is None:
+        return n_layers
+    if student.layers is not None:
+        if n_layers is not None and max(student.layers) >= n_layers:
+            bad = [i for i in student.layers if i >= n_layers]
+            raise RecipeError(f"key 'student': layers {bad} do not exist; the model has {n_layers} layers "
+                              f"(0..{n_layers - 1})")
+        return len(student.layers)
+    if isinstance(student.keep, int):
+        if n_layers is not None and student.keep > n_layers:
+            raise RecipeError(f"key 'student': keep: {student.keep} layers, but the model has only {n_layers}")
+        return student.keep
+    if student.keep is not None:
+        return max(1, round(student.keep * n_layers)) if n_layers is not None else None
+    layers = (student.config or {}).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None

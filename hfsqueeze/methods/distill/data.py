@@ -8,7 +8,6 @@ k-th row. Several tasks are mixed into one training set by sampling each example
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,10 @@ from typing import Any
 
 import torch
 
-from ...data import BUILTIN, builtin_text, load_texts, token_blocks
-from ...errors import RecipeError
-from .config import DataConfig
+from ...core.data import BUILTIN, TABLE_SUFFIXES, builtin_text, load_texts, read_rows, token_blocks
+from ...core.errors import RecipeError
+from .config import CAUSAL_LM, SEQUENCE_CLASSIFICATION, DataConfig
 
-CAUSAL_LM = "causal_lm"
-SEQUENCE_CLASSIFICATION = "sequence_classification"
 IGNORE = -100
 
 
@@ -97,17 +94,10 @@ def _rows(source: Any) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RecipeError(f"classification data {str(source)!r} not found; give a local .json/.jsonl/.csv/.parquet "
                           "file or pass a dataset with compress(..., datasets={name: ds})")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if suffix == ".json":
-        rows = json.loads(path.read_text())
-        return rows if isinstance(rows, list) else [rows]
-    if suffix in (".csv", ".parquet"):
-        import datasets
-
-        return [dict(r) for r in datasets.load_dataset(suffix[1:], data_files=str(path), split="train")]
-    raise RecipeError(f"classification data {path} has suffix {suffix!r}; allowed: .json, .jsonl, .csv, .parquet")
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise RecipeError(f"classification data {path} has suffix {path.suffix.lower()!r}; allowed: "
+                          f"{', '.join(TABLE_SUFFIXES)}")
+    return read_rows(path)
 
 
 def _classification_task(name: str, cfg: DataConfig, source: Any, tokenizer, block_size: int) -> TaskData:

@@ -118,30 +118,35 @@ def attention_loss(
     return total / len(student_attentions)
 
 
-def combine_losses(
-    *,
-    alpha: float,
-    hard: torch.Tensor | None,
-    kd: torch.Tensor | None,
-    hidden: torch.Tensor | None = None,
-    hidden_weight: float = 0.0,
-    attention: torch.Tensor | None = None,
-    attention_weight: float = 0.0,
-) -> torch.Tensor:
-    """``alpha * kd + (1 - alpha) * hard + hidden_weight * hidden + attention_weight * attention``.
+def combine_losses(*, alpha: float, hard: torch.Tensor | None, kd: torch.Tensor | None) -> torch.Tensor:
+    """``alpha * kd + (1 - alpha) * hard``.
 
     A missing ``kd`` (a task the teacher has no logits for) gives the hard loss full weight, and vice versa.
     """
     if kd is None and hard is None:
         raise ValueError("need at least one of the KD and hard losses")
     if kd is None:
-        total = hard
-    elif hard is None:
-        total = kd
-    else:
-        total = alpha * kd + (1.0 - alpha) * hard
-    if hidden is not None and hidden_weight:
-        total = total + hidden_weight * hidden
-    if attention is not None and attention_weight:
-        total = total + attention_weight * attention
-    return total
+        return hard
+    if hard is None:
+        return kd
+    return alpha * kd + (1.0 - alpha) * hard
+
+
+def embedding_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
+                   kind: str = "cosine") -> torch.Tensor:
+    """Distance between mean-pooled sentence embeddings (what a sentence-embedding model outputs), per sequence.
+
+    Args:
+        student_hidden / teacher_hidden (`torch.Tensor`): last hidden states ``[batch, seq, width]``.
+        mask (`torch.Tensor`): ``[batch, seq]``; padding is left out of the mean.
+        kind (`str`, defaults to `"cosine"`): ``"cosine"`` (``1 - cosine similarity``) or ``"mse"`` (mean squared
+            error over the width).
+    """
+    m = mask.unsqueeze(-1).to(torch.float32)
+    s = (student_hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    t = (teacher_hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if kind == "mse":
+        return (s - t).pow(2).mean()
+    raise ValueError(f"kind must be 'cosine' or 'mse', got {kind!r}")

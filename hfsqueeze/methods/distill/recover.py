@@ -1,9 +1,10 @@
 """Recovery fine-tuning: ``recover: auto`` recipe expansion, and LoRA (QLoRA-style) training of bnb-quantized models.
 
 ``recover`` may be set at the top of a recipe (every pruning stage gets a recovery step) or on one pruning stage (that
-stage only; it wins over the top-level value). Its value is ``auto`` (the defaults below), a mapping of `DistillConfig`
-overrides, or ``none``/``false``. `expand_recovery` turns it into explicit ``distill`` stages, so the saved recipe says
-exactly what ran and expanding twice changes nothing.
+stage only; it wins over the top-level value). A pruning stage is any stage whose config declares a ``recover`` field
+(see `hfsqueeze.core.config.StageConfig`), so this module names no other method. Its value is ``auto`` (the defaults
+below), a mapping of `DistillConfig` overrides, or ``none``/``false``. `expand_recovery` turns it into explicit
+``distill`` stages, so the saved recipe says exactly what ran and expanding twice changes nothing.
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import RecipeError, require_backend
-from ..quantize.apply import is_bnb_quantized
+from ...core.errors import RecipeError, require_backend
 from .config import DistillConfig, LoraConfig
 
 logger = logging.getLogger("hfsqueeze")
 
-PRUNING_METHODS = ("prune",)
+# Pure distillation: recovery imitates the original model (alpha 1.0). The hard-label half of the loss fits the model
+# to the one text it trains on: measured on SmolLM2 nf4 + LoRA, alpha 0.5 raised KL to the original on out-of-domain
+# text by 6% over alpha 1.0 while lowering in-domain perplexity (see recipes/README.md). Sized for minutes on a CPU.
 RECOVER_DEFAULTS: dict[str, Any] = {
     "teacher": "original",
     "temperature": 2.0,
-    "alpha": 0.5,
-    "data": {"text": "calibration"},
-    "training_args": {"max_steps": 100, "per_device_train_batch_size": 4, "learning_rate": 5e-5},
+    "alpha": 1.0,
+    "data": {"text": "calibration", "eval_tokens": 2048},
+    "freeze_embeddings": True,
+    "training_args": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2e-4,
+                      "warmup_steps": 0.1},
 }
 
 
@@ -68,7 +72,7 @@ def expand_recovery(recipe: Any) -> Any:
     out = []
     for i, stage in enumerate(stages):
         out.append(stage)
-        if stage.method not in PRUNING_METHODS:
+        if not hasattr(stage, "recover"):  # only configs that declare a `recover` field take part
             continue
         own = getattr(stage, "recover", None)
         value = own if own is not None else top

@@ -9,28 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import RecipeError, UnsupportedModelError
+from ...core.errors import RecipeError
+from ...core.hf import count_parameters, find_layer_stack, num_layers
 from .config import StudentConfig
 
 logger = logging.getLogger("hfsqueeze")
-
-
-def num_layers(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    n = getattr(config, "num_hidden_layers", None) if config is not None else None
-    if not isinstance(n, int):
-        raise UnsupportedModelError(f"{type(model).__name__} has no config.num_hidden_layers; layer students need a "
-                                    "Transformers model with a stack of layers")
-    return n
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return ``(name, module_list)`` of the transformer layer stack (the ModuleList as long as the layer count)."""
-    n = num_layers(model)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and n > 0:
-            return name, module
-    raise UnsupportedModelError(f"could not find the stack of {n} layers in {type(model).__name__}")
 
 
 def _renumber(layer: nn.Module, index: int) -> None:
@@ -120,7 +103,7 @@ def student_from_config(model: nn.Module, overrides: dict[str, Any]) -> list[int
 
 def build_student(model: nn.Module, config: StudentConfig) -> dict[str, Any]:
     """Apply a `StudentConfig` to ``model`` in place; returns details including ``source_layers`` for layer maps."""
-    before = sum(p.numel() for p in model.parameters())
+    before = count_parameters(model)
     if config.layers is not None or config.keep is not None:
         layers = config.layers
         if layers is None:
@@ -134,5 +117,5 @@ def build_student(model: nn.Module, config: StudentConfig) -> dict[str, Any]:
     else:
         source_layers = student_from_config(model, config.config or {})
         kind = "config"
-    after = sum(p.numel() for p in model.parameters())
+    after = count_parameters(model)
     return {"kind": kind, "source_layers": source_layers, "parameters_before": before, "parameters_after": after}

@@ -18,6 +18,8 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
+from ...compat.bnb import is_bnb_quantized
+from ...core.hf import eval_mode
 from . import losses
 from .data import CAUSAL_LM, Collator
 
@@ -47,6 +49,7 @@ class DistillSpec:
     attention_map: list[tuple[int, int]] = field(default_factory=list)
     pooling: str = "last"
     student_is_classifier: bool = False
+    embedding_loss: str = "cosine"
     teacher_class_logits: list[int] = field(default_factory=list)
 
 
@@ -121,36 +124,62 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if not getattr(teacher, "is_loaded_in_8bit", False) and not getattr(teacher, "is_loaded_in_4bit", False):
+        if not is_bnb_quantized(teacher):  # bitsandbytes weights cannot be moved with .to()
             teacher.to(self.args.device)
         self.teacher = teacher
         self.spec = spec
         self.aux = aux
         self.component_log: list[dict[str, float]] = []
         self.tokens_seen = 0
+        # Frozen bitsandbytes layers compute in train mode differently than at inference (LLM.int8 drops to
+        # weight-only): adapters must learn against the kernel the saved model will run, so these stay in eval mode.
+        self.inference_mode_modules = [m for m in self.model.modules()
+                                       if type(m).__name__ in ("Linear8bitLt", "Linear4bit")]
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any):
-        spec = self.spec
         inputs = dict(inputs)
         task_ids = inputs.pop("task_ids")
         class_labels = inputs.pop("class_labels")
-        mask = inputs["attention_mask"]
+        outputs, t_out = self._forward(model, inputs)
+        loss, parts = self._task_loss(outputs, t_out, inputs, task_ids, class_labels)
+        record = {"step": float(self.state.global_step)}
+        loss = self._add_feature_losses(loss, outputs, t_out, inputs["attention_mask"], record)
+        if self.aux is not None:
+            loss = loss + self.aux.tie_all().to(loss.device)
+        if model.training:
+            for key, values in parts.items():
+                if values:
+                    record[key] = sum(values) / len(values)
+            record["loss"] = float(loss.detach())
+            self.component_log.append(record)
+            self.tokens_seen += int(inputs["attention_mask"].sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """The student's outputs, and the teacher's (``None`` when no loss needs them)."""
+        spec = self.spec
         need_hidden = bool(spec.hidden_weight) or any(k != CAUSAL_LM for k in spec.task_kinds)
         need_attn = bool(spec.attention_weight)
         forward_kwargs = {"output_hidden_states": True} if need_hidden else {}
         if need_attn:
             forward_kwargs["output_attentions"] = True
+        for module in self.inference_mode_modules:
+            module.training = False
         outputs = model(**inputs, **forward_kwargs)
         # alpha = 0 with no feature losses is plain fine-tuning: skip the teacher's forward pass entirely.
-        teacher_needed = spec.alpha > 0 or bool(spec.hidden_weight) or need_attn or _logits(outputs) is None
-        t_out = None
-        if teacher_needed:
-            self.teacher.eval()
-            with torch.no_grad():
-                t_out = self.teacher(**inputs, output_hidden_states=need_hidden or _logits(outputs) is None,
-                                     output_attentions=need_attn)
+        if not (spec.alpha > 0 or bool(spec.hidden_weight) or need_attn or _logits(outputs) is None):
+            return outputs, None
+        self.teacher.eval()
+        with torch.no_grad():
+            t_out = self.teacher(**inputs, output_hidden_states=need_hidden or _logits(outputs) is None,
+                                 output_attentions=need_attn)
+        return outputs, t_out
 
+    def _task_loss(self, outputs: Any, t_out: Any, inputs: dict[str, torch.Tensor], task_ids: torch.Tensor,
+                   class_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        """KD and hard loss of each task on its rows, averaged over the batch's rows; and the parts, for the log."""
+        spec, mask = self.spec, inputs["attention_mask"]
         s_logits, t_logits = _logits(outputs), (_logits(t_out) if t_out is not None else None)
         total, rows_done, parts = 0.0, 0, {"kd": [], "hard": []}
         for task_id, kind in enumerate(spec.task_kinds):
@@ -163,32 +192,35 @@ class DistillationTrainer(Trainer):
             if kind == CAUSAL_LM:
                 if s_logits is None:
                     # An encoder without an LM head: imitate the teacher's final representation (DistilBERT).
+                    # A sentence encoder: imitate the teacher's sentence embedding (the mean-pooled output).
                     s_last, t_last = _last_hidden(outputs)[rows], _last_hidden(t_out)[rows]
-                    kd = losses.hidden_state_loss([s_last], [t_last], [self._projection(-1, -1)], m, kind="cosine")
+                    projection = self._projection(-1, -1)
+                    if projection is not None:
+                        s_last = projection(s_last)
+                    kd = losses.embedding_loss(s_last, t_last, m, kind=spec.embedding_loss)
                 else:
                     hard = losses.causal_lm_loss(s_logits[rows], inputs["input_ids"][rows], m)
                     if t_logits is not None:
                         kd = losses.kd_loss(s_logits[rows], t_logits[rows], spec.temperature, m)
             else:
-                labels = class_labels[rows]
                 if spec.student_is_classifier:
                     cls_logits = s_logits[rows]
                 else:
-                    pooled = pool(_last_hidden(outputs)[rows], m, spec.pooling)
-                    cls_logits = self.aux.heads[str(task_id)](pooled)
-                hard = losses.classification_loss(cls_logits, labels)
+                    cls_logits = self.aux.heads[str(task_id)](pool(_last_hidden(outputs)[rows], m, spec.pooling))
+                hard = losses.classification_loss(cls_logits, class_labels[rows])
                 if task_id in spec.teacher_class_logits and t_logits is not None:
                     kd = losses.kd_loss(cls_logits, t_logits[rows], spec.temperature)
-            task_loss = losses.combine_losses(alpha=spec.alpha, hard=hard, kd=kd)
-            total = total + task_loss * n
+            total = total + losses.combine_losses(alpha=spec.alpha, hard=hard, kd=kd) * n
             rows_done += n
-            if kd is not None:
-                parts["kd"].append(float(kd.detach()))
-            if hard is not None:
-                parts["hard"].append(float(hard.detach()))
-        loss = total / max(rows_done, 1)
+            for key, value in (("kd", kd), ("hard", hard)):
+                if value is not None:
+                    parts[key].append(float(value.detach()))
+        return total / max(rows_done, 1), parts
 
-        record = {"step": float(self.state.global_step)}
+    def _add_feature_losses(self, loss: torch.Tensor, outputs: Any, t_out: Any, mask: torch.Tensor,
+                            record: dict[str, float]) -> torch.Tensor:
+        """Add the weighted hidden-state and attention-map losses (logged in ``record``)."""
+        spec = self.spec
         if spec.hidden_weight and spec.hidden_map:
             s_states = [outputs.hidden_states[i] for i, _ in spec.hidden_map]
             t_states = [t_out.hidden_states[j] for _, j in spec.hidden_map]
@@ -201,17 +233,7 @@ class DistillationTrainer(Trainer):
                                          [t_out.attentions[j] for _, j in spec.attention_map], mask)
             loss = loss + spec.attention_weight * attn
             record["attention"] = float(attn.detach())
-        if self.aux is not None:
-            loss = loss + self.aux.tie_all().to(loss.device)
-
-        if model.training:
-            for key, values in parts.items():
-                if values:
-                    record[key] = sum(values) / len(values)
-            record["loss"] = float(loss.detach())
-            self.component_log.append(record)
-            self.tokens_seen += int(mask.sum())
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def _projection(self, student_index: int, teacher_index: int):
         if self.aux is None:
@@ -236,16 +258,14 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def lm_perplexity(model: nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int = 4) -> float:
     """Perplexity over held-out token blocks (every next-token prediction inside each block counts once)."""
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0
-    for batch in _batches(examples, pad_id, batch_size):
-        ids, mask = batch["input_ids"].to(_device(model)), batch["attention_mask"].to(_device(model))
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        n = int(mask[:, 1:].sum())
-        nll += float(losses.causal_lm_loss(logits, ids, mask)) * n
-        count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in _batches(examples, pad_id, batch_size):
+            ids, mask = batch["input_ids"].to(_device(model)), batch["attention_mask"].to(_device(model))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            n = int(mask[:, 1:].sum())
+            nll += float(losses.causal_lm_loss(logits, ids, mask)) * n
+            count += n
     return math.exp(nll / max(count, 1))
 
 
@@ -253,16 +273,14 @@ def lm_perplexity(model: nn.Module, examples: list[dict[str, Any]], pad_id: int,
 def embedding_cosine(student: nn.Module, teacher: nn.Module, examples: list[dict[str, Any]], pad_id: int,
                      batch_size: int = 4) -> float:
     """Mean cosine similarity of mean-pooled last hidden states, student vs teacher."""
-    was_training = student.training
-    student.eval()
     sims = []
-    for batch in _batches(examples, pad_id, batch_size):
-        ids, mask = batch["input_ids"].to(_device(student)), batch["attention_mask"].to(_device(student))
-        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        t = teacher(input_ids=ids.to(_device(teacher)), attention_mask=mask.to(_device(teacher)),
-                    output_hidden_states=True).hidden_states[-1].to(s.device)
-        sims.append(torch.nn.functional.cosine_similarity(pool(s, mask, "mean"), pool(t, mask, "mean"), dim=-1))
-    student.train(was_training)
+    with eval_mode(student):
+        for batch in _batches(examples, pad_id, batch_size):
+            ids, mask = batch["input_ids"].to(_device(student)), batch["attention_mask"].to(_device(student))
+            s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            t = teacher(input_ids=ids.to(_device(teacher)), attention_mask=mask.to(_device(teacher)),
+                        output_hidden_states=True).hidden_states[-1].to(s.device)
+            sims.append(torch.nn.functional.cosine_similarity(pool(s, mask, "mean"), pool(t, mask, "mean"), dim=-1))
     return float(torch.cat(sims).mean())
 
 
@@ -270,16 +288,14 @@ def embedding_cosine(student: nn.Module, teacher: nn.Module, examples: list[dict
 def classification_accuracy(model: nn.Module, head: nn.Module | None, examples: list[dict[str, Any]], pad_id: int,
                             pooling: str, batch_size: int = 8) -> float:
     """Accuracy of the model's own class logits (``head=None``) or of ``head`` on pooled last hidden states."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for batch in _batches(examples, pad_id, batch_size):
-        ids, mask = batch["input_ids"].to(_device(model)), batch["attention_mask"].to(_device(model))
-        if head is None:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        else:
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-            logits = head(pool(hidden, mask, pooling))
-        correct += int((logits.argmax(-1).cpu() == batch["class_labels"]).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in _batches(examples, pad_id, batch_size):
+            ids, mask = batch["input_ids"].to(_device(model)), batch["attention_mask"].to(_device(model))
+            if head is None:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            else:
+                hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+                logits = head(pool(hidden, mask, pooling))
+            correct += int((logits.argmax(-1).cpu() == batch["class_labels"]).sum())
     return correct / max(len(examples), 1)

@@ -1,7 +1,9 @@
-"""The ``prune`` stage: score, choose, cut; repeated ``steps`` times."""
+"""The ``prune`` stage, in named steps: plan (targets from the config and the model), then per step score, choose
+and cut, and at the end the report. ``steps > 1`` re-scores the pruned model between steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -11,26 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...data import check_text_source
-from ...errors import HfSqueezeWarning, RecipeError, UnsupportedModelError
+from ...core.errors import HfSqueezeWarning, RecipeError, UnsupportedModelError, prefixed
+from ...core.hf import count_parameters, is_causal_lm
+from ...core.stage import ModelInfo
 from .config import PruneConfig
-from .importance import (
-    Scores,
-    activation_scores,
-    gradient_scores,
-    head_units,
-    is_causal_lm,
-    kl_scores,
-    magnitude_scores,
-)
+from .importance import Scores, activation_scores, gradient_scores, head_units, kl_scores, magnitude_scores
 from .surgery import (
+    FAMILIES,
+    MODEL_TYPES,
     PLAN_KEY,
     SUPPORTED_MODEL_TYPES,
     attention_shape,
-    base_of,
     current_plan,
     drop_layers,
-    family_of,
     ffn_width,
     layer_list,
     prune_ffn,
@@ -44,36 +39,19 @@ class PruneWarning(HfSqueezeWarning):
     """A prune target could not be met exactly (rounding, ``min_heads_per_layer`` or ``protect_layers``)."""
 
 
-def check_prunable(model: nn.Module, stage: str = "prune") -> str:
-    """Return the model's family, or raise a one-line error naming what is supported (``stage`` prefixes it)."""
-    prefix = f"{stage}: " if stage else ""
-    config = getattr(model, "config", None)
-    family = family_of(config)
+# ---- checks (also run by PruneStage.validate, before the model runs) ----------------------------------------------
+def check_prunable(info: ModelInfo) -> str:
+    """Return the model's family, or raise a one-line error naming what is supported."""
+    family = MODEL_TYPES.get(info.model_type)
     if family is None:
-        model_type = getattr(config, "model_type", None)
         raise UnsupportedModelError(
-            f"{prefix}model type {model_type!r} ({type(model).__name__}) is not supported; supported model types: "
+            f"model type {info.model_type!r} ({info.architecture}) is not supported; supported model types: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if family == "llama" and not hasattr(base_of(model), "layers"):
-        raise UnsupportedModelError(f"{prefix}{type(model).__name__} has no decoder layers where expected")
-    quantized = [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-    if quantized or getattr(model, "is_quantized", False):
-        raise RecipeError(f"{prefix}the model is already quantized (e.g. {quantized[0] if quantized else 'bnb'}); "
-                          "quantized weights cannot be cut, so put the prune stage before quantize")
+    if info.quantized:
+        raise RecipeError(f"the model is already quantized ({info.quantized}); quantized weights cannot be cut, so "
+                          "put the prune stage before quantize")
     return family
-
-
-def validate_prune(config: PruneConfig, info: Any) -> None:
-    """The prune stage's up-front checks (`hfsqueeze.registry.validate_stages`): order, model type and targets."""
-    frozen = next((p.frozen_weights() for p in info.previous if p.frozen_weights()), None)
-    if frozen:
-        raise RecipeError(f"cannot follow a {frozen} stage: quantized weights cannot be cut, so put the prune stage "
-                          "before quantize")
-    if config.calibration is not None:
-        check_text_source(config.calibration)
-    if info.model is not None:
-        check_targets(check_prunable(info.model, ""), info.model, config)
 
 
 def _protected_layers(config: PruneConfig, n_layers: int) -> set[int]:
@@ -86,17 +64,9 @@ def _protected_layers(config: PruneConfig, n_layers: int) -> set[int]:
     return protected
 
 
-def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[str]:
-    """Check, before any scoring, that the model can meet ``config``'s targets; return warnings about rounding.
-
-    Raises `RecipeError` when a target removes nothing (a fraction rounding to 0, a single key/value group per layer
-    under ``gqa_mode: groups``, ``protect_layers``/``min_heads_per_layer`` leaving nothing) or asks for more than
-    exists. A layerwise target that rounds to a different amount is a warning: it is what the stage will remove.
-    """
-    layers = list(layer_list(family, model))
-    n_layers = len(layers)
+def check_layers(config: PruneConfig, n_layers: int) -> tuple[set[int], int]:
+    """The protected layer indices (normalized) and the number of layers to remove; raise when impossible."""
     protected = _protected_layers(config, n_layers)
-    eligible = [i not in protected for i in range(n_layers)]
     layers_target = _target(config.layers, n_layers)
     if config.layers and layers_target == 0:
         raise RecipeError(f"key 'layers': {config.layers} of {n_layers} layers rounds to 0; give a count "
@@ -105,6 +75,19 @@ def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[st
         raise RecipeError(f"key 'layers': got {config.layers} ({layers_target} layers) but only "
                           f"{n_layers - max(1, len(protected))} of {n_layers} layers can go (protect_layers="
                           f"{sorted(protected)}; at least one layer stays)")
+    return protected, layers_target
+
+
+def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[str]:
+    """Check, before any scoring, that the model can meet ``config``'s targets; return warnings about rounding.
+
+    Raises `RecipeError` when a target removes nothing (a fraction rounding to 0, a single key/value group per layer
+    under ``gqa_mode: groups``, ``protect_layers``/``min_heads_per_layer`` leaving nothing) or asks for more than
+    exists. A layerwise target that rounds to a different amount is a warning: it is what the stage will remove.
+    """
+    layers = list(layer_list(family, model))
+    protected, _ = check_layers(config, len(layers))
+    eligible = [i not in protected for i in range(len(layers))]
     notes = []
     if config.heads:
         notes += _check_heads(config, [attention_shape(family, layer) for layer in layers], eligible)
@@ -177,16 +160,6 @@ def _check_ffn(config: PruneConfig, widths: list[int], eligible: list[bool]) -> 
     return []
 
 
-def _warn(notes: list[str], stage: str, message: str) -> None:
-    """Record a warning for the report and emit it as a `PruneWarning` (the CLI prints it as one line)."""
-    notes.append(message)
-    warnings.warn(f"{stage}: {message}", PruneWarning, stacklevel=3)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _target(value: int | float, total: int) -> int:
     """A fraction of ``total`` (rounded) or a count, as a number of items."""
     return int(round(value * total)) if isinstance(value, float) else int(value)
@@ -246,6 +219,23 @@ def compute_scores(
     return Scores(heads=kl.heads, ffn=grad.ffn, layers=kl.layers), units
 
 
+def first_step_scores(model: nn.Module, config: PruneConfig, ctx: Any, cache: dict[Any, Scores]) -> Scores:
+    """The first step's scores of ``model`` for ``config``, kept in ``cache`` under everything they depend on.
+
+    For a caller that prunes many copies of one model with different targets (``hfsqueeze.tune``): it scores the
+    model once per importance setting instead of once per copy.
+    """
+    plan, _ = plan_prune(model, config)
+    params = list(model.parameters())
+    model_key = (tuple(tuple(p.shape) for p in params), float(params[0].detach().float().sum()),
+                 float(params[-1].detach().float().sum()))
+    key = (model_key, config.importance, config.gqa_mode, config.calibration, config.calibration_tokens,
+           config.kl_tokens, config.seq_len, plan.layers_target > 0)
+    if key not in cache:
+        cache[key] = compute_scores(plan.family, model, config, ctx, layers=plan.layers_target > 0)[0]
+    return cache[key]
+
+
 def _normalized(scores: list[torch.Tensor], config: PruneConfig) -> list[torch.Tensor]:
     """Scores ready for ranking across layers: per-layer L2-normalized when ``config.normalize`` says so."""
     normalize = config.normalize if config.normalize is not None else config.importance == "activation"
@@ -303,7 +293,7 @@ def sync_config(family: str, model: nn.Module) -> str:
     config = model.config
     plan = current_plan(family, model)
     uniform = all(len(set(plan[k])) == 1 for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size"))
-    if family == "llama" and uniform:
+    if FAMILIES[family].stock_reload and uniform:
         updates = {
             "num_attention_heads": plan["num_attention_heads"][0],
             "num_key_value_heads": plan["num_key_value_heads"][0],
@@ -339,6 +329,222 @@ def _stock_rebuilds(model: nn.Module, updates: dict[str, Any]) -> bool:
     return want == have
 
 
+# ---- the stage -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Plan:
+    """What the stage removes in all, fixed before the first step from the config and the model as it entered."""
+
+    family: str
+    protected: set[int]
+    layers_target: int
+    shapes: list[tuple[int, int, int]]  # per original layer: query heads, key/value heads, head_dim
+    units: list[int]  # per original layer: head units
+    ffn: list[int]  # per original layer: FFN width
+    heads_target: int
+    ffn_target: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def heads_total(self) -> int:
+        return sum(s[0] for s in self.shapes)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where the kept layers and heads came from, and what each step scored and removed."""
+
+    original_ids: list[int]  # current layer position -> its index when the stage started
+    head_ids: list[list[int]]  # per current layer: current query head -> its index when the stage started
+    where: str = "stage 1 (prune)"  # the stage, for warnings
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what did not go as asked, for the report
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    scoring_seconds: float = 0.0
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # calibration blocks, kl reference
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the report and emit it as a `PruneWarning` (the CLI prints it as one line)."""
+        self.warnings.append(message)
+        warnings.warn(f"{self.where}: {message}", PruneWarning, stacklevel=4)
+
+
+@dataclasses.dataclass
+class _Choice:
+    """What one step removes, by current layer position."""
+
+    drop: set[int]
+    heads: list[set[int]]
+    ffn: list[set[int]]
+
+
+def plan_prune(model: nn.Module, config: PruneConfig) -> tuple[_Plan, list[str]]:
+    """Check the model and the config against each other (before any scoring) and fix the targets; return the plan
+    and the warnings about targets that round (see `check_targets`)."""
+    family = check_prunable(ModelInfo.of(model))
+    try:
+        layers = list(layer_list(family, model))
+    except AttributeError:
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers where expected") from None
+    notes = check_targets(family, model, config)
+    protected, layers_target = check_layers(config, len(layers))
+    shapes = [attention_shape(family, layer) for layer in layers]
+    ffn = [ffn_width(family, layer) for layer in layers]
+    plan = _Plan(family, protected, layers_target, shapes,
+                 [len(head_units(n_q, n_kv, config.gqa_mode)) for n_q, n_kv, _ in shapes], ffn,
+                 _target(config.heads, sum(s[0] for s in shapes)), _target(config.ffn, sum(ffn)))
+    return plan, notes
+
+
+def _score_step(model: nn.Module, config: PruneConfig, ctx: Any, plan: _Plan, progress: _Progress,
+                given: Scores | None) -> tuple[Scores, list[list[tuple[list[int], list[int]]]]]:
+    """Scores of the model as it is now (``given`` ones, computed on this very model, for the first step)."""
+    start = time.perf_counter()
+    if given is not None and not progress.history and (given.layers is not None or not plan.layers_target):
+        units = [head_units(*attention_shape(plan.family, layer)[:2], config.gqa_mode)
+                 for layer in layer_list(plan.family, model)]
+        result = given, units
+    else:
+        result = compute_scores(plan.family, model, config, ctx, layers=plan.layers_target > 0,
+                                cache=progress.cache)
+    progress.scoring_seconds += time.perf_counter() - start
+    return result
+
+
+def _choose_layers(plan: _Plan, progress: _Progress, scores: Scores, eligible: list[bool], fraction: float
+                   ) -> set[int]:
+    """Whole layers go first (what they hold leaves with them): the lowest-scoring eligible ones."""
+    need = int(round(plan.layers_target * fraction)) - (plan.n_layers - len(progress.original_ids))
+    if need <= 0:
+        return set()
+    ranked = sorted((float(s), i) for i, s in enumerate(scores.layers.tolist()) if eligible[i])
+    return {i for _, i in ranked[:need]}
+
+
+def _choose_heads(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _Progress, scores: Scores,
+                  units: list, survivors: list[int], prunable: list[bool], step: int) -> list[set[int]]:
+    """Head units to remove per current layer: ranked across layers (global) or the same share per layer."""
+    fraction = step / config.steps
+    sizes = [[len(q) for q, _ in layer_units] for layer_units in units]
+    ids = progress.original_ids
+    if config.scope == "global":
+        n_q_now = [attention_shape(plan.family, layer)[0] for layer in layer_list(plan.family, model)]
+        base = sum(plan.shapes[ids[i]][0] for i in survivors)
+        already = sum(plan.shapes[ids[i]][0] - n_q_now[i] for i in survivors)
+        need = int(round(_target(config.heads, base) * fraction)) - already
+        min_keep = [max(config.min_heads_per_layer, 1) for _ in units]
+        removed, done = _choose_global(_normalized(scores.heads, config), sizes, min_keep, prunable, max(need, 0))
+        if done < need:
+            progress.warn(f"removed {done} of the {need} heads asked for in step {step} "
+                          f"(min_heads_per_layer={config.min_heads_per_layer}, protect_layers="
+                          f"{config.protect_layers}, units of {sorted({s for z in sizes for s in z})} heads)")
+        return removed
+    per_layer_fraction = plan.heads_target / plan.heads_total
+    counts = []
+    for i, layer_units in enumerate(units):
+        start = plan.units[ids[i]]
+        unit_size = max(1, sizes[i][0]) if sizes[i] else 1
+        min_units = math.ceil(config.min_heads_per_layer / unit_size)
+        want = int(round(per_layer_fraction * start * fraction)) - (start - len(layer_units))
+        counts.append(max(0, min(want, len(layer_units) - min_units)))
+    return _choose_layerwise(scores.heads, counts, prunable)
+
+
+def _choose_ffn(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _Progress, scores: Scores,
+                survivors: list[int], prunable: list[bool], step: int) -> list[set[int]]:
+    """FFN neurons to remove per current layer (every layer keeps at least one)."""
+    fraction = step / config.steps
+    widths = [ffn_width(plan.family, layer) for layer in layer_list(plan.family, model)]
+    ids = progress.original_ids
+    if config.scope == "global":
+        base = sum(plan.ffn[ids[i]] for i in survivors)
+        already = sum(plan.ffn[ids[i]] - widths[i] for i in survivors)
+        need = int(round(_target(config.ffn, base) * fraction)) - already
+        removed, done = _choose_global(_normalized(scores.ffn, config), [[1] * w for w in widths], [1] * len(widths),
+                                       prunable, max(need, 0))
+        if done < need:
+            progress.warn(f"removed {done} of the {need} FFN neurons asked for in step {step} "
+                          f"(protect_layers={config.protect_layers}; every layer keeps one neuron)")
+        return removed
+    per_layer_fraction = plan.ffn_target / sum(plan.ffn)
+    counts = [max(0, min(int(round(per_layer_fraction * plan.ffn[ids[i]] * fraction)) - (plan.ffn[ids[i]] - w),
+                         w - 1))
+              for i, w in enumerate(widths)]
+    return _choose_layerwise(scores.ffn, counts, prunable)
+
+
+def _choose_step(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _Progress, scores: Scores,
+                 units: list, step: int) -> _Choice:
+    """What this step removes: layers first, then heads and neurons from the layers that stay."""
+    n_now = len(progress.original_ids)
+    eligible = [progress.original_ids[i] not in plan.protected for i in range(n_now)]
+    drop = _choose_layers(plan, progress, scores, eligible, step / config.steps)
+    survivors = [i for i in range(n_now) if i not in drop]
+    prunable = [eligible[i] and i not in drop for i in range(n_now)]
+    heads = _choose_heads(model, config, plan, progress, scores, units, survivors, prunable, step) \
+        if plan.heads_target else [set() for _ in range(n_now)]
+    ffn = _choose_ffn(model, config, plan, progress, scores, survivors, prunable, step) \
+        if plan.ffn_target else [set() for _ in range(n_now)]
+    return _Choice(drop, heads, ffn)
+
+
+def _cut(model: nn.Module, plan: _Plan, progress: _Progress, choice: _Choice, units: list) -> list[int]:
+    """Remove what ``choice`` names, keep track of where the rest came from; return the dropped original layers."""
+    family = plan.family
+    for i, layer in enumerate(list(layer_list(family, model))):
+        if i in choice.drop:
+            continue
+        if choice.heads[i]:
+            keep_units = [u for j, u in enumerate(units[i]) if j not in choice.heads[i]]
+            n_kv = attention_shape(family, layer)[1]
+            keep_q = sorted(h for q, _ in keep_units for h in q)
+            gone_kv = {kv for j, (_, kvs) in enumerate(units[i]) if j in choice.heads[i] for kv in kvs}
+            prune_heads(family, layer, keep_q, [kv for kv in range(n_kv) if kv not in gone_kv])
+            progress.head_ids[i] = [progress.head_ids[i][h] for h in keep_q]
+        if choice.ffn[i]:
+            prune_ffn(family, layer, [j for j in range(ffn_width(family, layer)) if j not in choice.ffn[i]])
+    dropped = sorted(progress.original_ids[i] for i in choice.drop)
+    if choice.drop:
+        survivors = [i for i in range(len(progress.original_ids)) if i not in choice.drop]
+        drop_layers(family, model, survivors)
+        progress.original_ids = [progress.original_ids[i] for i in survivors]
+        progress.head_ids = [progress.head_ids[i] for i in survivors]
+    return dropped
+
+
+def _report(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _Progress, params_before: int,
+            started: float) -> dict[str, Any]:
+    """Sync the config with the new shapes and return the details for the report."""
+    reload = sync_config(plan.family, model)
+    shapes = current_plan(plan.family, model)
+    params_after = count_parameters(model)
+    return {
+        "family": plan.family,
+        "scope": config.scope,
+        "importance": config.importance,
+        "gqa_mode": config.gqa_mode,
+        "steps": config.steps,
+        "parameters_before": params_before,
+        "parameters_after": params_after,
+        "parameters_removed": params_before - params_after,
+        "heads_before": plan.heads_total,
+        "heads_after": sum(shapes["num_attention_heads"]),
+        "heads_kept_per_layer": shapes["num_attention_heads"],
+        "kv_heads_per_layer": shapes["num_key_value_heads"],
+        "heads_removed_per_layer": [sorted(set(range(plan.shapes[orig][0])) - set(ids))
+                                    for orig, ids in zip(progress.original_ids, progress.head_ids)],
+        "ffn_width_per_layer": shapes["intermediate_size"],
+        "ffn_before": sum(plan.ffn),
+        "layers_kept": progress.original_ids,
+        "reload": reload,
+        "importance_scores": progress.history,
+        "scoring_seconds": round(progress.scoring_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        "warnings": progress.warnings,
+    }
+
+
 def apply_prune(
     model: nn.Module, config: PruneConfig, ctx: Any, *, scores: Scores | None = None
 ) -> dict[str, Any]:
@@ -357,152 +563,23 @@ def apply_prune(
     report = hfsqueeze.compress(model, {"stages": [{"method": "prune", "heads": 0.25}]}, tokenizer=tok)
     ```
     """
-    stage = f"stage {getattr(ctx, 'stage_index', 0) or 1} (prune)"
-    family = check_prunable(model, stage)
-    try:
-        notes = check_targets(family, model, config)
-    except RecipeError as exc:
-        raise RecipeError(f"{stage}: {exc}") from None
-    for note in list(notes):
-        warnings.warn(f"{stage}: {note}", PruneWarning, stacklevel=2)
-    start_time = time.perf_counter()
-    layers0 = list(layer_list(family, model))
-    n_layers0 = len(layers0)
-    protected = _protected_layers(config, n_layers0)
-    layers_target = _target(config.layers, n_layers0)
-    start_shapes = [attention_shape(family, layer) for layer in layers0]
-    start_units = [len(head_units(n_q, n_kv, config.gqa_mode)) for n_q, n_kv, _ in start_shapes]
-    start_ffn = [ffn_width(family, layer) for layer in layers0]
-    heads_total0, ffn_total0 = sum(s[0] for s in start_shapes), sum(start_ffn)
-    heads_target_total = _target(config.heads, heads_total0)
-    ffn_target_total = _target(config.ffn, ffn_total0)
+    started = time.perf_counter()
+    where = f"stage {getattr(ctx, 'stage_index', 0) or 1} (prune)"
+    with prefixed(where):
+        plan, notes = plan_prune(model, config)
     params_before = count_parameters(model)
-    original_ids = list(range(n_layers0))  # current position -> layer index at the start of the stage
-    head_ids = [list(range(n_q)) for n_q, _, _ in start_shapes]  # current query head -> index at the start
-    cache: dict[str, Any] = {}
-    history = []
-    scoring_seconds = 0.0
+    progress = _Progress(list(range(plan.n_layers)), [list(range(n_q)) for n_q, _, _ in plan.shapes], where)
+    for note in notes:
+        progress.warn(note)
     for step in range(1, config.steps + 1):
-        fraction = step / config.steps
-        t0 = time.perf_counter()
-        if scores is not None and step == 1 and (scores.layers is not None or not layers_target):
-            step_scores = scores
-            units = [head_units(*attention_shape(family, l)[:2], config.gqa_mode) for l in layer_list(family, model)]
-        else:
-            step_scores, units = compute_scores(family, model, config, ctx, layers=layers_target > 0, cache=cache)
-        scoring_seconds += time.perf_counter() - t0
-        layers_now = list(layer_list(family, model))
-        eligible = [original_ids[i] not in protected for i in range(len(layers_now))]
-
-        # Whole layers first: what they hold leaves with them.
-        drop: set[int] = set()
-        layers_need = int(round(layers_target * fraction)) - (n_layers0 - len(layers_now))
-        if layers_need > 0:
-            ranked = sorted((float(s), i) for i, s in enumerate(step_scores.layers.tolist()) if eligible[i])
-            drop = {i for _, i in ranked[:layers_need]}
-        survivors = [i for i in range(len(layers_now)) if i not in drop]
-        prunable = [eligible[i] and i not in drop for i in range(len(layers_now))]
-
-        removed_heads: list[set[int]] = [set() for _ in layers_now]
-        if heads_target_total:
-            sizes = [[len(q) for q, _ in layer_units] for layer_units in units]
-            n_q_now = [attention_shape(family, l)[0] for l in layers_now]
-            if config.scope == "global":
-                base = sum(start_shapes[original_ids[i]][0] for i in survivors)
-                already = sum(start_shapes[original_ids[i]][0] - n_q_now[i] for i in survivors)
-                need = int(round(_target(config.heads, base) * fraction)) - already
-                min_keep = [max(config.min_heads_per_layer, 1) for _ in layers_now]
-                removed_heads, done = _choose_global(
-                    _normalized(step_scores.heads, config), sizes, min_keep, prunable, max(need, 0)
-                )
-                if done < need:
-                    _warn(notes, stage, f"removed {done} of the {need} heads asked for in step {step} "
-                          f"(min_heads_per_layer={config.min_heads_per_layer}, protect_layers="
-                          f"{config.protect_layers}, units of {sorted({s for z in sizes for s in z})} heads)")
-            else:
-                per_layer_fraction = heads_target_total / heads_total0
-                counts = []
-                for i, layer_units in enumerate(units):
-                    start = start_units[original_ids[i]]
-                    unit_size = max(1, sizes[i][0]) if sizes[i] else 1
-                    min_units = math.ceil(config.min_heads_per_layer / unit_size)
-                    want = int(round(per_layer_fraction * start * fraction)) - (start - len(layer_units))
-                    counts.append(max(0, min(want, len(layer_units) - min_units)))
-                removed_heads = _choose_layerwise(step_scores.heads, counts, prunable)
-
-        removed_ffn: list[set[int]] = [set() for _ in layers_now]
-        if ffn_target_total:
-            widths = [ffn_width(family, l) for l in layers_now]
-            if config.scope == "global":
-                base = sum(start_ffn[original_ids[i]] for i in survivors)
-                already = sum(start_ffn[original_ids[i]] - widths[i] for i in survivors)
-                need = int(round(_target(config.ffn, base) * fraction)) - already
-                removed_ffn, done = _choose_global(
-                    _normalized(step_scores.ffn, config), [[1] * w for w in widths],
-                    [1] * len(widths), prunable, max(need, 0),
-                )
-                if done < need:
-                    _warn(notes, stage, f"removed {done} of the {need} FFN neurons asked for in step {step} "
-                          f"(protect_layers={config.protect_layers}; every layer keeps one neuron)")
-            else:
-                per_layer_fraction = ffn_target_total / ffn_total0
-                counts = [
-                    max(0, min(int(round(per_layer_fraction * start_ffn[original_ids[i]] * fraction))
-                               - (start_ffn[original_ids[i]] - w), w - 1))
-                    for i, w in enumerate(widths)
-                ]
-                removed_ffn = _choose_layerwise(step_scores.ffn, counts, prunable)
-
-        for i, layer in enumerate(layers_now):
-            if i in drop:
-                continue
-            if removed_heads[i]:
-                keep_units = [u for j, u in enumerate(units[i]) if j not in removed_heads[i]]
-                n_q, n_kv, _ = attention_shape(family, layer)
-                keep_q = sorted(h for q, _ in keep_units for h in q)
-                gone_kv = {kv for j, (_, kvs) in enumerate(units[i]) if j in removed_heads[i] for kv in kvs}
-                keep_kv = [kv for kv in range(n_kv) if kv not in gone_kv]
-                prune_heads(family, layer, keep_q, keep_kv)
-                head_ids[i] = [head_ids[i][h] for h in keep_q]
-            if removed_ffn[i]:
-                prune_ffn(family, layer, [j for j in range(ffn_width(family, layer)) if j not in removed_ffn[i]])
-        dropped = sorted(original_ids[i] for i in drop)
-        if drop:
-            drop_layers(family, model, survivors)
-            original_ids = [original_ids[i] for i in survivors]
-            head_ids = [head_ids[i] for i in survivors]
-        history.append({
+        step_scores, units = _score_step(model, config, ctx, plan, progress, scores)
+        dropped = _cut(model, plan, progress, _choose_step(model, config, plan, progress, step_scores, units, step),
+                       units)
+        progress.history.append({
             "step": step,
             "head_units": [_round_list(s) for s in step_scores.heads],
             "ffn_mean": _round_list([float(s.float().mean()) for s in step_scores.ffn]),
             "layers": _round_list(step_scores.layers) if step_scores.layers is not None else [],
             "layers_dropped": dropped,
         })
-    reload = sync_config(family, model)
-    plan = current_plan(family, model)
-    params_after = count_parameters(model)
-    return {
-        "family": family,
-        "scope": config.scope,
-        "importance": config.importance,
-        "gqa_mode": config.gqa_mode,
-        "steps": config.steps,
-        "parameters_before": params_before,
-        "parameters_after": params_after,
-        "parameters_removed": params_before - params_after,
-        "heads_before": heads_total0,
-        "heads_after": sum(plan["num_attention_heads"]),
-        "heads_kept_per_layer": plan["num_attention_heads"],
-        "kv_heads_per_layer": plan["num_key_value_heads"],
-        "heads_removed_per_layer": [
-            sorted(set(range(start_shapes[orig][0])) - set(ids)) for orig, ids in zip(original_ids, head_ids)
-        ],
-        "ffn_width_per_layer": plan["intermediate_size"],
-        "ffn_before": ffn_total0,
-        "layers_kept": original_ids,
-        "reload": reload,
-        "importance_scores": history,
-        "scoring_seconds": round(scoring_seconds, 2),
-        "seconds": round(time.perf_counter() - start_time, 2),
-        "warnings": notes,
-    }
+    return _report(model, config, plan, progress, params_before, started)

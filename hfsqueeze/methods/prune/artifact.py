@@ -17,7 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ...errors import ArtifactError
+import transformers
+
+from ...core.errors import ArtifactError
+from ...core.hf import auto_class_name
 from . import surgery
 from .surgery import PLAN_KEY, family_of, pruned_class
 
@@ -27,14 +30,17 @@ MODELING_FILE = "modeling_hfsqueeze_pruned.py"
 _PREFIX = "Pruned"
 
 
+def has_plan(config: Any) -> bool:
+    """Whether ``config`` carries a pruning plan that only the artifact's modeling file (or hfsqueeze) can apply."""
+    return bool(getattr(config, PLAN_KEY, None)) and family_of(config) is not None
+
+
 def _stock_name(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
 
 def _classes(model: Any) -> dict[str, type]:
     """Auto class name -> the stock Transformers class to subclass, for the model and for its backbone."""
-    from ...save import auto_class_name
-
     stock = _stock_class(type(model))
     found = {auto_class_name(model.config): stock}
     base = getattr(model, "base_model", model)
@@ -44,8 +50,6 @@ def _classes(model: Any) -> dict[str, type]:
 
 
 def _stock_class(cls: type) -> type:
-    import transformers
-
     return getattr(transformers, _stock_name(cls.__name__), cls)
 
 
@@ -60,8 +64,6 @@ def modeling_source(classes: dict[str, type]) -> str:
 
 def _classes_from_config(config: Any) -> dict[str, type]:
     """Auto class name -> stock class, read back from the ``auto_map`` that `save_hook` wrote."""
-    import transformers
-
     auto_map = (config.get("auto_map") if isinstance(config, dict) else getattr(config, "auto_map", None)) or {}
     found = {}
     for auto, target in auto_map.items() if isinstance(auto_map, dict) else []:
@@ -89,7 +91,7 @@ def save_hook(model: Any, tmp_dir: Path) -> None:
     """Write the modeling file and ``auto_map`` when the config carries a pruning plan."""
     config = getattr(model, "config", None)
     config_path = Path(tmp_dir) / "config.json"
-    if not getattr(config, PLAN_KEY, None) or family_of(config) is None or not config_path.is_file():
+    if not has_plan(config) or not config_path.is_file():
         return
     classes = _classes(model)
     (Path(tmp_dir) / MODELING_FILE).write_text(modeling_source(classes))
@@ -102,30 +104,20 @@ def save_hook(model: Any, tmp_dir: Path) -> None:
 
 def loader(path: str, config: Any, **kwargs: Any) -> Any:
     """`hfsqueeze.load_compressed` route for artifacts with a pruning plan (no remote code executed)."""
-    if not getattr(config, PLAN_KEY, None) or family_of(config) is None:
+    if not has_plan(config):
         return None
-    import transformers
-
-    from ..quantize import guard_bnb_cpu_repack
-
     archs = [_stock_name(a) for a in (getattr(config, "architectures", None) or [])]
     stock = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if stock is None:
-        from ...save import auto_class_name
-
         stock = getattr(transformers, auto_class_name(config))._model_mapping[type(config)]
     kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
-    model = pruned_class(stock).from_pretrained(path, **kwargs)
-    guard_bnb_cpu_repack(model)
-    return model.eval()
+    return pruned_class(stock).from_pretrained(path, **kwargs)
 
 
 def load_snippet(config: Any, path_or_repo: str) -> str | None:
     """``AutoModel*.from_pretrained(..., trust_remote_code=True)`` for artifacts with a pruning plan."""
-    if not getattr(config, PLAN_KEY, None) or family_of(config) is None:
+    if not has_plan(config):
         return None
-    from ...save import auto_class_name
-
     auto = auto_class_name(config)
     return (f"# trust_remote_code=True runs {MODELING_FILE} from this artifact: hfsqueeze's pruning surgery\n"
             "# (torch and transformers only) plus one class line per architecture; hfsqueeze checks it is byte for\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from ...config import StageConfig
+from ...core.config import StageConfig
 
 
 @dataclasses.dataclass

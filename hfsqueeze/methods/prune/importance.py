@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...utils import progress, progress_bar
+from ...core.hf import eval_mode, is_causal_lm
+from ...core.utils import progress, progress_bar
 from .surgery import (
-    attention_of,
     attention_shape,
     base_of,
     ffn_input_projs,
@@ -41,6 +41,7 @@ from .surgery import (
     ffn_width,
     head_output_proj,
     layer_list,
+    qkv_weights,
     weight_out_in,
 )
 
@@ -154,24 +155,18 @@ class Gates:
         return hook
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "lm_head") or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
 @contextlib.contextmanager
 def frozen_weights(model: nn.Module) -> Iterator[None]:
     """No weight gradients while scoring (only the gates need them); restores ``requires_grad`` and the mode."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     for p, _ in flags:
         p.requires_grad_(False)
-    model.eval()
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -201,16 +196,9 @@ def magnitude_scores(family: str, model: nn.Module, units: list[list[tuple[list[
         n_q, n_kv, hd = attention_shape(family, layer)
         group = n_q // n_kv
         o = _weight_sq(head_output_proj(family, layer)).sum(0).reshape(n_q, hd).sum(1)
-        attn = attention_of(family, layer)
-        if family == "llama":
-            q = _weight_sq(attn.q_proj).sum(1).reshape(n_q, hd).sum(1)
-            kv = (_weight_sq(attn.k_proj) + _weight_sq(attn.v_proj)).sum(1).reshape(n_kv, hd).sum(1)
-        elif family == "gpt2":
-            qkv = _weight_sq(attn.c_attn).sum(1).reshape(3, n_q, hd).sum(2)
-            q, kv = qkv[0], qkv[1] + qkv[2]
-        else:
-            q = _weight_sq(attn.query).sum(1).reshape(n_q, hd).sum(1)
-            kv = (_weight_sq(attn.key) + _weight_sq(attn.value)).sum(1).reshape(n_kv, hd).sum(1)
+        q_w, k_w, v_w = (w.detach().float().pow(2) for w in qkv_weights(family, layer))
+        q = q_w.sum(1).reshape(n_q, hd).sum(1)
+        kv = (k_w + v_w).sum(1).reshape(n_kv, hd).sum(1)
         per_head.append((q + o + kv.repeat_interleave(group) / group).sqrt())
         neuron = _weight_sq(ffn_output_proj(family, layer)).sum(0)
         for proj in ffn_input_projs(family, layer):

@@ -6,18 +6,14 @@ rebuilds the pruned shapes without hfsqueeze installed. The pruning plan (head c
 in ``config.hfsqueeze_pruning``; the class built by `pruned_class` applies it right after the stock ``__init__``,
 before the weights are loaded.
 
-Supported families and the modules each one changes:
-
-- Llama family (llama, mistral, qwen2, qwen3, gemma, gemma3_text): ``self_attn.{q,k,v,o}_proj`` and
-  ``num_key_value_groups``; ``mlp.{gate,up,down}_proj``; ``model.layers``, ``config.layer_types``.
-- GPT-2: the fused ``attn.c_attn`` (Conv1D, q|k|v columns), ``attn.c_proj``, ``num_heads``, ``split_size``;
-  ``mlp.c_fc``/``mlp.c_proj``; ``transformer.h``.
-- BERT family (bert, roberta, xlm-roberta): ``attention.self.{query,key,value}``, ``attention.output.dense``,
-  ``num_attention_heads``, ``all_head_size``; ``intermediate.dense``/``output.dense``; ``encoder.layer``.
+What differs between architectures is data, not code: `FAMILIES` holds one row per family (Llama: llama, mistral,
+qwen2, qwen3, gemma, gemma3_text; GPT-2 with its fused ``c_attn``; BERT: bert, roberta, xlm-roberta) naming the
+modules and attributes that pruning changes, and `MODEL_TYPES` maps Transformers model types to those rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,22 +22,84 @@ from torch import nn
 PLAN_KEY = "hfsqueeze_pruning"
 PLAN_VERSION = 1
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
-GPT2_FAMILY = ("gpt2",)
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta")
-SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY + BERT_FAMILY
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family of architectures keeps what pruning changes: attribute paths and attribute names.
+
+    Paths are dotted attribute paths from the backbone (``layers``) or from one layer (the rest). A family has either
+    separate ``query``/``key``/``value`` projections or one ``fused_qkv`` projection whose outputs are q | k | v.
+    """
+
+    layers: str
+    attention: str
+    head_out: str
+    ffn_in: tuple[str, ...]
+    ffn_out: str
+    head_dim: str
+    query: str | None = None
+    key: str | None = None
+    value: str | None = None
+    fused_qkv: str | None = None
+    grouped: bool = False  # key/value heads are counted apart from the query heads (grouped-query attention)
+    head_count_attrs: tuple[str, ...] = ()  # attention attributes holding the query-head count
+    kv_count_attrs: tuple[str, ...] = ()  # ... the key/value-head count
+    head_width_attrs: tuple[str, ...] = ()  # ... query heads x head_dim
+    group_attr: str | None = None  # ... query heads per key/value head
+    ffn_width_attr: str | None = None  # layer attribute holding the FFN width
+    layer_index_scaling: str | None = None  # config flag that makes attention depend on the layer's index
+    stock_reload: bool = False  # a uniformly pruned config stays valid for the stock class
+
+
+FAMILIES = {
+    "llama": Family(
+        layers="layers", attention="self_attn", head_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_out="mlp.down_proj", head_dim="head_dim", query="self_attn.q_proj", key="self_attn.k_proj",
+        value="self_attn.v_proj", grouped=True, head_count_attrs=("num_heads", "num_attention_heads"),
+        kv_count_attrs=("num_key_value_heads",), group_attr="num_key_value_groups",
+        ffn_width_attr="mlp.intermediate_size", stock_reload=True,
+    ),
+    "gpt2": Family(
+        layers="h", attention="attn", head_out="attn.c_proj", ffn_in=("mlp.c_fc",), ffn_out="mlp.c_proj",
+        head_dim="head_dim", fused_qkv="attn.c_attn", head_count_attrs=("num_heads",),
+        head_width_attrs=("split_size",), layer_index_scaling="scale_attn_by_inverse_layer_idx",
+    ),
+    "bert": Family(
+        layers="encoder.layer", attention="attention.self", head_out="attention.output.dense",
+        ffn_in=("intermediate.dense",), ffn_out="output.dense", head_dim="attention_head_size",
+        query="attention.self.query", key="attention.self.key", value="attention.self.value",
+        head_count_attrs=("num_attention_heads",), head_width_attrs=("all_head_size",),
+    ),
+}
+# Transformers model type -> family.
+MODEL_TYPES = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "gemma3_text": "llama", "gpt2": "gpt2", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
+}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
+
+
+def _get(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set(obj: Any, path: str, value: Any) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(obj, parent) if parent else obj, name, value)
+
+
+def _set_ints(module: Any, names: tuple[str, ...], value: int) -> None:
+    """Set the integer attributes ``names`` that ``module`` has (variants keep different ones)."""
+    for name in names:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, value)
 
 
 def family_of(config: Any) -> str | None:
     """``"llama"``, ``"gpt2"`` or ``"bert"`` for a supported ``config.model_type``, else ``None``."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in LLAMA_FAMILY:
-        return "llama"
-    if model_type in GPT2_FAMILY:
-        return "gpt2"
-    if model_type in BERT_FAMILY:
-        return "bert"
-    return None
+    return MODEL_TYPES.get(getattr(config, "model_type", None))
 
 
 def base_of(model: nn.Module) -> nn.Module:
@@ -50,72 +108,46 @@ def base_of(model: nn.Module) -> nn.Module:
 
 
 def layer_list(family: str, model: nn.Module) -> nn.ModuleList:
-    base = base_of(model)
-    if family == "llama":
-        return base.layers
-    if family == "gpt2":
-        return base.h
-    return base.encoder.layer
-
-
-def _set_layer_list(family: str, model: nn.Module, layers: nn.ModuleList) -> None:
-    base = base_of(model)
-    if family == "llama":
-        base.layers = layers
-    elif family == "gpt2":
-        base.h = layers
-    else:
-        base.encoder.layer = layers
+    return _get(base_of(model), FAMILIES[family].layers)
 
 
 def attention_of(family: str, layer: nn.Module) -> nn.Module:
-    if family == "llama":
-        return layer.self_attn
-    if family == "gpt2":
-        return layer.attn
-    return layer.attention.self
+    return _get(layer, FAMILIES[family].attention)
 
 
 def head_output_proj(family: str, layer: nn.Module) -> nn.Module:
     """The projection whose input is the concatenated per-head attention outputs."""
-    if family == "llama":
-        return layer.self_attn.o_proj
-    if family == "gpt2":
-        return layer.attn.c_proj
-    return layer.attention.output.dense
+    return _get(layer, FAMILIES[family].head_out)
 
 
 def ffn_output_proj(family: str, layer: nn.Module) -> nn.Module:
     """The projection whose input is the FFN's intermediate activations (one column per neuron)."""
-    if family == "llama":
-        return layer.mlp.down_proj
-    if family == "gpt2":
-        return layer.mlp.c_proj
-    return layer.output.dense
+    return _get(layer, FAMILIES[family].ffn_out)
 
 
 def ffn_input_projs(family: str, layer: nn.Module) -> list[nn.Module]:
     """The projections producing the FFN's intermediate activations (one output row per neuron)."""
-    if family == "llama":
-        return [layer.mlp.gate_proj, layer.mlp.up_proj]
-    if family == "gpt2":
-        return [layer.mlp.c_fc]
-    return [layer.intermediate.dense]
+    return [_get(layer, path) for path in FAMILIES[family].ffn_in]
+
+
+def qkv_weights(family: str, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query, key and value weights of one layer, each as ``[out_features, in_features]``."""
+    fam = FAMILIES[family]
+    if fam.fused_qkv:
+        return tuple(weight_out_in(_get(layer, fam.fused_qkv)).chunk(3, dim=0))
+    return tuple(weight_out_in(_get(layer, path)) for path in (fam.query, fam.key, fam.value))
 
 
 def head_dim_of(family: str, layer: nn.Module) -> int:
-    attn = attention_of(family, layer)
-    return int(attn.attention_head_size if family == "bert" else attn.head_dim)
+    return int(getattr(attention_of(family, layer), FAMILIES[family].head_dim))
 
 
 def attention_shape(family: str, layer: nn.Module) -> tuple[int, int, int]:
     """``(query heads, key/value heads, head_dim)`` of one layer, read from the weights (the truth)."""
+    fam = FAMILIES[family]
     head_dim = head_dim_of(family, layer)
     n_q = in_features(head_output_proj(family, layer)) // head_dim
-    if family == "llama":
-        n_kv = out_features(layer.self_attn.k_proj) // head_dim
-    else:
-        n_kv = n_q
+    n_kv = out_features(_get(layer, fam.key)) // head_dim if fam.grouped else n_q
     return n_q, n_kv, head_dim
 
 
@@ -176,34 +208,24 @@ def _head_index(heads: list[int], head_dim: int, offset: int = 0) -> torch.Tenso
 
 def _select_heads(family: str, layer: nn.Module, keep_q: list[int], keep_kv: list[int]) -> None:
     """Keep query heads ``keep_q`` and key/value heads ``keep_kv`` and update the module attributes."""
-    n_q, n_kv, head_dim = attention_shape(family, layer)
-    attn = attention_of(family, layer)
-    q_index = _head_index(keep_q, head_dim)
-    if family == "llama":
-        select_outputs(attn.q_proj, q_index)
-        kv_index = _head_index(keep_kv, head_dim)
-        select_outputs(attn.k_proj, kv_index)
-        select_outputs(attn.v_proj, kv_index)
-        select_inputs(attn.o_proj, q_index)
-        attn.num_key_value_groups = len(keep_q) // len(keep_kv)
-        # Some variants keep these as attributes; the forward reads the shapes from the weights.
-        for name, value in (("num_heads", len(keep_q)), ("num_attention_heads", len(keep_q)),
-                            ("num_key_value_heads", len(keep_kv))):
-            if isinstance(getattr(attn, name, None), int):
-                setattr(attn, name, value)
-    elif family == "gpt2":
-        split = attn.split_size
-        fused = torch.cat([_head_index(keep_q, head_dim, offset=part * split) for part in range(3)])
-        select_outputs(attn.c_attn, fused)
-        select_inputs(attn.c_proj, q_index)
-        attn.num_heads = len(keep_q)
-        attn.split_size = len(keep_q) * head_dim
+    fam = FAMILIES[family]
+    n_q, _, head_dim = attention_shape(family, layer)
+    q_index, kv_index = _head_index(keep_q, head_dim), _head_index(keep_kv, head_dim)
+    if fam.fused_qkv:  # outputs are q | k | v, each n_q * head_dim wide
+        width = n_q * head_dim
+        select_outputs(_get(layer, fam.fused_qkv), torch.cat([q_index, kv_index + width, kv_index + 2 * width]))
     else:
-        for proj in (attn.query, attn.key, attn.value):
-            select_outputs(proj, q_index)
-        select_inputs(layer.attention.output.dense, q_index)
-        attn.num_attention_heads = len(keep_q)
-        attn.all_head_size = len(keep_q) * head_dim
+        select_outputs(_get(layer, fam.query), q_index)
+        select_outputs(_get(layer, fam.key), kv_index)
+        select_outputs(_get(layer, fam.value), kv_index)
+    select_inputs(head_output_proj(family, layer), q_index)
+    attn = attention_of(family, layer)
+    # The forwards read the shapes from the weights; these attributes must follow for the reshapes and the cache.
+    _set_ints(attn, fam.head_count_attrs, len(keep_q))
+    _set_ints(attn, fam.kv_count_attrs, len(keep_kv))
+    _set_ints(attn, fam.head_width_attrs, len(keep_q) * head_dim)
+    if fam.group_attr:
+        setattr(attn, fam.group_attr, len(keep_q) // len(keep_kv))
 
 
 def prune_heads(family: str, layer: nn.Module, keep_q: list[int], keep_kv: list[int] | None = None) -> None:
@@ -215,7 +237,7 @@ def prune_heads(family: str, layer: nn.Module, keep_q: list[int], keep_kv: list[
     n_q, n_kv, _ = attention_shape(family, layer)
     keep_q = sorted(int(h) for h in keep_q)
     keep_kv = sorted(int(h) for h in (keep_kv if keep_kv is not None else range(n_kv)))
-    if family != "llama":  # multi-head attention: a key/value head per query head
+    if not FAMILIES[family].grouped:  # multi-head attention: a key/value head per query head
         keep_kv = keep_q
     if not keep_q or not keep_kv:
         raise ValueError("a layer must keep at least one attention head")
@@ -240,8 +262,10 @@ def prune_ffn(family: str, layer: nn.Module, keep: list[int]) -> None:
     for proj in ffn_input_projs(family, layer):
         select_outputs(proj, index)
     select_inputs(ffn_output_proj(family, layer), index)
-    if family == "llama" and isinstance(getattr(layer.mlp, "intermediate_size", None), int):
-        layer.mlp.intermediate_size = int(index.numel())
+    width_attr = FAMILIES[family].ffn_width_attr
+    if width_attr:
+        parent, _, name = width_attr.rpartition(".")
+        _set_ints(_get(layer, parent) if parent else layer, (name,), int(index.numel()))
 
 
 def drop_layers(family: str, model: nn.Module, keep: list[int]) -> None:
@@ -251,8 +275,8 @@ def drop_layers(family: str, model: nn.Module, keep: list[int]) -> None:
     keep = sorted(int(i) for i in keep)
     if not keep or keep[0] < 0 or keep[-1] >= len(layers):
         raise ValueError(f"layer indices out of range: {keep} of {len(layers)}")
-    scaled_by_index = family == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False)
-    if scaled_by_index and keep != list(range(len(keep))):
+    scaling = FAMILIES[family].layer_index_scaling
+    if scaling and getattr(config, scaling, False) and keep != list(range(len(keep))):
         raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx=True scales attention by the layer index; "
                          "removing layers would change the kept layers' outputs")
     new_layers = nn.ModuleList([layers[i] for i in keep])
@@ -260,7 +284,7 @@ def drop_layers(family: str, model: nn.Module, keep: list[int]) -> None:
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
-    _set_layer_list(family, model, new_layers)
+    _set(base_of(model), FAMILIES[family].layers, new_layers)
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(layers):
         config.layer_types = [layer_types[i] for i in keep]
@@ -306,7 +330,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
         n_q, n_kv, _ = attention_shape(family, layer)
         want_q, want_kv = plan["num_attention_heads"][i], plan["num_key_value_heads"][i]
         fits = want_q <= n_q and want_kv <= n_kv and want_q % want_kv == 0 and want_q // want_kv <= n_q // n_kv
-        if not fits or (family != "llama" and want_q != want_kv):
+        if not fits or (not FAMILIES[family].grouped and want_q != want_kv):
             raise ValueError(f"{field}: layer {i} lists {want_q} query and {want_kv} key/value heads, which this "
                              f"model ({n_q} query, {n_kv} key/value heads per layer) cannot have")
         if (want_q, want_kv) != (n_q, n_kv):

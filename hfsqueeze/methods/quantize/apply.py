@@ -9,16 +9,16 @@ modules to skip; then the model is given the same quantizer state a quantized lo
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...errors import RecipeError, require_backend
-from ...save import auto_class_name
+from ...compat.bnb import import_bnb
+from ...core.errors import RecipeError
+from ...core.hf import auto_class_name, strip_gguf
+from ...core.stage import ModelInfo
 from .config import QuantizeConfig
 
 logger = logging.getLogger("hfsqueeze")
@@ -27,35 +27,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
            "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _bnb():
-    bnb = require_backend("bitsandbytes")
-    # Older bnb releases warned (instead of logging, see utils.silence_bnb_noise) on every int8 matmul.
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    return bnb
-
-
-def is_bnb_quantized(model: nn.Module) -> bool:
-    """True when the model carries bitsandbytes layers (flags set by a quantized load or by this stage)."""
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        return True
-    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
-
-
-def guard_bnb_cpu_repack(model: nn.Module) -> int:
-    """Disable bitsandbytes' CPU weight repacking on every `Linear4bit`; return how many modules were guarded.
-
-    bnb 0.50.2 repacks 4-bit weights on the first no-grad CPU forward when the CPU has AVX512-BF16; saving afterwards
-    writes ``absmax`` in the wrong layout and damages the live model (see NOTES). The unpacked kernel is exact.
-    """
-    if not getattr(model, "is_loaded_in_4bit", False):
-        return 0
-    bnb = _bnb()
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
+def check_quantizable(info: ModelInfo) -> None:
+    """A model is quantized once: refuse one that already is (bitsandbytes or any other method)."""
+    if info.quantized == "bitsandbytes":
+        raise RecipeError("the model is already quantized with bitsandbytes; a model can be quantized to 8/4 bits "
+                          "once (remove the extra quantize stage)")
+    if info.quantized is not None:
+        raise RecipeError(f"the model is already quantized with {info.quantized}; load it unquantized to use the "
+                          "quantize stage")
 
 
 # Appended to the stock loading code of a 4-bit artifact. bnb's own choice on CPUs with AVX512-BF16 would be a bf16
@@ -91,16 +70,6 @@ def load_snippet(config: Any, path_or_repo: str) -> str | None:
     auto = auto_class_name(config)
     return (f"from transformers import {auto}\n\n"
             f'model = {auto}.from_pretrained("{path_or_repo}")\n{EXACT_4BIT_KERNEL_CODE}')
-
-
-def has_repacked_4bit(model: nn.Module) -> bool:
-    """True when some `Linear4bit` already ran the CPU repack (its weights can no longer be saved correctly)."""
-    if not getattr(model, "is_loaded_in_4bit", False):
-        return False
-    return any(
-        getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
-        for m in model.modules()
-    )
 
 
 def bnb_config(config: QuantizeConfig):
@@ -151,9 +120,6 @@ def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module
 
 
 def _cast_16bit(model: nn.Module, config: QuantizeConfig) -> dict[str, Any]:
-    if is_bnb_quantized(model):
-        raise RecipeError("quantize bits: 16 cannot run on a bitsandbytes-quantized model; put the 16-bit cast "
-                          "before the 8/4-bit stage, or use compute_dtype for 4-bit")
     dtype = _DTYPES[config.dtype]
     # Non-persistent float buffers (rotary inv_freq) are rebuilt in fp32 on reload; keep them fp32 here too, or the
     # live model and the reloaded artifact disagree.
@@ -168,22 +134,10 @@ def _cast_16bit(model: nn.Module, config: QuantizeConfig) -> dict[str, Any]:
     return {"format": config.label, "dtype": str(dtype).replace("torch.", "")}
 
 
-def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None) -> dict[str, Any]:
-    """Quantize ``model`` in place according to ``config``; return the details for the report."""
-    from ...models import strip_gguf
-
-    strip_gguf(model)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if is_bnb_quantized(model):
-        raise RecipeError("the model is already quantized with bitsandbytes; a model can be quantized to 8/4 bits "
-                          "once (remove the extra quantize stage)")
-    if quantizer is not None:
-        raise RecipeError(f"the model is already quantized with {quantizer.quantization_config.quant_method}; "
-                          "load it unquantized to use the quantize stage")
-    if config.bits == 16:
-        return _cast_16bit(model, config)
-
-    bnb = _bnb()
+def conversion_plan(model: nn.Module, config: QuantizeConfig
+                    ) -> tuple[Any, Any, list[str], list[tuple[str, nn.Module]]]:
+    """What `apply_quantize` converts for an 8/4-bit ``config``: the ``BitsAndBytesConfig``, the quantizer, the skip
+    list and the ``(name, module)`` pairs to convert."""
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers import AutoHfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -193,11 +147,30 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
     # The same skip list Transformers computes when it reloads this checkpoint, so both sides agree.
     skip = hf_quantizer.get_modules_to_not_convert(model, qc.llm_int8_skip_modules, model._keep_in_fp32_modules)
     hf_quantizer.modules_to_not_convert = skip
-
     targets = [
         (name, module) for name, module in model.named_modules()
         if (isinstance(module, Conv1D) or type(module) is nn.Linear) and should_convert_module(name, skip)
     ]
+    return qc, hf_quantizer, skip, targets
+
+
+def new_module(module: nn.Module, config: QuantizeConfig) -> nn.Module:
+    """The bitsandbytes module `apply_quantize` puts in place of ``module`` for an 8/4-bit ``config``."""
+    return _new_module(import_bnb(), module, bnb_config(config), config)
+
+
+def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None) -> dict[str, Any]:
+    """Quantize ``model`` in place according to ``config``; return the details for the report."""
+    strip_gguf(model)
+    check_quantizable(ModelInfo.of(model))
+    if config.bits == 16:
+        return _cast_16bit(model, config)
+
+    bnb = import_bnb()
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    qc, hf_quantizer, skip, targets = conversion_plan(model, config)
     if not targets:
         raise RecipeError("the quantize stage found no nn.Linear/Conv1D module to quantize (all skipped by "
                           f"skip_modules={config.skip_modules})")
@@ -223,25 +196,3 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         "quantized_parameters": quantized_params,
         "kept_modules": skipped,
     }
-
-
-@contextlib.contextmanager
-def saveable(model: nn.Module):
-    """Let `save_pretrained` run on a 4-bit model that was *loaded* pre-quantized.
-
-    Transformers 5.24 records a ``Bnb4bitDeserialize`` weight conversion on such a model and, on save, tries to
-    reverse it, which fails (that reverse step is not implemented upstream). bnb's `Linear4bit` already writes its
-    quantization state itself, so the reverse step has nothing to do: hide that conversion for the duration of the
-    save.
-    """
-    conversions = getattr(model, "_weight_conversions", None)
-    if not conversions:
-        yield model
-        return
-    kept = [c for c in conversions
-            if not all(type(op).__name__.startswith("Bnb") for op in getattr(c, "operations", []) or [None])]
-    model._weight_conversions = kept
-    try:
-        yield model
-    finally:
-        model._weight_conversions = conversions

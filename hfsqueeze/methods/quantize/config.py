@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from ...config import StageConfig
-from ...errors import RecipeError, UnsupportedModelError
+from ...core.config import StageConfig
 
 DEFAULT_SKIP_MODULES = ["lm_head"]
 # bitsandbytes 8/4-bit: model types whose modeling code calls its nn.Linear modules (checked: compress, save and a
@@ -90,30 +89,3 @@ class QuantizeConfig(StageConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().to_dict().items() if v is not None}
-
-    def frozen_weights(self) -> str | None:
-        return f"bitsandbytes {self.label}" if self.bits in (4, 8) else None
-
-
-def validate_quantize(config: QuantizeConfig, info: Any) -> None:
-    """Refuse, before any work, what `apply_quantize` would refuse: an unsupported model type or a second quantization."""
-    frozen = next((p.frozen_weights() for p in info.previous if p.frozen_weights()), None)
-    if frozen:
-        fix = ("put the 16-bit cast before the 8/4-bit stage, or use compute_dtype for 4-bit" if config.bits == 16
-               else "a model is quantized to 8/4 bits once; remove one quantize stage")
-        raise RecipeError(f"bits: {config.bits} cannot follow a {frozen} stage; {fix}")
-    model = info.model
-    if model is None:
-        return
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    method = getattr(method, "value", method)
-    if method is not None and method != "gguf":  # GGUF weights are dequantized on load
-        raise RecipeError(f"the model is already quantized ({method}); load it unquantized to use the quantize stage")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if config.bits in (4, 8) and model_type not in BNB_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"bits: {config.bits} (bitsandbytes) does not support model type {model_type!r} "
-            f"({type(model).__name__}); supported model types: {', '.join(BNB_MODEL_TYPES)} "
-            "(bits: 16 works for any model)"
-        )

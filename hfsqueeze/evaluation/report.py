@@ -8,26 +8,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .measure import Metrics, latency_check
+import torch
+
+from ..core.utils import cpu_name, versions
+from .measure import latency_check, model_task
+from .metrics import METRICS, Metrics
 
 REPORT_SCHEMA = "hfsqueeze.report"
 REPORT_VERSION = 1
 
-# (field, label, formatter, lower_is_better)
-_ROWS = [
-    ("parameters", "Parameters", lambda v: f"{v / 1e6:,.2f}M", True),
-    ("disk_bytes", "Disk size", lambda v: f"{v / 2**20:,.1f} MiB", True),
-    ("footprint_bytes", "Memory footprint", lambda v: f"{v / 2**20:,.1f} MiB", True),
-    ("perplexity", "Perplexity", lambda v: f"{v:.3f}", True),
-    ("kl_divergence", "KL to original (nats/token)", lambda v: f"{v:.4f}", True),
-    ("top1_agreement", "Top-1 agreement", lambda v: f"{v:.2%}", False),
-    ("embedding_cosine", "Embedding cosine to original", lambda v: f"{v:.4f}", False),
-    ("prefill_ms_per_token", "Prefill latency (ms/token)", lambda v: f"{v:.3f}", True),
-    ("decode_ms_per_token", "Decode latency (ms/token)", lambda v: f"{v:.2f}", True),
-]
-_RATIO_FIELDS = {"parameters", "disk_bytes", "footprint_bytes", "perplexity", "prefill_ms_per_token",
-                 "decode_ms_per_token"}
-_LATENCY_FIELDS = ("prefill_ms_per_token", "decode_ms_per_token")
+
+def environment(model: Any) -> dict[str, Any]:
+    """Where a measurement ran: library versions, CPU, threads and the model's device."""
+    return {**versions(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+            "device": str(getattr(model, "device", "cpu"))}
+
+
+def model_summary(model: Any) -> dict[str, Any]:
+    """What the report says about the model: where it came from, its type, class and task."""
+    return {
+        "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
+        "task": model_task(model),
+    }
 
 
 @dataclasses.dataclass
@@ -150,24 +154,35 @@ class CompressionReport:
         unreliable = check is not None and not check["reliable"]
         head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for key, label, fmt, _ in _ROWS:
-            values = [getattr(m, key) for _, m in cols]
+        for metric in METRICS:
+            values = [getattr(m, metric.key) for _, m in cols]
             if all(v is None for v in values):
                 continue
-            row = [label] + [fmt(v) if v is not None else "n/a" for v in values]
+            row = [metric.short] + [metric.short_fmt(v) if v is not None else "n/a" for v in values]
             if len(head) > len(cols) + 1:
-                first, last = values[0], values[-1]
-                if key in _RATIO_FIELDS and first and last is not None:
-                    row.append(f"{last / first:.3f}x" + (" (unreliable)" if unreliable and key in _LATENCY_FIELDS
-                                                          else ""))
-                elif key == "top1_agreement" and first is not None and last is not None:
-                    row.append(f"{(last - first) * 100:+.2f} pp")
-                elif first is not None and last is not None:
-                    row.append(f"{last - first:+.4g}")
-                else:
-                    row.append("n/a")
+                row.append(_change(metric.report_change, values[0], values[-1], unreliable and metric.latency))
             lines.append("| " + " | ".join(row) + " |")
-        return "\n".join(lines) + "\n\n" + self._footer(cols, check)
+        extra = self._texts_table(cols) + self._warnings_lines()
+        return "\n".join(lines) + "\n\n" + "".join(f"{block}\n\n" for block in extra) + self._footer(cols, check)
+
+    def _texts_table(self, cols: list[tuple[str, Metrics]]) -> list[str]:
+        """Quality on every evaluation text (``evaluation.text`` as a list), one row per text and metric."""
+        labels = list(dict.fromkeys(label for _, m in cols for label in (m.texts or {})))
+        if len(labels) < 2:
+            return []
+        lines = ["Quality on each evaluation text:", "",
+                 "| Text | Metric | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+        for label in labels:
+            for metric in METRICS:
+                values = [(m.texts or {}).get(label, {}).get(metric.key) for _, m in cols]
+                if all(v is None for v in values):
+                    continue
+                cells = [metric.short_fmt(v) if v is not None else "n/a" for v in values]
+                lines.append(f"| {label} | {metric.short} | " + " | ".join(cells) + " |")
+        return ["\n".join(lines)]
+
+    def _warnings_lines(self) -> list[str]:
+        return ["Warnings:\n\n" + "\n".join(f"- {w}" for w in self.warnings)] if self.warnings else []
 
     def _footer(self, cols: list[tuple[str, Metrics]], check: dict[str, Any] | None) -> str:
         """What was measured, and only that: no token count without quality metrics, no latency claim without it."""
@@ -188,6 +203,18 @@ class CompressionReport:
         if check is not None and not check["reliable"]:
             foot += "\nLatency ratios are unreliable: " + "; ".join(check["reasons"]) + "."
         return foot
+
+
+def _change(style: str, first: Any, last: Any, unreliable: bool = False) -> str:
+    """The final / original column: a ratio (flagged when it cannot be trusted), percentage points, or a signed
+    difference."""
+    if style == "ratio" and first and last is not None:
+        return f"{last / first:.3f}x" + (" (unreliable)" if unreliable else "")
+    if style == "points" and first is not None and last is not None:
+        return f"{(last - first) * 100:+.2f} pp"
+    if first is not None and last is not None:  # a difference, also when a ratio has a zero to divide by
+        return f"{last - first:+.4g}"
+    return "n/a"
 
 
 def _stage_suffix(stage: StageResult) -> str:

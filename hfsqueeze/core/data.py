@@ -13,10 +13,15 @@ from typing import Any
 
 import torch
 
+from .texts import BIBLE, bible_text
 from .errors import RecipeError
 
 BUILTIN = "builtin"
-TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".parquet")
+# Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training) and `BIBLE`, prose
+# that no recipe trains on by default (out-of-domain evaluation; see hfsqueeze.core.texts).
+BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE)
+TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)
 
 
 def builtin_text(split: str = "eval") -> str:
@@ -30,14 +35,58 @@ def builtin_text(split: str = "eval") -> str:
     return "\n\n".join(topics[n].strip() for n in chosen)
 
 
+def _text_column(names: list[str], first_row: Any, column: str | None) -> str | None:
+    """``column``, else ``text``, else the first column holding a string."""
+    if column is not None:
+        return column
+    if "text" in names:
+        return "text"
+    return next((c for c in names if isinstance(first_row[c], str)), None)
+
+
 def _texts_from_dataset(ds: Any, column: str | None) -> list[str]:
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict: take the first split
         ds = ds[list(ds.keys())[0]]
     names = list(getattr(ds, "column_names", []) or [])
-    col = column or ("text" if "text" in names else next((c for c in names if isinstance(ds[0][c], str)), None))
+    col = _text_column(names, ds[0], column) if names else None
     if col is None or col not in names:
         raise RecipeError(f"the dataset has no text column {column or 'text'!r}; columns: {', '.join(names)}")
     return [t for t in ds[col] if isinstance(t, str) and t.strip()]
+
+
+def read_rows(path: Path) -> list[Any]:
+    """The rows of a local table: ``.jsonl`` (one JSON value a line), ``.json`` (a list, or one value), ``.csv`` and
+    ``.parquet`` (one dict a row). The one reader of tables, for text sources and labelled data alike; a file that is
+    not UTF-8 or not valid JSON fails with one line naming where."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno}); each line "
+                                  "of a .jsonl file must be one JSON value") from None
+        return rows
+    if suffix == ".json":
+        try:
+            rows = json.loads(_read_utf8(path))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path} is not valid JSON ({exc.msg} on line {exc.lineno}, column {exc.colno})") \
+                from None
+        return rows if isinstance(rows, list) else [rows]
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RecipeError(f"cannot read {path} as {suffix[1:]} ({type(exc).__name__}: {first})") from None
+        return [dict(r) for r in ds]
+    raise RecipeError(f"{path} has suffix {suffix!r}; allowed: {', '.join(TABLE_SUFFIXES)}")
 
 
 def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None = None) -> list[str]:
@@ -45,13 +94,17 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
 
     Args:
         source (`str`, `Path` or `datasets.Dataset`, defaults to `"builtin"`):
-            ``"builtin"``, a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
+            ``"builtin"`` (``"builtin:pydoc"``), ``"builtin:bible"`` (out-of-domain prose), a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
             a `datasets.Dataset`, or a dataset name that `datasets.load_dataset` can load (offline: cached only).
         split (`str`, defaults to `"eval"`): for the built-in text, ``"eval"`` (held out) or ``"train"``.
         column (`str`, *optional*): the text column of a table or dataset.
     """
-    if source is None or source == BUILTIN:
+    if source is None or source in (BUILTIN, f"{BUILTIN}:pydoc"):
         return [builtin_text(split)]
+    if source == BIBLE:
+        return [bible_text()]
+    if isinstance(source, str) and source.startswith(f"{BUILTIN}:"):
+        raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
     if not isinstance(source, (str, Path)):
         return _texts_from_dataset(source, column)
     path = Path(source)
@@ -69,6 +122,23 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
     return _texts_from_dataset(ds, column)
 
 
+def _text_label(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        # A file is named by its file name; built-in texts and dataset names by themselves.
+        return Path(source).name if Path(source).is_file() else str(source)
+    return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
+
+
+def eval_sources(eval_text: Any, evaluation: Any) -> dict[str, Any]:
+    """The evaluation text sources by report label: ``eval_text`` (one or a list) or the recipe's
+    ``evaluation.text``; the first is the headline text."""
+    given = evaluation.texts if eval_text is None else (eval_text if isinstance(eval_text, list) else [eval_text])
+    labels = [_text_label(src) for src in given]
+    if len(set(labels)) != len(labels):  # two files with one name: fall back to the paths as given
+        labels = [str(src) if isinstance(src, (str, Path)) else label for src, label in zip(given, labels)]
+    return dict(zip(labels, given))
+
+
 def _looks_local(source: str | Path) -> bool:
     """A path by its looks (a text suffix, or a first component that exists here): never a datasets name."""
     text = str(source)
@@ -80,7 +150,10 @@ def check_text_source(source: Any) -> None:
 
     ``"builtin"``, datasets and dataset names are left for the stage that uses them (loading them may be slow).
     """
-    if isinstance(source, (str, Path)) and source != BUILTIN and (Path(source).is_file() or _looks_local(source)):
+    if isinstance(source, str) and source.startswith(f"{BUILTIN}:") and source not in BUILTIN_TEXTS:
+        raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
+    if isinstance(source, (str, Path)) and source not in BUILTIN_TEXTS and \
+            (Path(source).is_file() or _looks_local(source)):
         load_texts(source, split="train")
 
 
@@ -98,34 +171,12 @@ def _texts_from_file(path: Path, column: str | None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md"):
         return [_read_utf8(path)]
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno}); each line "
-                                  "of a .jsonl file must be one JSON value") from None
-        return _texts_from_rows(rows, column, path)
-    if suffix == ".json":
-        try:
-            rows = json.loads(_read_utf8(path))
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path} is not valid JSON ({exc.msg} on line {exc.lineno}, column {exc.colno})") \
-                from None
-        return _texts_from_rows(rows if isinstance(rows, list) else [rows], column, path)
-    if suffix in (".csv", ".parquet"):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is unusable
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise RecipeError(f"cannot read {path} as {suffix[1:]} ({type(exc).__name__}: {first})") from None
-        return _texts_from_dataset(ds, column)
-    raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+    if suffix not in TABLE_SUFFIXES:
+        raise RecipeError(f"text file {path} has an unsupported suffix; allowed: {', '.join(TEXT_SUFFIXES)}")
+    rows = read_rows(path)
+    if suffix in (".csv", ".parquet") and rows:  # tables name their columns: take the text one
+        column = _text_column(list(rows[0]), rows[0], column)
+    return _texts_from_rows(rows, column, path)
 
 
 def _texts_from_rows(rows: list, column: str | None, path: Path) -> list[str]:

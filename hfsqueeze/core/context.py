@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .data import load_texts, token_blocks
+from .errors import RecipeError
 
 
 @dataclass
@@ -22,6 +23,8 @@ class CompressionContext:
         stage_index: 1-based number of the stage being applied.
         results: details returned by the stages already applied (``[{"method": ..., **details}]``).
         extras: free-form per-call objects passed to `compress(..., **extras)`.
+        eval_texts: the recipe's evaluation text sources by report label (a distill stage scores each one before
+            and after training, next to its own held-out split).
     """
 
     tokenizer: Any = None
@@ -31,11 +34,10 @@ class CompressionContext:
     stage_index: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    eval_texts: dict[str, Any] = field(default_factory=dict)
 
     def require_tokenizer(self, why: str) -> Any:
         if self.tokenizer is None:
-            from .errors import RecipeError
-
             raise RecipeError(f"stage {self.stage_index}: {why} needs a tokenizer; pass compress(..., tokenizer=tok)")
         return self.tokenizer
 

@@ -4,6 +4,10 @@ Every class subclasses a builtin as well, so callers can catch either ``HfSqueez
 (``ValueError`` for bad recipes, ``ImportError`` for missing backends).
 """
 
+import contextlib
+import importlib
+from typing import Iterator
+
 
 class HfSqueezeError(Exception):
     """Base class of every error raised on purpose by hfsqueeze."""
@@ -35,8 +39,6 @@ class HfSqueezeWarning(UserWarning):
 
 def require_backend(module: str, pip_name: str | None = None):
     """Import an optional backend or raise a `BackendMissingError` naming the pip command."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -44,3 +46,13 @@ def require_backend(module: str, pip_name: str | None = None):
             f"this stage needs the '{module}' package, which is not installed; install it with: "
             f"pip install {pip_name or module}"
         ) from exc
+
+
+@contextlib.contextmanager
+def prefixed(where: str) -> Iterator[None]:
+    """Prefix the message of any `HfSqueezeError` raised inside with ``where`` (e.g. ``stage 2 (prune)``)."""
+    try:
+        yield
+    except HfSqueezeError as exc:
+        message = str(exc)
+        raise type(exc)(message if message.startswith(f"{where}: ") else f"{where}: {message}") from None

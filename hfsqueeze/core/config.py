@@ -137,17 +137,16 @@ class ConfigBase:
 
 @dataclasses.dataclass
 class StageConfig(ConfigBase):
-    """Base of every stage's config. Subclasses set the class attribute ``method``."""
+    """Base of every stage's config. Subclasses set the class attribute ``method``.
+
+    A config that declares a ``recover`` field (prune's does) takes part in recovery: the recipe may ask for a
+    recovery stage right after such a stage, and the distill stage's `expand` inserts it.
+    """
 
     method: ClassVar[str] = ""
 
     def snapshot_needed(self) -> str | None:
         """``"original"`` or ``"previous"`` when the stage needs a frozen copy of the model (a teacher)."""
-        return None
-
-    def frozen_weights(self) -> str | None:
-        """What this stage leaves the weights as when later stages can no longer cut or cast them (e.g.
-        ``"bitsandbytes int8"``), else ``None``. Later stages' ``validate`` reads it to refuse an impossible order."""
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,13 +17,20 @@ from typing import Any
 
 import yaml
 
+from ..core.hf import CAUSAL_LM_SUFFIXES, auto_class_name
+from ..core.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
+from ..core.stage import BASE_MODEL_RELATIONS, Description, format_of
+from ..evaluation.metrics import METRICS
+from ..evaluation.metrics import fmt_bytes as _bytes
+from ..evaluation.metrics import fmt_number as _num
+from ..evaluation.metrics import fmt_params as _params
+from ..registry import find_stage
+from .load import load_snippet
+
 logger = logging.getLogger("hfsqueeze")
 
 CARD_START = "<!-- hfsqueeze:card:start -->"
 CARD_END = "<!-- hfsqueeze:card:end -->"
-
-# base_model_relation values the Hub accepts (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model)
-BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 _BUILTIN_TEXT = "the held-out split of the Python documentation topics shipped with CPython (`pydoc_data.topics`)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -31,7 +38,7 @@ _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".yaml", ".yml"
 _DATA_KEYS = {"text", "dataset", "dataset_name", "calibration", "data", "train_data"}
 
 _PIPELINES = [
-    (("ForCausalLM", "LMHeadModel"), "text-generation"),
+    (CAUSAL_LM_SUFFIXES, "text-generation"),
     (("ForSequenceClassification",), "text-classification"),
     (("ForTokenClassification",), "token-classification"),
     (("ForQuestionAnswering",), "question-answering"),
@@ -71,28 +78,6 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return config.to_dict()
 
 
-def _num(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) < 1e-3:
-        return f"{value:.2e}"
-    if abs(value) < 10:
-        return f"{value:.4f}"
-    return f"{value:,.2f}"
-
-
-def _bytes(value: int) -> str:
-    if value < 2**20:
-        return f"{value / 2**10:,.1f} KiB"
-    if value < 2**30:
-        return f"{value / 2**20:,.1f} MiB"
-    return f"{value / 2**30:,.2f} GiB"
-
-
-def _params(value: int) -> str:
-    return f"{value / 1e6:,.2f}M ({value:,})"
-
-
 def _ratio(before: float, after: float) -> str:
     if not before:
         return ""
@@ -117,21 +102,7 @@ def _points(before: float, after: float, fmt) -> str:
     return f"{(after - before) * 100:+.2f} pp"
 
 
-# (metrics key, label, formatter, change style)
-_METRIC_ROWS = [
-    ("parameters", "Parameters", _params, "ratio"),
-    ("disk_bytes", "Weights on disk", _bytes, "ratio"),
-    ("footprint_bytes", "Memory footprint (weights + buffers)", _bytes, "ratio"),
-    ("perplexity", "Perplexity", _num, "delta_pct"),
-    ("kl_divergence", "KL divergence to the original (nats/token)", _num, "delta"),
-    ("top1_agreement", "Top-1 next-token agreement with the original", lambda v: f"{v:.2%}", "points"),
-    ("embedding_cosine", "Embedding cosine similarity to the original", lambda v: f"{v:.4f}", "delta"),
-    ("prefill_ms_per_token", "Prefill latency (ms/token)", lambda v: f"{v:.3f}", "ratio"),
-    ("decode_ms_per_token", "Decode latency (ms/token)", lambda v: f"{v:.2f}", "ratio"),
-]
-
-
-_LATENCY_KEYS = ("prefill_ms_per_token", "decode_ms_per_token")
+_LATENCY_KEYS = tuple(m.key for m in METRICS if m.latency)
 
 
 def _runs_range(metrics: dict[str, Any], key: str, fmt) -> str:
@@ -153,8 +124,6 @@ def is_hub_id(value: Any) -> bool:
 
 def _builtin_base(name_or_path: Any) -> bool:
     """Whether the model came from the built-in default (a local cache of SmolLM2's GGUF, dequantized)."""
-    from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
-
     if name_or_path in (DEFAULT_MODEL, "builtin", DEFAULT_MODEL_ID + ":gguf"):
         return True
     try:
@@ -166,8 +135,6 @@ def _builtin_base(name_or_path: Any) -> bool:
 
 def resolve_base_model(name_or_path: Any) -> str | None:
     """The Hub id of the base model: ``name_or_path`` if it is one, SmolLM2's for the built-in model, else None."""
-    from .models import DEFAULT_MODEL_ID
-
     if is_hub_id(name_or_path):
         return name_or_path
     return DEFAULT_MODEL_ID if _builtin_base(name_or_path) else None
@@ -202,55 +169,23 @@ def _stages(report: dict[str, Any] | None) -> list[dict[str, Any]]:
             for i, s in enumerate((report.get("recipe") or {}).get("stages") or [], start=1)]
 
 
-def _stage_label(stage: dict[str, Any]) -> str:
-    cfg, method = stage["config"], stage.get("method")
-    if method == "quantize":
-        bits = cfg.get("bits")
-        if bits == 8:
-            return f"8-bit LLM.int8 (bitsandbytes, outlier threshold {cfg.get('threshold', 6.0)})"
-        if bits == 4:
-            qt = cfg.get("quant_type", "nf4")
-            dq = ", double quantization" if cfg.get("double_quant") else ""
-            return f"4-bit {qt.upper()} (bitsandbytes{dq}, compute dtype {cfg.get('compute_dtype', 'float32')})"
-        if bits == 16:
-            return f"16-bit cast to {cfg.get('dtype', 'bf16')}"
-    if method == "prune":
-        parts = [f"{k.replace('_', ' ')} {v}" for k, v in cfg.items()
-                 if k != "method" and not isinstance(v, (dict, list))]
-        return "structured pruning" + (f" ({', '.join(parts)})" if parts else "")
-    if method == "distill":
-        teacher = cfg.get("teacher")
-        return "knowledge distillation" + (f" from `{teacher}`" if teacher else "")
-    return str(method)
-
-
-def _short_label(stage: dict[str, Any]) -> str:
-    fmt = stage["details"].get("format")
-    if isinstance(fmt, str) and fmt:
-        return fmt
-    return {"prune": "pruned", "distill": "distilled"}.get(stage.get("method"), str(stage.get("method")))
+def _describe(stage: dict[str, Any]) -> Description:
+    """The stage's own description; a method this installation does not know is named by its name."""
+    known = find_stage(stage.get("method"))
+    if known is not None:
+        return known.describe(stage["config"], stage["details"])
+    method = str(stage.get("method"))
+    return Description(label=method, short=format_of(stage["details"]) or method,
+                       tags=[method] if stage.get("method") else [])
 
 
 def card_tags(report: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
-    """Hub tags: ``hfsqueeze``, ``compressed``, the model type, and one or more per stage."""
+    """Hub tags: ``hfsqueeze``, ``compressed``, the model type, and the tags each stage adds."""
     tags = ["hfsqueeze", "compressed"]
     if config.get("model_type"):
         tags.append(str(config["model_type"]))
     for stage in _stages(report):
-        cfg = stage["config"]
-        if stage.get("method") == "quantize":
-            bits = cfg.get("bits")
-            if bits in (4, 8):
-                tags += ["bitsandbytes", f"{bits}-bit", "quantized"]
-                tags.append("int8" if bits == 8 else str(cfg.get("quant_type", "nf4")))
-            elif bits == 16:
-                tags.append(str(cfg.get("dtype", "bf16")))
-        elif stage.get("method") == "prune":
-            tags.append("pruned")
-        elif stage.get("method") == "distill":
-            tags.append("distillation")
-        elif stage.get("method"):
-            tags.append(str(stage["method"]))
+        tags += _describe(stage).tags
     out: list[str] = []
     for tag in tags:
         if tag not in out:
@@ -259,10 +194,11 @@ def card_tags(report: dict[str, Any] | None, config: dict[str, Any]) -> list[str
 
 
 def base_model_relation(report: dict[str, Any] | None) -> str:
-    """``quantized`` when every stage is a quantize stage; otherwise ``finetune``, the closest value the Hub allows
-    for weights that were pruned or trained (``adapter`` and ``merge`` describe other things)."""
-    methods = {s.get("method") for s in _stages(report)}
-    return "quantized" if methods and methods <= {"quantize"} else "finetune"
+    """The relation all stages agree on (``quantized`` when every stage only quantizes); otherwise ``finetune``, the
+    closest value the Hub allows for weights that were pruned or trained (``adapter`` and ``merge`` describe other
+    things)."""
+    relations = {_describe(s).relation for s in _stages(report)}
+    return relations.pop() if len(relations) == 1 else "finetune"
 
 
 def card_datasets(report: dict[str, Any] | None) -> list[str]:
@@ -281,7 +217,6 @@ def card_datasets(report: dict[str, Any] | None) -> list[str]:
 
     if report:
         walk((report.get("evaluation") or {}).get("text"), "text")
-        walk(report.get("calibration"), "calibration")  # recorded by compress() when it knows the source
         for stage in _stages(report):
             walk(stage["config"])
     return found
@@ -296,12 +231,7 @@ def _eval_results(report: dict[str, Any], model_name: str, task_type: str) -> li
         "Python documentation topics (held-out split)" if text in (None, "builtin") else Path(str(text)).name)
     results = []
     baseline, final = report.get("baseline") or {}, report.get("final") or {}
-    for key, metric_type, label in (
-        ("perplexity", "perplexity", "Perplexity"),
-        ("kl_divergence", "kl_divergence", "KL divergence to the original (nats/token)"),
-        ("top1_agreement", "accuracy", "Top-1 next-token agreement with the original"),
-        ("embedding_cosine", "cosine_similarity", "Embedding cosine similarity to the original"),
-    ):
+    for key, metric_type, label in ((m.key, m.model_index, m.label) for m in METRICS if m.model_index):
         for which, metrics in (("original", baseline), ("compressed", final)):
             value = metrics.get(key)
             if value is None or (which == "original" and key != "perplexity"):
@@ -323,7 +253,7 @@ def _summary(report: dict[str, Any] | None, config: dict[str, Any], base: str | 
     if not stages:
         return (f"This is {source} saved with hfsqueeze without a "
                 "compression report, so no measurements are shown.")
-    steps = "; then ".join(_stage_label(s) for s in stages)
+    steps = "; then ".join(_describe(s).label for s in stages)
     text = f"This is {source} compressed with hfsqueeze: {steps}."
     base_m, final = (report or {}).get("baseline") or {}, (report or {}).get("final") or {}
     facts = []
@@ -352,7 +282,8 @@ def _results_table(report: dict[str, Any]) -> list[str]:
     check = report.get("latency")
     unreliable = bool(check) and not check.get("reliable", True)
     lines = ["## Results", "", "| Metric | Original | Compressed | Change |", "|---|---:|---:|---|"]
-    for key, label, fmt, style in _METRIC_ROWS:
+    for metric in METRICS:
+        key, label, fmt, style = metric.key, metric.label, metric.fmt, metric.change
         before, after = baseline.get(key), final.get(key)
         if before is None and after is None:
             continue
@@ -365,7 +296,7 @@ def _results_table(report: dict[str, Any]) -> list[str]:
         if before is not None and after is not None:
             change = {"ratio": _ratio, "delta": _delta, "delta_pct": _delta_pct, "points": _points}[style](
                 before, after, fmt) if style != "ratio" else _ratio(before, after)
-        if key in _LATENCY_KEYS:
+        if metric.latency:
             shown_before += _runs_range(baseline, key, fmt)
             shown_after += _runs_range(final, key, fmt)
             if change and unreliable:
@@ -417,9 +348,8 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
     stages = [s for s in _stages(report) if s.get("metrics") or s.get("seconds") is not None]
     if len(stages) < 2 and not any(s.get("details") for s in stages):
         return []
-    shown = [(key, label, fmt) for key, label, fmt, _ in _METRIC_ROWS
-             if len(stages) > 1 and key in ("parameters", "disk_bytes", "perplexity", "kl_divergence", "top1_agreement",
-                        "embedding_cosine") and any((s.get("metrics") or {}).get(key) is not None for s in stages)]
+    shown = [(m.key, m.label, m.fmt) for m in METRICS if len(stages) > 1 and m.per_stage
+             and any((s.get("metrics") or {}).get(m.key) is not None for s in stages)]
     head = ["#", "Stage", "Time (s)", *[label for _, label, _ in shown], "Details"]
     lines = ["### Stage by stage", "", "| " + " | ".join(head) + " |",
              "|---:|---|---:|" + "---:|" * len(shown) + "---|"]
@@ -430,10 +360,61 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
             if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in ("artifacts", "seconds")
         )
         seconds = f"{s['seconds']:.1f}" if s.get("seconds") is not None else ""
-        cells = [str(s.get("index", "")), _stage_label(s), seconds,
+        cells = [str(s.get("index", "")), _describe(s).label, seconds,
                  *[fmt(m[key]) if m.get(key) is not None else "" for key, _, fmt in shown], details]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _texts_table(report: dict[str, Any]) -> list[str]:
+    """Quality on every evaluation text when the recipe named several (``evaluation.text`` as a list)."""
+    before, after = (report.get("baseline") or {}).get("texts") or {}, (report.get("final") or {}).get("texts") or {}
+    if len(after) < 2:
+        return []
+    lines = ["### Quality on each evaluation text", "", "| Text | Metric | Original | Compressed |", "|---|---|---:|---:|"]
+    for label, metrics in after.items():
+        for metric in METRICS:
+            if metrics.get(metric.key) is None:
+                continue
+            b = (before.get(label) or {}).get(metric.key)
+            shown = metric.fmt(b) if b is not None else "not measured"
+            lines.append(f"| {label} | {metric.label} | {shown} | {metric.fmt(metrics[metric.key])} |")
+    return lines + [""]
+
+
+def _recovery_section(report: dict[str, Any]) -> list[str]:
+    """What each recovery (distill) stage did to quality, before training / after training / as saved, per text."""
+    lines = []
+    for stage in _stages(report):
+        quality = stage["details"].get("quality")
+        if not quality:
+            continue
+        d = stage["details"]
+        lines += [f"### Recovery (stage {stage.get('index')})", ""]
+        if d.get("kept") == "before":
+            lines += ["**Recovery made the model worse, so hfsqueeze kept the model from before recovery** "
+                      f"({'; '.join(d.get('regressions') or [])}).", ""]
+        elif d.get("route") == "adapter":
+            lines += ["The recovery is a LoRA adapter kept unmerged beside the quantized weights (merging would "
+                      "re-quantize them and round the update away).", ""]
+        lines += ["| Text | Metric | Before recovery | Trained | Saved |", "|---|---|---:|---:|---:|"]
+        for label, points in quality.items():
+            keys = [k for k in ("kl_divergence", "perplexity", "embedding_cosine") if (points.get("before") or {}).get(k)
+                    is not None]
+            for key in keys:
+                cells = [_num(p[key]) if p and p.get(key) is not None else "" for p in
+                         (points.get("before"), points.get("trained"), points.get("saved"))]
+                lines.append(f"| {label} | {key.replace('_', ' ')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _adapter_note(report: dict[str, Any] | None) -> list[str]:
+    if not any(s["details"].get("route") == "adapter" for s in _stages(report)):
+        return []
+    return ["This artifact holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) beside the "
+            "quantized base. `from_pretrained` applies it when `peft` is installed (`pip install peft`); without "
+            "peft, Transformers loads the quantized base alone and the recovery is lost.", ""]
 
 
 def _warnings_section(report: dict[str, Any]) -> list[str]:
@@ -444,58 +425,11 @@ def _warnings_section(report: dict[str, Any]) -> list[str]:
     return ["## Warnings", "", "The recipe did not run exactly as written:", "", *[f"- {n}" for n in notes], ""]
 
 
-def _layer_rows(details: dict[str, Any]) -> list[dict[str, Any]]:
-    for key in ("layers", "per_layer", "layer_plan", "plan"):
-        rows = details.get(key)
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-            return rows
-        if isinstance(rows, dict) and rows and all(isinstance(r, dict) for r in rows.values()):
-            return [{"layer": k, **v} for k, v in rows.items()]
-    return []
-
-
-def _prune_rows(details: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-layer rows from the prune stage's lists (heads/KV heads/FFN width kept per layer); tolerant of gaps."""
-    kept = details.get("heads_kept_per_layer")
-    if not isinstance(kept, list) or not kept:
-        return []
-    n = len(kept)
-    layer_ids = details.get("layers_kept") if len(details.get("layers_kept") or []) == n else list(range(n))
-    removed = details.get("heads_removed_per_layer") if len(details.get("heads_removed_per_layer") or []) == n \
-        else None
-    kv = details.get("kv_heads_per_layer") if len(details.get("kv_heads_per_layer") or []) == n else None
-    ffn = details.get("ffn_width_per_layer") if len(details.get("ffn_width_per_layer") or []) == n else None
-    history = details.get("importance_scores") or []
-    first = history[0] if history and isinstance(history[0], dict) else {}
-    original_layers = len(first.get("head_units") or []) or (max(layer_ids) + 1 if layer_ids else n)
-    ffn_before = details.get("ffn_before")
-    ffn_each = ffn_before // original_layers if isinstance(ffn_before, int) and ffn_before % original_layers == 0 \
-        else None
-    rows = []
-    for i, layer in enumerate(layer_ids):
-        row: dict[str, Any] = {"layer": layer}
-        if removed is not None:
-            row["attention heads kept"] = f"{kept[i]} of {kept[i] + len(removed[i])}"
-            row["heads removed"] = ", ".join(str(h) for h in removed[i]) or "none"
-        else:
-            row["attention heads kept"] = kept[i]
-        if kv is not None:
-            row["KV heads"] = kv[i]
-        if ffn is not None:
-            row["FFN width"] = f"{ffn[i]} of {ffn_each}" if ffn_each else ffn[i]
-        rows.append(row)
-    for layer in range(original_layers):
-        if layer not in layer_ids:
-            rows.append({"layer": layer, "attention heads kept": "layer removed"})
-    return sorted(rows, key=lambda r: r["layer"])
-
-
 def _architecture_diff(report: dict[str, Any] | None) -> list[str]:
     lines: list[str] = []
     for stage in _stages(report):
-        if stage.get("method") != "prune":
-            continue
-        rows = _layer_rows(stage["details"]) or _prune_rows(stage["details"])
+        described = _describe(stage)
+        rows = described.layer_rows
         if not rows:
             continue
         columns: list[str] = []
@@ -503,7 +437,7 @@ def _architecture_diff(report: dict[str, Any] | None) -> list[str]:
             columns += [k for k in row if k not in columns and not isinstance(row[k], (dict, list))]
         if not lines:
             lines = ["## Architecture changes", ""]
-        lines += [f"Per-layer result of stage {stage.get('index')} ({_stage_label(stage)}):", "",
+        lines += [f"Per-layer result of stage {stage.get('index')} ({described.label}):", "",
                   "| " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|" + "---:|" * len(columns)]
         for row in rows:
             lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
@@ -548,8 +482,6 @@ def _reproduce(report: dict[str, Any] | None, config: dict[str, Any], base: str 
             'hfsqueeze.save_compressed(model, "compressed", tokenizer=tokenizer)', "```", "",
         ]
     elif source:
-        from .save import auto_class_name
-
         archs = config.get("architectures") or [(report.get("model") or {}).get("architecture")]
         auto = auto_class_name(SimpleNamespace(architectures=archs))
         lines += [
@@ -584,11 +516,11 @@ def render_model_card(
         config (`PretrainedConfig` or `dict`): the saved model's configuration.
         report (`CompressionReport` or `dict`, *optional*): the artifact's report (``report.json``); without one the
             card describes the model and how to load it, with no measurements.
-        load_code (`str`): the exact Python code that loads the artifact (`hfsqueeze.save.load_snippet`).
+        load_code (`str`): the exact Python code that loads the artifact (`hfsqueeze.artifact.load.load_snippet`).
         recipe_yaml (`str`, *optional*): the recipe as saved (``recipe.yaml``); defaults to the report's recipe.
         repo_id (`str`, *optional*): the Hub repository the card is for (used in the title and model-index).
         out_dir (`str` or `os.PathLike`, *optional*): the artifact directory, to list its files and sizes.
-        parity (`dict`, *optional*): the result of the upload parity check (`hfsqueeze.hub.verify_parity`).
+        parity (`dict`, *optional*): the result of the upload parity check (`hfsqueeze.artifact.parity.verify_parity`).
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -611,7 +543,7 @@ def render_model_card(
     if recipe_yaml is None and report_d and report_d.get("recipe"):
         recipe_yaml = yaml.safe_dump(report_d["recipe"], sort_keys=False)
     task = pipeline_tag(report_d, cfg)
-    short = " + ".join(_short_label(s) for s in _stages(report_d))
+    short = " + ".join(_describe(s).short for s in _stages(report_d))
     name = (base.split("/")[-1] if base else model_info.get("architecture")
             or next(iter(cfg.get("architectures") or []), "model"))
     title = repo_id.split("/")[-1] if repo_id else f"{name} ({short}, hfsqueeze)" if short else name
@@ -639,12 +571,15 @@ def render_model_card(
                  "exactly those weights.", ""]
     if report_d:
         body += _results_table(report_d) + [""]
+        body += _texts_table(report_d)
         body += _stage_table(report_d) + [""]
         body += tuning_card_section(report_d.get("tuning"))
+        body += _recovery_section(report_d)
         body += _warnings_section(report_d)
         body += _architecture_diff(report_d)
     body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
              "```python", load_code.strip(), "```", ""]
+    body += _adapter_note(report_d)
     if parity:
         body += [
             "Before upload this artifact was reloaded in a fresh process with "
@@ -783,7 +718,7 @@ def write_model_card(
         report (`CompressionReport` or `dict`, *optional*): the report; defaults to ``out_dir/report.json``.
         out_dir (`str` or `os.PathLike`): the artifact directory (files are listed from it).
         path_or_repo (`str`, *optional*): where users load it from, used in the load code; defaults to ``out_dir``.
-        load_code (`str`, *optional*): defaults to `hfsqueeze.save.load_snippet(config, path_or_repo)`.
+        load_code (`str`, *optional*): defaults to `hfsqueeze.artifact.load.load_snippet(config, path_or_repo)`.
         recipe_yaml (`str`, *optional*): defaults to ``out_dir/recipe.yaml``, then the report's recipe.
         parity (`dict`, *optional*): a parity-check result to mention.
 
@@ -796,8 +731,6 @@ def write_model_card(
     write_model_card(model.config, report, "out/smollm2-int8")
     ```
     """
-    from .save import load_snippet
-
     out = Path(out_dir)
     if report is None and (out / "report.json").is_file():
         report = json.loads((out / "report.json").read_text())

@@ -9,6 +9,7 @@ whether the ratio between them can be trusted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -23,43 +24,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import load_texts, token_blocks
-from .utils import progress, progress_bar
+from ..compat.bnb import guard_bnb_cpu_repack, saveable
+from ..compat.peft import save_pretrained_with_adapter
+from ..core.data import eval_sources, load_texts, token_blocks
+from ..core.errors import UnsupportedModelError
+from ..core.hf import count_parameters, eval_mode, is_causal_lm
+from ..core.utils import progress, progress_bar
+from .metrics import Metrics
 
 logger = logging.getLogger("hfsqueeze")
 
-CAUSAL_LM = "causal-lm"
-ENCODER = "encoder"
+# `model_task` values, as the report records them (``report["model"]["task"]``).
+TASK_CAUSAL_LM = "causal-lm"
+TASK_ENCODER = "encoder"
 # Latency runs of one model whose slowest is more than this many times the fastest make a ratio unreliable.
 MAX_LATENCY_SPREAD = 1.5
-
-
-@dataclasses.dataclass
-class Metrics:
-    """One measurement of a model. ``None`` means "not measured" (e.g. perplexity of an encoder)."""
-
-    parameters: int | None = None
-    footprint_bytes: int | None = None
-    disk_bytes: int | None = None
-    perplexity: float | None = None
-    kl_divergence: float | None = None
-    top1_agreement: float | None = None
-    embedding_cosine: float | None = None
-    prefill_ms_per_token: float | None = None
-    decode_ms_per_token: float | None = None
-    eval_tokens: int | None = None
-    latency_spread: dict[str, dict[str, Any]] | None = None  # per latency field: min, median, max, runs
-    load_average: float | None = None  # highest 1-minute load average while latency was timed
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Metrics | None":
-        if data is None:
-            return None
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclasses.dataclass
@@ -71,29 +50,33 @@ class Reference:
     attention_mask: torch.Tensor | None
     outputs: list[torch.Tensor]  # causal: log-probs per block (fp32); encoder: embeddings per batch
     perplexity: float | None = None
+    label: str | None = None
+    # The other evaluation texts, by label (``evaluation.text`` as a list); the report shows each one.
+    others: dict[str, Reference] = dataclasses.field(default_factory=dict)
+
+    def all(self) -> dict[str, Reference]:
+        """Every text's reference by label, this one first."""
+        return {self.label or "text": self, **self.others}
+
+
+def check_measurable(model) -> None:
+    """Refuse, before any work, a model that no stage and no measurement supports: encoder-decoder models.
+
+    hfsqueeze compresses and measures decoder-only causal LMs and encoder models; each stage declares which model
+    types it supports on top of that (its ``validate``).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"model type {getattr(config, 'model_type', None)!r} ({type(model).__name__}) is an encoder-decoder "
+            "model; hfsqueeze compresses and measures decoder-only causal LMs (llama, gpt2, ...) and encoders "
+            "(bert, ...)"
+        )
 
 
 def model_task(model) -> str:
-    """``"causal-lm"`` for generative LMs, ``"encoder"`` for BERT-style models without an LM head."""
-    names = type(model).__name__
-    if names.endswith(("ForCausalLM", "LMHeadModel")) or getattr(model.config, "is_decoder", False):
-        return CAUSAL_LM
-    return ENCODER
-
-
-def count_parameters(model) -> int:
-    """Logical parameter count: a 4-bit weight counts as in*out even though two values share a byte."""
-    seen, total = set(), 0
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if name == "weight" and type(param).__name__ == "Params4bit":
-                total += module.in_features * module.out_features
-            else:
-                total += param.numel()
-    return total
+    """``"causal-lm"`` for generative LMs, ``"encoder"`` for models without a next-token head (BERT-style)."""
+    return TASK_CAUSAL_LM if is_causal_lm(model) else TASK_ENCODER
 
 
 def footprint_bytes(model) -> int:
@@ -117,12 +100,8 @@ def footprint_bytes(model) -> int:
 
 def disk_bytes(model) -> int:
     """Size of the weight files `save_pretrained` writes for ``model`` (safetensors), measured by writing them."""
-    from .methods.quantize import guard_bnb_cpu_repack
-    from .methods.quantize.apply import saveable
-
-    guard_bnb_cpu_repack(model)
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
-        model.save_pretrained(tmp)
+        save_pretrained_with_adapter(model, tmp)  # a kept LoRA adapter is part of the artifact
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
@@ -137,8 +116,8 @@ def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
 
 
 def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
-    texts = texts if texts is not None else load_texts(evaluation.text, split="eval")
-    if model_task(model) == CAUSAL_LM:
+    texts = texts if texts is not None else load_texts(evaluation.texts[0], split="eval")
+    if model_task(model) == TASK_CAUSAL_LM:
         return token_blocks(tokenizer, texts, max_tokens=evaluation.max_tokens, seq_len=evaluation.seq_len), None
     # Encoders: one sentence-ish chunk per paragraph, padded into a batch (the way sentence embeddings are used).
     paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 20]
@@ -168,13 +147,11 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
     """Record the outputs of ``model`` (before compression) on the evaluation text; ``None`` without a tokenizer."""
     if tokenizer is None:
         return None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         task = model_task(model)
         inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
         logger.info("recording the reference outputs on %d evaluation tokens", inputs.numel())
-        if task == CAUSAL_LM:
+        if task == TASK_CAUSAL_LM:
             outputs, nll, count = [], 0.0, 0
             for block in progress(inputs, desc="reference outputs"):
                 lp = _forward_logprobs(model, block)
@@ -183,28 +160,33 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
                 outputs.append(lp)
             return Reference(task, inputs, None, outputs, perplexity=math.exp(nll / count))
         return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
-    finally:
-        model.train(was_training)
 
 
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor) -> float:
-    """Perplexity of a causal LM on token blocks ``[n, L]`` (every token but the first of each block is scored)."""
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        for block in progress(blocks, desc="perplexity"):
-            s, n = _nll(_forward_logprobs(model, block), block)
-            nll, count = nll + s, count + n
-    finally:
-        model.train(was_training)
-    return math.exp(nll / count)
+def reference_set(model, tokenizer, evaluation, texts: dict[str, list[str]]) -> Reference | None:
+    """`reference_outputs` for several texts: the first label's reference holds the others in ``others``."""
+    refs = {label: reference_outputs(model, tokenizer, evaluation, docs) for label, docs in texts.items()}
+    if not refs or any(r is None for r in refs.values()):
+        return None
+    for label, ref in refs.items():
+        ref.label = label
+    first, *rest = refs.values()
+    first.others = {r.label: r for r in rest}
+    return first
+
+
+def _reference_quality(ref: Reference) -> dict[str, float]:
+    """The original model's own quality on a text: its perplexity, zero KL, full agreement."""
+    if ref.task == TASK_CAUSAL_LM:
+        return {"perplexity": ref.perplexity, "kl_divergence": 0.0, "top1_agreement": 1.0,
+                "eval_tokens": ref.inputs.numel()}
+    return {"embedding_cosine": 1.0, "eval_tokens": int(ref.attention_mask.sum())}
+
+
 
 
 @torch.no_grad()
 def _quality(model, reference: Reference) -> dict[str, float]:
-    if reference.task == ENCODER:
+    if reference.task == TASK_ENCODER:
         new = _embeddings(model, reference.inputs, reference.attention_mask)
         cos = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(reference.outputs, new)])
         return {"embedding_cosine": cos.mean().item(), "eval_tokens": int(reference.attention_mask.sum())}
@@ -241,7 +223,7 @@ def _timers(model, prompt: torch.Tensor, decode_tokens: int):
         model(input_ids=prompt)
         return (time.perf_counter() - start) * 1000 / prompt.shape[1]
 
-    if model_task(model) != CAUSAL_LM or decode_tokens <= 0:
+    if model_task(model) != TASK_CAUSAL_LM or decode_tokens <= 0:
         return prefill, None
     # Transformers 5.2x renamed `past_key_values` to `cache` (input and output); accept both.
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -272,14 +254,11 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
         measured), ``latency_spread`` (min/median/max and every run) and ``load_average`` (the highest 1-minute load
         average seen before and after the runs).
     """
-    modes = [m.training for m in models]
-    try:
-        timers = []
-        for model in models:
-            model.eval()
-            timers.append(_timers(model, prompt, decode_tokens))
+    with contextlib.ExitStack() as stack:
+        timers = [_timers(stack.enter_context(eval_mode(model)), prompt, decode_tokens) for model in models]
         # Under load a decode run of a 135M model takes seconds: show the runs (warm-up + repeats, every model).
-        bar = progress_bar(desc="latency", total=(repeats + 1) * sum(1 + (d is not None) for _, d in timers))
+        bar = stack.enter_context(progress_bar(desc="latency", total=(repeats + 1) * sum(1 + (d is not None)
+                                                                                        for _, d in timers)))
         for prefill, decode in timers:
             prefill()
             if decode is not None:
@@ -294,10 +273,6 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
                     samples["decode_ms_per_token"].append(decode())
                 bar.update(1 + (decode is not None))
         loads.append(load_average())
-        bar.close()
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
     seen = [x for x in loads if x is not None]
     results = []
     for samples in runs:
@@ -316,7 +291,7 @@ def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) ->
 
 def latency_prompt(reference: Reference, evaluation) -> torch.Tensor:
     """The latency prompt ``[1, P]``: the first ``evaluation.prompt_tokens`` tokens of the evaluation inputs."""
-    if reference.task == ENCODER:
+    if reference.task == TASK_ENCODER:
         return reference.inputs[:1, : evaluation.prompt_tokens]
     return reference.inputs.reshape(-1)[: evaluation.prompt_tokens].unsqueeze(0)
 
@@ -360,6 +335,8 @@ def latency_check(original: Metrics | None, final: Metrics | None, *, threads: i
             "max_spread": MAX_LATENCY_SPREAD}
 
 
+
+
 def measure(model, tokenizer, evaluation, reference: Reference | None = None, *, with_disk: bool | None = None,
             compare: bool = True, time_latency: bool = True) -> Metrics:
     """Measure ``model``: parameters, footprint, disk size, quality against ``reference``, latency.
@@ -375,8 +352,6 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         time_latency (`bool`, defaults to `True`): time latency when ``evaluation.latency`` asks for it; off when
             the caller times this model interleaved with another (`remeasure_latency_interleaved`).
     """
-    from .methods.quantize import guard_bnb_cpu_repack
-
     guard_bnb_cpu_repack(model)
     metrics = Metrics(parameters=count_parameters(model), footprint_bytes=footprint_bytes(model))
     if evaluation.disk_size if with_disk is None else with_disk:
@@ -385,17 +360,16 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         return metrics
     if reference is None:
         reference = reference_outputs(model, tokenizer, evaluation)
-        if reference.task == CAUSAL_LM:
+        if reference.task == TASK_CAUSAL_LM:
             metrics.perplexity, metrics.eval_tokens = reference.perplexity, reference.inputs.numel()
     elif compare:
         logger.info("measuring perplexity, KL and top-1 agreement against the reference")
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for key, value in _quality(model, reference).items():
                 setattr(metrics, key, value)
-        finally:
-            model.train(was_training)
+            if reference.others:
+                metrics.texts = {reference.label: _reference_quality_of(metrics)}
+                metrics.texts.update({label: _quality(model, ref) for label, ref in reference.others.items()})
     if evaluation.latency and time_latency:
         logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats", evaluation.prompt_tokens,
                     evaluation.decode_tokens, evaluation.repeats)
@@ -405,17 +379,29 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
     return metrics
 
 
-def measure_baseline(model, tokenizer, evaluation, texts: list[str] | None = None, *, time_latency: bool = True
-                     ) -> tuple[Metrics, Reference | None]:
+def _reference_quality_of(metrics: Metrics) -> dict[str, float]:
+    keys = ("perplexity", "kl_divergence", "top1_agreement", "embedding_cosine", "eval_tokens")
+    return {k: getattr(metrics, k) for k in keys if getattr(metrics, k) is not None}
+
+
+def measure_baseline(model, tokenizer, evaluation, texts: list[str] | dict[str, list[str]] | None = None, *,
+                     time_latency: bool = True) -> tuple[Metrics, Reference | None]:
     """Measure the uncompressed model and record its outputs (on ``texts``, default: the evaluation text), which
-    later measurements compare against."""
-    reference = reference_outputs(model, tokenizer, evaluation, texts)
+    later measurements compare against. ``texts`` may map labels to texts: each is recorded and reported."""
+    if texts is None and len(evaluation.texts) > 1:
+        texts = {label: load_texts(src, split="eval") for label, src in eval_sources(None, evaluation).items()}
+    if isinstance(texts, dict):
+        reference = reference_set(model, tokenizer, evaluation, texts) if tokenizer is not None else None
+    else:
+        reference = reference_outputs(model, tokenizer, evaluation, texts)
     metrics = measure(model, tokenizer, evaluation, reference, compare=False, time_latency=time_latency)
     if reference is not None:
-        if reference.task == CAUSAL_LM:
+        if reference.task == TASK_CAUSAL_LM:
             metrics.perplexity, metrics.kl_divergence, metrics.top1_agreement = reference.perplexity, 0.0, 1.0
             metrics.eval_tokens = reference.inputs.numel()
         else:
             metrics.embedding_cosine = 1.0
             metrics.eval_tokens = int(reference.attention_mask.sum())
+        if reference.others:
+            metrics.texts = {label: _reference_quality(ref) for label, ref in reference.all().items()}
     return metrics, reference

@@ -1,0 +1,1 @@
+"""Saved artifacts: `save` (save and load), `parity` (outputs recorded at save time) and `card` (the model card)."""

@@ -1,0 +1,1 @@
+"""Measuring a model (`measure`), the one table of metrics (`metrics`) and the `CompressionReport` (`report`)."""

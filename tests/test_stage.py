@@ -1,0 +1,199 @@
+"""The Stage contract: a fourth method defined in this file runs through compress, save, card and reload; the built-in
+stages' checks run before anything is measured; their search spaces draw valid configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Literal
+
+import pytest
+import torch
+from conftest import SMALL_EVAL, make_tiny, outputs
+from huggingface_hub import ModelCard
+
+import hfsqueeze
+from hfsqueeze import api
+from hfsqueeze.core.config import StageConfig
+from hfsqueeze.core.search import OPTIONAL, Param, sample
+from hfsqueeze.core.stage import Description, ModelInfo, Stage
+from hfsqueeze.registry import available_stages, get_stage, register_stage, unregister_stage
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MARKER = "cast.json"
+
+
+@dataclasses.dataclass
+class CastConfig(StageConfig):
+    """Cast every floating weight to a 16-bit dtype."""
+
+    method = "cast"
+
+    dtype: Literal["bf16", "fp16"] = dataclasses.field(default="bf16", metadata={"help": "bf16 or fp16"})
+
+
+class CastStage(Stage):
+    """An example fourth method: everything it needs lives in this class, nothing else in hfsqueeze changes."""
+
+    name, config_cls = "cast", CastConfig
+
+    def validate(self, config, info):
+        if info.quantized:
+            raise hfsqueeze.RecipeError(f"cast needs an unquantized model; this one is {info.quantized}")
+        return None
+
+    def apply(self, model, config, ctx):
+        model.to(DTYPES[config.dtype])
+        return {"format": f"cast-{config.dtype}", "dtype": config.dtype}
+
+    def describe(self, config, details):
+        return Description(label=f"cast to {config.get('dtype')}", short=details.get("format", "cast"),
+                           tags=["cast", str(config.get("dtype"))], relation="quantized")
+
+    def on_save(self, model, directory):
+        if next(model.parameters()).dtype in DTYPES.values():
+            (directory / MARKER).write_text(json.dumps({"dtype": str(next(model.parameters()).dtype)}))
+
+    def load(self, path, config, **kwargs):
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM
+
+        marker = Path(path) / MARKER
+        if not marker.is_file():
+            return None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=json.loads(marker.read_text())["dtype"][6:])
+        model.loaded_by_cast_stage = True
+        return model
+
+    def load_snippet(self, config, path_or_repo):
+        return (f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained('
+                f'"{path_or_repo}", dtype="auto")  # cast by the example stage\n')
+
+    def search_space(self, info=None):
+        return {"dtype": Param.choice("bf16", "fp16")}
+
+
+@pytest.fixture
+def cast_stage():
+    stage = register_stage(CastStage())
+    try:
+        yield stage
+    finally:
+        unregister_stage("cast")
+
+
+def test_a_stage_defined_outside_the_package_runs_through_compress_save_card_and_reload(cast_stage, tiny_tokenizer,
+                                                                                      tmp_path):
+    assert "cast" in available_stages() and get_stage("cast") is cast_stage
+    model = make_tiny("llama")
+    report = model.compress({"stages": [{"method": "cast", "dtype": "bf16"}], "evaluation": SMALL_EVAL},
+                            tokenizer=tiny_tokenizer)
+    assert report.stages[0].details == {"format": "cast-bf16", "dtype": "bf16"}
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert report.final.disk_bytes < report.baseline.disk_bytes * 0.6
+    assert "1. cast (cast-bf16)" in report.to_markdown()
+
+    out = hfsqueeze.save_compressed(model, tmp_path / "cast", tokenizer=tiny_tokenizer)
+    assert (out / MARKER).is_file()  # the stage's save hook ran
+    assert hfsqueeze.Recipe.load(out / "recipe.yaml").stages[0].to_dict() == {"method": "cast", "dtype": "bf16"}
+    card = ModelCard.load(out / "README.md")
+    assert {"cast", "bf16"} <= set(card.data.tags)
+    assert "cast to bf16" in card.text and "# LlamaForCausalLM (cast-bf16, hfsqueeze)" in card.text
+    assert "# cast by the example stage" in card.text  # the stage's load snippet
+    again = hfsqueeze.load_compressed(out)
+    assert getattr(again, "loaded_by_cast_stage", False)  # the stage's loader ran
+    ids = torch.randint(5, 400, (1, 12))
+    # bf16 rounding of the rotary buffer, rebuilt in fp32 on reload, moves logits by ~1e-2 (see NOTES)
+    torch.testing.assert_close(outputs(again, ids), outputs(model, ids), atol=5e-2, rtol=0)
+
+
+def test_an_unregistered_stage_is_an_unknown_method(cast_stage):
+    unregister_stage("cast")
+    try:
+        with pytest.raises(hfsqueeze.RecipeError, match="unknown method 'cast'"):
+            hfsqueeze.Recipe.load({"stages": [{"method": "cast"}]})
+    finally:
+        register_stage(cast_stage)
+    with pytest.raises(ValueError, match="already registered"):
+        register_stage(CastStage())
+
+
+@pytest.mark.parametrize("recipe, error, match", [
+    ([{"method": "quantize", "bits": 8}, {"method": "prune", "heads": 0.25}], hfsqueeze.RecipeError,
+     r"^stage 2 \(prune\): cannot follow a bitsandbytes int8 stage.*put the prune stage before quantize"),
+    ([{"method": "quantize", "bits": 4}, {"method": "quantize", "bits": 8}], hfsqueeze.RecipeError,
+     r"^stage 2 \(quantize\): bits: 8 cannot follow a bitsandbytes nf4 stage"),
+    ([{"method": "prune", "layers": 1, "protect_layers": [0]}, {"method": "prune", "heads": 1, "protect_layers": [1]}],
+     hfsqueeze.RecipeError, r"^stage 2 \(prune\): key 'protect_layers': layer 1 does not exist; the model has 1 "),
+    ([{"method": "quantize", "bits": 8}, {"method": "distill", "adapter": "none"}], hfsqueeze.RecipeError,
+     r"^stage 2 \(distill\): adapter: none cannot train after a bitsandbytes int8 stage"),
+])
+def test_every_stage_is_checked_before_the_baseline_is_measured(recipe, error, match, monkeypatch, tiny_tokenizer):
+    def measured(*args, **kwargs):
+        raise AssertionError("the baseline was measured before the recipe was checked against the model")
+
+    monkeypatch.setattr(api, "measure_baseline", measured)
+    monkeypatch.setattr(api, "measure", measured)
+    model = make_tiny("llama")
+    with pytest.raises(error, match=match):
+        hfsqueeze.compress(model, {"stages": recipe, "evaluation": SMALL_EVAL}, tokenizer=tiny_tokenizer)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # nothing ran
+
+
+def test_an_unsupported_model_is_refused_before_the_baseline(monkeypatch):
+    import transformers as tf
+
+    monkeypatch.setattr(api, "measure", lambda *a, **k: pytest.fail("measured before the check"))
+    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                           num_attention_heads=2, word_embed_proj_dim=32))
+    with pytest.raises(hfsqueeze.UnsupportedModelError, match=r"^stage 1 \(prune\): model type 'opt'"):
+        hfsqueeze.compress(model, {"stages": [{"method": "prune", "heads": 0.5}]}, measure_quality=False)
+
+
+def test_model_info_follows_the_stages():
+    model = make_tiny("llama")
+    info = ModelInfo.of(model)
+    assert (info.model_type, info.architecture, info.num_layers, info.quantized) == \
+        ("llama", "LlamaForCausalLM", 2, None)
+    after = get_stage("quantize").validate(get_stage("quantize").config_cls(bits=4), info)
+    assert after.quantized == "bitsandbytes"
+    pruned = get_stage("prune").validate(get_stage("prune").config_cls(layers=1), info)
+    assert pruned.num_layers == 1
+
+
+@pytest.mark.parametrize("name", ["quantize", "prune", "distill"])
+def test_search_spaces_draw_configs_the_stage_accepts(name):
+    stage = get_stage(name)
+    space = stage.search_space(ModelInfo.of(make_tiny("llama")))
+    assert space and all(isinstance(p, Param) for p in space.values())
+    rng = random.Random(0)
+    built = 0
+    for _ in range(200):
+        point = sample(space, rng)
+        point.pop(OPTIONAL, None)
+        try:
+            config = stage.config_cls.from_dict(point)
+        except hfsqueeze.RecipeError as exc:
+            # Prune refuses the one all-zero point; leaving the stage out is how a tuner turns pruning off.
+            assert name == "prune" and "nothing to prune" in str(exc), (point, exc)
+            continue
+        built += 1
+        assert config.to_dict()["method"] == name
+    assert built >= 190
+
+
+def test_search_spaces_are_the_real_ones():
+    quantize = get_stage("quantize").search_space()
+    assert set(quantize["bits"].choices) == {16, 8, 4}
+    assert quantize["threshold"].when == {"bits": (8,)} and quantize["quant_type"].when == {"bits": (4,)}
+    assert {"double_quant", "compute_dtype", "skip_modules"} <= set(quantize)
+    prune = get_stage("prune").search_space()
+    assert {"heads", "ffn", "layers", "importance"} <= set(prune)
+    assert set(prune["importance"].choices) == {"gradient", "activation", "magnitude", "kl"}
+    distill = get_stage("distill").search_space()
+    assert distill[OPTIONAL].choices == (True, False) and "training_args.max_steps" in distill
+    point = sample({"bits": Param.choice(8), "threshold": Param.range(1.0, 2.0, when={"bits": (4,)})},
+                   random.Random(0))
+    assert point == {"bits": 8}  # a conditional param is only drawn when its condition holds
