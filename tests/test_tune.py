@@ -391,6 +391,24 @@ def test_baselines_just_over_the_budget_are_not_queued(tiny_tokenizer, tmp_path)
     assert "uniform:nf4+bf16-rest" in kinds
 
 
+def test_a_point_drawn_again_is_not_rebuilt(tiny_tokenizer, tmp_path, monkeypatch):
+    """A space of two points: the sampler can only repeat them; repeats reuse the measurement and do not count."""
+    real, built = study_mod.run_point, []
+
+    def counting(tctx, point):
+        built.append(point)
+        return real(tctx, point)
+
+    monkeypatch.setattr(study_mod, "run_point", counting)
+    space = {"quantize": {"bits": 8, "threshold": [6.0, 2.0], "rest_dtype": "bf16", "keep": 0.0}}
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", space=space, trials=3)
+    measured = [r for r in result.trials if r["duplicate_of"] is None]
+    assert len(built) == len(measured) == 2  # the third trial never comes: only two distinct points exist
+    repeats = [r for r in result.trials if r["duplicate_of"] is not None]
+    assert repeats and all(r["metrics"] == result.trials[r["duplicate_of"]]["metrics"] for r in repeats)
+    assert len(result.pareto) == len({json.dumps(p["stages"]) for p in result.pareto})
+
+
 def test_minimize_size_within_a_quality_budget(tiny_tokenizer, tmp_path):
     result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="kl=0.002", minimize="size", trials=5)
     assert result.chosen["metrics"]["kl"] <= 0.002

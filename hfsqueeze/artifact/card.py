@@ -626,7 +626,8 @@ def tuning_card_section(tuning: dict[str, Any] | None) -> list[str]:
     budget = tuning.get("budget", {})
     intro = (f"Found by `hfsqueeze tune`: lowest {budget.get('minimize', 'kl')} within the budget "
              f"**{budget.get('text') or 'none'}**, after "
-             f"{len([t for t in tuning.get('trials', []) if not t.get('skipped')])} trials "
+             f"{len([t for t in tuning.get('trials', []) if not t.get('skipped') and t.get('duplicate_of') is None])} "
+             "trials "
              f"({tuning.get('stopped', 'done')}). Every trial was built and measured for real on the calibration "
              "text; the chosen point was then re-measured on the held-out evaluation text (the results above).")
     lines = ["## Tuning", "", intro, ""]

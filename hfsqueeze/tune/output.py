@@ -31,7 +31,8 @@ def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], ch
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    done = [r for r in records if r.get("metrics") and r["state"] == "COMPLETE" and not r.get("skipped")]
+    done = [r for r in records if r.get("metrics") and r["state"] == "COMPLETE" and not r.get("skipped")
+            and r.get("duplicate_of") is None]
     if not done:
         return None
     y_key, x_key = objectives[0], objectives[1]

@@ -239,7 +239,7 @@ def _range_param(value: dict[str, Any], tp: Any, at: str, when: Mapping[str, tup
 
 # ---- points and recipes --------------------------------------------------------------------------------------
 def applies(param: Param, point: Mapping[str, Any]) -> bool:
-    """Whether ``param`` is drawn given the ``section.key`` values drawn before it (`Space.flat` qualifies ``when``)."""
+    """Whether ``param`` is drawn, given the ``section.key`` values drawn before it (see `Space.flat`)."""
     return param.applies(point)
 
 

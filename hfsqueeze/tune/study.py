@@ -95,7 +95,7 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
     for trial in study.get_trials(deepcopy=False):
         if trial.number == exclude:
             continue
-        if trial.user_attrs.get("skipped"):
+        if trial.user_attrs.get("skipped") or trial.user_attrs.get("duplicate_of") is not None:
             continue
         if trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL
                                                   and not trial.user_attrs.get("interrupted")):
@@ -200,6 +200,9 @@ class Objective:
         skipped = self._over_size(trial, point)
         if skipped is not None:
             return skipped
+        repeated = self._repeat(trial, point)
+        if repeated is not None:
+            return repeated
         try:
             result = run_point(self.tctx, point)
         except Exception as exc:
@@ -215,6 +218,27 @@ class Objective:
         append_record(self.tuning_dir, trial_record(trial, "COMPLETE", values))
         return values
 
+
+    def _repeat(self, trial, point: dict[str, Any]) -> list[float] | None:
+        """A point already measured (the sampler proposes categorical points again) gets that trial's results, marked
+        ``duplicate_of``; it is not rebuilt and not counted toward ``--trials``."""
+        from optuna.trial import TrialState
+
+        earlier = next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if t.user_attrs.get("point") == point and not t.user_attrs.get("skipped")
+                        and not t.user_attrs.get("duplicate_of")), None)
+        if earlier is None:
+            return None
+        if sum(1 for t in trial.study.get_trials(deepcopy=False) if t.user_attrs.get("duplicate_of") is not None) \
+                > 5 * self.trials:
+            trial.study.stop()  # the sampler keeps proposing what it has seen: stop rather than spin
+        trial.set_user_attr("duplicate_of", earlier.number)
+        for key in ("stages", "metrics", "solution"):
+            trial.set_user_attr(key, earlier.user_attrs.get(key))
+        for key, value in (earlier.constraints or {}).items():
+            trial.set_constraint(key, value)
+        append_record(self.tuning_dir, trial_record(trial, "COMPLETE", list(earlier.values)))
+        return list(earlier.values)
 
     def _over_size(self, trial, point: dict[str, Any]) -> list[float] | None:
         """Skip a point the exact size model puts over the size limit: recorded as infeasible (so the sampler
@@ -244,14 +268,15 @@ def trial_record(trial, state: str, values: list[float] | None = None) -> dict[s
     """One line of ``trials.jsonl`` from a live `optuna.trial.Trial` or a `FrozenTrial`."""
     attrs = dict(trial.user_attrs)
     constraints = dict(trial.constraints or {})
-    feasible = state == "COMPLETE" and not attrs.get("skipped") and all(v <= 0 for v in constraints.values())
+    feasible = (state == "COMPLETE" and not attrs.get("skipped") and attrs.get("duplicate_of") is None
+                and all(v <= 0 for v in constraints.values()))
     return {
         "number": trial.number, "state": state, "kind": attrs.get("kind", "search"),
         "label": recipe_label(attrs["stages"]) if attrs.get("stages") else None, "point": attrs.get("point"),
         "stages": attrs.get("stages"), "metrics": attrs.get("metrics"), "solution": attrs.get("solution"),
         "constraints": constraints, "feasible": feasible, "values": values, "seconds": attrs.get("seconds"),
         "error": attrs.get("error"), "interrupted": bool(attrs.get("interrupted")), "worker": attrs.get("worker"),
-        "skipped": attrs.get("skipped"),
+        "skipped": attrs.get("skipped"), "duplicate_of": attrs.get("duplicate_of"),
     }
 
 
@@ -310,7 +335,8 @@ def best_record(records: list[dict[str, Any]], budget: Budget) -> dict[str, Any]
 
 def closest_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The measured record with the smallest total constraint excess (for the infeasible message)."""
-    measured = [r for r in records if r["state"] == "COMPLETE" and r.get("metrics") and not r.get("skipped")]
+    measured = [r for r in records if r["state"] == "COMPLETE" and r.get("metrics") and not r.get("skipped")
+                and r.get("duplicate_of") is None]
     if not measured:
         return None
     return min(measured, key=lambda r: sum(max(0.0, v) for v in r["constraints"].values()))

@@ -401,7 +401,7 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     tuning = tctx.workdir
     records = study_records(study)
     write_trials_jsonl(tuning, records)
-    pareto = sorted(t.number for t in study.best_trials)
+    pareto = sorted(t.number for t in study.best_trials if t.user_attrs.get("duplicate_of") is None)
     chosen = best_record(records, tctx.budget)
     limits = _plot_limits(tctx.budget, spec)
     plot_pareto(tuning / PARETO_PNG, records, pareto, chosen["number"] if chosen else None,
@@ -431,7 +431,7 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
 
 
 def _infeasible_message(records: list[dict[str, Any]], budget: Budget) -> str:
-    measured = [r for r in records if not r.get("skipped")]
+    measured = [r for r in records if not r.get("skipped") and r.get("duplicate_of") is None]
     skipped = [r for r in records if r.get("skipped")]
     closest = closest_record(records)
     if closest is not None:
