@@ -51,7 +51,9 @@ LATENCY_SPACE = {"quantize": {"bits": [16, 8, 4], "dtype": ["bf16", "fp16"], "th
                               "rest_dtype": ["fp32", "bf16"], "keep": {"low": 0.0, "high": 1.0, "step": 0.05}},
                  "prune": {"enabled": [False, True], "heads": {"low": 0.0, "high": 0.5, "step": 0.0625},
                            "ffn": {"low": 0.0, "high": 0.5, "step": 0.05}, "importance": ["magnitude", "activation"]}}
-GEMMA_SPACE = {"quantize": {"bits": [8, 4, 16], "quant_type": ["nf4"], "rest_dtype": ["bf16"],
+# A 262k vocabulary makes every token's log-probabilities 1 MiB: half the default evaluation tokens.
+GEMMA_EVAL = {"max_tokens": 2048}
+GEMMA_SPACE = {"quantize": {"bits": [8, 4, 16], "quant_type": ["nf4"], "rest_dtype": ["bf16", "fp16"],
                             "threshold": {"low": 0.0, "high": 8.0, "step": 0.5}, "keep": {"low": 0.0, "high": 1.0}}}
 
 
@@ -59,11 +61,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
 
-def measure(model, tok, stages, name: str, model_name: str) -> dict:
+def measure(model, tok, stages, name: str, model_name: str, evaluation: dict | None = None) -> dict:
     """Compress a copy with ``stages`` and measure it on the held-out evaluation text (as `hfsqueeze compress`)."""
     start = time.time()
     copy_ = copy.deepcopy(model)
-    report = hfsqueeze.compress(copy_, {"stages": stages, "evaluation": {"per_stage": False}}, tokenizer=tok)
+    report = hfsqueeze.compress(copy_, {"stages": stages, "evaluation": {"per_stage": False, **(evaluation or {})}},
+                                tokenizer=tok)
     b, f = report.baseline, report.final
     row = {
         "model": model_name, "point": name, "disk_mib": f.disk_bytes / 2**20, "size": f.disk_bytes / b.disk_bytes,
@@ -82,7 +85,8 @@ def fmt_row(r: dict) -> str:
             f"KL {r['kl']:.4f}, prefill {r['prefill']:.2f}x, decode {r['decode']:.2f}x (load {r['load']})")
 
 
-def tuned_rows(result, model, tok, model_name: str, label: str, budget_text: str, remeasure: int) -> list[dict]:
+def tuned_rows(result, model, tok, model_name: str, label: str, budget_text: str, remeasure: int,
+               evaluation: dict | None = None) -> list[dict]:
     """The chosen point (already re-measured on eval by tune) and up to ``remeasure`` other Pareto points."""
     rep = result.report
     b, f = rep.baseline, rep.final
@@ -98,7 +102,7 @@ def tuned_rows(result, model, tok, model_name: str, label: str, budget_text: str
     others = [p for p in result.pareto if p["number"] != result.chosen["number"]][:remeasure]
     for point in others:
         row = measure(model, tok, point["stages"], f"pareto [{label}] #{point['number']} {point['label']}",
-                      model_name)
+                      model_name, evaluation)
         rows.append({**row, "budget": budget_text, "chosen": False})
     return rows
 
@@ -193,13 +197,13 @@ def gemma(args, out: Path, bench: dict) -> None:
     name = "Gemma-3-270M"
     rows = bench.setdefault("rows", [])
     for key in ("int8", "bf16", "int8 + bf16 rest"):
-        rows.append(measure(model, tok, STOCK[key], f"stock {key}", name))
+        rows.append(measure(model, tok, STOCK[key], f"stock {key}", name, GEMMA_EVAL))
     _progress.budget = hfsqueeze.tune.Budget.parse("size=0.45")
     res, secs = run_tune(model, tok, out / "gemma-045", "<= 0.45x fp32", budget="size=0.45", space=GEMMA_SPACE,
-                         trials=args.trials_small)
+                         trials=args.trials_small, evaluation=GEMMA_EVAL)
     bench.setdefault("timings", {})["gemma: sensitivity + trials at <= 0.45x"] = {"seconds": secs,
                                                                                  "trials": len(res.trials)}
-    rows += tuned_rows(res, model, tok, name, "<= 0.45x", "size<=0.45x", args.remeasure)
+    rows += tuned_rows(res, model, tok, name, "<= 0.45x", "size<=0.45x", args.remeasure, GEMMA_EVAL)
 
 
 def table(rows: list[dict]) -> str:
