@@ -129,6 +129,9 @@ def test_builtin_spaces():
     ({"quantize": {"skip_modules": ["x"]}}, "unknown key 'skip_modules'"),
     ({"quantize": "int8"}, "must be a mapping"),
     ({"recover": {"enabled": [True]}}, "needs a 'prune' section"),
+    ({"prune": {"heads": 0.1}, "recover": {"max_steps": [5]}},
+     "unknown key 'max_steps'; allowed keys: alpha, enabled, temperature, training_args.max_steps"),
+    ({"prune": {"heads": 0.1}, "recover": {"training_args.max_steps": [5.5]}}, "got 5.5; expected int"),
     ([1, 2], "expected a mapping of sections"),
 ])
 def test_space_yaml_is_validated_strictly(tmp_path, body, message):
