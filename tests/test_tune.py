@@ -342,6 +342,23 @@ def test_failing_trial_is_recorded_not_raised(tiny_tokenizer, tmp_path, monkeypa
     assert len([r for r in result.trials if r["state"] == "COMPLETE"]) == 3
 
 
+def test_fp16_that_overflows_is_left_out_of_the_space(tiny_tokenizer, tmp_path, caplog):
+    # A residual stream beyond float16's range (as Gemma-3's is): fine in fp32 (the norms scale it back), inf/NaN
+    # in fp16. Before the check every fp16 trial failed with NaN.
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e7)
+    space = {"quantize": {"bits": [8], "threshold": [6.0], "rest_dtype": ["fp16", "bf16"], "keep": [1.0]}}
+    with caplog.at_level("WARNING", logger="hfsqueeze"):
+        result = run_tune(model, tiny_tokenizer, tmp_path / "t", budget="size=0.9", space=space, trials=3)
+    assert "overflows in float16" in caplog.text
+    assert not [r for r in result.trials if r["state"] == "FAIL"]
+    assert all("fp16" not in json.dumps(r["stages"]) for r in result.trials)
+    with pytest.raises(RecipeError, match="overflows in float16"):
+        run_tune(model, tiny_tokenizer, tmp_path / "u", budget="size=0.9", trials=2,
+                 space={"quantize": {"bits": [8], "rest_dtype": ["fp16"]}})
+
+
 def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
     model = tiny_llama()
     start = time.time()

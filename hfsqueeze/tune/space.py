@@ -391,3 +391,44 @@ def rest_torch_dtype(rest: str) -> torch.dtype:
 
 __all__ = ["BUILTIN_SPACES", "PRUNE_SCORES_CACHE", "Plan", "Space", "applies", "enqueue_params", "load_space",
            "plan_of", "quantize_targets", "quantized_module", "run_stages", "stage_space", "suggest"]
+
+
+# ---- fp16 that overflows ------------------------------------------------------------------------------------------
+# Choices that run the model (or what bitsandbytes leaves unquantized) in float16.
+_FP16_CHOICES = {"dtype": "fp16", "rest_dtype": "fp16", "compute_dtype": "float16"}
+
+
+def draws_fp16(space: Space) -> bool:
+    """Whether ``space`` can draw a float16 choice."""
+    quant = space.sections.get("quantize", {})
+    return any(key in quant and quant[key].choices and value in quant[key].choices
+               for key, value in _FP16_CHOICES.items())
+
+
+@torch.no_grad()
+def fp16_overflows(model: nn.Module, block: torch.Tensor) -> bool:
+    """Whether ``model`` cast to float16 gives non-finite logits on ``block`` ([1, T] token ids).
+
+    Models trained in bfloat16 can have activations beyond float16's 65504 (Gemma-3 does: every fp16 trial came out
+    NaN); one forward on a copy finds out before a trial is spent on it."""
+    half = frozen_copy(model).to(torch.float16)
+    try:
+        return not bool(torch.isfinite(half(input_ids=block).logits).all())
+    finally:
+        del half
+
+
+def without_fp16(space: Space) -> Space:
+    """``space`` with every float16 choice removed (one-line error if a knob is left with no choice)."""
+    sections = {section: dict(params) for section, params in space.sections.items()}
+    quant = sections.get("quantize", {})
+    for key, value in _FP16_CHOICES.items():
+        param = quant.get(key)
+        if param is None or not param.choices or value not in param.choices:
+            continue
+        kept = tuple(c for c in param.choices if c != value)
+        if not kept:
+            raise RecipeError(f"space: quantize.{key} allows only {value}, but this model overflows in float16 "
+                              "(non-finite logits on the calibration text); allow bf16 or fp32 instead")
+        quant[key] = dataclasses.replace(param, choices=kept)
+    return Space(sections, name=space.name)

@@ -36,7 +36,7 @@ from ..evaluation.measure import disk_bytes
 from .budget import Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
-from .space import Space, load_space
+from .space import Space, draws_fp16, fp16_overflows, load_space, without_fp16
 from .study import (
     Objective,
     best_record,
@@ -272,6 +272,10 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     cal_path = calibration_file(calibration, tuning)
     blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
                           seq_len=min(settings.seq_len, settings.calibration_tokens))
+    if draws_fp16(space) and fp16_overflows(model, blocks[:1]):
+        logger.warning("tune: this model overflows in float16 (non-finite logits on the calibration text); fp16 "
+                       "choices are left out of the space")
+        space = without_fp16(space)
     spec = {
         "budget": budget.to_dict(), "space": space.to_dict(), "settings": settings.to_dict(), "seed": seed,
         "fingerprint": fingerprint(model), "calibration_hash": tokens_hash(blocks),
