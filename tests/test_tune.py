@@ -359,6 +359,19 @@ def test_fp16_that_overflows_is_left_out_of_the_space(tiny_tokenizer, tmp_path, 
                  space={"quantize": {"bits": [8], "rest_dtype": ["fp16"]}})
 
 
+def test_a_point_with_non_finite_outputs_is_a_failed_trial_that_says_so(tiny_tokenizer, tmp_path, monkeypatch):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e7)
+    monkeypatch.setattr(tuner_mod, "fp16_overflows", lambda *a: False)  # as if the up-front check missed it
+    space = {"quantize": {"bits": [8], "threshold": [6.0], "rest_dtype": ["fp16"], "keep": [1.0]}}
+    with pytest.raises(InfeasibleBudgetError):
+        run_tune(model, tiny_tokenizer, tmp_path / "t", budget="size=0.9", space=space, trials=1)
+    records = [json.loads(line) for line in (tmp_path / "t" / "tuning" / "trials.jsonl").read_text().splitlines()]
+    assert records and all(r["state"] == "FAIL" for r in records)
+    assert "outputs are not finite" in records[0]["error"]
+
+
 def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
     model = tiny_llama()
     start = time.time()

@@ -115,6 +115,9 @@ def _nll(logprobs: list[torch.Tensor], blocks: torch.Tensor) -> float:
     return total / max(count, 1)
 
 
+_MAX_LOG = 700.0  # math.exp overflows just above 709
+
+
 @torch.no_grad()
 def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
     """KL(original || model) per token, perplexity ratio and top-1 agreement on the calibration blocks."""
@@ -128,6 +131,10 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
         scored += block.numel() - 1
         del lp  # one block's log-probabilities at a time (a 262k vocabulary makes them large)
     nll /= max(scored, 1)
+    if not (math.isfinite(kl) and math.isfinite(nll)) or nll > _MAX_LOG:
+        # Recorded as a failed trial with this reason (optuna's own words would be "The value nan is not acceptable").
+        raise FloatingPointError("the compressed model's outputs are not finite (NaN/inf, or a perplexity beyond e^700) on the "
+                                 "calibration text")
     return {"kl": kl / tokens, "top1": agree / tokens, "ppl": math.exp(nll - tctx.original_nll),
             "perplexity": math.exp(nll), "perplexity_original": math.exp(tctx.original_nll)}
 
