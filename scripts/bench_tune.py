@@ -50,7 +50,7 @@ LATENCY_SPACE = {"quantize": {"bits": [16], "dtype": ["fp16", "bf16"]},
                  "prune": {"enabled": [True], "heads": {"low": 0.25, "high": 0.5, "step": 0.0625},
                            "ffn": {"low": 0.25, "high": 0.6, "step": 0.05}, "layers": {"low": 0.0, "high": 0.3,
                                                                                       "step": 0.05},
-                           "importance": ["magnitude", "activation"]}}
+                           "importance": ["gradient", "activation"]}}
 # A 262k vocabulary makes every token's log-probabilities 1 MiB: half the default evaluation tokens.
 GEMMA_EVAL = {"max_tokens": 2048}
 GEMMA_SPACE = {"quantize": {"bits": [8, 4, 16], "quant_type": ["nf4"], "rest_dtype": ["bf16", "fp16"],
