@@ -17,7 +17,7 @@ import torch
 from ..artifact.load import load_model
 from ..core.utils import quiet_transformers_progress
 from .sensitivity import fingerprint
-from .study import Objective, open_study, optimize
+from .study import Objective, counted, open_study, optimize
 from .tuner import RUN_FILE, make_context
 
 logger = logging.getLogger("hfsqueeze")
@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopper(job):
-    from .study import counted
-
     def callback(study, trial) -> None:
         if counted(study)[0] >= job["trials"]:
             study.stop()
