@@ -214,11 +214,12 @@ def _cmd_tune(args) -> int:
     from .models import load_model, resolve_model_path
     from .tune import Budget, load_space
     from .tune.study import progress_line
-    from .tune.tuner import tune
+    from .tune.tuner import check_output, tune
 
     budget = Budget.parse(args.budget, args.minimize)  # one-line errors before any heavy work
     space = load_space(args.space)
     time_budget = _parse_duration(args.time_budget)
+    check_output(args.output, args.resume, args.overwrite)
 
     def progress(info: dict) -> None:
         if info.get("phase") == "sensitivity":

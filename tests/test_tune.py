@@ -502,6 +502,26 @@ def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("setup, extra, message", [
+    ("empty", ["--resume"], "holds no tuning run"),
+    ("foreign", [], "is not empty"),
+])
+def test_cli_output_errors_come_before_loading_the_model(setup, extra, message, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    if setup == "foreign":
+        (out / "thesis.txt").write_text("mine")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(hfsqueeze.models, "load_model", no_load)
+    code = cli_main(["tune", "--budget", "size=0.5", "--output", str(out), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ([] if setup == "empty" else ["thesis.txt"])
+
+
 def test_cli_tune_runs_and_shows_progress(tiny_tokenizer, tmp_path, capsys, monkeypatch):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "m")

@@ -198,27 +198,33 @@ def _check_args(tokenizer, budget: Budget, space: Space, settings: TuneSettings,
         raise RecipeError("the budget has nothing this space can trade for quality")
 
 
+def check_output(output: Any, resume: bool, overwrite: bool) -> None:
+    """One-line errors for an ``output`` this run cannot use, before any work (the CLI calls it before loading)."""
+    if output is None:
+        return
+    out = Path(output).expanduser().resolve()
+    ours = (out / TUNING_DIR / RUN_FILE).is_file()
+    if resume and not ours:
+        raise ArtifactError(f"--resume: {out} holds no tuning run ({TUNING_DIR}/{RUN_FILE} is missing); start "
+                            "without --resume")
+    if not resume and ours and not overwrite:
+        raise ArtifactError(f"{out} holds a previous tuning run; pass --resume to continue it or --overwrite to "
+                            "start over")
+    if not resume and not ours and out.is_dir() and any(out.iterdir()):
+        check_output_dir(out, overwrite)
+
+
 def _prepare_output(output: Any, resume: bool, overwrite: bool) -> tuple[Path, Path, bool]:
     """The output and ``tuning/`` directories, checked before any work (one-line errors, nothing written)."""
     if output is None:
         out = Path(tempfile.mkdtemp(prefix="hfsqueeze-tune-"))
         (out / TUNING_DIR).mkdir()
         return out, out / TUNING_DIR, True
+    check_output(output, resume, overwrite)
     out = Path(output).expanduser().resolve()
     tuning = out / TUNING_DIR
-    ours = (tuning / RUN_FILE).is_file()
-    if resume:
-        if not ours:
-            raise ArtifactError(f"--resume: {out} holds no tuning run ({TUNING_DIR}/{RUN_FILE} is missing); start "
-                                "without --resume")
-        return out, tuning, False
-    if ours:
-        if not overwrite:
-            raise ArtifactError(f"{out} holds a previous tuning run; pass --resume to continue it or --overwrite to "
-                                "start over")
-        shutil.rmtree(tuning)
-    elif out.is_dir() and any(out.iterdir()):
-        check_output_dir(out, overwrite)
+    if not resume and (tuning / RUN_FILE).is_file():
+        shutil.rmtree(tuning)  # --overwrite of a previous run (check_output refused it without)
     tuning.mkdir(parents=True, exist_ok=True)
     return out, tuning, False
 
