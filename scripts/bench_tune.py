@@ -217,6 +217,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sensitivity_note(timing: dict) -> str:
+    """How long the sensitivity pass took; a pass cached by an earlier run is not in this run's wall time."""
+    parts = [f"{fmt} {entry['seconds'] / 60:.1f} min" + (" (cached by an earlier run, not in this time)"
+                                                          if entry.get("cached") else "")
+             for fmt, entry in timing.get("sensitivity", {}).items()]
+    return f"; sensitivity pass: {', '.join(parts)}" if parts else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="out/bench-tune")
@@ -247,7 +255,7 @@ def main() -> int:
         print("\n" + table(bench.get("rows", [])))
         for key, value in bench.get("timings", {}).items():
             print(f"- {key}: {value['seconds'] / 60:.1f} min" + (f", {value['trials']} trials" if "trials" in value
-                                                                 else ""))
+                                                                 else "") + _sensitivity_note(value))
     return 0
 
 
