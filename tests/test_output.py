@@ -191,6 +191,18 @@ def test_interleaved_latency_alternates_models(monkeypatch):
     assert len(ra["latency_spread"]["prefill_ms_per_token"]["runs"]) == 3 and rb["decode_ms_per_token"] > 0
 
 
+def test_prefill_is_timed_as_generate_runs_it(monkeypatch):
+    # generate() asks for the last position's logits only; timing the LM head over every prompt token measured work
+    # no generation does.
+    from hfsqueeze.evaluation import measure
+
+    model = make_tiny("llama")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+    measure.latency(model, torch_prompt(), decode_tokens=0, repeats=2)
+    assert seen == [1, 1, 1]
+
+
 def test_compress_interleaves_when_the_original_is_in_memory(quiet_machine, monkeypatch, tiny_tokenizer):
     from hfsqueeze import api
 
