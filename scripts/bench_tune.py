@@ -10,7 +10,7 @@ Runs, each measured for real (one torch thread; the machine load is printed next
 - SmolLM2-135M: the stock recipes (int8, nf4, nf4-dq, fp4, bf16, and int8/nf4 with a bf16 rest) on the held-out
   evaluation text; `tune` at <= the disk size of stock int8 (sensitivity pass + N trials, timed), then at <= stock
   nf4's size; five more size budgets re-solved from the cached sensitivity (one trial each, timed); a latency budget
-  (prefill <= 0.6x) over pruning + 16-bit, lowest KL.
+  (prefill <= 0.6x) over pruning + recovery + 16-bit, lowest KL.
 - Gemma-3-270M (when converted in the hfsqueeze cache): stock int8 / bf16, and `tune` at <= 0.45x of fp32 disk.
 
 Tuned points (the chosen one and the feasible Pareto set) are re-measured on the evaluation text exactly like the
@@ -43,14 +43,15 @@ STOCK = {
     "nf4 + bf16 rest": [{"method": "quantize", "bits": 16, "dtype": "bf16"},
                         {"method": "quantize", "bits": 4, "quant_type": "nf4"}],
 }
-# Joint pruning + 16-bit for a latency budget. Measured here (one thread, 256-token prompt): bf16 prefill is 1.6x
-# slower than fp32 on this CPU, fp16 0.94x, int8/4-bit 1.1-1.2x; only removing work gets below 0.6x (50% heads + 50%
-# FFN: 0.63x, + 25% of the layers: 0.52x). Recovery training is left out (tens of seconds per step on one thread).
-LATENCY_SPACE = {"quantize": {"bits": [16], "dtype": ["fp16", "bf16"]},
+# Joint pruning + recovery + fp16 for a latency budget. On this CPU (one thread) fp16 runs about as fast as fp32 while
+# bf16 and int8/4-bit run slower (a pruned point in bf16 measured 0.81x where fp16 would be under 0.6x), so only
+# removing work gets below 0.6x: every point prunes, recovers (30 distillation steps from the original), casts to fp16.
+LATENCY_SPACE = {"quantize": {"bits": [16], "dtype": ["fp16"]},
                  "prune": {"enabled": [True], "heads": {"low": 0.25, "high": 0.5, "step": 0.0625},
                            "ffn": {"low": 0.25, "high": 0.6, "step": 0.05}, "layers": {"low": 0.0, "high": 0.3,
                                                                                       "step": 0.05},
-                           "importance": ["gradient", "activation"]}}
+                           "importance": ["gradient", "activation"]},
+                 "recover": {"enabled": [True], "training_args.max_steps": [30]}}
 # A 262k vocabulary makes every token's log-probabilities 1 MiB: half the default evaluation tokens.
 GEMMA_EVAL = {"max_tokens": 2048}
 GEMMA_SPACE = {"quantize": {"bits": [8, 4, 16], "quant_type": ["nf4"], "rest_dtype": ["bf16", "fp16"],
@@ -184,7 +185,7 @@ def smollm2(args, out: Path, bench: dict) -> None:
     if "latency" in args.parts:
         _progress.budget = hfsqueeze.tune.Budget.parse("prefill=0.6")
         res, secs = run_tune(model, tok, out / "smollm2-latency", "prefill<=0.6, lowest KL",
-                             budget="prefill=0.6", space=LATENCY_SPACE, trials=args.trials_small)
+                             budget="prefill=0.6", space=LATENCY_SPACE, trials=args.trials_latency)
         timings["smollm2: latency budget, space prune + 16-bit"] = {"seconds": secs, "trials": len(res.trials)}
         rows += tuned_rows(res, model, tok, name, "prefill<=0.6", "prefill<=0.6x", args.remeasure)
     del model
@@ -231,6 +232,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["smollm2", "gemma"], default=None)
     parser.add_argument("--trials", type=int, default=20, help="trials of the main SmolLM2 run")
     parser.add_argument("--trials-small", type=int, default=12, help="trials of the other runs")
+    parser.add_argument("--trials-latency", type=int, default=8, help="trials of the latency run (each recovers)")
     parser.add_argument("--remeasure", type=int, default=4, help="Pareto points re-measured on eval per run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="stock,int8,nf4,resolve,latency",
