@@ -358,3 +358,13 @@ def test_unknown_builtin_text_is_one_line_error():
 
     with pytest.raises(RecipeError, match=r"unknown built-in text 'builtin:generatd'; allowed: .*builtin:generated"):
         hfsqueeze.compress(tiny_llama(), {"stages": [distill(data={"text": "builtin:generatd"})]})
+
+
+def test_pruned_recovery_recipes_train_on_generated_text_never_on_bible():
+    for name in ("distill-prune-recover", "prune-recover-minilm"):
+        stages = Recipe.load(name).expanded().stages
+        distills = [s for s in stages if s.method == "distill"]
+        assert distills, name
+        assert all(t.text == "builtin:generated" for s in distills for t in s.tasks), name
+        prune = [s for s in stages if s.method == "prune"]
+        assert all("bible" not in str(s.calibration or "") for s in prune), name
