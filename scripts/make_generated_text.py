@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hfsqueeze.artifact.load import load_model  # noqa: E402
-from hfsqueeze.core.texts import GENERATED_FILE  # noqa: E402
+from hfsqueeze.artifact.load import load_model
+from hfsqueeze.core.texts import GENERATED_FILE
 
 BATCHES, BATCH_SIZE, NEW_TOKENS, SEED = 10, 32, 160, 1
 
