@@ -62,15 +62,23 @@ def recipes(steps: int | None) -> dict[str, dict]:
         data["evaluation"] = {**data.get("evaluation", {}), "latency": False, "disk_size": False}
         return data
 
+    def without_recovery(data: dict) -> dict:
+        # The same pruning as the recovery recipe (same calibration text), with no recovery stage: the "before" row.
+        data = copy.deepcopy(data)
+        data.pop("recover", None)
+        data["stages"] = [{k: v for k, v in stage.items() if k != "recover"} for stage in data["stages"]
+                          if stage["method"] != "distill"]
+        return data
+
     recover_int8 = load("distill-int8")
     return {
         "nf4": {"stages": [{"method": "quantize", "bits": 4, "quant_type": "nf4", "double_quant": True}]},
         "nf4+recover": load("distill-nf4-qlora"),
         "int8": {"stages": [{"method": "quantize", "bits": 8}]},
         "int8+recover": recover_int8,
-        "prune": {"stages": [{"method": "prune", "heads": 0.25, "ffn": 0.25}]},
+        "prune": without_recovery(load("distill-prune-recover")),
         "prune+recover": load("distill-prune-recover"),
-        "minilm-prune": {"stages": [{"method": "prune", "heads": 0.5}]},
+        "minilm-prune": without_recovery(load("prune-recover-minilm")),
         "minilm-prune+recover": load("prune-recover-minilm"),
     }
 

@@ -298,3 +298,73 @@ def test_encoder_recovery_after_head_pruning_raises_embedding_cosine(tiny_tokeni
     assert report.final.texts[Path(ood_text).name]["embedding_cosine"] == pytest.approx(
         q["saved"]["embedding_cosine"], abs=0.05)
 
+
+
+# ---- training text: builtin:generated, and paragraphs for encoders (issue 11, round 2) ---------------------------
+
+
+def test_builtin_generated_has_disjoint_splits_and_no_bible_text():
+    from hfsqueeze.core.data import load_texts
+    from hfsqueeze.core.texts import GENERATED_FILE
+
+    train, held = load_texts("builtin:generated", split="train"), load_texts("builtin:generated", split="eval")
+    assert len(train) > 200 and len(held) > 20
+    assert not set(train) & set(held)
+    assert GENERATED_FILE.stat().st_size < 300_000
+    joined = " ".join(train + held)
+    assert "Naomi" not in joined and "Jonah" not in joined  # Ruth and Jonah are the out-of-domain evaluation text
+
+
+def test_distill_on_builtin_generated_trains_on_train_split_only(tiny_tokenizer):
+    from hfsqueeze.core.data import token_blocks
+    from hfsqueeze.core.texts import generated_texts
+    from hfsqueeze.methods.distill.config import DistillConfig
+    from hfsqueeze.methods.distill.data import build_tasks
+
+    cfg = DistillConfig.from_dict({"data": {"text": "builtin:generated", "eval_tokens": 100_000}})
+    (task,) = build_tasks(cfg.tasks, tiny_tokenizer, 64)
+    held = token_blocks(tiny_tokenizer, generated_texts("eval"), max_tokens=100_000, seq_len=64)
+    assert [e["input_ids"] for e in task.eval] == held.tolist()  # held out = the eval split, all of it
+    held_rows = {tuple(r) for r in held.tolist()}
+    assert not any(tuple(e["input_ids"]) in held_rows for e in task.train)
+    train_ids = {i for e in task.train for i in e["input_ids"]}
+    assert len(task.train) * 64 >= 0.9 * sum(len(tiny_tokenizer(t)["input_ids"]) for t in generated_texts("train"))
+    assert train_ids
+
+
+def test_encoder_tasks_are_paragraphs_with_special_tokens(tiny_tokenizer):
+    import copy
+
+    from tokenizers import processors
+
+    from hfsqueeze.methods.distill.config import DistillConfig
+    from hfsqueeze.methods.distill.data import build_tasks
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    cls, sep = tok.convert_tokens_to_ids("[CLS]"), tok.convert_tokens_to_ids("[SEP]")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    cfg = DistillConfig.from_dict({"data": {"text": "builtin:generated", "max_tokens": 5000, "eval_tokens": 2000}})
+    (task,) = build_tasks(cfg.tasks, tok, 48, encoder=True)
+    for split in (task.train, task.eval):
+        assert split and all(e["input_ids"][0] == cls and e["input_ids"][-1] == sep for e in split)
+        assert all(len(e["input_ids"]) <= 48 for e in split)
+    (lm,) = build_tasks(cfg.tasks, tok, 48)  # a causal LM still trains on packed blocks without them
+    assert all(len(e["input_ids"]) == 48 for e in lm.train) and lm.train[0]["input_ids"][0] != cls
+
+
+def test_unknown_builtin_text_is_one_line_error():
+    from hfsqueeze.core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"unknown built-in text 'builtin:generatd'; allowed: .*builtin:generated"):
+        hfsqueeze.compress(tiny_llama(), {"stages": [distill(data={"text": "builtin:generatd"})]})
+
+
+def test_pruned_recovery_recipes_train_on_generated_text_never_on_bible():
+    for name in ("distill-prune-recover", "prune-recover-minilm"):
+        stages = Recipe.load(name).expanded().stages
+        distills = [s for s in stages if s.method == "distill"]
+        assert distills, name
+        assert all(t.text == "builtin:generated" for s in distills for t in s.tasks), name
+        prune = [s for s in stages if s.method == "prune"]
+        assert all("bible" not in str(s.calibration or "") for s in prune), name

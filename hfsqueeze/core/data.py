@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from .texts import BIBLE, bible_text
+from .texts import BIBLE, GENERATED, bible_text, generated_texts
 from .errors import RecipeError
 
 BUILTIN = "builtin"
-# Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training) and `BIBLE`, prose
-# that no recipe trains on by default (out-of-domain evaluation; see hfsqueeze.core.texts).
-BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE)
+# Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training), `BIBLE`, prose that
+# no recipe trains on (out-of-domain evaluation), and `GENERATED`, varied English sampled from SmolLM2 (recovery
+# training text, with its own held-out split); see hfsqueeze.core.texts.
+BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE, GENERATED)
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)
 
@@ -94,15 +95,20 @@ def load_texts(source: Any = BUILTIN, *, split: str = "eval", column: str | None
 
     Args:
         source (`str`, `Path` or `datasets.Dataset`, defaults to `"builtin"`):
-            ``"builtin"`` (``"builtin:pydoc"``), ``"builtin:bible"`` (out-of-domain prose), a local file (.txt/.md: one document; .json/.jsonl/.csv/.parquet: the ``text`` column),
+            ``"builtin"`` (``"builtin:pydoc"``), ``"builtin:bible"`` (out-of-domain prose), ``"builtin:generated"``
+            (text sampled from SmolLM2, one document each), a local file (.txt/.md: one document;
+            .json/.jsonl/.csv/.parquet: the ``text`` column),
             a `datasets.Dataset`, or a dataset name that `datasets.load_dataset` can load (offline: cached only).
-        split (`str`, defaults to `"eval"`): for the built-in text, ``"eval"`` (held out) or ``"train"``.
+        split (`str`, defaults to `"eval"`): for the built-in pydoc and generated texts, ``"eval"`` (held out) or
+            ``"train"``.
         column (`str`, *optional*): the text column of a table or dataset.
     """
     if source is None or source in (BUILTIN, f"{BUILTIN}:pydoc"):
         return [builtin_text(split)]
     if source == BIBLE:
         return [bible_text()]
+    if source == GENERATED:
+        return generated_texts(split)
     if isinstance(source, str) and source.startswith(f"{BUILTIN}:"):
         raise RecipeError(f"unknown built-in text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
     if not isinstance(source, (str, Path)):

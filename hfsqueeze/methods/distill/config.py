@@ -110,6 +110,7 @@ class DataConfig(ConfigBase):
     text: str = dataclasses.field(
         default="calibration",
         metadata={"help": "'calibration' (the source passed to compress, by default the built-in text), 'builtin', "
+                  "'builtin:generated' (varied English sampled from SmolLM2: recovery text that is not one domain), "
                   "a local .txt/.md/.json/.jsonl/.csv/.parquet file, a key of compress(..., datasets={...}) or a "
                   "datasets name"},
     )

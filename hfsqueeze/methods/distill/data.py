@@ -1,7 +1,9 @@
 """Training data of the ``distill`` stage: tasks resolved to tokenized examples with a held-out split.
 
-Causal-LM text is packed into ``block_size`` blocks. The built-in text trains on its ``train`` split and holds out
-its ``eval`` split; any other source holds out every k-th document (``k = 1 / eval_fraction``), or the tail of the
+Causal-LM text is packed into ``block_size`` blocks; for a model without an LM head (a sentence encoder) it is cut
+into paragraphs instead, each tokenized the way the encoder is used (with its special tokens, at most ``block_size``
+tokens). The built-in texts (pydoc, ``builtin:generated``) train on their ``train`` split and hold out their ``eval``
+split; any other source holds out every k-th document (``k = 1 / eval_fraction``), or the tail of the
 tokens when it is a single document. Held-out examples are never trained on. Classification tables hold out every
 k-th row. Several tasks are mixed into one training set by sampling each example's task by weight.
 """
@@ -17,6 +19,7 @@ import torch
 
 from ...core.data import BUILTIN, TABLE_SUFFIXES, builtin_text, load_texts, read_rows, token_blocks
 from ...core.errors import RecipeError
+from ...core.texts import GENERATED, generated_texts
 from .config import CAUSAL_LM, SEQUENCE_CLASSIFICATION, DataConfig
 
 IGNORE = -100
@@ -58,29 +61,53 @@ def _every_kth(n: int, fraction: float) -> set[int]:
     return held or {n - 1}
 
 
-def _lm_task(name: str, cfg: DataConfig, source: Any, tokenizer, block_size: int) -> TaskData:
+def _split_texts(name: str, cfg: DataConfig, source: Any, tokenizer) -> tuple[list[str], list[str]]:
+    """Training and held-out documents of a text source (see the module docstring)."""
     if source is None or (isinstance(source, str) and source == BUILTIN):
-        train_texts, eval_texts = [builtin_text("train")], [builtin_text("eval")]
+        return [builtin_text("train")], [builtin_text("eval")]
+    if isinstance(source, str) and source == GENERATED:
+        return generated_texts("train"), generated_texts("eval")
+    docs = load_texts(source, split="train", column=cfg.column)
+    if len(docs) >= 2:
+        held = _every_kth(len(docs), cfg.eval_fraction)
+        return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+    ids = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+    cut = int(len(ids) * (1 - cfg.eval_fraction))
+    if cut < 2 or len(ids) - cut < 2:
+        raise RecipeError(f"task '{name}': the text is too short ({len(ids)} tokens) to hold out "
+                          f"{cfg.eval_fraction:.0%} for evaluation; give a longer text")
+    return [tokenizer.decode(ids[:cut])], [tokenizer.decode(ids[cut:])]
+
+
+def paragraph_examples(tokenizer, texts: list[str], *, max_tokens: int, max_length: int) -> list[list[int]]:
+    """Paragraphs (blank-line separated, over 20 characters) tokenized with the model's special tokens and cut to
+    ``max_length``, up to ``max_tokens`` tokens: what a sentence encoder sees in use (and is scored on)."""
+    out, used = [], 0
+    for p in (p.strip() for t in texts for p in t.split("\n\n")):
+        if len(p) <= 20:
+            continue
+        ids = tokenizer(" ".join(p.split()), truncation=True, max_length=max_length)["input_ids"]
+        out.append(list(ids))
+        used += len(ids)
+        if used >= max_tokens:
+            break
+    return out
+
+
+def _lm_task(name: str, cfg: DataConfig, source: Any, tokenizer, block_size: int, encoder: bool = False) -> TaskData:
+    train_texts, eval_texts = _split_texts(name, cfg, source, tokenizer)
+    if encoder:
+        train = paragraph_examples(tokenizer, train_texts, max_tokens=cfg.max_tokens, max_length=block_size)
+        held_out = paragraph_examples(tokenizer, eval_texts, max_tokens=cfg.eval_tokens, max_length=block_size)
     else:
-        docs = load_texts(source, split="train", column=cfg.column)
-        if len(docs) >= 2:
-            held = _every_kth(len(docs), cfg.eval_fraction)
-            train_texts = [d for i, d in enumerate(docs) if i not in held]
-            eval_texts = [d for i, d in enumerate(docs) if i in held]
-        else:
-            ids = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
-            cut = int(len(ids) * (1 - cfg.eval_fraction))
-            if cut < 2 or len(ids) - cut < 2:
-                raise RecipeError(f"task '{name}': the text is too short ({len(ids)} tokens) to hold out "
-                                  f"{cfg.eval_fraction:.0%} for evaluation; give a longer text")
-            train_texts = [tokenizer.decode(ids[:cut])]
-            eval_texts = [tokenizer.decode(ids[cut:])]
-    train = token_blocks(tokenizer, train_texts, max_tokens=cfg.max_tokens, seq_len=block_size)
-    held_out = token_blocks(tokenizer, eval_texts, max_tokens=cfg.eval_tokens, seq_len=block_size)
+        train = [row.tolist() for row in token_blocks(tokenizer, train_texts, max_tokens=cfg.max_tokens,
+                                                      seq_len=block_size)]
+        held_out = [row.tolist() for row in token_blocks(tokenizer, eval_texts, max_tokens=cfg.eval_tokens,
+                                                         seq_len=block_size)]
     return TaskData(
         name=name, kind=CAUSAL_LM, weight=cfg.weight,
-        train=[{"input_ids": row.tolist(), "label": IGNORE} for row in train],
-        eval=[{"input_ids": row.tolist(), "label": IGNORE} for row in held_out],
+        train=[{"input_ids": ids, "label": IGNORE} for ids in train],
+        eval=[{"input_ids": ids, "label": IGNORE} for ids in held_out],
     )
 
 
@@ -125,14 +152,18 @@ def _classification_task(name: str, cfg: DataConfig, source: Any, tokenizer, blo
                     label_names=label_names)
 
 
-def build_tasks(tasks: list[DataConfig], tokenizer, block_size: int, context: Any = None) -> list[TaskData]:
-    """Tokenize every task of a distill stage (see the module docstring for the held-out rules)."""
+def build_tasks(tasks: list[DataConfig], tokenizer, block_size: int, context: Any = None,
+                encoder: bool = False) -> list[TaskData]:
+    """Tokenize every task of a distill stage (see the module docstring for the held-out rules); ``encoder``: the
+    model has no LM head, so text tasks are paragraphs rather than packed blocks."""
     out = []
     for i, cfg in enumerate(tasks, start=1):
         name = cfg.name or (f"task_{i}" if len(tasks) > 1 else cfg.task)
         source = resolve_source(cfg.text, context)
-        build = _lm_task if cfg.task == CAUSAL_LM else _classification_task
-        task = build(name, cfg, source, tokenizer, block_size)
+        if cfg.task == CAUSAL_LM:
+            task = _lm_task(name, cfg, source, tokenizer, block_size, encoder)
+        else:
+            task = _classification_task(name, cfg, source, tokenizer, block_size)
         if not task.train or not task.eval:
             raise RecipeError(f"task '{name}': {len(task.train)} training and {len(task.eval)} held-out examples; "
                               "both must be non-empty (give more data)")
