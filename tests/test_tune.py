@@ -372,6 +372,32 @@ def test_a_point_with_non_finite_outputs_is_a_failed_trial_that_says_so(tiny_tok
     assert "outputs are not finite" in records[0]["error"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt itself
+def test_ctrl_c_that_python_drops_in_a_destructor_still_stops_the_search(tiny_tokenizer, tmp_path, monkeypatch):
+    # A KeyboardInterrupt raised inside __del__ (a trial frees models; optuna collects garbage after each trial) is
+    # printed and dropped by Python: the search used to run on to its last trial and report "done".
+    real = study_mod.run_point
+    count = [0]
+
+    class SigintOnDelete:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes, still inside __del__
+                pass
+
+    def interrupted_in_a_destructor(tctx, point):
+        count[0] += 1
+        if count[0] == 2:
+            SigintOnDelete()
+        return real(tctx, point)
+
+    monkeypatch.setattr(study_mod, "run_point", interrupted_in_a_destructor)
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", trials=8)
+    assert result.stopped == "interrupted"
+    assert count[0] <= 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
     model = tiny_llama()
     start = time.time()

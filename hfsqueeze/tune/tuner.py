@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -320,18 +322,46 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
     callbacks = [progress_callback(tctx.budget, trials, workers, started, progress)]
     procs = _spawn_workers(model, tctx, tuning, workers, trials, deadline, model_path)
     stopped = "done"
-    try:
-        optimize(study, objective, deadline=deadline, callbacks=callbacks)
-        _wait(procs)
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        _interrupt(procs)
-    except BaseException:
-        _interrupt(procs)
-        raise
+    with _ctrl_c_stops(study) as interrupted:
+        try:
+            optimize(study, objective, deadline=deadline, callbacks=callbacks)
+            if interrupted:
+                raise KeyboardInterrupt
+            _wait(procs)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            _interrupt(procs)
+        except BaseException:
+            _interrupt(procs)
+            raise
     if stopped == "done" and counted(study)[0] < trials:
         stopped = "time budget" if deadline is not None and time.time() >= deadline else "done"
     return study, stopped
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(study):
+    """While searching, Ctrl-C (SIGINT) also stops the study and is remembered (the yielded list gets an entry).
+
+    Python raises KeyboardInterrupt wherever the main thread is, and inside a destructor (a trial frees whole
+    models, optuna runs `gc.collect()` after each) it is only printed and dropped: the search then ran on to its last
+    trial. With the stop flag and the record the search ends after the current trial even then."""
+    interrupted: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)
+        with contextlib.suppress(RuntimeError):  # outside `optimize` there is nothing to stop
+            study.stop()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials: int, deadline: float | None,
