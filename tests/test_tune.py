@@ -392,10 +392,14 @@ def test_ctrl_c_that_python_drops_in_a_destructor_still_stops_the_search(tiny_to
         return real(tctx, point)
 
     monkeypatch.setattr(study_mod, "run_point", interrupted_in_a_destructor)
-    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", trials=8)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may start us with SIGINT ignored
+    try:
+        result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", trials=8)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the search
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.stopped == "interrupted"
     assert count[0] <= 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
@@ -616,8 +620,10 @@ def test_ctrl_c_saves_the_best_so_far_then_resume_continues(tiny_tokenizer, tmp_
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     args = [str(tmp_path / "m"), str(out), "200", json.dumps(SETTINGS), json.dumps(EVALUATION)]
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # As in a terminal: a shell without job control (CI scripts, `cmd &`) starts children with SIGINT ignored.
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

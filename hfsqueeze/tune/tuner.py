@@ -347,7 +347,10 @@ def _ctrl_c_stops(study):
     models, optuna runs `gc.collect()` after each) it is only printed and dropped: the search then ran on to its last
     trial. With the stop flag and the record the search ends after the current trial even then."""
     interrupted: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
+    # Only where Ctrl-C means KeyboardInterrupt: not in a thread, not where SIGINT is ignored (a background job) or
+    # handled by the caller.
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield interrupted
         return
 
