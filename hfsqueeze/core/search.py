@@ -73,8 +73,13 @@ def sample(space: Mapping[str, Param], rng: random.Random) -> dict[str, Any]:
     for key, param in space.items():
         if param.applies(drawn):
             drawn[key] = param.draw(rng)
+    return nested(drawn)
+
+
+def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"training_args.max_steps": 50, "alpha": 1.0}`` -> ``{"training_args": {"max_steps": 50}, "alpha": 1.0}``."""
     out: dict[str, Any] = {}
-    for key, value in drawn.items():
+    for key, value in flat.items():
         *parents, leaf = key.split(".")
         node = out
         for parent in parents:
@@ -83,4 +88,4 @@ def sample(space: Mapping[str, Param], rng: random.Random) -> dict[str, Any]:
     return out
 
 
-__all__ = ["OPTIONAL", "Param", "sample"]
+__all__ = ["OPTIONAL", "Param", "nested", "sample"]

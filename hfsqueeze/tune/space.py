@@ -38,7 +38,7 @@ from ..core.config import _coerce
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
 from ..core.hf import frozen_copy
-from ..core.search import OPTIONAL, Param
+from ..core.search import OPTIONAL, Param, nested
 from ..recipe import Recipe
 from ..registry import get_stage
 
@@ -320,7 +320,7 @@ def plan_of(point: Mapping[str, Any]) -> Plan:
     if prune.pop(ENABLED, True) and any(amounts):  # nothing to remove: the stage is left out
         recover = sections.get("recover", {})
         if recover.pop(ENABLED, False):
-            prune["recover"] = _nested(recover) or "auto"
+            prune["recover"] = nested(recover) or "auto"
         pre.append({"method": "prune", **prune})
     quant = dict(sections.get("quantize", {}))
     if not quant:
@@ -332,18 +332,6 @@ def plan_of(point: Mapping[str, Any]) -> Plan:
         quant = {"bits": 16, "dtype": quant.get("dtype", "bf16")}
     fmt = config_cls.from_dict(quant, where="space point (quantize)").to_dict()
     return Plan(pre, {k: v for k, v in fmt.items() if k not in ("method", "skip_modules")}, rest, keep)
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"training_args.max_steps": 50, "alpha": 1.0}`` -> ``{"training_args": {"max_steps": 50}, "alpha": 1.0}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return out
 
 
 # ---- running stages ------------------------------------------------------------------------------------------
