@@ -584,19 +584,26 @@ def _completed(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if '"state": "COMPLETE"' in line]
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_keeps_every_finished_trial(tiny_tokenizer, tmp_path):
+def _tune_until_two_trials(tokenizer, tmp_path: Path, out: Path, *, trials: int, stderr) -> subprocess.Popen:
+    """Start `KILLABLE` on a saved tiny Llama in a child process; return it once two trials are finished."""
     model = tiny_llama()
     model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    out = tmp_path / "out"
+    tokenizer.save_pretrained(tmp_path / "m")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path / "m"), str(out), "6", json.dumps(SETTINGS),
-                             json.dumps(EVALUATION)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [str(tmp_path / "m"), str(out), str(trials), json.dumps(SETTINGS), json.dumps(EVALUATION)]
+    # As in a terminal: a shell without job control (CI scripts, `cmd &`) starts children with SIGINT ignored.
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_keeps_every_finished_trial(tiny_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = _tune_until_two_trials(tiny_tokenizer, tmp_path, out, trials=6, stderr=subprocess.DEVNULL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     first = {r["number"]: r for r in _completed(out)}
@@ -614,19 +621,8 @@ def test_kill_9_then_resume_keeps_every_finished_trial(tiny_tokenizer, tmp_path)
 
 @pytest.mark.slow
 def test_ctrl_c_saves_the_best_so_far_then_resume_continues(tiny_tokenizer, tmp_path):
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    args = [str(tmp_path / "m"), str(out), "200", json.dumps(SETTINGS), json.dumps(EVALUATION)]
-    # As in a terminal: a shell without job control (CI scripts, `cmd &`) starts children with SIGINT ignored.
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 240
-    while len(_completed(out)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    proc = _tune_until_two_trials(tiny_tokenizer, tmp_path, out, trials=200, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
