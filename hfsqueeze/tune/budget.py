@@ -73,6 +73,17 @@ def _parse_ppl(raw: str) -> float:
     return _number("ppl", match.group(1)) / 100
 
 
+# How each limit reads in messages and the card; prefill/decode (ratios to the original) fall back to "<=...x".
+_DESCRIBE = {
+    "size": lambda v: f"size<={v:.3g}x",
+    "size_bytes": lambda v: f"size<={v / 2**20:.1f}MiB",
+    "ppl": lambda v: f"ppl<=+{v * 100:.3g}%",
+    "top1": lambda v: f"top1>={v:.3g}",
+    "bits": lambda v: f"bits<={v:.3g}",
+    "kl": lambda v: f"kl<={v:.3g}",
+}
+
+
 @dataclasses.dataclass
 class Budget:
     """Limits a tuned model must meet (every key optional) and the objective it minimizes.
@@ -135,23 +146,8 @@ class Budget:
 
     def describe(self) -> str:
         """The budget in its string form (``size<=0.30x, ppl<=+1%``)."""
-        parts = []
-        for key, value in self.limits.items():
-            if key == "size":
-                parts.append(f"size<={value:.3g}x")
-            elif key == "size_bytes":
-                parts.append(f"size<={value / 2**20:.1f}MiB")
-            elif key == "ppl":
-                parts.append(f"ppl<=+{value * 100:.3g}%")
-            elif key == "top1":
-                parts.append(f"top1>={value:.3g}")
-            elif key == "bits":
-                parts.append(f"bits<={value:.3g}")
-            elif key == "kl":
-                parts.append(f"kl<={value:.3g}")
-            else:
-                parts.append(f"{key}<={value:.3g}x")
-        return ", ".join(parts)
+        return ", ".join(_DESCRIBE.get(key, lambda v, k=key: f"{k}<={v:.3g}x")(value)
+                         for key, value in self.limits.items())
 
     def objectives(self) -> list[str]:
         """The study's objective names, all minimized: the objective first, then KL (or size) for the front."""
