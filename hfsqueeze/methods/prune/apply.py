@@ -18,6 +18,7 @@ from ...core.hf import count_parameters, is_causal_lm
 from ...core.stage import ModelInfo
 from .config import PruneConfig
 from .importance import Scores, activation_scores, gradient_scores, head_units, kl_scores, magnitude_scores
+from .reconstruct import InputMoments, reconstruct
 from .surgery import (
     FAMILIES,
     MODEL_TYPES,
@@ -26,7 +27,9 @@ from .surgery import (
     attention_shape,
     current_plan,
     drop_layers,
+    ffn_output_proj,
     ffn_width,
+    head_output_proj,
     layer_list,
     prune_ffn,
     prune_heads,
@@ -489,21 +492,52 @@ def _choose_step(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _
     return _Choice(drop, heads, ffn)
 
 
+def _kept_columns(family: str, layer: nn.Module, choice: _Choice, units: list, i: int
+                  ) -> dict[str, tuple[nn.Module, list[int], torch.Tensor]]:
+    """Per narrowed output projection of current layer ``i``: the module, what it keeps (query heads or neurons)
+    and the input columns that stay."""
+    out = {}
+    if choice.heads[i]:
+        keep_q = sorted(h for j, (q, _) in enumerate(units[i]) if j not in choice.heads[i] for h in q)
+        head_dim = attention_shape(family, layer)[2]
+        columns = torch.tensor([h * head_dim + d for h in keep_q for d in range(head_dim)])
+        out[f"{i}.heads"] = (head_output_proj(family, layer), keep_q, columns)
+    if choice.ffn[i]:
+        keep = [j for j in range(ffn_width(family, layer)) if j not in choice.ffn[i]]
+        out[f"{i}.ffn"] = (ffn_output_proj(family, layer), keep, torch.tensor(keep))
+    return out
+
+
+def _reconstruct(model: nn.Module, config: PruneConfig, ctx: Any, plan: _Plan, progress: _Progress,
+                 choice: _Choice, units: list) -> dict[str, float]:
+    """Re-fit every projection the cut narrows (see `reconstruct`); return the relative error left per projection."""
+    layers = list(layer_list(plan.family, model))
+    kept = {k: v for i, layer in enumerate(layers) if i not in choice.drop
+            for k, v in _kept_columns(plan.family, layer, choice, units, i).items()}
+    if not kept:
+        return {}
+    if "blocks" not in progress.cache:
+        progress.cache["blocks"] = calibration_blocks(model, config, ctx, config.calibration_tokens)
+    stats = InputMoments({k: module for k, (module, _, _) in kept.items()}).collect(model, progress.cache["blocks"])
+    return {k: reconstruct(module, columns, stats.moments(k), config.reconstruct_ridge)
+            for k, (module, _, columns) in kept.items()}
+
+
 def _cut(model: nn.Module, plan: _Plan, progress: _Progress, choice: _Choice, units: list) -> list[int]:
     """Remove what ``choice`` names, keep track of where the rest came from; return the dropped original layers."""
     family = plan.family
     for i, layer in enumerate(list(layer_list(family, model))):
         if i in choice.drop:
             continue
-        if choice.heads[i]:
-            keep_units = [u for j, u in enumerate(units[i]) if j not in choice.heads[i]]
+        kept = _kept_columns(family, layer, choice, units, i)
+        if f"{i}.heads" in kept:
+            keep_q = kept[f"{i}.heads"][1]
             n_kv = attention_shape(family, layer)[1]
-            keep_q = sorted(h for q, _ in keep_units for h in q)
             gone_kv = {kv for j, (_, kvs) in enumerate(units[i]) if j in choice.heads[i] for kv in kvs}
             prune_heads(family, layer, keep_q, [kv for kv in range(n_kv) if kv not in gone_kv])
             progress.head_ids[i] = [progress.head_ids[i][h] for h in keep_q]
-        if choice.ffn[i]:
-            prune_ffn(family, layer, [j for j in range(ffn_width(family, layer)) if j not in choice.ffn[i]])
+        if f"{i}.ffn" in kept:
+            prune_ffn(family, layer, kept[f"{i}.ffn"][1])
     dropped = sorted(progress.original_ids[i] for i in choice.drop)
     if choice.drop:
         survivors = [i for i in range(len(progress.original_ids)) if i not in choice.drop]
@@ -573,13 +607,15 @@ def apply_prune(
         progress.warn(note)
     for step in range(1, config.steps + 1):
         step_scores, units = _score_step(model, config, ctx, plan, progress, scores)
-        dropped = _cut(model, plan, progress, _choose_step(model, config, plan, progress, step_scores, units, step),
-                       units)
+        choice = _choose_step(model, config, plan, progress, step_scores, units, step)
+        residual = _reconstruct(model, config, ctx, plan, progress, choice, units) if config.reconstruct else {}
+        dropped = _cut(model, plan, progress, choice, units)
         progress.history.append({
             "step": step,
             "head_units": [_round_list(s) for s in step_scores.heads],
             "ffn_mean": _round_list([float(s.float().mean()) for s in step_scores.ffn]),
             "layers": _round_list(step_scores.layers) if step_scores.layers is not None else [],
             "layers_dropped": dropped,
+            **({"reconstruction_error": round(sum(residual.values()) / len(residual), 4)} if residual else {}),
         })
     return _report(model, config, plan, progress, params_before, started)

@@ -87,6 +87,15 @@ class PruneConfig(StageConfig):
         metadata={"help": "'auto' (or a mapping of distill options): insert a recovery distill stage from the "
                   "original model right after this stage; 'none'/false: no recovery even if the recipe asks"},
     )
+    reconstruct: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "re-fit the kept columns (and bias) of every narrowed output projection by least squares on "
+                  "the calibration text, so each layer's output stays close to the original's (Kwon et al. 2022); "
+                  "one extra forward pass"},
+    )
+    reconstruct_ridge: float = dataclasses.field(
+        default=0.01, metadata={"help": "ridge term of the reconstruction, relative to the mean input energy"}
+    )
     seq_len: int | None = dataclasses.field(
         default=None, metadata={"help": "calibration sequence length (default 512 for decoders, 128 for encoders)"}
     )
@@ -107,6 +116,8 @@ class PruneConfig(StageConfig):
         for key in ("calibration_tokens", "kl_tokens"):
             if getattr(self, key) < 2:
                 self.fail(key, f"got {getattr(self, key)}; must be >= 2")
+        if self.reconstruct_ridge < 0:
+            self.fail("reconstruct_ridge", f"got {self.reconstruct_ridge}; must be >= 0")
         if self.seq_len is not None and self.seq_len < 2:
             self.fail("seq_len", f"got {self.seq_len}; must be >= 2")
         if len(set(self.protect_layers)) != len(self.protect_layers):
