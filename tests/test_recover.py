@@ -368,3 +368,21 @@ def test_pruned_recovery_recipes_train_on_generated_text_never_on_bible():
         assert all(t.text == "builtin:generated" for s in distills for t in s.tasks), name
         prune = [s for s in stages if s.method == "prune"]
         assert all("bible" not in str(s.calibration or "") for s in prune), name
+
+
+def test_encoder_recovery_on_one_text_file_trains_on_its_paragraphs(minilm_dir, tmp_path):
+    """A single local text is split by cutting the raw text at a paragraph break: decoding an uncased tokenizer's ids
+    (the old split) lowercased it and lost the breaks, so an encoder trained on one 128-token example."""
+    from transformers import AutoTokenizer
+
+    from hfsqueeze.methods.distill.config import DistillConfig
+    from hfsqueeze.methods.distill.data import build_tasks
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    paragraphs = [f"Paragraph {i} tells how the River Thames floods the town of Oxford in spring." for i in range(60)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs))
+    cfg = DistillConfig.from_dict({"data": {"text": str(tmp_path / "corpus.txt"), "eval_tokens": 10_000}})
+    (task,) = build_tasks(cfg.tasks, tok, 128, encoder=True)
+    assert len(task.train) + len(task.eval) == 60 and 5 <= len(task.eval) <= 7
+    first_held = tok.decode(task.eval[0]["input_ids"], skip_special_tokens=True)
+    assert first_held == paragraphs[len(task.train)].lower()

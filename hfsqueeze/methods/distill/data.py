@@ -71,12 +71,27 @@ def _split_texts(name: str, cfg: DataConfig, source: Any, tokenizer) -> tuple[li
     if len(docs) >= 2:
         held = _every_kth(len(docs), cfg.eval_fraction)
         return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
-    ids = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
-    cut = int(len(ids) * (1 - cfg.eval_fraction))
-    if cut < 2 or len(ids) - cut < 2:
-        raise RecipeError(f"task '{name}': the text is too short ({len(ids)} tokens) to hold out "
+    train, held = _cut_text(docs[0], cfg.eval_fraction)
+    n_train, n_held = (len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (train, held))
+    if n_train < 2 or n_held < 2:
+        raise RecipeError(f"task '{name}': the text is too short ({n_train + n_held} tokens) to hold out "
                           f"{cfg.eval_fraction:.0%} for evaluation; give a longer text")
-    return [tokenizer.decode(ids[:cut])], [tokenizer.decode(ids[cut:])]
+    return [train], [held]
+
+
+def _cut_text(text: str, fraction: float) -> tuple[str, str]:
+    """One document as (train, held-out): the last ``fraction`` of its characters, cut at the paragraph break (else
+    the whitespace) nearest to that point. The raw text is cut, not decoded tokens: an uncased tokenizer's decode
+    would lowercase the text and lose the paragraph breaks that encoders train on."""
+    point = int(len(text) * (1 - fraction))
+    slack = len(text) * fraction / 2  # a cut this far from the point still holds out about ``fraction``
+    for sep in ("\n\n", "\n", " "):
+        before, after = text.rfind(sep, 0, point), text.find(sep, point)
+        candidates = [i for i in (before, after) if 0 < i < len(text) - len(sep) and abs(i - point) <= slack]
+        if candidates:
+            cut = min(candidates, key=lambda i: abs(i - point))
+            return text[:cut], text[cut + len(sep):]
+    return text[:point], text[point:]
 
 
 def paragraph_examples(tokenizer, texts: list[str], *, max_tokens: int, max_length: int) -> list[list[int]]:
