@@ -120,4 +120,5 @@ class PruneStage(Stage):
             "layers": Param.range(0.0, 0.25, step=0.05),
             "importance": Param.choice("gradient", "activation", "magnitude", "kl"),
             "scope": Param.choice("global", "layerwise"),
+            "reconstruct": Param.choice(True, False),
         }
