@@ -562,14 +562,14 @@ def test_reconstruct_is_the_least_squares_fit_and_a_large_ridge_is_the_plain_cut
     torch.testing.assert_close(untouched.weight, plain.weight, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,mode", [("llama", "slots"), ("llama_mha", "groups"), ("gpt2", "groups"),
-                                       ("bert", "groups")])
-def test_reconstruction_keeps_the_pruned_model_closer_to_the_original(kind, mode, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("kind,mode,layers", [("llama", "slots", 0), ("llama_mha", "groups", 1), ("gpt2", "groups", 0),
+                                              ("bert", "groups", 1), ("qwen2", "groups", 0), ("gemma3", "slots", 1)])
+def test_reconstruction_keeps_the_pruned_model_closer_to_the_original(kind, mode, layers, tiny_tokenizer, tmp_path):
     import hfsqueeze
 
-    original = make_model(kind)
+    original = make_model(kind, num_hidden_layers=3) if layers and kind != "gemma3" else make_model(kind)
     plain, fitted = copy.deepcopy(original), copy.deepcopy(original)
-    config = dict(heads=0.5, ffn=0.5, gqa_mode=mode, importance="magnitude", calibration_tokens=2048)
+    config = dict(heads=0.5, ffn=0.5, layers=layers, gqa_mode=mode, importance="magnitude", calibration_tokens=2048)
     apply_prune(plain, small(**config), ctx_for(tiny_tokenizer))
     details = apply_prune(fitted, small(**config, reconstruct=True, reconstruct_ridge=0.01), ctx_for(tiny_tokenizer))
     assert details["heads_removed_per_layer"] == apply_prune(copy.deepcopy(original), small(**config),
