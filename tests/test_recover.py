@@ -386,3 +386,20 @@ def test_encoder_recovery_on_one_text_file_trains_on_its_paragraphs(minilm_dir, 
     assert len(task.train) + len(task.eval) == 60 and 5 <= len(task.eval) <= 7
     first_held = tok.decode(task.eval[0]["input_ids"], skip_special_tokens=True)
     assert first_held == paragraphs[len(task.train)].lower()
+
+
+@pytest.mark.parametrize("student_dropout", [False, True])
+def test_recovery_trains_without_dropout_and_gives_the_rates_back(student_dropout, tiny_tokenizer):
+    """Recovery imitates the teacher's exact outputs: with dropout on, a student identical to its teacher already
+    has a non-zero loss (noise it cannot fit); the rates are restored after training."""
+    bert = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, hidden_dropout_prob=0.3,
+                                      attention_probs_dropout_prob=0.3)).eval()
+    config = recovery_config({"data": {"text": "builtin", **FAST}, "block_size": 64, "guard": False,
+                              "training_args": {"max_steps": 2, "learning_rate": 0.0},
+                              **({"student_dropout": True} if student_dropout else {})})
+    recipe = {"stages": [config.to_dict()], "evaluation": SMALL_EVAL}
+    report = hfsqueeze.compress(bert, recipe, tokenizer=tiny_tokenizer, measure_quality=False)
+    loss = report.stages[0].details["train_loss"]
+    assert (loss > 1e-3) if student_dropout else (loss < 1e-6)
+    assert {m.p for m in bert.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}

@@ -6,6 +6,7 @@ See `DistillConfig` for the options, `DistillationTrainer` for the training loop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -294,6 +295,26 @@ def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _
     return trainer
 
 
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module, off: bool) -> Iterator[None]:
+    """With ``off``, train without the model's dropout (``nn.Dropout`` modules and attention-dropout rates); the
+    rates come back afterwards, so the saved model and its config are unchanged."""
+    saved: list[tuple[Any, str, float]] = []
+    if off:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout) and module.p:
+                saved.append((module, "p", module.p))
+            if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
+                saved.append((module, "attention_dropout", module.attention_dropout))
+        for module, name, _ in saved:
+            setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str, user_dir: bool):
     """Train (resuming from ``output_dir``'s last complete checkpoint when asked); leave the model as it was set up
     to be."""
@@ -315,7 +336,8 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
     resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        with _dropout_off(model, not config.student_dropout):
+            result = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:
         if run.aux is not None and hasattr(model, AUX_NAME):
             delattr(model, AUX_NAME)  # an interrupted run must not leave training-only modules in the model

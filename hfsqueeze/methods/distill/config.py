@@ -217,6 +217,11 @@ class DistillConfig(StageConfig):
         default=False,
         metadata={"help": "keep the input/output embeddings fixed (cheaper steps; large-vocabulary models)"},
     )
+    student_dropout: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "train the student with its own dropout; recovery turns it off: the student imitates the "
+                  "teacher's exact outputs, and dropout noise kept all-MiniLM-L6-v2 further from them"},
+    )
     adapter: Literal["auto", "lora", "none"] = dataclasses.field(
         default="auto", metadata={"help": "'auto': LoRA when the model is bnb-quantized, else full fine-tuning"}
     )

@@ -29,6 +29,7 @@ RECOVER_DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
     "data": {"text": "calibration", "eval_tokens": 2048},
     "freeze_embeddings": True,
+    "student_dropout": False,
     "training_args": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2e-4,
                       "warmup_steps": 0.1},
 }
