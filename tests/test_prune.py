@@ -582,3 +582,12 @@ def test_reconstruction_keeps_the_pruned_model_closer_to_the_original(kind, mode
     hfsqueeze.save_compressed(fitted, tmp_path / "out", tokenizer=tiny_tokenizer)
     torch.testing.assert_close(run(hfsqueeze.load_compressed(tmp_path / "out"), ids), run(fitted, ids), atol=ATOL,
                                rtol=0)
+
+
+def test_reconstruct_without_a_tokenizer_is_one_line():
+    import hfsqueeze
+
+    with pytest.raises(RecipeError, match=r"calibration data \(.*reconstruct\) needs a tokenizer") as info:
+        hfsqueeze.compress(make_model("llama"), {"stages": [
+            {"method": "prune", "heads": 0.5, "importance": "magnitude", "reconstruct": True}]})
+    assert "\n" not in str(info.value)

@@ -173,7 +173,7 @@ def calibration_blocks(model: nn.Module, config: PruneConfig, ctx: Any, max_toke
     causal = is_causal_lm(model)
     seq_len = config.seq_len or (512 if causal else 128)
     max_pos = getattr(model.config, "max_position_embeddings", None) or seq_len
-    tok = ctx.require_tokenizer("importance scores from calibration data")
+    tok = ctx.require_tokenizer("calibration data (data-driven importance scores, reconstruct)")
     if causal:
         seq_len = min(seq_len, max_pos)
         return ctx.calibration_blocks(max_tokens=max_tokens, seq_len=seq_len, source=config.calibration)
