@@ -187,6 +187,13 @@ def calibration_blocks(model: nn.Module, config: PruneConfig, ctx: Any, max_toke
     return torch.cat([torch.full((n, 1), cls_id), blocks, torch.full((n, 1), sep_id)], dim=1)
 
 
+def _cached_blocks(model: nn.Module, config: PruneConfig, ctx: Any, cache: dict[str, Any]) -> torch.Tensor:
+    """The calibration blocks, tokenized once per stage (scoring and reconstruction, every step, use the same)."""
+    if "blocks" not in cache:
+        cache["blocks"] = calibration_blocks(model, config, ctx, config.calibration_tokens)
+    return cache["blocks"]
+
+
 def compute_scores(
     family: str,
     model: nn.Module,
@@ -204,9 +211,7 @@ def compute_scores(
     units = [head_units(*attention_shape(family, layer)[:2], config.gqa_mode) for layer in layer_list(family, model)]
     if config.importance == "magnitude":
         return magnitude_scores(family, model, units), units
-    if "blocks" not in cache:
-        cache["blocks"] = calibration_blocks(model, config, ctx, config.calibration_tokens)
-    blocks = cache["blocks"]
+    blocks = _cached_blocks(model, config, ctx, cache)
     logger.info("prune: scoring heads, FFN neurons%s by %s importance on %d calibration tokens",
                 " and layers" if layers else "", config.importance, blocks.numel())
     if config.importance == "activation":
@@ -516,9 +521,8 @@ def _reconstruct(model: nn.Module, config: PruneConfig, ctx: Any, plan: _Plan, p
             for k, v in _kept_columns(plan.family, layer, choice, units, i).items()}
     if not kept:
         return {}
-    if "blocks" not in progress.cache:
-        progress.cache["blocks"] = calibration_blocks(model, config, ctx, config.calibration_tokens)
-    stats = InputMoments({k: module for k, (module, _, _) in kept.items()}).collect(model, progress.cache["blocks"])
+    blocks = _cached_blocks(model, config, ctx, progress.cache)
+    stats = InputMoments({k: module for k, (module, _, _) in kept.items()}).collect(model, blocks)
     return {k: reconstruct(module, columns, stats.moments(k), config.reconstruct_ridge)
             for k, (module, _, columns) in kept.items()}
 

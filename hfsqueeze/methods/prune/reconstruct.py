@@ -89,10 +89,10 @@ def reconstruct(module: nn.Module, keep: torch.Tensor, moments: torch.Tensor, ri
     correction = torch.linalg.solve(c_kk + ridge * scale * torch.eye(len(index), dtype=c.dtype, device=c.device),
                                     (full[:, dropped] @ c[dropped][:, index]).t()).t()
     solved = full[:, index] + correction
-    before = float((full @ c @ full.t()).trace())
+    before = float((full @ c * full).sum())  # trace(W C W^T) without the [out, out] product
     error = full.clone()
     error[:, index] -= solved
-    residual = float((error @ c @ error.t()).trace())
+    residual = float((error @ c * error).sum())
     with torch.no_grad():
         cols = keep.to(weight.device)
         weight[:, cols] = solved[:, :len(keep)].to(weight.dtype)
