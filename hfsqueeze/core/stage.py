@@ -21,7 +21,6 @@ hfsqueeze.register_stage(CastStage())
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -106,9 +105,8 @@ def format_of(details: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-class Stage(abc.ABC):
-    """Base class of every compression method. Subclasses set `name` and `config_cls` and implement `apply` (a
-    subclass without it cannot be instantiated, so it fails at registration, not halfway through a recipe)."""
+class Stage:
+    """Base class of every compression method. Subclasses set `name` and `config_cls` and implement `apply`."""
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[StageConfig]] = StageConfig
@@ -121,9 +119,9 @@ class Stage(abc.ABC):
         """
         return None
 
-    @abc.abstractmethod
     def apply(self, model: "nn.Module", config: StageConfig, ctx: "CompressionContext") -> dict[str, Any]:
         """Compress ``model`` in place; return the details for the report (JSON-friendly values)."""
+        raise NotImplementedError(f"stage {self.name!r} does not implement apply")
 
     def expand(self, recipe: Any) -> Any:
         """Return the recipe, rewritten when this stage adds stages of its own (e.g. recovery after pruning)."""
