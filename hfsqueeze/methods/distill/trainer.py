@@ -97,6 +97,14 @@ class LabelledProgressCallback(ProgressCallback):
         if self.training_bar is not None:
             self.training_bar.set_description(self.label)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Show the running loss on the bar instead of printing a ``{'loss': ...}`` dict line per log step (the
+        stage's report keeps the whole loss history)."""
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "learning_rate") and isinstance(v, float)}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
+
 
 class DistillationTrainer(Trainer):
     """Trainer for knowledge distillation; see `DistillSpec` and `hfsqueeze.methods.distill.losses`.
