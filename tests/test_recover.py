@@ -283,6 +283,37 @@ def test_encoder_recovery_distils_mean_pooled_embeddings(tiny_tokenizer):
     assert math.isfinite(loss.item())
 
 
+def test_encoder_recovery_adds_each_layers_hidden_state_cosine(tiny_tokenizer):
+    """prune-recover-minilm distils the pooled embedding and every layer's hidden states (cosine, weight 1): the loss
+    is the embedding term plus the mean over layers of 1 - cosine at each real token."""
+    torch.manual_seed(0)
+    teacher = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)).eval()
+    student = frozen_copy(teacher)
+    student.train().requires_grad_(True)
+    with torch.no_grad():
+        student.encoder.layer[0].output.dense.weight.add_(0.5 * torch.randn(64, 128))
+    spec = DistillSpec(pooling="mean", hidden_weight=1.0, hidden_kind="cosine", hidden_map=[(1, 1), (2, 2)])
+    args = tf.TrainingArguments("unused", use_cpu=True, report_to=[], remove_unused_columns=False, max_steps=1)
+    trainer = DistillationTrainer(model=student, teacher=teacher, spec=spec, args=args)
+    ids = torch.randint(5, 400, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "task_ids": torch.zeros(2, dtype=torch.long),
+             "class_labels": torch.full((2,), -100)}
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    cos = torch.nn.functional.cosine_similarity
+    embedding = 1 - cos(pool(s[-1], mask, "mean"), pool(t[-1], mask, "mean")).mean()
+    layers = [((1 - cos(s[i], t[i], dim=-1)) * mask).sum() / mask.sum() for i in (1, 2)]
+    assert min(layers) > 1e-4  # layer 0 was changed, so both layers' states differ
+    assert loss.item() == pytest.approx((embedding + sum(layers) / 2).item(), rel=1e-5)
+    assert trainer.component_log[-1]["hidden"] == pytest.approx((sum(layers) / 2).item(), rel=1e-5)
+
+
 def test_encoder_recovery_after_head_pruning_raises_embedding_cosine(tiny_tokenizer, ood_text):
     torch.manual_seed(0)
     bert = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
