@@ -23,7 +23,7 @@ from .core.config import ConfigBase, StageConfig
 from .core.errors import RecipeError, prefixed
 from .core.stage import ModelInfo
 from .evaluation.config import EvaluationConfig
-from .registry import get_stage, stages
+from .registry import available_stages, get_stage, stages
 
 RECIPE_VERSION = 1
 
@@ -149,6 +149,10 @@ def _parse_stage(index: int, raw: Any) -> StageConfig:
         spec = get_stage(method)
     except RecipeError as exc:
         raise RecipeError(f"stage {index}: {exc}") from None
+    if not spec.applies:
+        runnable = ", ".join(name for name in available_stages() if get_stage(name).applies)
+        raise RecipeError(f"stage {index}: method {method!r} registers save/load hooks only and cannot be a recipe "
+                          f"step; allowed: {runnable}")
     return spec.config_cls.from_dict(raw, where=f"stage {index} ({method})")
 
 

@@ -8,7 +8,7 @@ import yaml
 from conftest import SMALL_EVAL, outputs
 
 import hfsqueeze
-from hfsqueeze import ArtifactError, CompressionReport, Recipe
+from hfsqueeze import ArtifactError, CompressionReport, Recipe, RecipeError
 from hfsqueeze.cli import main
 from hfsqueeze.core.config import StageConfig
 from hfsqueeze.registry import register_stage, unregister_stage
@@ -179,3 +179,13 @@ def test_reloaded_4bit_artifact_can_be_saved_again(tiny_llama, tiny_tokenizer, t
     expected = outputs(first, ids)  # inference before the second save: the repack guard must hold
     second = hfsqueeze.load_compressed(hfsqueeze.save_compressed(first, tmp_path / "b"))
     torch.testing.assert_close(outputs(second, ids), expected)
+
+
+def test_a_hook_only_stage_in_a_recipe_is_refused_before_any_work(tiny_llama):
+    register_stage(_BrokenSave())
+    try:
+        with pytest.raises(RecipeError, match=r"stage 1: method 'broken-save' registers save/load hooks only.*"
+                                              r"allowed: .*quantize"):
+            tiny_llama.compress({"stages": [{"method": "broken-save"}]}, measure_quality=False)
+    finally:
+        unregister_stage("broken-save")

@@ -119,9 +119,16 @@ class Stage:
         """
         return None
 
+    @property
+    def applies(self) -> bool:
+        """Whether this stage can be a recipe step. A stage may register only save/load hooks (no `apply`); a recipe
+        naming it is refused when it is parsed, before any work."""
+        return type(self).apply is not Stage.apply
+
     def apply(self, model: "nn.Module", config: StageConfig, ctx: "CompressionContext") -> dict[str, Any]:
         """Compress ``model`` in place; return the details for the report (JSON-friendly values)."""
-        raise NotImplementedError(f"stage {self.name!r} does not implement apply")
+        # Unreachable through recipes (see `applies`); only a direct call on a hook-only stage gets here.
+        raise NotImplementedError(f"stage {self.name!r} registers save/load hooks only; it has no apply")
 
     def expand(self, recipe: Any) -> Any:
         """Return the recipe, rewritten when this stage adds stages of its own (e.g. recovery after pruning)."""
