@@ -7,11 +7,13 @@ import json
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import transformers as tf
+from conftest import make_tiny
 
 import hfsqueeze
 from hfsqueeze.core.hf import frozen_copy
@@ -258,43 +260,15 @@ def test_embedding_loss_by_hand():
     assert losses.embedding_loss(s, t, mask, kind="mse").item() == pytest.approx(0.25)
 
 
-def test_encoder_recovery_distils_mean_pooled_embeddings(tiny_tokenizer):
+def encoder_recovery_loss(spec: DistillSpec, perturb) -> SimpleNamespace:
+    """One `compute_loss` of a recovery trainer: a tiny BERT teacher without dropout, the student a copy changed in
+    place by ``perturb``, a batch of two rows with the second padded after 8 tokens."""
     torch.manual_seed(0)
-    teacher = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0)).eval()
+    teacher = make_tiny("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     student = frozen_copy(teacher)
     student.train().requires_grad_(True)
     with torch.no_grad():
-        student.encoder.layer[1].output.dense.weight.mul_(0.5)
-    args = tf.TrainingArguments("unused", use_cpu=True, report_to=[], remove_unused_columns=False, max_steps=1)
-    trainer = DistillationTrainer(model=student, teacher=teacher, spec=DistillSpec(pooling="mean"), args=args)
-    ids = torch.randint(5, 400, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "task_ids": torch.zeros(2, dtype=torch.long),
-             "class_labels": torch.full((2,), -100)}
-    loss = trainer.compute_loss(student, batch)
-    with torch.no_grad():
-        s = student(input_ids=ids, attention_mask=mask).last_hidden_state
-        t = teacher(input_ids=ids, attention_mask=mask).last_hidden_state
-    expected = 1 - torch.nn.functional.cosine_similarity(pool(s, mask, "mean"), pool(t, mask, "mean")).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert math.isfinite(loss.item())
-
-
-def test_encoder_recovery_adds_each_layers_hidden_state_cosine(tiny_tokenizer):
-    """prune-recover-minilm distils the pooled embedding and every layer's hidden states (cosine, weight 1): the loss
-    is the embedding term plus the mean over layers of 1 - cosine at each real token."""
-    torch.manual_seed(0)
-    teacher = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0)).eval()
-    student = frozen_copy(teacher)
-    student.train().requires_grad_(True)
-    with torch.no_grad():
-        student.encoder.layer[0].output.dense.weight.add_(0.5 * torch.randn(64, 128))
-    spec = DistillSpec(pooling="mean", hidden_weight=1.0, hidden_kind="cosine", hidden_map=[(1, 1), (2, 2)])
+        perturb(student)
     args = tf.TrainingArguments("unused", use_cpu=True, report_to=[], remove_unused_columns=False, max_steps=1)
     trainer = DistillationTrainer(model=student, teacher=teacher, spec=spec, args=args)
     ids = torch.randint(5, 400, (2, 12))
@@ -306,19 +280,36 @@ def test_encoder_recovery_adds_each_layers_hidden_state_cosine(tiny_tokenizer):
     with torch.no_grad():
         s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    return SimpleNamespace(loss=loss, trainer=trainer, student_states=s, teacher_states=t, mask=mask)
+
+
+def test_encoder_recovery_distils_mean_pooled_embeddings(tiny_tokenizer):
+    r = encoder_recovery_loss(DistillSpec(pooling="mean"),
+                              lambda student: student.encoder.layer[1].output.dense.weight.mul_(0.5))
+    s, t, mask = r.student_states[-1], r.teacher_states[-1], r.mask
+    expected = 1 - torch.nn.functional.cosine_similarity(pool(s, mask, "mean"), pool(t, mask, "mean")).mean()
+    assert r.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert math.isfinite(r.loss.item())
+
+
+def test_encoder_recovery_adds_each_layers_hidden_state_cosine(tiny_tokenizer):
+    """prune-recover-minilm distils the pooled embedding and every layer's hidden states (cosine, weight 1): the loss
+    is the embedding term plus the mean over layers of 1 - cosine at each real token."""
+    spec = DistillSpec(pooling="mean", hidden_weight=1.0, hidden_kind="cosine", hidden_map=[(1, 1), (2, 2)])
+    r = encoder_recovery_loss(spec, lambda student: student.encoder.layer[0].output.dense.weight.add_(
+        0.5 * torch.randn(64, 128)))
+    s, t, mask = r.student_states, r.teacher_states, r.mask
     cos = torch.nn.functional.cosine_similarity
     embedding = 1 - cos(pool(s[-1], mask, "mean"), pool(t[-1], mask, "mean")).mean()
     layers = [((1 - cos(s[i], t[i], dim=-1)) * mask).sum() / mask.sum() for i in (1, 2)]
     assert min(layers) > 1e-4  # layer 0 was changed, so both layers' states differ
-    assert loss.item() == pytest.approx((embedding + sum(layers) / 2).item(), rel=1e-5)
-    assert trainer.component_log[-1]["hidden"] == pytest.approx((sum(layers) / 2).item(), rel=1e-5)
+    assert r.loss.item() == pytest.approx((embedding + sum(layers) / 2).item(), rel=1e-5)
+    assert r.trainer.component_log[-1]["hidden"] == pytest.approx((sum(layers) / 2).item(), rel=1e-5)
 
 
 def test_encoder_recovery_after_head_pruning_raises_embedding_cosine(tiny_tokenizer, ood_text):
     torch.manual_seed(0)
-    bert = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=512,
-                                      initializer_range=0.2)).eval()
+    bert = make_tiny("bert", initializer_range=0.2)
     recipe = {"evaluation": {**SMALL_EVAL, "text": ["builtin", ood_text]}, "stages": [
         {"method": "prune", "heads": 0.5, "importance": "magnitude"},
         distill(teacher="original", block_size=32, training_args={"max_steps": 12, "learning_rate": 2e-3}),
@@ -423,9 +414,7 @@ def test_encoder_recovery_on_one_text_file_trains_on_its_paragraphs(minilm_dir, 
 def test_recovery_trains_without_dropout_and_gives_the_rates_back(student_dropout, tiny_tokenizer):
     """Recovery imitates the teacher's exact outputs: with dropout on, a student identical to its teacher already
     has a non-zero loss (noise it cannot fit); the rates are restored after training."""
-    bert = tf.BertModel(tf.BertConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, hidden_dropout_prob=0.3,
-                                      attention_probs_dropout_prob=0.3)).eval()
+    bert = make_tiny("bert", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
     config = recovery_config({"data": {"text": "builtin", **FAST}, "block_size": 64, "guard": False,
                               "training_args": {"max_steps": 2, "learning_rate": 0.0},
                               **({"student_dropout": True} if student_dropout else {})})
