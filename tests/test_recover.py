@@ -288,7 +288,8 @@ def test_encoder_recovery_distils_mean_pooled_embeddings(tiny_tokenizer):
                               lambda student: student.encoder.layer[1].output.dense.weight.mul_(0.5))
     s, t, mask = r.student_states[-1], r.teacher_states[-1], r.mask
     expected = 1 - torch.nn.functional.cosine_similarity(pool(s, mask, "mean"), pool(t, mask, "mean")).mean()
-    assert r.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # 1 - cosine near 1 cancels: float32 keeps ~1e-7 absolute, whatever the CPU (AVX512 or not) sums in which order
+    assert r.loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
     assert math.isfinite(r.loss.item())
 
 
@@ -303,8 +304,8 @@ def test_encoder_recovery_adds_each_layers_hidden_state_cosine(tiny_tokenizer):
     embedding = 1 - cos(pool(s[-1], mask, "mean"), pool(t[-1], mask, "mean")).mean()
     layers = [((1 - cos(s[i], t[i], dim=-1)) * mask).sum() / mask.sum() for i in (1, 2)]
     assert min(layers) > 1e-4  # layer 0 was changed, so both layers' states differ
-    assert r.loss.item() == pytest.approx((embedding + sum(layers) / 2).item(), rel=1e-5)
-    assert r.trainer.component_log[-1]["hidden"] == pytest.approx((sum(layers) / 2).item(), rel=1e-5)
+    assert r.loss.item() == pytest.approx((embedding + sum(layers) / 2).item(), rel=1e-4, abs=1e-6)
+    assert r.trainer.component_log[-1]["hidden"] == pytest.approx((sum(layers) / 2).item(), rel=1e-4, abs=1e-6)
 
 
 def test_encoder_recovery_after_head_pruning_raises_embedding_cosine(tiny_tokenizer, ood_text):
