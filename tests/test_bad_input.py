@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -242,6 +243,29 @@ def test_report_is_printed_when_the_save_fails(llama_dir, tmp_path, capsys, monk
     assert "| Perplexity |" in out and "saved to" not in out
     assert err.strip().splitlines() == [f"hfsqueeze: error: could not save to {tmp_path / 'out'} (No space left on "
                                         "device); nothing was saved, the report above is all that remains"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: room for the output probe and config.json, not for the weights. Needs root (CI runs as root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_compress_onto_a_full_disk_is_one_line_and_leaves_nothing(llama_dir, full_disk, capsys):
+    """safetensors reports a full disk as its own SafetensorError (not an OSError): it must read like any other."""
+    out = full_disk / "out"
+    rc = main(["compress", "--model", str(llama_dir), "--output", str(out), *QUICK])
+    stdout, err = capsys.readouterr()
+    assert rc == 2 and "| Perplexity |" in stdout
+    assert err.strip().splitlines() == [f"hfsqueeze: error: could not save to {out} (No space left on device); "
+                                        "nothing was saved, the report above is all that remains"]
+    assert list(full_disk.iterdir()) == []
 
 
 # ---- hfsqueeze's own artifacts --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ is `hfsqueeze.artifact.load`'s job.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -197,11 +198,23 @@ def save_compressed(
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if type(exc).__name__ == "SafetensorError":  # safetensors' I/O failures are not OSError: make them one
+            raise _as_os_error(exc) from None
         raise
     logger.info("saved %s", out)
     return out
+
+
+def _as_os_error(exc: BaseException) -> OSError:
+    """The `OSError` a safetensors write failure stands for (``... No space left on device (os error 28)``), so a
+    full disk reads the same whichever library was writing."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return OSError(errno.EIO, f"writing the weights failed: {exc}")
 
 
 def weights_bytes(path: str | os.PathLike) -> int:
