@@ -26,6 +26,10 @@ from .evaluation.config import EvaluationConfig
 from .registry import available_stages, get_stage, stages
 
 RECIPE_VERSION = 1
+# Recipes are a few KB and a few levels deep. Larger or deeper input is refused before parsing goes far: PyYAML's
+# composer recurses per level (a 5000-deep list was a RecursionError) and parses ~1 MB/s (a 51 MB file took minutes).
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_DEPTH = 32
 
 
 def _recipes_dir() -> Path:
@@ -72,6 +76,7 @@ class Recipe(ConfigBase):
         if isinstance(source, Recipe):
             data = source.to_dict()
         elif isinstance(source, dict):
+            check_depth(source)
             data = copy.deepcopy(source)
         elif isinstance(source, (str, os.PathLike)):
             data = _read_yaml(source)
@@ -158,7 +163,21 @@ def _parse_stage(index: int, raw: Any) -> StageConfig:
 
 class StrictLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain YAML keeps the last one silently, so
-    ``bits: 8`` then ``bits: 4`` would run 4-bit). Keys brought in by a ``<<`` merge may still be overridden."""
+    ``bits: 8`` then ``bits: 4`` would run 4-bit), and nesting deeper than `MAX_RECIPE_DEPTH`. Keys brought in by a
+    ``<<`` merge may still be overridden."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_RECIPE_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_RECIPE_DEPTH} levels (recipes need a few)",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -183,8 +202,27 @@ StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _co
 
 
 def safe_load_strict(text: str) -> Any:
-    """`yaml.safe_load` with duplicate keys refused (`StrictLoader`)."""
+    """`yaml.safe_load` with duplicate keys and nesting deeper than `MAX_RECIPE_DEPTH` refused (`StrictLoader`), and
+    text over `MAX_RECIPE_BYTES` refused as a `RecipeError` before parsing."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{_kib(len(text))} of YAML is too large for a recipe or space file (at most "
+                          f"{_kib(MAX_RECIPE_BYTES)}; built-in recipes are under 2 KiB)")
     return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
+
+
+def check_depth(data: Any, where: str = "recipe") -> None:
+    """Refuse a dict/list nested deeper than `MAX_RECIPE_DEPTH` (a recipe given as a Python object), iteratively."""
+    todo = [(data, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where} is nested deeper than {MAX_RECIPE_DEPTH} levels (recipes need a few)")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
+        todo.extend((child, depth + 1) for child in children)
 
 
 def builtin_recipe_path(name: str) -> Path | None:
@@ -194,11 +232,16 @@ def builtin_recipe_path(name: str) -> Path | None:
 
 def _read_yaml(source: str | os.PathLike) -> dict:
     is_yaml_text = isinstance(source, str) and "\n" in source
+    where = "the recipe text" if is_yaml_text else f"recipe {source}"  # never echo a whole YAML text
     path = Path(source)
     builtin = builtin_recipe_path(str(source)) if isinstance(source, str) and not is_yaml_text else None
     if is_yaml_text:
         text = source
     elif path.is_file():
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {source} is {_kib(size)}; a recipe is at most {_kib(MAX_RECIPE_BYTES)} (built-in "
+                              "recipes are under 2 KiB)")
         text = path.read_text()
     elif builtin is not None:
         text = builtin.read_text()
@@ -211,9 +254,9 @@ def _read_yaml(source: str | os.PathLike) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe {source} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe {source} must be a mapping with a 'stages' list")
+        raise RecipeError(f"{where} must be a mapping with a 'stages' list")
     return data
 
 

@@ -1,11 +1,13 @@
 """The quantize stage on tiny Llama / GPT-2 / BERT models: in place, saved, reloaded without hfsqueeze."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import SMALL_EVAL, make_tiny, outputs, reload_outputs_in_fresh_process
 
 import hfsqueeze
-from hfsqueeze import RecipeError
+from hfsqueeze import HfSqueezeWarning, RecipeError
 from hfsqueeze.core.hf import count_parameters
 from hfsqueeze.evaluation.measure import footprint_bytes
 from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize
@@ -69,6 +71,16 @@ def test_refuses_double_quantization_and_16bit_after_bnb(tiny_llama):
         apply_quantize(tiny_llama, QuantizeConfig(bits=4))
     with pytest.raises(RecipeError, match="already quantized"):
         apply_quantize(tiny_llama, QuantizeConfig(bits=16))
+
+
+def test_a_skip_pattern_that_matches_nothing_is_a_warning_in_the_report(tiny_llama):
+    with pytest.warns(HfSqueezeWarning, match="'nonexistent' matches no nn.Linear/Conv1D module"):
+        details = apply_quantize(tiny_llama, QuantizeConfig(bits=8, skip_modules=["lm_head", "nonexistent"]))
+    assert details["warnings"] == ["skip_modules entry 'nonexistent' matched no module"]
+    bert = make_tiny("bert")  # no lm_head: the default skip list is not worth a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HfSqueezeWarning)
+        assert "warnings" not in apply_quantize(bert, QuantizeConfig(bits=8))
 
 
 def test_everything_skipped_is_an_error(tiny_llama):

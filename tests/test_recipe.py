@@ -39,7 +39,9 @@ def test_quantize_config_round_trip(stage):
         ({"stages": [{"method": "quantize", "bits": "eight"}]}, "key 'bits': got 'eight'"),
         ({"stages": [{"method": "quantize", "bits": 8}, {"method": "squash"}]}, "stage 2: unknown method 'squash'"),
         ({"stages": [{"method": "quantize", "bits": 8, "quant_type": "nf4"}]}, "'quant_type': only applies to bits: 4"),
-        ({"stages": [{"method": "quantize", "bits": 8, "threshold": -1}]}, "'threshold': got -1.0; must be >= 0"),
+        ({"stages": [{"method": "quantize", "bits": 8, "threshold": -1}]}, "'threshold': got -1.0; must be a finite"),
+        ({"stages": [{"method": "quantize", "bits": 8, "threshold": float("nan")}]}, "'threshold': got nan; must be a"),
+        ({"stages": [{"method": "quantize", "bits": 8, "threshold": float("inf")}]}, "'threshold': got inf; must be a"),
         ({"stages": [{"bits": 8}]}, "stage 1: missing key 'method'"),
         ({"stages": []}, "needs 'stages'"),
         ({"stages": [{"method": "quantize"}], "evaluaton": {}}, "recipe: unknown key 'evaluaton'"),
@@ -107,3 +109,24 @@ def test_recover_on_a_prune_stage_inserts_recovery_after_it():
     assert [s.method for s in expanded.stages] == ["prune", "distill", "quantize"]
     assert expanded.stages[1].teacher == "original" and expanded.stages[0].recover is None
     assert [s.method for s in expanded.expanded().stages] == ["prune", "distill", "quantize"]  # idempotent
+
+
+def test_a_recipe_too_large_or_too_deep_is_one_line_before_parsing(tmp_path):
+    """Recipes are a few KB: a 300 KB file (here: a valid recipe padded with comments) and nesting 5000 deep (a
+    RecursionError inside PyYAML before) are refused in one line; so is a Python dict nested that deep."""
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 30_000 + "stages: [{method: quantize, bits: 8}]\n")
+    deep_yaml = "stages: " + "[" * 5000 + "]" * 5000 + "\n"
+    deep_dict: dict = {"stages": [{"method": "quantize"}], "evaluation": {}}
+    cursor = deep_dict["evaluation"]
+    for _ in range(5000):
+        cursor["x"] = {}
+        cursor = cursor["x"]
+    for source, message in [(big, "is 293 KiB; a recipe is at most 256 KiB"),
+                            (deep_yaml, "nested deeper than 32 levels"),
+                            (deep_dict, "recipe is nested deeper than 32 levels")]:
+        with pytest.raises(RecipeError) as err:
+            Recipe.load(source)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="too large for a recipe"):
+        Recipe.load("stages: [{method: quantize}]\n" + "#" * 300_000)

@@ -10,16 +10,17 @@ modules to skip; then the model is given the same quantizer state a quantized lo
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...compat.bnb import import_bnb
-from ...core.errors import RecipeError
+from ...core.errors import HfSqueezeWarning, RecipeError
 from ...core.hf import auto_class_name, strip_gguf
 from ...core.stage import ModelInfo
-from .config import QuantizeConfig
+from .config import DEFAULT_SKIP_MODULES, QuantizeConfig
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -174,6 +175,11 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
     if not targets:
         raise RecipeError("the quantize stage found no nn.Linear/Conv1D module to quantize (all skipped by "
                           f"skip_modules={config.skip_modules})")
+    unmatched = _unmatched_skip_patterns(model, config)
+    for pattern in unmatched:
+        warnings.warn(f"quantize: skip_modules entry {pattern!r} matches no nn.Linear/Conv1D module of this model, so "
+                      "it keeps nothing in full precision (names match by prefix, suffix or regex, e.g. "
+                      f"{_example_names(model)})", HfSqueezeWarning, stacklevel=3)
     quantized_params = 0
     for name, module in targets:
         quantized_params += module.weight.numel()
@@ -195,4 +201,26 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         "quantized_modules": len(targets),
         "quantized_parameters": quantized_params,
         "kept_modules": skipped,
+        **({"warnings": [f"skip_modules entry {p!r} matched no module" for p in unmatched]} if unmatched else {}),
     }
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, m in model.named_modules() if isinstance(m, Conv1D) or type(m) is nn.Linear]
+
+
+def _unmatched_skip_patterns(model: nn.Module, config: QuantizeConfig) -> list[str]:
+    """The user's ``skip_modules`` entries that keep no module (the default ``lm_head`` is exempt: an encoder has
+    none, and that is fine)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    names = _linear_names(model)
+    return [pattern for pattern in config.skip_modules or [] if pattern not in DEFAULT_SKIP_MODULES
+            and all(should_convert_module(name, [pattern]) for name in names)]
+
+
+def _example_names(model: nn.Module) -> str:
+    names = _linear_names(model)
+    return ", ".join(repr(n) for n in names[:2]) + (", ..." if len(names) > 2 else "")

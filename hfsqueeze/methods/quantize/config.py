@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 from ...core.config import StageConfig
@@ -65,8 +66,9 @@ class QuantizeConfig(StageConfig):
                 self.fail(key, f"only applies to bits: {bits}, but this stage has bits: {self.bits}")
         if self.skip_modules is not None and self.bits == 16:
             self.fail("skip_modules", "only applies to bits: 8 or 4 (a 16-bit cast converts every weight)")
-        if self.threshold is not None and self.threshold < 0:
-            self.fail("threshold", f"got {self.threshold}; must be >= 0")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold >= 0):
+            self.fail("threshold", f"got {self.threshold}; must be a finite number >= 0 (default 6.0; 0 disables the "
+                      "outlier columns)")
         if self.bits == 8:
             self.threshold = 6.0 if self.threshold is None else self.threshold
         if self.bits == 4:
