@@ -115,11 +115,18 @@ def add_push_parser(subparsers: Any) -> Any:
     """Add ``hfsqueeze push DIR --repo ID`` to an argparse ``subparsers``; its handler is `run_push`."""
     parser = subparsers.add_parser(
         "push", help="upload a saved artifact with its model card, after a reload parity check",
-        description="Upload a saved hfsqueeze artifact to the Hugging Face Hub in one commit. The token comes from "
-                    "HF_TOKEN or `hf auth login` (never from the command line, which the report records).",
+        description="Upload a saved hfsqueeze artifact to the Hugging Face Hub in one commit. Only the files "
+                    "hfsqueeze writes go up (weights, config, tokenizer, recipe, report, card, parity outputs, "
+                    "plots); tuning/ (a tune run, calibration text included) stays local, any other file is refused "
+                    "unless --include names it, and a symbolic link or a pickle file (*.bin, *.pt, *.pth, *.pkl, "
+                    "*.pickle, *.ckpt) is always refused. The token comes from HF_TOKEN or `hf auth login` (never "
+                    "from the command line, which the report records).",
     )
     parser.add_argument("artifact", metavar="DIR", help="artifact directory written by `hfsqueeze compress --output`")
     parser.add_argument("--repo", required=True, metavar="ID", help="Hub repository id (owner/name, or name)")
+    parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                        help="also upload the files matching this glob on the path inside DIR, e.g. 'tuning/*' or "
+                             "'extra/data.csv' (repeatable; pickle files are never uploaded)")
     _push_flags(parser)
     return parser
 
@@ -148,7 +155,8 @@ def run_push(args: Any) -> int:
     from .hub import push_to_hub
 
     info = push_to_hub(args.artifact, args.repo, private=args.private, commit_message=args.commit_message,
-                       check_parity=args.check_parity, trust_remote_code=args.trust_remote_code)
+                       check_parity=args.check_parity, trust_remote_code=args.trust_remote_code,
+                       include=args.include)
     sys.stdout.write(f"pushed {info.commit_url}\n")
     return 0
 

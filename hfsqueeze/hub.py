@@ -2,8 +2,10 @@
 
 `push_to_hub` saves an in-memory model (or takes a saved artifact), reloads it in a fresh Python process with the
 exact code the model card shows, compares its outputs on a fixed input with the ones recorded at save time
-(``parity.safetensors``, see `hfsqueeze.artifact.parity`), and only then uploads everything in one commit. The commit
-names the head it was built on (``parent_commit``), so a retry after a lost answer can never stack a second copy.
+(``parity.safetensors``, see `hfsqueeze.artifact.parity`), and only then uploads the artifact in one commit: the files
+`save_compressed` writes and those the user names (`hfsqueeze.artifact.files.upload_files`), never a symbolic link, a
+pickle file or the private ``tuning/`` folder unasked. The commit names the head it was built on (``parent_commit``),
+so a retry after a lost answer can never stack a second copy.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .artifact.card import merge_model_card, render_model_card
+from .artifact.files import upload_files
 from .artifact.load import check_artifact_code, load_snippet
 from .artifact.parity import DEFAULT_PARITY_TOLERANCE, verify_parity
 from .artifact.save import save_compressed
@@ -108,11 +112,6 @@ def _remote_readme(api: Any, repo_id: str, token: str) -> str | None:
         return None
 
 
-def _local_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".")
-                                                                          for part in p.relative_to(path).parts))
-
-
 def push_to_hub(
     model_or_dir: Any,
     repo_id: str,
@@ -127,6 +126,7 @@ def push_to_hub(
     parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
     max_retries: int = 3,
     trust_remote_code: bool = False,
+    include: Sequence[str] = (),
 ):
     """Upload a compressed model (in memory or saved) with its model card, in one commit, after a parity check.
 
@@ -146,32 +146,42 @@ def push_to_hub(
         trust_remote_code (`bool`, defaults to `False`): off, the artifact's Python files must be exactly the ones
             hfsqueeze generates (anything else is refused, never run or uploaded) and the parity reload uses
             `hfsqueeze.load_compressed`; on, the parity reload runs the card's own load code.
+        include (`Sequence[str]`, *optional*): glob patterns (on the path inside the artifact, ``*`` crossing
+            folders) of further files to upload, e.g. ``["tuning/*"]`` or ``["extra/data.csv"]``. Only the files
+            `save_compressed` writes go up otherwise: ``tuning/`` (a `hfsqueeze.tune` run, calibration text included)
+            and hidden files stay local, and any other file is refused. Pickle files (``*.bin``, ``*.pt``, ``*.pth``,
+            ``*.pkl``, ``*.pickle``, ``*.ckpt``) are never uploaded, even when named.
 
     Returns:
         `huggingface_hub.CommitInfo`: the commit (``.oid``, ``.commit_url``).
 
     Raises:
         `HubError`: no or rejected token, failed parity check, or an upload that failed (nothing was committed).
+        `ArtifactError`: before anything runs or is uploaded: a symbolic link anywhere in the artifact, a file it
+            should not hold (a pickle, a file hfsqueeze does not write and ``include`` does not name), an ``include``
+            pattern that matches nothing, or Python code hfsqueeze did not generate.
 
     Example:
 
     ```python
     hfsqueeze.push_to_hub(model, "acme/smollm2-135m-int8", tokenizer=tok, private=True)
     hfsqueeze.push_to_hub("out/", "acme/smollm2-135m-int8")
+    hfsqueeze.push_to_hub("tuned/", "acme/smollm2-135m-tuned", include=["tuning/trials.jsonl", "tuning/pareto.png"])
     ```
     """
+    include = (include,) if isinstance(include, str) else tuple(include)
     token = resolve_token(token)
     try:
         return _push(model_or_dir, repo_id, tokenizer=tokenizer, private=private, token=token,
                      commit_message=commit_message, report=report, endpoint=endpoint, check_parity=check_parity,
                      parity_tolerance=parity_tolerance, max_retries=max_retries,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, include=include)
     except HubError as exc:
         raise HubError(_scrub(str(exc), token)) from None
 
 
 def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, report, endpoint, check_parity,
-          parity_tolerance, max_retries, trust_remote_code):
+          parity_tolerance, max_retries, trust_remote_code, include):
     api = _api(endpoint)
     user = _whoami(api, token)
     if "/" not in repo_id:
@@ -184,6 +194,8 @@ def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, r
                                     "hfsqueeze.save_compressed(model, dir) or pass the model itself")
         else:
             artifact = save_compressed(model_or_dir, Path(tmp) / "artifact", tokenizer, report=report)
+        # Before anything is read, run or uploaded: only our files and the ones the user named go up.
+        files = upload_files(artifact, include)
         config = _artifact_config(artifact)
         # Before anything from the artifact can run (parity reload) or be published: its code must be ours.
         check_artifact_code(artifact, config, trust_remote_code=trust_remote_code)
@@ -200,7 +212,7 @@ def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, r
             else None
         recipe_yaml = (artifact / "recipe.yaml").read_text() if (artifact / "recipe.yaml").is_file() else None
         card = render_model_card(config, report_d, load_code=load_snippet(config, repo_id), recipe_yaml=recipe_yaml,
-                                 repo_id=repo_id, out_dir=artifact, parity=parity)
+                                 repo_id=repo_id, out_dir=artifact, parity=parity, files=files)
         _create_repo(api, repo_id, private, token)
         info = api.model_info(repo_id, token=token)
         if private and not info.private:
@@ -211,8 +223,8 @@ def _push(model_or_dir, repo_id, *, tokenizer, private, token, commit_message, r
         description = "Pushed with hfsqueeze" + (
             f"; the artifact was reloaded in a fresh process and matched (max |diff| {parity['max_abs_diff']:.3g})."
             if parity else " without a parity check.")
-        return _commit_with_retries(api, repo_id, artifact, readme, message, description, token, max_retries,
-                                    parent=info.sha)
+        return _commit_with_retries(api, repo_id, artifact, include, readme, message, description, token,
+                                    max_retries, parent=info.sha)
 
 
 def _default_message(report: dict[str, Any] | None) -> str:
@@ -234,16 +246,17 @@ def _create_repo(api: Any, repo_id: str, private: bool, token: str) -> None:
                           else "")) from None
 
 
-def _operations(api: Any, repo_id: str, artifact: Path, readme: bytes, token: str) -> list:
+def _operations(api: Any, repo_id: str, artifact: Path, include: Sequence[str], readme: bytes, token: str) -> list:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme)]
     local = set()
-    for path in _local_files(artifact):
-        name = path.relative_to(artifact).as_posix()
+    # Selected again right before the commit: a link that appeared since the first check is refused, not followed.
+    for name in upload_files(artifact, include, log=False):
         if name == "README.md":
             continue
         local.add(name)
+        path = artifact / name
         content = hub_adapter_config(path, repo_id) if name == ADAPTER_CONFIG else str(path)
         ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     # Weights left over from an earlier push with another layout (e.g. shards) would shadow the new ones.
@@ -253,12 +266,13 @@ def _operations(api: Any, repo_id: str, artifact: Path, readme: bytes, token: st
     return ops
 
 
-def _commit_with_retries(api, repo_id, artifact, readme, message, description, token, max_retries, *, parent):
+def _commit_with_retries(api, repo_id, artifact, include, readme, message, description, token, max_retries, *,
+                         parent):
     from huggingface_hub.errors import HfHubHTTPError
 
     for attempt in range(max_retries + 1):
         try:
-            ops = _operations(api, repo_id, artifact, readme, token)
+            ops = _operations(api, repo_id, artifact, include, readme, token)
             info = api.create_commit(repo_id, ops, commit_message=message, token=token, parent_commit=parent,
                                      commit_description=description)
             logger.info("pushed %s: %s", repo_id, info.commit_url)

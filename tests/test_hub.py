@@ -284,16 +284,18 @@ def test_push_never_runs_or_uploads_code_hfsqueeze_did_not_write(tamper, hub, ti
     saved = _pruned_artifact(tmp_path / "art", tiny_tokenizer)
     marker = tmp_path / "code-ran"
     payload = f"\nimport pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n"
+    include = {}
     if tamper == "edit-modeling-file":
         with open(saved / "modeling_hfsqueeze_pruned.py", "a") as fh:
             fh.write(payload)
     else:
         (saved / "helpers.py").write_text(payload)
+        include = {"include": ["helpers.py"]}  # a file hfsqueeze does not write goes up only when named
     with pytest.raises(hfsqueeze.ArtifactError, match="refusing to run or upload it"):
-        hfsqueeze.push_to_hub(saved, f"alice/tampered-{tamper}", token=TOKEN)
+        hfsqueeze.push_to_hub(saved, f"alice/tampered-{tamper}", token=TOKEN, **include)
     assert not marker.exists() and f"alice/tampered-{tamper}" not in hub.repos
     # The user may opt in explicitly; then the card's own code (trust_remote_code=True) is what gets checked.
-    hfsqueeze.push_to_hub(saved, f"alice/tampered-{tamper}", token=TOKEN, trust_remote_code=True)
+    hfsqueeze.push_to_hub(saved, f"alice/tampered-{tamper}", token=TOKEN, trust_remote_code=True, **include)
     assert marker.exists() == (tamper == "edit-modeling-file")  # helpers.py is uploaded but nothing imports it
 
 
@@ -427,3 +429,148 @@ def test_recovered_adapter_artifact_loads_from_the_hub(hub, tiny_tokenizer, tmp_
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split("diff")[-1]) <= 1e-2
+
+
+# ---- what goes up: the artifact's own files, and what the user names ---------------------------------------------
+@pytest.fixture
+def no_parity_reload(monkeypatch):
+    """Fails the test if the parity reload (which runs artifact content in a subprocess) starts."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the parity reload ran before the artifact's files were checked")
+
+    monkeypatch.setattr(hubmod, "verify_parity", refuse)
+
+
+def _plain_artifact(path):
+    return _save(make_tiny("llama"), path)
+
+
+@pytest.mark.parametrize("link", ["notes.txt", "docs", "sub/deep/notes.txt", "model.safetensors"])
+def test_push_refuses_a_symlink_anywhere(link, hub, tmp_path, no_parity_reload):
+    saved = _plain_artifact(tmp_path / "art")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the password is hunter2")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("the password is hunter2")
+    target = saved / link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if link == "model.safetensors":  # one of our own names, pointing elsewhere: the link is what is refused
+        os.replace(target, tmp_path / "moved.safetensors")
+        target.symlink_to(tmp_path / "moved.safetensors")
+    elif link == "docs":
+        target.symlink_to(os.path.relpath(tmp_path / "outside", saved), target_is_directory=True)
+    else:
+        target.symlink_to(os.path.relpath(secret, target.parent))
+    for include in ({}, {"include": [link, f"{link}/*"]}):
+        with pytest.raises(hfsqueeze.ArtifactError, match=rf"symbolic link, {link} -> ") as err:
+            hfsqueeze.push_to_hub(saved, "alice/linked", token=TOKEN, **include)
+        assert "\n" not in str(err.value)
+    assert "alice/linked" not in hub.repos
+
+
+def test_push_only_uploads_named_extra_files(hub, tmp_path, no_parity_reload, monkeypatch):
+    saved = _plain_artifact(tmp_path / "art")
+    (saved / "extra").mkdir()
+    (saved / "extra" / "data.csv").write_text("a,b\n1,2\n")
+    (saved / ".env").write_text("HF_TOKEN=hf_secret")  # hidden: never uploaded, not refused
+    refused = r"contains extra/data\.csv, a file .* include=\['extra/data\.csv'\] \(CLI: --include extra/data\.csv\)"
+    with pytest.raises(hfsqueeze.ArtifactError, match=refused):
+        hfsqueeze.push_to_hub(saved, "alice/extra", token=TOKEN)
+    with pytest.raises(hfsqueeze.ArtifactError, match=r"include pattern 'extra/\*\.txt' matches no file"):
+        hfsqueeze.push_to_hub(saved, "alice/extra", token=TOKEN, include=["extra/*", "extra/*.txt"])
+    assert "alice/extra" not in hub.repos
+    monkeypatch.undo()  # the parity reload may run now
+    hfsqueeze.push_to_hub(saved, "alice/extra", token=TOKEN, include=["extra/*"])
+    files = hub.files("alice/extra")
+    assert files["extra/data.csv"] == b"a,b\n1,2\n"
+    assert ".env" not in files and "config.json" in files and PARITY_FILE in files
+
+
+@pytest.mark.parametrize("name, include", [("pytorch_model.bin", {}), ("pytorch_model.bin", {"include": ["*.bin"]}),
+                                           ("tokenizer.bin", {}), ("extra/state.pt", {"include": ["extra/*"]}),
+                                           ("tuning/optimizer.pkl", {"include": ["tuning/"]})])
+def test_push_never_uploads_a_pickle(name, include, hub, tmp_path, no_parity_reload):
+    saved = _plain_artifact(tmp_path / "art")
+    (saved / name).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": torch.zeros(2)}, saved / name)
+    with pytest.raises(hfsqueeze.ArtifactError, match=rf"refusing to upload {name}: pickle files .* never uploaded, "
+                                                      "even with include") as err:
+        hfsqueeze.push_to_hub(saved, "alice/pickled", token=TOKEN, **include)
+    assert "\n" not in str(err.value)
+    assert "alice/pickled" not in hub.repos
+
+
+def _tuned_artifact(path):
+    """A saved artifact with what `hfsqueeze tune` adds: a tuning/ folder and the report's tuning section."""
+    saved = _plain_artifact(path)
+    tuning = saved / "tuning"
+    (tuning / "nested").mkdir(parents=True)
+    (tuning / "calibration.jsonl").write_text('{"text": "my private corpus"}\n')
+    (tuning / "study.journal").write_text("{}\n")
+    (tuning / "run.json").write_text("{}")
+    (tuning / "trials.jsonl").write_text("{}\n")
+    (tuning / "pareto.png").write_bytes(b"\x89PNG")
+    (tuning / "nested" / "sensitivity.json").write_text("{}")
+    (tuning / "optimizer.pt").write_bytes(b"pickle")  # left out with tuning/: not a reason to refuse
+    report = json.loads((saved / "report.json").read_text()) if (saved / "report.json").is_file() else {}
+    report["tuning"] = {"plot": "tuning/pareto.png", "budget": {"text": "size<=0.5x"}, "trials": [], "pareto": []}
+    (saved / "report.json").write_text(json.dumps(report))
+    return saved
+
+
+def test_tuned_artifact_pushes_without_its_tuning_folder(hub, tmp_path, caplog):
+    saved = _tuned_artifact(tmp_path / "art")
+    caplog.set_level(logging.INFO, logger="hfsqueeze")
+    hfsqueeze.push_to_hub(saved, "alice/tuned", token=TOKEN, check_parity=False)
+    files = hub.files("alice/tuned")
+    assert not [name for name in files if name.startswith("tuning")]
+    assert b"my private corpus" not in b"".join(files.values())
+    assert "config.json" in files and "report.json" in files
+    card = files["README.md"].decode()
+    assert "## Tuning" in card and "tuning/" not in card  # no link to a plot that stayed local, no file row
+    assert [r.message for r in caplog.records if "stays local" in r.message] == [
+        "tuning/ (7 files: the tuning run, its calibration text included) stays local; pass include=['tuning/*'] "
+        "(CLI: --include 'tuning/*') to upload it"]
+
+    (saved / "tuning" / "optimizer.pt").unlink()
+    hfsqueeze.push_to_hub(saved, "alice/tuned", token=TOKEN, check_parity=False, include=["tuning/*"])
+    files = hub.files("alice/tuned")
+    assert {"tuning/calibration.jsonl", "tuning/study.journal", "tuning/run.json", "tuning/trials.jsonl",
+            "tuning/pareto.png", "tuning/nested/sensitivity.json"} <= set(files)
+    assert "![Pareto front](tuning/pareto.png)" in files["README.md"].decode()
+
+
+def test_stale_weights_on_the_hub_are_deleted_and_kept_local_files_are_not_uploaded(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    saved = _tuned_artifact(tmp_path / "art")
+    HfApi().create_repo("alice/stale", token=TOKEN)
+    for name in ("pytorch_model.bin", "model-00001-of-00002.safetensors", "notes.md"):
+        HfApi().upload_file(path_or_fileobj=b"old", path_in_repo=name, repo_id="alice/stale", token=TOKEN)
+    hfsqueeze.push_to_hub(saved, "alice/stale", token=TOKEN, check_parity=False)
+    files = hub.files("alice/stale")
+    assert "pytorch_model.bin" not in files and "model-00001-of-00002.safetensors" not in files
+    assert files["notes.md"] == b"old"  # not a weight: the owner's file stays
+    assert files["model.safetensors"] != b"old" and not [n for n in files if n.startswith("tuning")]
+
+
+def test_cli_push_refuses_unexpected_files_in_one_line(hub, tmp_path, monkeypatch, capsys, no_parity_reload):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    saved = _plain_artifact(tmp_path / "art")
+    (saved / "extra").mkdir()
+    (saved / "extra" / "data.csv").write_text("a,b\n")
+    (saved / "pytorch_model.bin").write_bytes(b"pickle")
+    argv = ["push", str(saved), "--repo", "alice/cli-extra", "--no-parity-check"]
+    for extra, expected in [([], "pytorch_model.bin: pickle files"),
+                            (["--include", "*.bin", "--include", "extra/*"], "pytorch_model.bin: pickle files")]:
+        assert cli.main(argv + extra) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and expected in err, err
+    (saved / "pytorch_model.bin").unlink()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--include extra/data.csv" in err and "Traceback" not in err
+    assert "alice/cli-extra" not in hub.repos
+    assert cli.main(argv + ["--include", "extra/*"]) == 0
+    assert "pushed " in capsys.readouterr().out
+    assert "extra/data.csv" in hub.files("alice/cli-extra")

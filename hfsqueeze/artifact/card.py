@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -445,12 +446,15 @@ def _architecture_diff(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _files_table(out_dir: Path | None) -> list[str]:
+def _files_table(out_dir: Path | None, files: Sequence[str] | None = None) -> list[str]:
     if out_dir is None or not out_dir.is_dir():
         return []
     rows = ["| `README.md` |  | this card |"]
-    for path in sorted(p for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        name = path.relative_to(out_dir).as_posix()
+    if files is None:
+        files = [p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")
+                 if p.is_file() and not p.name.startswith(".")]
+    for name in sorted(files):
+        path = out_dir / name
         if name == "README.md":
             continue
         role = next((r for pat, r in _FILE_ROLES if pat.match(path.name)), "")
@@ -509,6 +513,7 @@ def render_model_card(
     repo_id: str | None = None,
     out_dir: str | os.PathLike | None = None,
     parity: dict[str, Any] | None = None,
+    files: Sequence[str] | None = None,
 ):
     """Render the model card of a compressed artifact.
 
@@ -521,6 +526,8 @@ def render_model_card(
         repo_id (`str`, *optional*): the Hub repository the card is for (used in the title and model-index).
         out_dir (`str` or `os.PathLike`, *optional*): the artifact directory, to list its files and sizes.
         parity (`dict`, *optional*): the result of the upload parity check (`hfsqueeze.artifact.parity.verify_parity`).
+        files (`Sequence[str]`, *optional*): the files the card describes (paths inside ``out_dir``), when not all
+            of them: a Hub push lists what it uploads, and links the tuning plot only when that goes up too.
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -573,7 +580,10 @@ def render_model_card(
         body += _results_table(report_d) + [""]
         body += _texts_table(report_d)
         body += _stage_table(report_d) + [""]
-        body += tuning_card_section(report_d.get("tuning"))
+        tuning = report_d.get("tuning")
+        if tuning and files is not None and tuning.get("plot") not in files:
+            tuning = {**tuning, "plot": None}  # it stayed local with tuning/: no broken image on the Hub
+        body += tuning_card_section(tuning)
         body += _recovery_section(report_d)
         body += _warnings_section(report_d)
         body += _architecture_diff(report_d)
@@ -596,7 +606,7 @@ def render_model_card(
     if recipe_yaml:
         body += ["## Recipe", "", "```yaml", recipe_yaml.strip(), "```", ""]
     body += _reproduce(report_d, cfg, "builtin" if builtin else base)
-    body += _files_table(Path(out_dir) if out_dir is not None else None)
+    body += _files_table(Path(out_dir) if out_dir is not None else None, files)
     body += _versions(report_d)
     return _card(data.to_dict(), "", "\n".join([CARD_START, *_squeeze_blank(body), CARD_END]))
 

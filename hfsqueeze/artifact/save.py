@@ -30,18 +30,11 @@ from ..core.errors import ArtifactError
 from ..core.utils import default_permissions, quiet_transformers_progress
 from ..registry import stages
 from .card import write_model_card
+from .files import ARTIFACT_FILES
 from .parity import PARITY_FILE, is_parity_file, record_parity
 
 logger = logging.getLogger("hfsqueeze")
 
-# Files `save_compressed` writes (weights, config, tokenizer, side files, stage plots and modeling code). A directory
-# holding anything else is not ours to replace.
-_ARTIFACT_FILES = re.compile(
-    r"^(config\.json|generation_config\.json|adapter_config\.json|.*\.safetensors|.*\.safetensors\.index\.json"
-    r"|recipe\.yaml|report\.json"
-    r"|README\.md|.*\.png|modeling_hfsqueeze_pruned\.py|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
-    r"|vocab\.(json|txt)|merges\.txt|.*\.model|chat_template\.(jinja|json))$"
-)
 # Our temporary and backup directories next to a target: ``.NAME.tmp-PID-RANDOM`` and ``.NAME.old-PID``.
 _TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?$")
 # Temporary directories written by hfsqueeze 0.1.0 (``tempfile.mkdtemp`` suffix, no pid): stale after this long.
@@ -72,7 +65,7 @@ def _is_report(path: Path) -> bool:
 def _foreign_entry(root: Path) -> str | None:
     """The first entry of ``root`` that `save_compressed` would not have written (a folder or another file)."""
     for entry in sorted(root.iterdir()):
-        if entry.is_symlink() or not entry.is_file() or not _ARTIFACT_FILES.match(entry.name):
+        if entry.is_symlink() or not entry.is_file() or not ARTIFACT_FILES.match(entry.name):
             return entry.name + ("/" if entry.is_dir() else "")
     return None
 

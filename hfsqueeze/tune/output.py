@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TUNING_DIR = "tuning"
+from ..artifact.files import TUNING_DIR  # one name: the Hub push leaves this folder out unless asked
+
 PARETO_PNG = "pareto.png"
 def write_trials_jsonl(tuning_dir: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite ``trials.jsonl`` from the study (the authoritative copy; workers also append as they go)."""
