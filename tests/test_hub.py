@@ -108,11 +108,12 @@ def test_card_on_the_hub_parses_and_describes_the_artifact(hub, pushed):
     assert card.data.base_model_relation == "quantized"
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert {"hfsqueeze", "bitsandbytes", "8-bit"} <= set(card.data.tags)
-    metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert card.data.license == "apache-2.0" and card.data.language == ["en"]
+    metrics = {(r.metric_type, r.metric_name): r.metric_value for r in card.data.eval_results}
     report = json.loads(hub.files("alice/tiny-int8")["report.json"])
-    assert metrics["Perplexity (original)"] == pytest.approx(report["baseline"]["perplexity"], rel=1e-5)
-    assert metrics["Perplexity (compressed)"] == pytest.approx(report["final"]["perplexity"], rel=1e-5)
+    assert metrics == {("perplexity", "Perplexity"): pytest.approx(report["final"]["perplexity"], rel=1e-5)}
     assert 'AutoModelForCausalLM.from_pretrained("alice/tiny-int8")' in card.text
+    assert 'AutoTokenizer.from_pretrained("alice/tiny-int8")' in card.text and "model.generate(" in card.text
     assert "reloaded in a fresh process" in card.text
 
     pruned = ModelCard.load("alice/tiny-pruned", token=TOKEN)

