@@ -184,7 +184,9 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--output", required=True, help="artifact directory (its tuning/ folder holds the study)")
     t.add_argument("--overwrite", action="store_true", help="start over in an --output holding a previous run")
     t.add_argument("--resume", action="store_true", help="continue the study in --output")
-    t.add_argument("--workers", type=int, default=1, help="processes sharing the study (default 1)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the study (default 1); each loads its own copy of the model, so at most "
+                        "the CPU cores and what memory holds")
     t.add_argument("--time-budget", default=None,
                    help="stop starting trials after this long: seconds, or 90s / 30m / 2h")
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
