@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -193,7 +192,9 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--output", required=True, help="artifact directory (its tuning/ folder holds the study)")
     t.add_argument("--overwrite", action="store_true", help="start over in an --output holding a previous run")
     t.add_argument("--resume", action="store_true", help="continue the study in --output")
-    t.add_argument("--workers", type=int, default=1, help="processes sharing the study (default 1)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the study (default 1); each loads its own copy of the model, so at most "
+                        "the CPU cores and what memory holds")
     t.add_argument("--time-budget", default=None,
                    help="stop starting trials after this long: seconds, or 90s / 30m / 2h")
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
@@ -220,13 +221,16 @@ def _parse_duration(value: str | None) -> float | None:
 
 def _cmd_tune(args) -> int:
     from .models import load_model, resolve_model_path
-    from .tune import Budget, load_space
+    from .tune import Budget, TuneSettings, load_space
+    from .tune.resources import check_workers, weights_on_disk
     from .tune.study import progress_line
-    from .tune.tuner import check_output, tune
+    from .tune.tuner import check_args, check_output, tune
 
     budget = Budget.parse(args.budget, args.minimize)  # one-line errors before any heavy work
     space = load_space(args.space)
     time_budget = _parse_duration(args.time_budget)
+    check_args(budget, space, TuneSettings.load(None), args.trials, args.workers, time_budget, args.resume,
+               args.output)
     check_output(args.output, args.resume, args.overwrite)
 
     def progress(info: dict) -> None:
@@ -238,12 +242,21 @@ def _cmd_tune(args) -> int:
 
     kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
     path = resolve_model_path(args.model)
+    check_workers(args.workers, weights_on_disk(path))  # each worker loads its own copy: does it fit?
     model, tokenizer = load_model(path, **kwargs)
     command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
-                  overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
-                  seed=args.seed, calibration=args.calibration, eval_text=args.eval_text, progress=progress,
-                  model_path=path, command=command)
+    try:
+        result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
+                      overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
+                      seed=args.seed, calibration=args.calibration, eval_text=args.eval_text, progress=progress,
+                      model_path=path, command=command)
+    except OSError as exc:  # a full disk, a directory made read-only meanwhile: one line, not a traceback
+        if isinstance(exc, HfSqueezeError):
+            raise
+        kept = Path(args.output, "tuning", "run.json").is_file()
+        raise ArtifactError(f"tune failed on {exc.filename or args.output} ({exc.strerror or exc}); "
+                            + (f"the trials finished so far are kept in {args.output}/tuning/: make room and "
+                               "continue with --resume" if kept else "nothing was saved")) from None
     print(result.report.to_json() if args.json else result.report.to_markdown(), file=args.stdout)
     notes = sys.stderr if args.json else args.stdout
     print(f"\nchosen: {result.chosen['label']} (trial {result.chosen['number']}; stopped: {result.stopped})",
@@ -273,22 +286,6 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
-def _check_output_writable(output: str) -> None:
-    """Fail before any compute when ``--output`` cannot be written: probe the directory the save will write into
-    (the nearest existing parent), the way `save_compressed` does (a temporary sibling, renamed into place)."""
-    path = Path(output).expanduser().absolute()
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ArtifactError(f"--output {output}: {parent} is a file, not a directory; choose another --output")
-    try:
-        Path(tempfile.mkdtemp(prefix=".hfsqueeze-probe-", dir=parent)).rmdir()
-    except OSError as exc:
-        raise ArtifactError(f"--output {output}: cannot write in {parent} ({exc.strerror or exc}); choose a "
-                            "writable directory") from None
-
-
 def _cmd_compress(args) -> int:
     from .api import compress
     from .artifact.save import check_output_dir, save_compressed
@@ -298,8 +295,7 @@ def _cmd_compress(args) -> int:
     recipe = Recipe.load(args.recipe, args.overrides)  # validate before any heavy work
     recipe.validate()
     if args.output:
-        check_output_dir(args.output, args.overwrite)
-        _check_output_writable(args.output)
+        check_output_dir(args.output, args.overwrite, probe=True)
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
         check_push_args(args)

@@ -232,6 +232,43 @@ def test_unwritable_output_fails_before_loading(llama_dir, tmp_path, capsys, mon
     assert a_file.read_text() == "mine" and not Path("/proc/hfsqueeze-out").exists()
 
 
+def _read_only_dir(monkeypatch, root: Path) -> None:
+    """Make creating anything directly in ``root`` fail as on a read-only directory (tests run as root, whom a chmod
+    does not stop)."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == root:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("command", [["compress"], ["tune", "--budget", "size=0.5"]])
+@pytest.mark.parametrize("case", ["existing file", "below a file", "read-only parent", "/proc", "current dir"])
+def test_compress_and_tune_share_the_output_checks_before_loading(command, case, llama_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """One output policy for both commands: each bad --output is one line, exit 2, before the model loads, and
+    nothing is written."""
+    monkeypatch.setattr("hfsqueeze.models.load_model", _boom)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    output, needle = {
+        "existing file": (a_file, f"output path {a_file} exists and is not a directory"),
+        "below a file": (a_file / "out", f"{a_file} is a file, not a directory"),
+        "read-only parent": (read_only / "out", f"cannot write in {read_only} (Permission denied)"),
+        "/proc": (Path("/proc/hfsqueeze-out"), "cannot write in /proc"),
+        "current dir": (Path("."), "it is the current directory"),
+    }[case]
+    _read_only_dir(monkeypatch, read_only)
+    before = _files(tmp_path)
+    cli_error(capsys, [*command, "--model", llama_dir, "--output", output], needle)
+    assert _files(tmp_path) == before and a_file.read_text() == "mine"
+
+
 def test_report_is_printed_when_the_save_fails(llama_dir, tmp_path, capsys, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

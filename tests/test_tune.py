@@ -99,6 +99,17 @@ def test_budget_errors_are_one_line(text, minimize, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("text, described", [
+    ("size=1e-5MiB", "size<=10.49B"),
+    ("size=150MiB", "size<=150MiB"),
+    ("size=149.5MiB,ppl=+1%", "size<=149.5MiB, ppl<=+1%"),
+    ("size=1.5GB", "size<=1.397GiB"),
+    ("size=0.00001", "size<=1e-05x"),
+])
+def test_budget_is_described_with_its_significant_digits(text, described):
+    assert Budget.parse(text).describe() == described
+
+
 def test_budget_constraints_and_size_limit():
     budget = Budget.parse("size=0.5,ppl=+2%,top1=0.9")
     m = {"size": 0.4, "disk_bytes": 40, "ppl": 1.03, "top1": 0.95, "kl": 0.01}
@@ -129,9 +140,10 @@ def test_builtin_spaces():
     ({"quantize": {"skip_modules": ["x"]}}, "unknown key 'skip_modules'"),
     ({"quantize": "int8"}, "must be a mapping"),
     ({"recover": {"enabled": [True]}}, "needs a 'prune' section"),
-    ({"prune": {"heads": 0.1}, "recover": {"max_steps": [5]}},
+    ({"prune": {"enabled": True, "heads": 0.1}, "recover": {"max_steps": [5]}},
      "unknown key 'max_steps'; allowed keys: alpha, enabled, temperature, training_args.max_steps"),
-    ({"prune": {"heads": 0.1}, "recover": {"training_args.max_steps": [5.5]}}, "got 5.5; expected int"),
+    ({"prune": {"enabled": True, "heads": 0.1}, "recover": {"training_args.max_steps": [5.5]}},
+     "got 5.5; expected int"),
     ([1, 2], "expected a mapping of sections"),
 ])
 def test_space_yaml_is_validated_strictly(tmp_path, body, message):
@@ -140,6 +152,56 @@ def test_space_yaml_is_validated_strictly(tmp_path, body, message):
     with pytest.raises(RecipeError) as info:
         load_space(str(path))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+_RECOVER = "prune:\n  enabled: true\n  heads: [0.25]\nrecover:\n  enabled: true\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quantize:\n  bits: [8]\n  bits: [4]\n", "duplicate key 'bits' (first given on line 2)"),
+    ("quantize:\n  threshold: {low: 1.0, high: 6.0}\n",
+     "quantize: this section searches nothing: 'threshold' apply only when bits is 8, and the section does not set "
+     "bits; add bits: 8"),
+    ("prune:\n  heads: {low: 0.0, high: 0.25}\n", "prune: this section searches nothing: 'heads' apply only when "
+     "enabled is true, and the section does not set enabled; add enabled: true"),
+    ("quantize:\n  bits: [16, 8]\n  quant_type: [nf4]\n",
+     "key 'quant_type' is never searched: it applies only when bits is 4, and bits allows only 16, 8 here"),
+    ("prune:\n  enabled: [true, false]\n  heads: [0.0]\n  steps: [2]\n",
+     "prune: this section searches nothing: the prune stage refuses every point of it (key 'heads': nothing to "
+     "prune"),
+    ("quantize:\n  bits: [8]\n  threshold: {low: .nan, high: 6.0}\n", "key 'threshold': low must be a finite number; "
+     "got nan"),
+    ("quantize:\n  bits: [8]\n  threshold: [2.0, .inf]\n", "key 'threshold'[1]: got inf; expected a finite number"),
+    ("quantize:\n  bits: [8]\n  threshold: {low: 1.0, high: 6.0, step: .nan}\n", "step must be a positive number"),
+    ("quantize:\n  bits: [8, 4]\n  threshold: {low: -1.0, high: 6.0}\n",
+     "quantize: key 'threshold': got -1.0; must be >= 0 (in the range -1.0..6.0)"),
+    ("prune:\n  enabled: true\n  heads: {low: 0.0, high: 5.0}\n",
+     "prune: key 'heads': got 5.0; a fraction must be in [0, 1), or give a count as an integer (in the range "
+     "0.0..5.0)"),
+    ("prune:\n  enabled: true\n  heads: [0, 0.25]\n  steps: [1, 0]\n", "prune: key 'steps': got 0; must be >= 1"),
+    (_RECOVER + "  training_args.max_steps: [-5]\n", "recover: key 'training_args.max_steps': got -5; must be > 0"),
+    (_RECOVER + "  alpha: {low: 0.5, high: 1.5}\n", "recover: key 'alpha': got 1.5; must be between 0 and 1"),
+])
+def test_space_yaml_refuses_what_no_trial_could_run(tmp_path, text, message):
+    """Duplicate keys, keys no trial would draw, non-finite numbers and values the stage's own config refuses: one
+    line each, the way recipes are refused."""
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_space(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_space_yaml_accepts_zero_amounts_and_every_stage_key(tmp_path):
+    """A zero amount is a point without pruning (the stage is left out), not an error; every declared key passes."""
+    path = tmp_path / "space.yaml"
+    path.write_text("quantize: {bits: [16, 8, 4], dtype: [bf16, fp16], threshold: {low: 0.0, high: 8.0}, "
+                    "quant_type: [nf4, fp4], double_quant: [false, true], compute_dtype: [float32, bfloat16], "
+                    "rest_dtype: [fp32, bf16], keep: {low: 0.0, high: 1.0}}\n"
+                    "prune: {enabled: [false, true], heads: [0, 2, 0.25], ffn: {low: 0.0, high: 0.5}, steps: [1, 2]}\n"
+                    "recover: {enabled: [false, true], training_args.max_steps: {low: 5, high: 50, log: true}}\n")
+    assert set(load_space(str(path)).flat()) >= {"quantize.compute_dtype", "prune.heads",
+                                                  "recover.training_args.max_steps"}
 
 
 def test_space_yaml_choices_ranges_and_fixed_values(tmp_path):
@@ -550,6 +612,91 @@ def test_cli_output_errors_come_before_loading_the_model(setup, extra, message, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in out.iterdir()) == ([] if setup == "empty" else ["thesis.txt"])
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "trials: got 0; must be an integer >= 1"),
+    (["--workers", "0"], "workers: got 0; must be an integer >= 1"),
+    (["--workers", "100000"], "--workers 100000: at most {cpus} here: this machine gives this process {cpus} CPU"),
+    (["--time-budget", "0"], "--time-budget: got '0'"),
+])
+def test_cli_tune_settings_are_checked_before_loading(args, message, tmp_path, capsys, monkeypatch):
+    from hfsqueeze.tune.resources import usable_cpus
+
+    monkeypatch.setattr(hfsqueeze.models, "load_model", _no_load)
+    code = cli_main(["tune", "--budget", "size=0.5", "--model", str(tmp_path), *args,
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message.format(cpus=usable_cpus()) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_workers_are_bounded_by_memory_before_loading(tmp_path, capsys, monkeypatch):
+    """Each worker loads its own model: the bound comes from the weight files on disk and the available memory."""
+    from hfsqueeze.tune import resources
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 2**20)  # only its size is read
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(resources, "available_memory", lambda: 7 * 2**20)  # room for 3 workers x 2 copies
+    monkeypatch.setattr(hfsqueeze.models, "load_model", _no_load)
+    code = cli_main(["tune", "--budget", "size=0.5", "--model", str(model_dir), "--workers", "4",
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("--workers 4: at most 3 here: each worker holds 2 copies of the model (the one it loads and the one a "
+            "trial compresses), about 2MiB, and 7MiB of memory is available") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_workers_are_bounded_before_anything_is_written(tiny_tokenizer, tmp_path, monkeypatch):
+    from hfsqueeze.tune import resources
+
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 1)
+    with pytest.raises(RecipeError, match="workers 2: at most 1 here: this machine gives this process 1 CPU core$"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", workers=2)
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_disk_full_while_tuning_is_one_line(tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    real = tuner_mod.tune
+    monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: real(*a, **{**k, "settings": SETTINGS,
+                                                                      "evaluation": EVALUATION}))
+
+    def disk_full(tuning, records):
+        raise OSError(28, "No space left on device", str(tuning / "trials.jsonl"))
+
+    monkeypatch.setattr(tuner_mod, "write_trials_jsonl", disk_full)
+    out = tmp_path / "out"
+    code = cli_main(["tune", "--model", str(tmp_path / "m"), "--budget", "size=0.5", "--trials", "1",
+                     "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"hfsqueeze: error: tune failed on {out}/tuning/trials.jsonl (No space left on device); the trials finished "
+        f"so far are kept in {out}/tuning/: make room and continue with --resume")
+
+
+def test_short_calibration_text_is_warned_and_reported(tiny_tokenizer, tmp_path):
+    text = tmp_path / "one-word.txt"
+    text.write_text("hello")
+    with pytest.warns(hfsqueeze.HfSqueezeWarning, match="calibration tokens") as caught:
+        result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", calibration=str(text), trials=1,
+                          budget="size=0.9")
+    calibration = result.report.tuning["calibration"]
+    assert 0 < calibration["tokens"] < 256
+    assert calibration["warning"] == str(caught[0].message)
+    assert f"only {calibration['tokens']} calibration tokens (at least 256 recommended)" in calibration["warning"]
+    saved = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert saved["tuning"]["calibration"]["warning"] == calibration["warning"]
 
 
 def test_cli_tune_runs_and_shows_progress(tiny_tokenizer, tmp_path, capsys, monkeypatch):

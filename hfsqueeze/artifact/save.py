@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,19 +71,30 @@ def _foreign_entry(root: Path) -> str | None:
     return None
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_dir(out: str | os.PathLike, overwrite: bool, *, probe: bool = False,
+                     contents: bool = True) -> Path:
     """Refuse an output directory that saving could damage; return it resolved.
 
     The current directory, its ancestors, the home directory and ``/`` are always refused. An existing directory is
     replaced only with ``overwrite`` and only when it is empty or a previous hfsqueeze artifact (`is_artifact_dir`).
+    This is the one output policy of ``compress`` and ``tune`` (which checks what its own run left there itself and
+    passes ``contents=False``); both call it before loading a model.
+
+    Args:
+        probe (`bool`, defaults to `False`): also check that the directory a save writes into can be written
+            (`check_writable`): a read-only or missing parent fails here, not after the work.
+        contents (`bool`, defaults to `True`): check what an existing directory holds.
     """
+    given = out
     out = Path(out).expanduser().resolve()
     if out in _protected_dirs():
         raise ArtifactError(f"refusing to save into {out}: it is the current directory, one of its parents, the home "
                             "directory or /; choose a new directory, e.g. --output out/model")
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path {out} exists and is not a directory; choose another --output")
-    if out.is_dir() and any(out.iterdir()):
+    if probe:
+        check_writable(out, given)
+    if contents and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ArtifactError(f"output directory {out} is not empty; pass overwrite=True (CLI: --overwrite) to "
                                 "replace it, or choose another directory")
@@ -95,6 +107,23 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
             raise ArtifactError(f"refusing to overwrite {out}: it holds {foreign!r}, which hfsqueeze did not write; "
                                 "move it away or choose another --output")
     return out
+
+
+def check_writable(path: str | os.PathLike, given: str | os.PathLike | None = None) -> None:
+    """Fail in one line when nothing can be created in the directory that holds ``path``: the nearest existing
+    directory above it is probed with a temporary sibling, the way `save_compressed` writes (a temporary directory,
+    renamed into place). ``given`` is the output as the user wrote it, for the message."""
+    shown = given if given is not None else path
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"--output {shown}: {parent} is a file, not a directory; choose another --output")
+    try:
+        Path(tempfile.mkdtemp(prefix=".hfsqueeze-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise ArtifactError(f"--output {shown}: cannot write in {parent} ({exc.strerror or exc}); choose a "
+                            "writable directory") from None
 
 
 def _pid_alive(pid: int) -> bool:

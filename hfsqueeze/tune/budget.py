@@ -73,10 +73,19 @@ def _parse_ppl(raw: str) -> float:
     return _number("ppl", match.group(1)) / 100
 
 
+def describe_bytes(value: float) -> str:
+    """A byte count in the largest binary unit it reaches, to four significant digits (``150MiB``, ``1.397GiB``,
+    ``10.49B``): a limit like ``size=1e-5MiB`` must not read as ``0.0MiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return f"{value:.4g}B"
+
+
 # How each limit reads in messages and the card; prefill/decode (ratios to the original) fall back to "<=...x".
 _DESCRIBE = {
     "size": lambda v: f"size<={v:.3g}x",
-    "size_bytes": lambda v: f"size<={v / 2**20:.1f}MiB",
+    "size_bytes": lambda v: f"size<={describe_bytes(v)}",
     "ppl": lambda v: f"ppl<=+{v * 100:.3g}%",
     "top1": lambda v: f"top1>={v:.3g}",
     "bits": lambda v: f"bits<={v:.3g}",

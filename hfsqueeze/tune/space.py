@@ -7,7 +7,11 @@ solver's capacity goes to modules kept unquantized (see `hfsqueeze.tune.solve`).
 explicit recipe: stages with plain values, nothing left to chance.
 
 A space file is YAML shaped like a recipe, with choices (a list) or ranges (``{low, high, step, log}``) in place of
-values; a plain value fixes the key, and keys left out keep the stage's default:
+values; a plain value fixes the key, and keys left out keep the stage's default. It is read as strictly as a recipe
+(a key given twice is refused) and checked before anything runs: numbers are finite, every choice and both ends of
+every range pass the stage config's own checks, and a key that applies only when another takes some value
+(``threshold`` when ``bits`` is 8, prune's keys when ``enabled`` is true) needs that key set, so a file that would
+search nothing is one line, not a run of trials on the uncompressed original:
 
 ```yaml
 quantize:
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -39,7 +44,7 @@ from ..core.context import CompressionContext
 from ..core.errors import RecipeError
 from ..core.hf import frozen_copy
 from ..core.search import OPTIONAL, Param, nested
-from ..recipe import Recipe
+from ..recipe import Recipe, safe_load_strict
 from ..registry import get_stage
 
 SECTIONS = ("quantize", "prune", "recover")
@@ -144,7 +149,7 @@ def load_space(spec: str | os.PathLike | dict[str, Any] | Space) -> Space:
         if not path.is_file():
             raise RecipeError(f"space {str(spec)!r}: not a file and not one of {', '.join(BUILTIN_SPACES)}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = safe_load_strict(path.read_text())  # the recipes' loader: a key given twice is refused
         except yaml.YAMLError as exc:
             raise RecipeError(f"space {path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         return _space_from_dict(data, str(path))
@@ -206,13 +211,117 @@ def _section_params(section: str, body: dict[str, Any], where: str) -> dict[str,
         elif isinstance(value, list):
             if not value:
                 raise RecipeError(f"{at}: an empty list of choices")
-            params[key] = Param.choice(*[_coerce(v, tp, f"{at}[{i}]") for i, v in enumerate(value)], when=when)
+            params[key] = Param.choice(*[_finite(_coerce(v, tp, f"{at}[{i}]"), f"{at}[{i}]")
+                                         for i, v in enumerate(value)], when=when)
         else:
-            params[key] = Param.choice(_coerce(value, tp, at), when=when)
+            params[key] = Param.choice(_finite(_coerce(value, tp, at), at), when=when)
     keep = params.get("keep") if section == "quantize" else None
     if keep is not None and any(v < 0 or v > 1 for v in (keep.choices or (keep.low, keep.high))):
         raise RecipeError(f"{where}: key 'keep': a fraction of the solver's capacity, within 0..1")
+    _check_values(section, params, declared, where)
+    _check_searched(params, where)
     return params
+
+
+def _finite(value: Any, at: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{at}: got {value}; expected a finite number")
+    return value
+
+
+def _candidates(param: Param) -> tuple[Any, ...]:
+    """The values to check a param by: every choice, or a range's two ends (the stage configs' checks are bounds, so
+    a range is valid when both ends are)."""
+    return param.choices if param.choices is not None else (param.low, param.high)
+
+
+def _check_values(section: str, params: dict[str, Param], declared: dict[str, Param], where: str) -> None:
+    """Refuse a value the stage's own config would refuse in a trial (``heads: 5.0``, ``alpha: 2``), and a negative
+    or zero value for a key the stage declares on a log scale (``training_args.max_steps``: a step count; -1 would
+    mean "train by epochs" to Transformers).
+
+    Each value is checked in a config holding that key, the keys its ``when`` needs (``threshold`` with ``bits: 8``)
+    and, where the config needs them to be valid at all, values the section allows for other keys (prune refuses a
+    config that removes nothing). An error that the same config without the key raises as well (``heads: 0`` when
+    nothing else is pruned) is not the value's: such a point leaves the stage out of the trial's recipe."""
+    config_cls = get_stage(STAGE_OF[section]).config_cls
+    fields = set(config_cls.allowed_keys())
+    for key, param in params.items():
+        positive = key in declared and declared[key].log
+        context = _valid_context(config_cls, fields, params, key)
+        for value in _candidates(param):
+            if positive and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise RecipeError(f"{where}: key '{key}': got {value}; must be > 0")
+            if key.split(".", 1)[0] not in fields:
+                continue  # tuning's own knobs (rest_dtype, keep, enabled), checked as they were parsed
+            error = _config_error(config_cls, {**context, key: value})
+            if error is not None and error != _config_error(config_cls, context):
+                raise RecipeError(f"{where}: {error}" + ("" if param.choices is not None else
+                                                        f" (in the range {param.low}..{param.high})"))
+    error = _config_error(config_cls, _valid_context(config_cls, fields, params, None))
+    if error is not None:  # e.g. a prune section that removes nothing anywhere: every trial leaves the stage out
+        raise RecipeError(f"{where}: this section searches nothing: the {STAGE_OF[section]} stage refuses every "
+                          f"point of it ({error})")
+
+
+def _valid_context(config_cls: Any, fields: set[str], params: dict[str, Param], key: str | None) -> dict[str, Any]:
+    """The keys ``key`` needs (its ``when``), plus, one by one, a value of another key of the section that turns a
+    config the stage refuses into one it accepts."""
+    context = {k: v[0] for k, v in params[key].when.items() if k in fields} if key is not None else {}
+    for other, param in params.items():
+        if other == key or other in context or other.split(".", 1)[0] not in fields:
+            continue
+        if _config_error(config_cls, context) is None:
+            break
+        for value in _candidates(param):
+            if _config_error(config_cls, {**context, other: value}) is None:
+                context[other] = value
+                break
+    return context
+
+
+def _config_error(config_cls: Any, flat: dict[str, Any]) -> str | None:
+    try:
+        config_cls.from_dict(nested(flat))
+    except RecipeError as exc:
+        return str(exc)
+    return None
+
+
+def _check_searched(params: dict[str, Param], where: str) -> None:
+    """Refuse keys that no trial would ever draw: a key applies only when others take certain values (``threshold``
+    when ``bits`` is 8, prune's keys when ``enabled`` is true), and a section that does not set those, or allows
+    none of those values, would silently search nothing (every trial the uncompressed original)."""
+    reachable: dict[str, bool] = {}
+
+    def drawn(key: str) -> bool:
+        if key not in reachable:
+            reachable[key] = False  # a `when` that names itself (never declared) stays unreachable
+            reachable[key] = all(k in params and drawn(k) and any(_contains(params[k], v) for v in values)
+                                 for k, values in params[key].when.items())
+        return reachable[key]
+
+    dead = [key for key in params if not drawn(key)]
+    if not dead:
+        return
+    key = dead[0]
+    needs = next((k, v) for k, v in params[key].when.items()
+                 if not (k in params and drawn(k) and any(_contains(params[k], x) for x in v)))
+    wanted = " or ".join(_plain_value(v) for v in needs[1])
+    if needs[0] not in params:
+        why = f"the section does not set {needs[0]}; add {needs[0]}: {_plain_value(needs[1][0])}"
+    else:
+        allowed = ", ".join(_plain_value(v) for v in _candidates(params[needs[0]]))
+        why = f"{needs[0]} allows only {allowed} here"
+    if len(dead) == len(params):
+        what = f"this section searches nothing: {', '.join(repr(k) for k in dead)} apply"
+    else:
+        what = f"key '{key}' is never searched: it applies"
+    raise RecipeError(f"{where}: {what} only when {needs[0]} is {wanted}, and {why}")
+
+
+def _plain_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _range_param(value: dict[str, Any], tp: Any, at: str, when: Mapping[str, tuple]) -> Param:
@@ -226,10 +335,14 @@ def _range_param(value: dict[str, Any], tp: Any, at: str, when: Mapping[str, tup
     integer = numeric == [int]
     low = _coerce(value["low"], int if integer else float, f"{at}: low")
     high = _coerce(value["high"], int if integer else float, f"{at}: high")
+    for end, number in (("low", low), ("high", high)):
+        if not math.isfinite(number):
+            raise RecipeError(f"{at}: {end} must be a finite number; got {number}")
     if low > high:
         raise RecipeError(f"{at}: low {low} is above high {high}")
     step = value.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
+                             or step <= 0):
         raise RecipeError(f"{at}: step must be a positive number; got {step!r}")
     log = value.get("log", False)
     if not isinstance(log, bool) or (log and low <= 0):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import BackendMissingError
-from .budget import Budget
+from .budget import Budget, describe_bytes
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
 from .space import Space, enqueue_params, plan_of, suggest
@@ -252,8 +252,8 @@ class Objective:
             trial.study.stop()  # the space is mostly over the budget: stop rather than spin
         metrics = {"disk_bytes": size, "size": size / self.tctx.original_bytes,
                    "bits": 8 * size / self.tctx.original_params}
-        trial.set_user_attr("skipped", f"predicted size {size / 2**20:.1f} MiB is over the limit "
-                                       f"{limit / 2**20:.1f} MiB")
+        trial.set_user_attr("skipped", f"predicted size {describe_bytes(size)} is over the limit "
+                                       f"{describe_bytes(limit)}")
         trial.set_user_attr("stages", stages)
         trial.set_user_attr("metrics", metrics)
         for key, value in self.tctx.budget.constraints({**metrics, "kl": None, "ppl": None, "top1": None,

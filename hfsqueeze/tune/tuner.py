@@ -23,20 +23,22 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..api import compress
-from ..artifact.save import check_output_dir, save_compressed
+from ..artifact.save import check_output_dir, check_writable, save_compressed
 from ..core.data import load_texts, token_blocks
-from ..core.errors import ArtifactError, RecipeError
+from ..core.errors import ArtifactError, HfSqueezeWarning, RecipeError
 from ..core.fetch import cache_dir
 from ..core.hf import count_parameters
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
 from .budget import Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
+from .resources import check_workers
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
 from .space import Space, draws_fp16, fp16_overflows, load_space, without_fp16
 from .study import (
@@ -61,6 +63,8 @@ logger = logging.getLogger("hfsqueeze")
 RUN_FILE = "run.json"
 CALIBRATION_FILE = "calibration.jsonl"
 ORIGINAL_COPY = ".original"  # the original saved for worker processes when tune got no model_path
+# Fewer calibration tokens than this and every trial's KL rests on a few sentences: warn, and say so in the report.
+MIN_CALIBRATION_TOKENS = 256
 # What must match for --resume to continue a study (anything else may change between runs).
 _RESUME_KEYS = ("budget", "space", "settings", "seed", "fingerprint", "calibration_hash")
 
@@ -153,7 +157,10 @@ def tune(
     space = load_space(space)
     settings = TuneSettings.load(settings)
     evaluation = EvaluationConfig.from_dict({"per_stage": False, **(evaluation or {})}, where="evaluation").to_dict()
-    _check_args(tokenizer, budget, space, settings, trials, workers, time_budget, resume, output)
+    if tokenizer is None:
+        raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
+    check_args(budget, space, settings, trials, workers, time_budget, resume, output)
+    check_workers(workers, sum(t.numel() * t.element_size() for t in model.state_dict().values()), loaded=True)
     optuna_module()  # a missing backend fails here, before any work
     existed = output is not None and Path(output).expanduser().exists()
     out, tuning, temporary = _prepare_output(output, resume, overwrite)
@@ -180,14 +187,14 @@ def tune(
             shutil.rmtree(out, ignore_errors=True)
 
 
-def _check_args(tokenizer, budget: Budget, space: Space, settings: TuneSettings, trials: int, workers: int,
-                time_budget: float | None, resume: bool, output: Any) -> None:
-    if tokenizer is None:
-        raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
+def check_args(budget: Budget, space: Space, settings: TuneSettings, trials: int, workers: int,
+               time_budget: float | None, resume: bool, output: Any) -> None:
+    """One-line errors for settings that cannot run, none needing the model (the CLI calls it before loading)."""
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise RecipeError(f"trials: got {trials!r}; must be an integer >= 1")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise RecipeError(f"workers: got {workers!r}; must be an integer >= 1")
+    check_workers(workers)  # the CPU bound; memory once the model's size is known
     if time_budget is not None and not time_budget > 0:
         raise RecipeError(f"time budget: got {time_budget!r}; must be a positive number of seconds")
     if resume and output is None:
@@ -212,8 +219,10 @@ def check_output(output: Any, resume: bool, overwrite: bool) -> None:
     if not resume and ours and not overwrite:
         raise ArtifactError(f"{out} holds a previous tuning run; pass --resume to continue it or --overwrite to "
                             "start over")
-    if not resume and not ours and out.is_dir() and any(out.iterdir()):
-        check_output_dir(out, overwrite)
+    # compress's policy (no file, no protected directory, a writable parent: the chosen point is staged beside
+    # `out`); what an earlier run of ours left in `out` is judged above instead.
+    check_output_dir(output, overwrite, probe=True, contents=not ours)
+    check_writable(out / TUNING_DIR / RUN_FILE, output)  # the study is written inside `out`
 
 
 def _prepare_output(output: Any, resume: bool, overwrite: bool) -> tuple[Path, Path, bool]:
@@ -280,6 +289,9 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     cal_path = calibration_file(calibration, tuning)
     blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
                           seq_len=min(settings.seq_len, settings.calibration_tokens))
+    few = calibration_warning(int(blocks.numel()), settings)
+    if few:
+        warnings.warn(few, HfSqueezeWarning, stacklevel=3)
     if draws_fp16(space) and fp16_overflows(model, blocks[:1]):
         logger.warning("tune: this model overflows in float16 (non-finite logits on the calibration text); fp16 "
                        "choices are left out of the space")
@@ -303,6 +315,16 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
                 spec["original_params"], budget.describe())
     return make_context(model, tokenizer, spec, tuning, progress), spec
+
+
+def calibration_warning(tokens: int, settings: TuneSettings) -> str | None:
+    """Why the search's measurements stand on too little text, or ``None`` (the report's tuning section keeps it)."""
+    if tokens >= MIN_CALIBRATION_TOKENS:
+        return None
+    why = ("the calibration text is that short; pass a longer one (--calibration)" if tokens <
+           settings.calibration_tokens else f"settings ask for calibration_tokens={settings.calibration_tokens}")
+    return (f"tune: every trial is measured on only {tokens} calibration tokens (at least {MIN_CALIBRATION_TOKENS} "
+            f"recommended), so its KL and perplexity may not hold on other text: {why}")
 
 
 def _short(value: Any) -> str:
@@ -422,7 +444,8 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
         "original": {"disk_bytes": spec["original_bytes"], "parameters": spec["original_params"],
                      "fingerprint": spec["fingerprint"]},
         "calibration": {"file": f"{TUNING_DIR}/{CALIBRATION_FILE}", "tokens": int(tctx.blocks.numel()),
-                        "hash": spec["calibration_hash"]},
+                        "hash": spec["calibration_hash"],
+                        **_only_set(warning=calibration_warning(int(tctx.blocks.numel()), tctx.settings))},
         "sensitivity": {k: {"tokens": v["tokens"], "seconds": v["seconds"], "cached": v["cached"],
                             "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5]}
                         for k, v in tctx.sensitivity.items()},
@@ -434,6 +457,10 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
         "chosen": chosen["number"] if chosen else None,
         "plot": f"{TUNING_DIR}/{PARETO_PNG}",
     }
+
+
+def _only_set(**items: Any) -> dict[str, Any]:
+    return {k: v for k, v in items.items() if v is not None}
 
 
 def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], out: Path | None, trials: int,
