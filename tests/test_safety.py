@@ -348,3 +348,13 @@ def test_eval_with_base_compares_with_the_named_model_and_says_so(artifact_namin
     report = evaluate_artifact(out, base=str(model_dir), overrides=["evaluation.latency=false"])
     assert report.stages[0].config["base"] == str(model_dir)
     assert report.baseline.perplexity > 0 and report.final.kl_divergence is not None
+
+
+def test_the_hub_copy_of_an_adapter_artifact_still_passes(weak_adapter_artifact, tmp_path):
+    """The upload rewrites adapter_config.json's base_model_name_or_path to the repository id: not a change."""
+    from hfsqueeze.compat.peft import hub_adapter_config
+
+    out = Path(shutil.copytree(weak_adapter_artifact, tmp_path / "hub-copy"))
+    (out / "adapter_config.json").write_bytes(hub_adapter_config(out / "adapter_config.json", "alice/tiny"))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "alice/tiny"
+    hfsqueeze.load_compressed(out)
