@@ -147,6 +147,8 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
     Example:
 
     ```python
+    from hfsqueeze.api import evaluate_artifact
+
     report = evaluate_artifact("out/smollm2-int8", base="builtin")
     print(report.to_markdown())
     ```
