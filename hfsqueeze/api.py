@@ -18,8 +18,7 @@ from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
 from .core.utils import quiet_transformers_progress
-from .evaluation.measure import Reference, check_measurable, measure, measure_baseline, remeasure_latency_interleaved
-from .evaluation.metrics import Metrics
+from .evaluation.measure import check_measurable, measure, measure_baseline, remeasure_latency_interleaved
 from .evaluation.report import CompressionReport, StageResult, environment, model_summary
 from .recipe import EvaluationConfig, Recipe, RecipeLike
 from .registry import get_stage
@@ -123,20 +122,36 @@ def _run_stage(model, config, ctx: CompressionContext, index: int, last: int) ->
 
 
 def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: list[str] | None = None,
-                      trust_remote_code: bool = False) -> CompressionReport:
-    """Re-measure a saved artifact; compare with ``base`` (the uncompressed model) when given.
+                      trust_remote_code: bool = False, check_parity: bool = True) -> CompressionReport:
+    """Re-measure a saved artifact; compare it with ``base`` (the uncompressed model) only when you name one.
+
+    Nothing an artifact file names is loaded: the model path in its ``report.json`` could have been edited to point
+    anywhere (another model, a directory with modeling code), so without ``base`` the artifact is measured alone
+    (perplexity on the text, sizes, latency) and the report has no original column and no KL/top-1 against one.
 
     Args:
         path (`str` or `Path`): a directory written by `save_compressed`.
-        base (`str`, *optional*): the uncompressed model, re-measured with the KL against it; defaults to the saved
-            report's model when that is a local directory. Without one, the original column comes from the saved
-            ``report.json``.
+        base (`str`, *optional*): the uncompressed model (a directory or ``"builtin"``), loaded and re-measured; the
+            artifact's KL and top-1 agreement are computed against it and the two are timed in alternating runs.
         overrides (`list[str]`, *optional*): ``evaluation.KEY=VALUE`` changes to the saved recipe's evaluation
             settings (the defaults when the artifact has no report).
-        trust_remote_code (`bool`, defaults to `False`): allow custom modeling code in the artifact and ``base``.
+        trust_remote_code (`bool`, defaults to `False`): allow custom modeling code in the artifact and ``base``,
+            the two paths you pass; never in anything they name.
+        check_parity (`bool`, defaults to `True`): the parity checks of `load_compressed` (an hfsqueeze artifact
+            must hold ``parity.safetensors`` and reproduce it, a kept LoRA adapter must be there unchanged).
 
     Returns:
-        `CompressionReport`: one ``eval`` stage; its config says where the original column came from (``base``).
+        `CompressionReport`: one ``eval`` stage; its config's ``base`` is what it was compared with (``None``:
+        nothing). ``baseline`` is the re-measured ``base``, or ``None``.
+
+    Example:
+
+    ```python
+    from hfsqueeze.api import evaluate_artifact
+
+    report = evaluate_artifact("out/smollm2-int8", base="builtin")
+    print(report.to_markdown())
+    ```
     """
     quiet_transformers_progress()
     path = Path(path)
@@ -144,17 +159,21 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
         raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
     if base is not None:
         check_model_source(base)  # a --base that cannot load fails now, not after the artifact is measured
+    # report.json gives the evaluation settings only; its model path is never opened.
     saved = CompressionReport.load(path) if (path / "report.json").is_file() else None
     evaluation = EvaluationConfig.from_dict((saved.recipe.get("evaluation") or {}) if saved else {},
                                             where="evaluation").overridden(overrides or [])
-    saved_base = saved.model.get("name_or_path") if saved else None
-    base_dir = base if base is not None else \
-        saved_base if saved_base is not None and (Path(saved_base) / "config.json").is_file() else None
     logger.info("loading the artifact %s", path)
-    model = load_compressed(path, trust_remote_code=trust_remote_code)
+    model = load_compressed(path, trust_remote_code=trust_remote_code, check_parity=check_parity)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) \
         if (path / "tokenizer_config.json").is_file() else None
-    baseline, reference, base_model = _original(base_dir, saved, tokenizer, evaluation, trust_remote_code)
+    if base is None:
+        logger.info("no base model given: measuring the artifact alone (pass base= to compare with one)")
+        baseline, reference, base_model = None, None, None
+    else:
+        logger.info("loading the base model %s to re-measure it", base)
+        base_model, _ = load_model(base, trust_remote_code=trust_remote_code)
+        baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
     logger.info("measuring the artifact")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
     interleaved = base_model is not None and evaluation.latency and reference is not None
@@ -168,22 +187,11 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
         environment=environment(model),
         evaluation={**evaluation.to_dict(), "eval_tokens": metrics.eval_tokens},
         baseline=baseline,
-        stages=[StageResult(1, "eval", {"artifact": str(path), "base": base_dir}, {"format": "re-measured"}, 0.0,
+        stages=[StageResult(1, "eval", {"artifact": str(path), "base": base}, {"format": "re-measured"}, 0.0,
                             metrics)],
         final=metrics,
         latency_interleaved=interleaved,
     )
-
-
-def _original(base_dir: str | None, saved: CompressionReport | None, tokenizer: Any, evaluation: EvaluationConfig,
-              trust_remote_code: bool) -> tuple[Metrics | None, Reference | None, Any]:
-    """The original column: re-measured from ``base_dir`` (with outputs to compare against, latency left for the
-    interleaved timing; the base model is returned for it), or the saved one."""
-    if base_dir is None:
-        return (saved.baseline if saved is not None else None), None, None
-    logger.info("loading the base model %s to re-measure it", base_dir)
-    base_model, _ = load_model(base_dir, trust_remote_code=trust_remote_code)
-    return (*measure_baseline(base_model, tokenizer, evaluation, time_latency=False), base_model)
 
 
 def attach_compress_method() -> None:

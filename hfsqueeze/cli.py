@@ -82,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="re-measure a saved artifact and print the same table")
     e.add_argument("artifact", help="directory written by 'hfsqueeze compress --output' or save_compressed")
     e.add_argument("--base", default=None,
-                   help="the uncompressed model to compare with (default: the report's base model if it is local)")
+                   help="the uncompressed model to compare with (a directory or 'builtin'); without it the artifact "
+                        "is measured alone: no path written in the artifact is ever loaded")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="evaluation.KEY=VALUE",
                    help=f"override an evaluation setting; KEY is one of: {', '.join(EvaluationConfig.allowed_keys())}")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modeling code when loading the artifact and --base")
+    e.add_argument("--no-parity-check", dest="check_parity", action="store_false",
+                   help="load an artifact whose parity.safetensors or LoRA adapter is missing or was changed "
+                        "(to inspect it)")
 
     _add_tune_parser(sub)
 
@@ -324,10 +328,14 @@ def _cmd_eval(args) -> int:
 
     path = Path(args.artifact)
     report = evaluate_artifact(path, base=args.base, overrides=args.overrides,
-                               trust_remote_code=args.trust_remote_code)
-    print(report.to_json() if args.json else report.to_markdown(), file=args.stdout)
-    if (path / "report.json").is_file() and report.stages[0].config.get("base") is None:
-        print("\n(original column: from the saved report.json; pass --base PATH to re-measure it and the KL)")
+                               trust_remote_code=args.trust_remote_code, check_parity=args.check_parity)
+    if args.json:  # the report's eval stage says it: config.base
+        print(report.to_json(), file=args.stdout)
+        return 0
+    # The caption: what the numbers were compared with (only ever a model the user named).
+    against = f"compared with --base {args.base}" if args.base else \
+        "the artifact alone (no base: pass --base to compare)"
+    print(f"hfsqueeze eval {path}: {against}\n\n{report.to_markdown()}", file=args.stdout)
     return 0
 
 

@@ -122,7 +122,7 @@ def test_cli_compress_save_and_eval(model_dir, tmp_path, capsys):
     assert "1. quantize (nf4)" in printed and "saved to" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["command"].startswith("hfsqueeze ") and report["model"]["name_or_path"] == str(model_dir)
-    assert main(["eval", str(out), "--set", "evaluation.latency=false"]) == 0
+    assert main(["eval", str(out), "--base", str(model_dir), "--set", "evaluation.latency=false"]) == 0
     table = capsys.readouterr().out
     assert "| Perplexity |" in table and "re-measured" in table and "KL to original" in table
 

@@ -47,7 +47,7 @@ def test_compress_json_with_distill_prints_exactly_one_json_document(model_dir, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["stages"][0]["method"] == "eval"
 
-    proc = _run_cli("eval", str(out), "--json", cwd=tmp_path)  # --base defaults to the local original: interleaved
+    proc = _run_cli("eval", str(out), "--json", "--base", str(model_dir), cwd=tmp_path)  # both loaded: interleaved
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["latency"]["interleaved"] is True
 

@@ -24,7 +24,7 @@ from ..core.loading import check_model_source, guarded_load, load_errors
 from ..core.models import load_pretrained, load_tokenizer, prepared, resolve_model_path
 from ..core.utils import quiet_transformers_progress
 from ..registry import stages
-from .parity import check_saved_parity
+from .parity import check_parity_files, check_saved_parity
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -47,16 +47,18 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
     """Load any artifact `save_compressed` wrote (stock Transformers ones and those a stage's loader handles).
 
     No code from the artifact runs: stages load their own formats with the installed hfsqueeze, and
-    ``trust_remote_code`` is only passed on when you pass it. When the artifact holds ``parity.safetensors`` (every
-    `save_compressed` writes one), the loaded model is run on the recorded input and must reproduce the recorded
-    outputs, so an artifact whose config or weights were changed after saving fails here with one line instead of
-    giving wrong numbers later.
+    ``trust_remote_code`` is only passed on when you pass it. Every `save_compressed` writes ``parity.safetensors``;
+    the loaded model is run on the recorded input and must reproduce the recorded outputs, so an artifact whose
+    config or weights were changed after saving fails here with one line instead of giving wrong numbers later.
+    Before anything loads, an hfsqueeze artifact (``report.json`` of ours) without that file is refused, and a kept
+    LoRA adapter must be there, byte for byte as saved (`hfsqueeze.artifact.parity.check_parity_files`).
 
     Args:
         path (`str` or `os.PathLike`): an artifact directory, or a Hub repository id (downloaded first).
-        check_parity (`bool`, defaults to `True`): compare with ``parity.safetensors`` when present.
-        kwargs: passed to ``from_pretrained`` (``dtype`` and ``quantization_config`` turn the parity check off,
-            since they change the outputs on purpose).
+        check_parity (`bool`, defaults to `True`): the checks above; `False` loads an incomplete or edited artifact
+            to inspect it. A plain Transformers directory (no ``report.json`` of ours) has nothing to check.
+        kwargs: passed to ``from_pretrained`` (``dtype`` and ``quantization_config`` skip the outputs comparison,
+            since they change the outputs on purpose; the file checks still run).
 
     Example:
 
@@ -65,6 +67,8 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
     ```
     """
     path = _local_artifact(path)
+    if check_parity:
+        check_parity_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
     check_adapter_loadable(path)
     model = _stage_load(path, config, kwargs)

@@ -2,10 +2,17 @@
 
 `save_compressed` writes ``parity.safetensors`` with `record_parity`; before a push, `verify_parity` reloads the
 artifact in a fresh Python process with the exact code its model card shows and compares (`compare_outputs`).
+
+The outputs are compared with a tolerance (bitsandbytes 4-bit may run another CPU kernel after a reload), so a change
+smaller than it passes: a LoRA adapter trained a few steps moves the logits by less, and deleting or zeroing it went
+unseen. So the parity file also records the kept adapter (sha256 of its weight file and of its config), and
+`check_parity_files` compares those bytes, whatever the tolerance. An hfsqueeze artifact (``report.json`` of ours)
+without its parity file is refused too: deleting the file must not switch the check off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,11 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..compat.bnb import guard_bnb_cpu_repack
+from ..compat.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_adapter
 from ..core.errors import ArtifactError, HubError
 from ..core.hf import eval_mode
+from ..evaluation.report import REPORT_SCHEMA
 
 PARITY_FILE = "parity.safetensors"
 PARITY_SCHEMA = "hfsqueeze.parity"
+# 1: input ids and outputs; 2: also the kept LoRA adapter's checksums (``adapter``: null when none was saved).
+PARITY_VERSION = 2
+_OPT_OUT = "check_parity=False (CLI: --no-parity-check)"
 PARITY_TOKENS = 16
 PARITY_SEED = 20240607
 # Relative to the largest reference output. Reloading the same weights is bit-exact for fp32/16-bit; bitsandbytes
@@ -74,12 +86,40 @@ def record_parity(model: Any, out_dir: str | os.PathLike) -> Path:
     input_ids = parity_input_ids(model.config)
     with eval_mode(guard_bnb_cpu_repack(model)):
         name, outputs = _outputs(model, input_ids)
+    adapter = None
+    if has_adapter(model):  # written beside the weights by then (`save_pretrained_with_adapter`)
+        missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (Path(out_dir) / f).is_file()]
+        if missing:
+            raise ArtifactError(f"cannot record parity: the model carries a LoRA adapter but {out_dir} has no "
+                                f"{', '.join(missing)}; write the adapter files first")
+        adapter = adapter_checksums(out_dir)
     path = Path(out_dir) / PARITY_FILE
     save_file({"input_ids": input_ids.contiguous(), "outputs": outputs}, str(path),
               metadata={"hfsqueeze": json.dumps(  # one key: safetensors writes several in random order
-                  {"schema": PARITY_SCHEMA, "version": 1, "output": name, "model": type(model).__name__},
-                  sort_keys=True)})
+                  {"schema": PARITY_SCHEMA, "version": PARITY_VERSION, "output": name, "model": type(model).__name__,
+                   "adapter": adapter}, sort_keys=True)})
     return path
+
+
+def adapter_checksums(artifact_dir: str | os.PathLike) -> dict[str, str]:
+    """sha256 of the adapter's weight file (its bytes) and of its config (parsed, without
+    ``base_model_name_or_path``, which the Hub upload rewrites to the repository id)."""
+    root = Path(artifact_dir)
+    digest = hashlib.sha256()
+    with open(root / ADAPTER_WEIGHTS, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    try:
+        config = json.loads((root / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{root / ADAPTER_CONFIG} is damaged ({type(exc).__name__}); re-save the artifact, or "
+                            f"load it unchecked with {_OPT_OUT}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{root / ADAPTER_CONFIG} is not a JSON object; re-save the artifact, or load it "
+                            f"unchecked with {_OPT_OUT}")
+    config.pop("base_model_name_or_path", None)
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return {"weights_sha256": digest.hexdigest(), "config_sha256": hashlib.sha256(canonical).hexdigest()}
 
 
 def is_parity_file(path: str | os.PathLike) -> bool:
@@ -90,6 +130,88 @@ def is_parity_file(path: str | os.PathLike) -> bool:
     except Exception:  # noqa: BLE001 - missing, truncated or foreign file: not ours
         return False
     return isinstance(meta, dict) and meta.get("schema") == PARITY_SCHEMA
+
+
+def _parity_metadata(path: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("hfsqueeze", "{}"))
+    except Exception as exc:  # noqa: BLE001 - a damaged file is the user's problem to see, in one line
+        raise ArtifactError(f"{path} is damaged ({type(exc).__name__}); re-save the artifact") from None
+    if not isinstance(meta, dict) or meta.get("schema") != PARITY_SCHEMA:
+        raise ArtifactError(f"{path} is not hfsqueeze's parity file (no {PARITY_SCHEMA!r} tag); re-save the artifact, "
+                            f"or load it unchecked with {_OPT_OUT}")
+    version = meta.get("version")
+    if not isinstance(version, int) or not 1 <= version <= PARITY_VERSION or (version >= 2 and "adapter" not in meta):
+        raise ArtifactError(f"{path} has parity version {version!r} (this hfsqueeze reads 1 to {PARITY_VERSION}, and "
+                            "2 records the adapter); re-save the artifact with this version")
+    return meta
+
+
+def _saved_report(root: Path) -> dict[str, Any] | None:
+    """The artifact's ``report.json`` when it is hfsqueeze's (its schema), else ``None``."""
+    try:
+        data = json.loads((root / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("schema") == REPORT_SCHEMA else None
+
+
+def _report_kept_adapter(report: dict[str, Any]) -> bool:
+    """Whether the report says the saved model holds a LoRA adapter: the last stage that chose a route (distill's
+    ``details["route"]``; a later one drops or merges an earlier adapter) chose ``adapter``."""
+    stages = report.get("stages")
+    routes = [s["details"]["route"] for s in (stages if isinstance(stages, list) else [])
+              if isinstance(s, dict) and isinstance(s.get("details"), dict) and "route" in s["details"]]
+    return bool(routes) and routes[-1] == "adapter"
+
+
+def check_parity_files(artifact_dir: str | os.PathLike) -> None:
+    """Check, before anything is loaded, what comparing outputs cannot: the parity file and the adapter's bytes.
+
+    - An hfsqueeze artifact (``report.json`` of ours) must hold ``parity.safetensors``; a plain Transformers
+      directory, which never had one, passes.
+    - When ``report.json`` says a LoRA adapter was kept, its files must be there.
+    - When the parity file records the adapter (version 2), the files must match its sha256 checksums, and an
+      artifact saved without one must not hold adapter files.
+
+    Raises:
+        `ArtifactError`: one line naming the file and the opt-out (``check_parity=False``).
+    """
+    root = Path(artifact_dir)
+    path = root / PARITY_FILE
+    report = _saved_report(root)
+    if not path.is_file():
+        if report is not None:
+            raise ArtifactError(f"{root} is an hfsqueeze artifact (report.json) but has no {PARITY_FILE}, the outputs "
+                                "recorded when it was saved, so nothing shows it is what was saved; re-save it, or "
+                                f"load it unchecked with {_OPT_OUT}")
+        return
+    meta = _parity_metadata(path)
+    present = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (root / f).is_file()]
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if f not in present]
+    if report is not None and _report_kept_adapter(report) and missing:
+        raise ArtifactError(f"{root}: report.json says a LoRA adapter was kept, but {', '.join(missing)} is missing; "
+                            f"the model would load without its recovery (restore the file, or load it unchecked with "
+                            f"{_OPT_OUT})")
+    if meta["version"] < 2:
+        return  # saved before adapters were recorded: report.json above and the outputs are all there is
+    recorded = meta["adapter"]
+    if recorded is None:
+        if present:
+            raise ArtifactError(f"{root} was saved without a LoRA adapter, but holds {', '.join(present)}; remove "
+                                f"them, or load it unchecked with {_OPT_OUT}")
+        return
+    if missing:
+        raise ArtifactError(f"{root}/{PARITY_FILE} records a LoRA adapter, but {', '.join(missing)} is missing; "
+                            f"restore it, or load it unchecked with {_OPT_OUT}")
+    got = adapter_checksums(root)
+    changed = [f for f, key in ((ADAPTER_WEIGHTS, "weights_sha256"), (ADAPTER_CONFIG, "config_sha256"))
+               if not isinstance(recorded, dict) or got[key] != recorded.get(key)]
+    if changed:
+        raise ArtifactError(f"{root}: the LoRA adapter's {' and '.join(changed)} differs from the one recorded when "
+                            "it was saved (sha256); it was changed after saving (re-save it, or load it unchecked "
+                            f"with {_OPT_OUT})")
 
 
 def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -182,6 +304,7 @@ def verify_parity(
         raise ArtifactError(f"{artifact} has no {PARITY_FILE} (outputs recorded at save time), so it cannot be "
                             "checked before upload; re-save it with hfsqueeze.save_compressed, or pass "
                             "check_parity=False (CLI: --no-parity-check) to push it unchecked")
+    check_parity_files(artifact)
     reference, output = _read_parity(parity_path)
     how = "the card's load code" if load_code else "hfsqueeze.load_compressed"
     if load_code is None:
@@ -238,5 +361,5 @@ def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: flo
     return result
 
 
-__all__ = ["DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "check_saved_parity", "compare_outputs", "is_parity_file",
-           "parity_input_ids", "parity_problem", "record_parity", "verify_parity"]
+__all__ = ["DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "adapter_checksums", "check_parity_files", "check_saved_parity",
+           "compare_outputs", "is_parity_file", "parity_input_ids", "parity_problem", "record_parity", "verify_parity"]
