@@ -423,7 +423,9 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
                      "fingerprint": spec["fingerprint"]},
         "calibration": {"file": f"{TUNING_DIR}/{CALIBRATION_FILE}", "tokens": int(tctx.blocks.numel()),
                         "hash": spec["calibration_hash"]},
+        # Scores read from a cache are reported as such (and from where): only ``seconds`` was spent in this run.
         "sensitivity": {k: {"tokens": v["tokens"], "seconds": v["seconds"], "cached": v["cached"],
+                            "cached_modules": v["cached_modules"], "cached_from": v["cached_from"],
                             "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5]}
                         for k, v in tctx.sensitivity.items()},
         "trials_requested": trials,
