@@ -3,7 +3,8 @@
 The study lives in ``tuning/study.journal`` (`optuna.storages.JournalStorage` on a `JournalFileBackend`), which
 several local processes can share and which survives Ctrl-C and kill -9: on resume, trials that were running when the
 process died are marked failed (``interrupted``), finished ones are kept, and interrupted points are queued again
-(`check_journal` first repairs a torn last line, and refuses a journal damaged elsewhere). The sampler is pinned (multi-objective TPE, seeded per worker), because optuna 5 changed its defaults.
+(`check_journal` first repairs a torn last line, and refuses a journal damaged elsewhere). The sampler is pinned
+(multi-objective TPE, seeded per worker), because optuna 5 changed its defaults.
 Constraints go through `optuna.trial.Trial.set_constraint`, so ``study.best_trials`` is the feasible Pareto set.
 """
 
@@ -103,9 +104,9 @@ def check_journal(tuning_dir: Path) -> None:
     if not data.strip():
         finished = _finished_trials(tuning_dir)
         if finished:
-            raise ArtifactError(f"--resume: {path} is {'empty' if path.exists() else 'missing'} but {TRIALS_JSONL} "
-                                f"records {finished} finished trial(s); the study cannot be continued, start over with "
-                                "--overwrite")
+            raise ArtifactError(f"--resume: {path} is {'empty' if path.exists() else 'missing'} but "
+                                f"{TRIALS_JSONL} records {finished} finished trial(s); the study cannot be continued, "
+                                "start over with --overwrite")
         return
     lines = data.split(b"\n")
     tail = lines.pop()  # empty when the file ends with a newline, as every complete journal does
@@ -115,7 +116,8 @@ def check_journal(tuning_dir: Path) -> None:
         return
     if bad and bad != [len(records) - 1]:
         raise ArtifactError(f"--resume: {path} is damaged at line {bad[0] + 1} of {len(records)} (not a journal "
-                            "record), before its last line: the study cannot be continued, start over with --overwrite")
+                            "record), before its last line: the study cannot be continued, start over with "
+                            "--overwrite")
     keep = records if not bad else records[:-1]  # a complete last record that only lost its newline is kept
     backup = path.with_name(f"{JOURNAL}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.copy2(path, backup)
