@@ -267,7 +267,8 @@ def _cmd_tune(args) -> int:
           file=notes)
     print(f"Pareto set ({len(result.pareto)} points) and every trial: {args.output}/tuning/; saved to {args.output}",
           file=notes)
-    return 0
+    # Stopped by Ctrl-C or SIGTERM: the best point so far is saved, and the exit status still says so.
+    return {"interrupted": 130, "terminated": EXIT_TERMINATED}.get(result.stopped, 0)
 
 
 

@@ -795,3 +795,284 @@ def test_two_workers_share_one_study(tiny_tokenizer, tmp_path):
     assert len({r["worker"] for r in done}) == 2, (tmp_path / "out/tuning/worker-1.log").read_text()[-2000:]
     assert len({json.dumps(r["stages"], sort_keys=True) for r in done if r["kind"] != "search"}) == len(
         [r for r in done if r["kind"] != "search"])  # no baseline ran twice
+
+
+# ---- saved state: fingerprint, sensitivity cache, journal ------------------------------------------------------
+def _one_ulp_up(model):
+    with torch.no_grad():
+        weight = model.model.layers[0].mlp.down_proj.weight.view(-1)
+        weight[5] = torch.nextafter(weight[5], torch.tensor(float("inf")))
+    return model
+
+
+def test_fingerprint_sees_the_config_and_every_weight_byte(tmp_path):
+    from hfsqueeze.tune.sensitivity import fingerprint
+
+    model = tiny_llama()
+    before = fingerprint(model)
+    model.save_pretrained(tmp_path / "m")
+    assert fingerprint(load_model(str(tmp_path / "m"))[0]) == before  # what a worker or a resume loads
+    other = copy.deepcopy(model)
+    other.config.rope_parameters = {**other.config.rope_parameters, "rope_theta": 20000.0}
+    assert fingerprint(other) != before
+    act = copy.deepcopy(model)
+    act.config.hidden_act = "gelu"
+    assert fingerprint(act) != before
+    assert fingerprint(_one_ulp_up(copy.deepcopy(model))) != before
+
+
+def _blocks(tokenizer, tokens: int = 64):
+    from hfsqueeze.core.data import load_texts, token_blocks
+
+    return token_blocks(tokenizer, load_texts("builtin", split="train"), max_tokens=tokens, seq_len=tokens)
+
+
+def test_sensitivity_cache_is_not_reused_for_a_model_one_ulp_away(tiny_tokenizer, tmp_path):
+    from hfsqueeze.tune.sensitivity import fingerprint
+
+    model, blocks = tiny_llama(), _blocks(tiny_tokenizer)
+    shared = SensitivityCache([tmp_path / "shared.json"])
+    assert not sensitivities(model, blocks, [{"bits": 8}], shared)["int8"]["cached"]
+    assert sensitivities(model, blocks, [{"bits": 8}], shared)["int8"]["cached"]
+    changed = _one_ulp_up(copy.deepcopy(model))
+    assert fingerprint(changed) != fingerprint(model)
+    assert not sensitivities(changed, blocks, [{"bits": 8}], shared)["int8"]["cached"]
+
+
+def _poison(data: dict, how: str) -> None:
+    entry = next(iter(data["entries"].values()))
+    if how == "gpt2 module names":
+        entry["scores"] = {f"transformer.h.{i}.{m}": 0.1 for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")}
+    elif how == "faked tokens":
+        entry["tokens"] = 999999
+    elif how == "version 99":
+        data["version"] = 99
+    elif how == "string scores":
+        entry["scores"] = {name: "0.5" for name in entry["scores"]}
+    elif how == "no scores key":
+        del entry["scores"]
+    elif how == "negative and nan scores":
+        first, second = list(entry["scores"])[:2]
+        entry["scores"][first], entry["scores"][second] = -1.0, float("nan")
+
+
+@pytest.mark.parametrize("how", ["gpt2 module names", "faked tokens", "version 99", "string scores", "no scores key",
+                                 "negative and nan scores"])
+def test_a_poisoned_sensitivity_cache_is_dropped_with_a_warning_and_rescored(tiny_tokenizer, tmp_path, how, caplog):
+    model, blocks = tiny_llama(), _blocks(tiny_tokenizer)
+    path = tmp_path / "sensitivity.json"
+    first = sensitivities(model, blocks, [{"bits": 8}], SensitivityCache([path]))["int8"]
+    data = json.loads(path.read_text())
+    _poison(data, how)
+    path.write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hfsqueeze"):
+        again = sensitivities(model, blocks, [{"bits": 8}], SensitivityCache([path]))["int8"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0], warnings
+    assert not again["cached"] and again["cached_modules"] == 0 and again["cached_from"] is None  # scored again
+    assert again["scores"] == pytest.approx(first["scores"]) and again["tokens"] == blocks.numel()
+    entry = next(iter(json.loads(path.read_text())["entries"].values()))  # the bad entry is replaced
+    assert entry["tokens"] == blocks.numel() and entry["scores"] == pytest.approx(first["scores"])
+
+
+def test_scores_from_the_cache_say_where_from(tiny_tokenizer, tmp_path):
+    model, blocks = tiny_llama(), _blocks(tiny_tokenizer)
+    shared = tmp_path / "shared.json"
+    sensitivities(model, blocks, [{"bits": 8}], SensitivityCache([shared]))
+    hit = sensitivities(model, blocks, [{"bits": 8}], SensitivityCache([tmp_path / "own.json", shared]))["int8"]
+    assert hit["cached"] and hit["cached_from"] == str(shared) and hit["seconds"] == 0.0
+    assert (tmp_path / "own.json").is_file()  # copied into the run's own file
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama and a finished 2-trial tune output (copied by each test that damages it)."""
+    root = tmp_path_factory.mktemp("finished")
+    model = tiny_llama()
+    model.save_pretrained(root / "m")
+    tiny_tokenizer.save_pretrained(root / "m")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HFSQUEEZE_CACHE", str(root / "cache"))
+        run_tune(model, tiny_tokenizer, root / "out", trials=2)
+    return root
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(finished_run / "out", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _cli_tune(model_dir, out, monkeypatch, *extra) -> int:
+    real = tuner_mod.tune
+    monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: real(*a, **{**k, "settings": SETTINGS,
+                                                                      "evaluation": EVALUATION}))
+    return cli_main(["tune", "--model", str(model_dir), "--budget", "size=0.5", "--output", str(out), *extra])
+
+
+@pytest.mark.parametrize("change", ["rope_theta", "one ulp"])
+def test_resume_refuses_a_changed_model_in_one_line(finished_run, tmp_path, change, monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = _copy_run(finished_run, tmp_path)
+    shutil.copytree(finished_run / "m", tmp_path / "m2")
+    if change == "rope_theta":
+        config = json.loads((tmp_path / "m2" / "config.json").read_text())
+        config["rope_parameters"]["rope_theta"] = 20000.0
+        (tmp_path / "m2" / "config.json").write_text(json.dumps(config))
+    else:
+        weights = load_file(tmp_path / "m2" / "model.safetensors")
+        flat = weights["model.layers.0.mlp.down_proj.weight"].view(-1)
+        flat[5] = torch.nextafter(flat[5], torch.tensor(float("inf")))
+        save_file(weights, tmp_path / "m2" / "model.safetensors", metadata={"format": "pt"})
+    journal = (out / "tuning" / "study.journal").read_bytes()
+    code = _cli_tune(tmp_path / "m2", out, monkeypatch, "--trials", "3", "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("hfsqueeze: error: --resume:") and "another model" in err, err
+    assert err.count("\n") == 1
+    assert (out / "tuning" / "study.journal").read_bytes() == journal  # nothing was run
+
+
+@pytest.mark.parametrize("damage", ["cut off", "garbage"])
+def test_a_torn_last_journal_line_is_repaired_on_resume(finished_run, tmp_path, tiny_tokenizer, damage, caplog):
+    out = _copy_run(finished_run, tmp_path)
+    journal = out / "tuning" / "study.journal"
+    data = journal.read_bytes()
+    good = data[:data.rstrip(b"\n").rindex(b"\n") + 1]  # every line but the last
+    damaged = data[:-7] if damage == "cut off" else data + b"\x00\x17not json{\n"
+    journal.write_bytes(damaged)
+    finished = {r["number"]: r for r in _completed(out)}
+    with caplog.at_level("WARNING", logger="hfsqueeze"):
+        result = run_tune(load_model(str(finished_run / "m"))[0], tiny_tokenizer, out, trials=3, resume=True)
+    warned = [r.getMessage() for r in caplog.records if "study.journal" in r.getMessage()]
+    assert len(warned) == 1 and "last line" in warned[0], warned
+    backups = list((out / "tuning").glob("study.journal.torn-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == damaged  # the original, as it was
+    assert journal.read_bytes().startswith(good if damage == "cut off" else data)
+    done = {r["number"]: r for r in result.trials if r["state"] == "COMPLETE"}
+    assert len(done) == 3
+    if damage == "garbage":  # nothing was lost: both finished trials are kept as they were
+        assert all(done[n]["metrics"] == r["metrics"] for n, r in finished.items())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("middle", "is damaged at line 3 of"),
+    ("emptied", "is empty but trials.jsonl records 2 finished trial(s)"),
+])
+def test_a_damaged_or_emptied_journal_is_one_line_exit_2(finished_run, tmp_path, damage, message, monkeypatch,
+                                                          capsys):
+    out = _copy_run(finished_run, tmp_path)
+    journal = out / "tuning" / "study.journal"
+    lines = journal.read_bytes().split(b"\n")
+    journal.write_bytes(b"\n".join(lines[:2] + [b'{"op_code": 4, "worker'] + lines[3:]) if damage == "middle" else b"")
+    before = journal.read_bytes()
+    code = _cli_tune(finished_run / "m", out, monkeypatch, "--trials", "3", "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert journal.read_bytes() == before and not list((out / "tuning").glob("study.journal.torn-*"))
+
+
+def test_interrupted_search_points_are_queued_again_once(tmp_path):
+    optuna = study_mod.optuna_module()
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask({"quantize.threshold": optuna.distributions.FloatDistribution(1.0, 6.0)})
+    trial.set_user_attr("interrupted", True)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert study_mod.requeue_interrupted(study) == 1 and study_mod.requeue_interrupted(study) == 0
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["redo_of"] for t in waiting] == [trial.number]
+    assert waiting[0].system_attrs["fixed_params"] == trial.params
+
+
+# ---- signals ----------------------------------------------------------------------------------------------------
+# `hfsqueeze tune` in a child process, paused at a known point: the ``n``-th trial (before it is built) or the
+# ``n``-th module of the sensitivity pass (before it is scored); the pause writes ``marker`` and sleeps.
+PAUSING_CLI = r"""
+import json, sys, time
+from pathlib import Path
+from hfsqueeze import cli
+from hfsqueeze.tune import sensitivity as sens_mod, study as study_mod, tuner as tuner_mod
+settings, evaluation, pause = (json.loads(a) for a in sys.argv[1:4])
+real_tune = tuner_mod.tune
+tuner_mod.tune = lambda *a, **k: real_tune(*a, **{**k, "settings": settings, "evaluation": evaluation})
+module, name = (study_mod, "run_point") if pause["at"] == "trial" else (sens_mod, "_kl")
+real, calls = getattr(module, name), []
+def paused(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == pause["n"]:
+        Path(pause["marker"]).write_text(json.dumps(args[1] if pause["at"] == "trial" else None))
+        time.sleep(600)
+    return real(*args, **kwargs)
+setattr(module, name, paused)
+sys.exit(cli.main(sys.argv[4:]))
+"""
+
+
+def _paused_cli(tmp_path: Path, tokenizer, at: str, n: int, trials: int) -> tuple[subprocess.Popen, Path]:
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    marker = tmp_path / "paused"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    args = [json.dumps(SETTINGS), json.dumps(EVALUATION), json.dumps({"at": at, "n": n, "marker": str(marker)}),
+            "tune", "--model", str(tmp_path / "m"), "--budget", "size=0.5", "--trials", str(trials), "--output",
+            str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate(timeout=60)[1][-3000:]
+    return proc, marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_inside_a_trial_saves_the_best_so_far_exits_with_its_code_and_resume_redoes_it(
+        tiny_tokenizer, tmp_path, signum, code):
+    out = tmp_path / "out"
+    proc, marker = _paused_cli(tmp_path, tiny_tokenizer, "trial", n=2, trials=3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-3000:]
+    report = json.loads((out / "report.json").read_text())  # the best point so far, saved
+    assert report["tuning"]["stopped"] == ("terminated" if signum == signal.SIGTERM else "interrupted")
+    records = [json.loads(line) for line in (out / "tuning" / "trials.jsonl").read_text().splitlines()]
+    point = json.loads(marker.read_text())
+    cut = [r for r in records if r["point"] == point]
+    assert len(cut) == 1 and cut[0]["state"] == "FAIL" and cut[0]["interrupted"], cut
+
+    result = run_tune(load_model(str(tmp_path / "m"))[0], tiny_tokenizer, out, trials=3, resume=True)
+    redone = [r for r in result.trials if r["point"] == point and r["state"] == "COMPLETE"]
+    assert len(redone) == 1 and redone[0]["number"] != cut[0]["number"]
+    assert len([r for r in result.trials if r["state"] == "COMPLETE"]) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_sensitivity_pass_keeps_what_was_scored_and_resume_continues(tiny_tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    from hfsqueeze.tune import sensitivity as sens_mod
+
+    out = tmp_path / "out"
+    proc, _ = _paused_cli(tmp_path, tiny_tokenizer, "sensitivity", n=5, trials=2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "continue with --resume" in err, err[-3000:]
+    saved = json.loads((out / "tuning" / "sensitivity.json").read_text())["entries"]
+    (partial,) = [e for k, e in saved.items() if k.endswith(":int8")]
+    assert len(partial["scores"]) == 4 and not partial["complete"]  # module 5 was being scored
+
+    model = load_model(str(tmp_path / "m"))[0]
+    real, scored = sens_mod._kl, []
+    monkeypatch.setattr(sens_mod, "_kl", lambda *a, **k: scored.append(1) or real(*a, **k))
+    result = run_tune(model, tiny_tokenizer, out, trials=2, resume=True)
+    targets = len(quantize_targets(model))
+    assert len(scored) == 3 * targets - 4  # int8 continued where it stopped; nf4 and fp4 scored in full
+    section = result.report.tuning["sensitivity"]["int8"]
+    assert section["cached_modules"] == 4 and not section["cached"]
+    assert section["cached_from"] == str(out / "tuning" / "sensitivity.json")

@@ -2,25 +2,28 @@
 
 The study lives in ``tuning/study.journal`` (`optuna.storages.JournalStorage` on a `JournalFileBackend`), which
 several local processes can share and which survives Ctrl-C and kill -9: on resume, trials that were running when the
-process died are marked failed (``interrupted``), finished ones are kept, and baselines that never finished are queued
-again. The sampler is pinned (multi-objective TPE, seeded per worker), because optuna 5 changed its defaults.
+process died are marked failed (``interrupted``), finished ones are kept, and interrupted points are queued again
+(`check_journal` first repairs a torn last line, and refuses a journal damaged elsewhere). The sampler is pinned
+(multi-objective TPE, seeded per worker), because optuna 5 changed its defaults.
 Constraints go through `optuna.trial.Trial.set_constraint`, so ``study.best_trials`` is the feasible Pareto set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import BackendMissingError
+from ..core.errors import ArtifactError, BackendMissingError
 from .budget import Budget, describe_bytes
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
@@ -71,6 +74,75 @@ def open_study(tuning_dir: Path, budget: Budget, seed: int, worker: int = 0):
                                          n_startup_trials=8)
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
                                directions=["minimize"] * len(budget.objectives()), load_if_exists=True)
+
+
+def _journal_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _finished_trials(tuning_dir: Path) -> int:
+    """Trials ``trials.jsonl`` records as finished (lines that do not parse are not counted)."""
+    path = Path(tuning_dir) / TRIALS_JSONL
+    count = 0
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            count += isinstance(record, dict) and record.get("state") == "COMPLETE"
+    return count
+
+
+def check_journal(tuning_dir: Path) -> None:
+    """Before a resume: repair a torn last line of ``study.journal`` (what kill -9 or a full disk leaves), keeping the
+    original as a backup; refuse (one line) a journal damaged before its last line, or empty while ``trials.jsonl``
+    records finished trials (resuming would silently start over)."""
+    path = Path(tuning_dir) / JOURNAL
+    data = path.read_bytes() if path.is_file() else b""
+    if not data.strip():
+        finished = _finished_trials(tuning_dir)
+        if finished:
+            raise ArtifactError(f"--resume: {path} is {'empty' if path.exists() else 'missing'} but "
+                                f"{TRIALS_JSONL} records {finished} finished trial(s); the study cannot be continued, "
+                                "start over with --overwrite")
+        return
+    lines = data.split(b"\n")
+    tail = lines.pop()  # empty when the file ends with a newline, as every complete journal does
+    records = lines + ([tail] if tail else [])
+    bad = [i for i, line in enumerate(records) if not _journal_record(line)]
+    if not bad and not tail:
+        return
+    if bad and bad != [len(records) - 1]:
+        raise ArtifactError(f"--resume: {path} is damaged at line {bad[0] + 1} of {len(records)} (not a journal "
+                            "record), before its last line: the study cannot be continued, start over with "
+                            "--overwrite")
+    keep = records if not bad else records[:-1]  # a complete last record that only lost its newline is kept
+    backup = path.with_name(f"{JOURNAL}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(path, backup)
+    tmp = path.with_name(f".{JOURNAL}.{os.getpid()}.tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in keep))
+    os.replace(tmp, path)
+    logger.warning("tune: the last line of %s was %s (a killed process or a full disk leaves that); the study resumes "
+                   "from the %d records before it, the original is kept as %s", path,
+                   "cut off" if not bad else "not a journal record", len(keep), backup.name)
+
+
+def requeue_interrupted(study) -> int:
+    """Queue again the points of search trials that were interrupted and not redone yet (baselines are queued again
+    by `enqueue_baselines`); return how many."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    redone = {t.user_attrs.get("redo_of") for t in trials}
+    count = 0
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and \
+                trial.user_attrs.get("kind", "search") == "search" and trial.number not in redone and trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"kind": "search", "redo_of": trial.number})
+            count += 1
+    return count
 
 
 def mark_interrupted(study) -> int:
@@ -189,6 +261,16 @@ class Objective:
     tuning_dir: Path
 
     def __call__(self, trial) -> list[float]:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: not the point's fault. optuna records the trial failed; marked interrupted, it does
+            # not count toward --trials and --resume runs its point again.
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("interrupted", True)
+            raise
+
+    def _run(self, trial) -> list[float]:
         optuna = optuna_module()
         done, running = counted(trial.study, exclude=trial.number)
         if done + running >= self.trials:
@@ -404,5 +486,6 @@ def optimize(study, objective: Objective, *, deadline: float | None, callbacks: 
     study.optimize(objective, timeout=timeout, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
 
 
-__all__ = ["Objective", "best_record", "closest_record", "counted", "describe_record", "enqueue_baselines",
-           "mark_interrupted", "open_study", "optimize", "plan_baselines", "study_records"]
+__all__ = ["Objective", "best_record", "check_journal", "closest_record", "counted", "describe_record",
+           "enqueue_baselines", "mark_interrupted", "open_study", "optimize", "plan_baselines", "requeue_interrupted",
+           "study_records"]

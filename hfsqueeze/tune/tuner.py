@@ -47,6 +47,7 @@ from .study import (
     closest_record,
     counted,
     describe_record,
+    check_journal,
     enqueue_baselines,
     mark_interrupted,
     open_study,
@@ -54,6 +55,7 @@ from .study import (
     optuna_module,
     plan_baselines,
     progress_callback,
+    requeue_interrupted,
     study_records,
 )
 from .trial import TrialContext, TuneSettings
@@ -81,7 +83,9 @@ class TuneResult:
         report: the `CompressionReport` of the chosen recipe re-measured on the held-out evaluation text.
         model: the compressed model (the chosen recipe applied to a copy of the original).
         output: the artifact directory, when one was written.
-        stopped: ``done``, ``time budget`` or ``interrupted``.
+        stopped: ``done``, ``time budget``, ``interrupted`` (Ctrl-C) or ``terminated`` (SIGTERM, where the caller
+            handles it by raising a `KeyboardInterrupt` subclass, as the CLI does); the CLI exits 130 / 143 for the
+            last two, after saving the best point so far.
     """
 
     recipe: dict[str, Any] | None
@@ -170,8 +174,12 @@ def tune(
         try:
             tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume,
                                 progress)
-        except BaseException:
-            if not resume:  # nothing was searched yet: leave nothing behind
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and not temporary and (tuning / RUN_FILE).is_file():
+                # Ctrl-C / SIGTERM in the sensitivity pass: what was scored is on disk, module by module.
+                logger.warning("tune: interrupted before the search; the sensitivities scored so far are kept in %s: "
+                               "continue with --resume", tuning)
+            elif not resume:  # nothing was searched yet: leave nothing behind
                 shutil.rmtree(tuning if existed else out, ignore_errors=True)
             raise
         deadline = started + time_budget if time_budget else None
@@ -304,14 +312,18 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     }
     run_file = tuning / RUN_FILE
     if resume:
-        saved = json.loads(run_file.read_text())
+        saved = _saved_run(run_file)
         for key in _RESUME_KEYS:
             if json.dumps(saved.get(key), sort_keys=True) != json.dumps(spec[key], sort_keys=True):
-                raise RecipeError(f"--resume: the run in {tuning.parent} was started with another {key} "
+                what = "model (its config or weights differ)" if key == "fingerprint" else key
+                raise RecipeError(f"--resume: the run in {tuning.parent} was started with another {what} "
                                   f"({_short(saved.get(key))}, now {_short(spec[key])}); resume with the same model, "
                                   "budget, space, seed and calibration, or start over with --overwrite")
+        check_journal(tuning)
         spec = {**saved, **{k: spec[k] for k in ("original_bytes", "original_params", "dtype")}}
-    run_file.write_text(json.dumps(spec, indent=1) + "\n")
+    tmp = run_file.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(spec, indent=1) + "\n")
+    os.replace(tmp, run_file)
     logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
                 spec["original_params"], budget.describe())
     return make_context(model, tokenizer, spec, tuning, progress), spec
@@ -327,6 +339,17 @@ def calibration_warning(tokens: int, settings: TuneSettings) -> str | None:
             f"recommended), so its KL and perplexity may not hold on other text: {why}")
 
 
+def _saved_run(run_file: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"--resume: {run_file} cannot be read ({type(exc).__name__}); start over with "
+                            "--overwrite") from None
+    if not isinstance(saved, dict):
+        raise ArtifactError(f"--resume: {run_file} is not a tuning run's record; start over with --overwrite")
+    return saved
+
+
 def _short(value: Any) -> str:
     text = value.get("text") if isinstance(value, dict) and "text" in value else json.dumps(value, sort_keys=True)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -338,6 +361,7 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
     study = open_study(tuning, tctx.budget, spec["seed"])
     if resume:
         mark_interrupted(study)
+        requeue_interrupted(study)
     queued = enqueue_baselines(study, plan_baselines(tctx, trials))
     logger.info("tune: %d baseline trial(s) queued (uniform stock recipes and solved points)", queued)
     objective = Objective(tctx, trials, tuning)
@@ -351,7 +375,7 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
                 raise KeyboardInterrupt
             _wait(procs)
         except KeyboardInterrupt:
-            stopped = "interrupted"
+            stopped = "terminated" if signal.SIGTERM in interrupted else "interrupted"
             _interrupt(procs)
         except BaseException:
             _interrupt(procs)
@@ -363,30 +387,36 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
 
 @contextlib.contextmanager
 def _ctrl_c_stops(study):
-    """While searching, Ctrl-C (SIGINT) also stops the study and is remembered (the yielded list gets an entry).
+    """While searching, Ctrl-C (SIGINT) also stops the study and is remembered (the yielded list gets the signal);
+    so is SIGTERM where the caller raises on it (the CLI raises a `KeyboardInterrupt` subclass).
 
     Python raises KeyboardInterrupt wherever the main thread is, and inside a destructor (a trial frees whole
     models, optuna runs `gc.collect()` after each) it is only printed and dropped: the search then ran on to its last
     trial. With the stop flag and the record the search ends after the current trial even then."""
-    interrupted: list[bool] = []
-    # Only where Ctrl-C means KeyboardInterrupt: not in a thread, not where SIGINT is ignored (a background job) or
-    # handled by the caller.
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    interrupted: list[int] = []
+    # Only in the main thread, and only where the signal raises: Ctrl-C not ignored (a background job) nor handled
+    # otherwise by the caller; SIGTERM when the caller installed a Python handler (by default it kills the process).
+    if threading.current_thread() is not threading.main_thread():
         yield interrupted
         return
+    handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    wrapped = {signum: handler for signum, handler in handlers.items()
+               if handler is signal.default_int_handler or (signum == signal.SIGTERM and callable(handler))}
 
-    def on_sigint(signum, frame):
-        interrupted.append(True)
+    def on_signal(signum, frame):
+        interrupted.append(signum)
         with contextlib.suppress(RuntimeError):  # outside `optimize` there is nothing to stop
             study.stop()
-        raise KeyboardInterrupt
+        handlers[signum](signum, frame)
+        raise KeyboardInterrupt  # the caller's handler returned without raising
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    for signum in wrapped:
+        signal.signal(signum, on_signal)
     try:
         yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in wrapped.items():
+            signal.signal(signum, handler)
 
 
 def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials: int, deadline: float | None,
@@ -446,7 +476,9 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
         "calibration": {"file": f"{TUNING_DIR}/{CALIBRATION_FILE}", "tokens": int(tctx.blocks.numel()),
                         "hash": spec["calibration_hash"],
                         **_only_set(warning=calibration_warning(int(tctx.blocks.numel()), tctx.settings))},
+        # Scores read from a cache are reported as such (and from where): only ``seconds`` was spent in this run.
         "sensitivity": {k: {"tokens": v["tokens"], "seconds": v["seconds"], "cached": v["cached"],
+                            "cached_modules": v["cached_modules"], "cached_from": v["cached_from"],
                             "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5]}
                         for k, v in tctx.sensitivity.items()},
         "trials_requested": trials,
