@@ -174,7 +174,7 @@ _RECOVER = "prune:\n  enabled: true\n  heads: [0.25]\nrecover:\n  enabled: true\
     ("quantize:\n  bits: [8]\n  threshold: [2.0, .inf]\n", "key 'threshold'[1]: got inf; expected a finite number"),
     ("quantize:\n  bits: [8]\n  threshold: {low: 1.0, high: 6.0, step: .nan}\n", "step must be a positive number"),
     ("quantize:\n  bits: [8, 4]\n  threshold: {low: -1.0, high: 6.0}\n",
-     "quantize: key 'threshold': got -1.0; must be >= 0 (in the range -1.0..6.0)"),
+     "quantize: key 'threshold': got -1.0; must be a finite number >= 0"),
     ("prune:\n  enabled: true\n  heads: {low: 0.0, high: 5.0}\n",
      "prune: key 'heads': got 5.0; a fraction must be in [0, 1), or give a count as an integer (in the range "
      "0.0..5.0)"),
