@@ -83,6 +83,9 @@ _BNB_NOISE = {
     # At import, on CPUs with AVX512-BF16, when the optional `kernels` package (which would fetch a kernel from the
     # Hub) is absent; bnb then uses its own CPU kernel.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # The same import with `kernels` installed (Transformers requires it) and the Hub offline: `kernels` says it
+    # cannot check the publisher of the kernel it then does not find; bnb falls back to its own CPU kernel.
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/",),
     # On every int8 matmul with fp32 inputs: LLM.int8 quantizes activations through fp16 by design.
     "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
 }
