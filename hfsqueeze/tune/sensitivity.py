@@ -141,8 +141,10 @@ def _kl(model: nn.Module, blocks: torch.Tensor, recorded, layers: nn.ModuleList 
 
 @torch.no_grad()
 def score_modules(model: nn.Module, blocks: torch.Tensor, fmt: dict[str, Any],
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """KL per token on ``blocks`` when each quantizable module alone is in format ``fmt``; the model is unchanged."""
+                  progress: Callable[[int, int], None] | None = None, *, deadline: float | None = None
+                  ) -> dict[str, float]:
+    """KL per token on ``blocks`` when each quantizable module alone is in format ``fmt``; the model is unchanged.
+    Once ``deadline`` (a `time.time` value) has passed no further module is scored: the ones scored are returned."""
     was_training = model.training
     model.eval()
     found = find_layers(model)
@@ -153,6 +155,8 @@ def score_modules(model: nn.Module, blocks: torch.Tensor, fmt: dict[str, Any],
     scores: dict[str, float] = {}
     try:
         for i, (name, module) in enumerate(targets):
+            if deadline is not None and time.time() >= deadline:
+                break
             new = quantized_module(module, base_format(fmt))
             new.eval()
             model.set_submodule(name, new)
@@ -204,10 +208,14 @@ def _read(path: Path) -> dict[str, Any]:
 
 def sensitivities(model: nn.Module, blocks: torch.Tensor, formats: list[dict[str, Any]], cache: SensitivityCache,
                   *, model_fingerprint: str | None = None,
-                  report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+                  report: Callable[[dict[str, Any]], None] | None = None,
+                  deadline: float | None = None) -> dict[str, dict[str, Any]]:
     """Scores for each format's base format (``format_key`` -> entry), from the cache or measured now and cached.
 
-    An entry holds ``scores`` (module -> KL), ``tokens``, ``seconds`` and whether it came ``cached``.
+    An entry holds ``scores`` (module -> KL), ``tokens``, ``seconds`` and whether it came ``cached``. Once
+    ``deadline`` (a `time.time` value: the tune run's time budget) has passed, scoring stops: an entry cut short
+    lists its ``unscored`` modules, which get the mean of the scores measured (the solver then neither prefers nor
+    avoids them), and is not cached.
     """
     fp = model_fingerprint or fingerprint(model)
     th = tokens_hash(blocks)
@@ -235,10 +243,19 @@ def sensitivities(model: nn.Module, blocks: torch.Tensor, formats: list[dict[str
                 if report is not None:
                     report(info)
 
-        scores = score_modules(model, blocks, fmt, step)
+        scores = score_modules(model, blocks, fmt, step, deadline=deadline)
         entry = {"format": base_format(fmt), "scores": scores, "tokens": int(blocks.numel()),
                  "seconds": round(time.perf_counter() - start, 2)}
-        cache.put(key, entry)
+        names = [name for name, _ in quantize_targets(model)]
+        unscored = [name for name in names if name not in scores]
+        if not unscored:
+            cache.put(key, entry)
+        else:
+            logger.warning("tune: the time budget ran out during the sensitivity pass: %s scored %d of %d modules; "
+                           "the other %d count as the mean score (not cached)", fkey, len(scores), len(names),
+                           len(unscored))
+            mean = sum(scores.values()) / len(scores) if scores else 0.0
+            entry = {**entry, "scores": {**scores, **dict.fromkeys(unscored, mean)}, "unscored": unscored}
         out[fkey] = {**entry, "cached": False}
     return out
 

@@ -35,7 +35,7 @@ from ..core.fetch import cache_dir
 from ..core.hf import count_parameters
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
-from .budget import Budget, InfeasibleBudgetError
+from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
 from .space import Space, draws_fp16, fp16_overflows, load_space, without_fp16
@@ -152,22 +152,26 @@ def tune(
     budget = Budget.parse(budget, minimize)
     space = load_space(space)
     settings = TuneSettings.load(settings)
-    evaluation = EvaluationConfig.from_dict({"per_stage": False, **(evaluation or {})}, where="evaluation").to_dict()
+    if settings.latency is None:  # time latency (trials and the final table) only when the budget asks for it
+        asked = set(LATENCY_KEYS) & (set(budget.limits) | {budget.minimize})
+        settings = dataclasses.replace(settings, latency=bool(asked))
+    evaluation = EvaluationConfig.from_dict({"per_stage": False, "latency": settings.latency, **(evaluation or {})},
+                                            where="evaluation").to_dict()
     _check_args(tokenizer, budget, space, settings, trials, workers, time_budget, resume, output)
     optuna_module()  # a missing backend fails here, before any work
     existed = output is not None and Path(output).expanduser().exists()
     out, tuning, temporary = _prepare_output(output, resume, overwrite)
     was_training = model.training
     model.eval()
+    deadline = started + time_budget if time_budget else None  # the sensitivity pass counts too
     try:
         try:
             tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume,
-                                progress)
+                                progress, deadline)
         except BaseException:
             if not resume:  # nothing was searched yet: leave nothing behind
                 shutil.rmtree(tuning if existed else out, ignore_errors=True)
             raise
-        deadline = started + time_budget if time_budget else None
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
                                  started)
         return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
@@ -192,7 +196,7 @@ def _check_args(tokenizer, budget: Budget, space: Space, settings: TuneSettings,
         raise RecipeError(f"time budget: got {time_budget!r}; must be a positive number of seconds")
     if resume and output is None:
         raise RecipeError("resume needs the output directory of the run to continue")
-    latency = {"prefill", "decode"} & (set(budget.limits) | {budget.minimize})
+    latency = set(LATENCY_KEYS) & (set(budget.limits) | {budget.minimize})
     if latency and not settings.latency:
         raise RecipeError(f"the budget uses {', '.join(sorted(latency))} but latency measurement is off")
     if "quantize" not in space.sections and budget.minimize == "kl" and not (
@@ -255,8 +259,10 @@ def calibration_file(calibration: Any, tuning: Path) -> Path:
 
 
 def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
-                 report: Callable[[dict[str, Any]], None] | None = None) -> TrialContext:
-    """The per-process trial context for the run described by ``spec`` (``tuning/run.json``)."""
+                 report: Callable[[dict[str, Any]], None] | None = None, deadline: float | None = None
+                 ) -> TrialContext:
+    """The per-process trial context for the run described by ``spec`` (``tuning/run.json``); sensitivity scoring
+    stops at ``deadline`` (the time budget, see `sensitivities`)."""
     settings = TuneSettings(**spec["settings"])
     budget = Budget(dict(spec["budget"]["limits"]), spec["budget"]["minimize"])
     space = Space.from_dict(spec["space"])
@@ -269,13 +275,13 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
     cache = SensitivityCache([tuning / "sensitivity.json",
                               cache_dir() / "sensitivity" / f"{spec['fingerprint']}.json"])
     scores = sensitivities(model, sens_blocks, space_formats(space), cache, model_fingerprint=spec["fingerprint"],
-                           report=report)
+                           report=report, deadline=deadline)
     return TrialContext(model, tokenizer, source, blocks, budget, space, settings, scores, spec["original_bytes"],
                         spec["original_params"], workdir=tuning)
 
 
 def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSettings, calibration: Any, tuning: Path,
-           seed: int, resume: bool, progress) -> tuple[TrialContext, dict[str, Any]]:
+           seed: int, resume: bool, progress, deadline: float | None = None) -> tuple[TrialContext, dict[str, Any]]:
     """Write (or, on resume, check) ``tuning/run.json``; score sensitivities; build the trial context."""
     cal_path = calibration_file(calibration, tuning)
     blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
@@ -302,7 +308,7 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     run_file.write_text(json.dumps(spec, indent=1) + "\n")
     logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
                 spec["original_params"], budget.describe())
-    return make_context(model, tokenizer, spec, tuning, progress), spec
+    return make_context(model, tokenizer, spec, tuning, progress, deadline), spec
 
 
 def _short(value: Any) -> str:
@@ -424,7 +430,8 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
         "calibration": {"file": f"{TUNING_DIR}/{CALIBRATION_FILE}", "tokens": int(tctx.blocks.numel()),
                         "hash": spec["calibration_hash"]},
         "sensitivity": {k: {"tokens": v["tokens"], "seconds": v["seconds"], "cached": v["cached"],
-                            "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5]}
+                            "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5],
+                            **({"unscored": len(v["unscored"])} if v.get("unscored") else {})}
                         for k, v in tctx.sensitivity.items()},
         "trials_requested": trials,
         "stopped": stopped,
@@ -452,6 +459,11 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     section = tuning_section(tctx, spec, records, pareto, chosen, trials, stopped, started)
     (tuning / "summary.json").write_text(json.dumps({k: v for k, v in section.items() if k != "trials"}, indent=1,
                                                     default=str) + "\n")
+    if chosen is None and not records and stopped == "time budget":
+        cut = sum(1 for v in tctx.sensitivity.values() if v.get("unscored"))
+        raise RecipeError(f"--time-budget ran out before any trial finished ({time.time() - started:.0f}s, "
+                          f"{'the sensitivity pass cut short' if cut else 'sensitivity pass included'}); give a longer "
+                          "time budget")
     if chosen is None:
         raise InfeasibleBudgetError(_infeasible_message(records, tctx.budget))
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
