@@ -121,12 +121,17 @@ class Recipe(ConfigBase):
         local data files and, with a model, unsupported model types and targets the model cannot meet. The error
         names the stage.
         """
+        return self.validated(model)[0]
+
+    def validated(self, model: Any = None) -> tuple["Recipe", ModelInfo]:
+        """`validate`, and the `ModelInfo` the stages say the model will have once the recipe ran (``quantized``
+        by which backend, layer count...), e.g. to choose what is worth measuring before anything runs."""
         expanded = self.expanded()
         info = ModelInfo.of(model) if model is not None else ModelInfo()
         for index, config in enumerate(expanded.stages, start=1):
             with prefixed(f"stage {index} ({config.method})"):
                 info = get_stage(config.method).validate(config, info) or info
-        return expanded
+        return expanded, info
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

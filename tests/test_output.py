@@ -224,3 +224,66 @@ def test_compress_interleaves_when_the_original_is_in_memory(quiet_machine, monk
     from hfsqueeze.evaluation.report import CompressionReport
 
     assert CompressionReport.from_dict(report.to_dict()).latency_interleaved  # survives report.json
+
+
+# ---- latency: auto, the time budget, the bar ----------------------------------------------------------------------
+def test_latency_auto_leaves_bitsandbytes_on_cpu_untimed_and_says_why(tiny_tokenizer):
+    from hfsqueeze.evaluation.measure import BNB_CPU_LATENCY
+    from hfsqueeze.evaluation.report import CompressionReport
+
+    report = make_tiny("llama").compress({"stages": [{"method": "quantize", "bits": 8}], "evaluation": SMALL_EVAL},
+                                         tokenizer=tiny_tokenizer)
+    assert report.latency_skipped == BNB_CPU_LATENCY
+    assert report.baseline.prefill_ms_per_token is None and report.final.decode_ms_per_token is None
+    assert f"latency not measured: {BNB_CPU_LATENCY}." in report.to_markdown()
+    assert CompressionReport.from_dict(report.to_dict()).latency_skipped == BNB_CPU_LATENCY
+    # Asked for explicitly, it is timed; a recipe without bitsandbytes is timed by default.
+    asked = make_tiny("llama").compress({"stages": [{"method": "quantize", "bits": 8}],
+                                         "evaluation": {**SMALL_EVAL, "latency": True}}, tokenizer=tiny_tokenizer)
+    assert asked.latency_skipped is None and asked.final.prefill_ms_per_token is not None
+    cast = make_tiny("llama").compress({"stages": [{"method": "quantize", "bits": 16}], "evaluation": SMALL_EVAL},
+                                       tokenizer=tiny_tokenizer)
+    assert cast.latency_skipped is None and cast.final.prefill_ms_per_token is not None
+    assert "latency_skipped" not in cast.to_dict()
+
+
+class _Bar:
+    """Records what a progress bar was told."""
+
+    def __init__(self, desc: str, total: int | None = None):
+        self.n, self.total, self.totals = 0, total, [total]
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+    def refresh(self) -> None:
+        self.totals.append(self.total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("max_seconds, rounds", [(1e-9, 1), (None, 3)])
+def test_latency_time_budget_and_the_bar_counts_what_runs(max_seconds, rounds, monkeypatch):
+    import torch
+
+    from hfsqueeze.evaluation import measure as measure_mod
+
+    bars = []
+    monkeypatch.setattr(measure_mod, "progress_bar", lambda **k: bars.append(_Bar(**k)) or bars[-1])
+    models = [make_tiny("llama"), make_tiny("llama")]
+    results = measure_mod.interleaved_latency(models, torch.randint(5, 400, (1, 8)), decode_tokens=2, repeats=3,
+                                              max_seconds=max_seconds)
+    assert [len(r["latency_spread"]["decode_ms_per_token"]["runs"]) for r in results] == [rounds, rounds]
+    bar = bars[0]
+    assert bar.n == bar.total == (rounds + 1) * 2 * 2  # warm-up + rounds; prefill + decode; two models
+
+
+def test_report_footer_counts_the_runs_really_timed(tiny_tokenizer):
+    report = make_tiny("llama").compress(
+        {"stages": [{"method": "quantize", "bits": 16}],
+         "evaluation": {**SMALL_EVAL, "repeats": 5, "latency_seconds": 1e-9}}, tokenizer=tiny_tokenizer)
+    assert "latency as the median of 1 run (" in report.to_markdown()
