@@ -310,9 +310,26 @@ def _cmd_compress(args) -> int:
             raise ArtifactError(f"could not save to {args.output} ({exc.strerror or exc}); nothing was saved, the "
                                 "report above is all that remains") from None
         print(f"\nsaved to {args.output}")
+        if not pre_push:
+            print(next_steps(model.config, args.output))
     if pre_push:
         push_from_cli(args, model=model, tokenizer=tokenizer, artifact=args.output)
     return 0
+
+
+def next_steps(config: Any, output: str) -> str:
+    """What to do with a saved artifact, the way Hugging Face CLIs end: load it, read its card, push it."""
+    from .artifact.load import load_snippet
+
+    code = load_snippet(config, output)
+    load = next(line for line in code.splitlines() if ".from_pretrained(" in line).split("=", 1)[1].strip()
+    auto = load.split(".", 1)[0]
+    first = "" if auto == "hfsqueeze" else f"from transformers import {auto}; "
+    return ("\nNext steps:\n"
+            f"  load it:     {first}model = {load}\n"
+            f"               (the model card's 'How to load' has the complete code)\n"
+            f"  model card:  {Path(output) / 'README.md'}\n"
+            f"  push it:     hfsqueeze push {shlex.quote(output)} --repo <your-username>/{Path(output).name}")
 
 
 def _cmd_eval(args) -> int:

@@ -287,3 +287,20 @@ def test_report_footer_counts_the_runs_really_timed(tiny_tokenizer):
         {"stages": [{"method": "quantize", "bits": 16}],
          "evaluation": {**SMALL_EVAL, "repeats": 5, "latency_seconds": 1e-9}}, tokenizer=tiny_tokenizer)
     assert "latency as the median of 1 run (" in report.to_markdown()
+
+
+def test_compress_prints_next_steps_and_a_caption(model_dir, tmp_path):
+    """After saving: the load line with the model's Auto class and the path as typed, the card, the push command."""
+    proc = _run_cli("compress", "--model", str(model_dir), "--recipe", "int8", "--output", "out/tiny-int8",
+                    "--set", "evaluation.max_tokens=128", "--set", "evaluation.seq_len=64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert f"**{model_dir.name}** (LlamaForCausalLM), recipe **int8**:" in out
+    assert "saved to out/tiny-int8\n\nNext steps:\n" in out
+    assert ('  load it:     from transformers import AutoModelForCausalLM; '
+            'model = AutoModelForCausalLM.from_pretrained("out/tiny-int8")\n') in out
+    assert "  model card:  out/tiny-int8/README.md\n" in out
+    assert "  push it:     hfsqueeze push out/tiny-int8 --repo <your-username>/tiny-int8" in out
+    assert (tmp_path / "out/tiny-int8/README.md").is_file()
+    from hfsqueeze.cli import build_parser
+    assert build_parser().parse_args(["push", "out/tiny-int8", "--repo", "me/tiny-int8"]).repo == "me/tiny-int8"

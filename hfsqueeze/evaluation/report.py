@@ -156,7 +156,7 @@ class CompressionReport:
         check = self.latency_check()
         unreliable = check is not None and not check["reliable"]
         head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [self.caption(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for metric in METRICS:
             values = [getattr(m, metric.key) for _, m in cols]
             if all(v is None for v in values):
@@ -167,6 +167,14 @@ class CompressionReport:
             lines.append("| " + " | ".join(row) + " |")
         extra = self._texts_table(cols) + self._warnings_lines()
         return "\n".join(lines) + "\n\n" + "".join(f"{block}\n\n" for block in extra) + self._footer(cols, check)
+
+    def caption(self) -> str:
+        """The table's caption: which model, compressed with which recipe (a local path shows its last part)."""
+        name = str(self.model.get("name_or_path") or self.model.get("architecture") or "model")
+        if Path(name).is_absolute():
+            name = Path(name).name
+        recipe = self.recipe.get("name") or "an unnamed recipe"
+        return f"**{name}** ({self.model.get('architecture')}), recipe **{recipe}**:"
 
     def _texts_table(self, cols: list[tuple[str, Metrics]]) -> list[str]:
         """Quality on every evaluation text (``evaluation.text`` as a list), one row per text and metric."""
