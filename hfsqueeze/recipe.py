@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from .core.config import ConfigBase, StageConfig
+from .core.config import ConfigBase, StageConfig, builtin_recipes_dir
 from .core.errors import RecipeError, prefixed
 from .core.stage import ModelInfo
 from .evaluation.config import EvaluationConfig
@@ -28,15 +29,7 @@ from .registry import available_stages, get_stage, stages
 RECIPE_VERSION = 1
 
 
-def _recipes_dir() -> Path:
-    """The built-in recipes: ``hfsqueeze/recipes`` in an installed wheel (package data mapped from the top-level
-    ``recipes/`` folder, see pyproject), else ``recipes/`` next to the package (a source checkout or editable
-    install)."""
-    packaged = Path(__file__).resolve().parent / "recipes"
-    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+RECIPES_DIR = builtin_recipes_dir()
 
 
 @dataclasses.dataclass
@@ -209,8 +202,10 @@ def _read_yaml(source: str | os.PathLike) -> dict:
         text = builtin.read_text()
     else:
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+        close = difflib.get_close_matches(str(source), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "
-                          f"({', '.join(names)})")
+                          f"({', '.join(names)}){hint}")
     try:
         data = safe_load_strict(text)
     except yaml.YAMLError as exc:

@@ -696,7 +696,8 @@ def test_two_workers_share_one_study(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     # Trials slow enough (latency timed 10 times) that the second process, which takes seconds to start, gets some.
     result = hfsqueeze.tune(model, tiny_tokenizer, budget="size=0.5", trials=12, output=tmp_path / "out", workers=2,
-                            model_path=str(tmp_path / "m"), settings={**SETTINGS, "latency": True, "latency_rounds": 10},
+                            model_path=str(tmp_path / "m"),
+                            settings={**SETTINGS, "latency": True, "latency_rounds": 10},
                             evaluation=EVALUATION)
     done = [r for r in result.trials if r["state"] == "COMPLETE"]
     assert 12 <= len(done) <= 13  # two processes may each start the last trial

@@ -461,9 +461,9 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
                                                     default=str) + "\n")
     if chosen is None and not records and stopped == "time budget":
         cut = sum(1 for v in tctx.sensitivity.values() if v.get("unscored"))
-        raise RecipeError(f"--time-budget ran out before any trial finished ({time.time() - started:.0f}s, "
-                          f"{'the sensitivity pass cut short' if cut else 'sensitivity pass included'}); give a longer "
-                          "time budget")
+        how = "the sensitivity pass cut short" if cut else "sensitivity pass included"
+        raise RecipeError(f"--time-budget ran out before any trial finished ({time.time() - started:.0f}s, {how}); "
+                          "give a longer time budget")
     if chosen is None:
         raise InfeasibleBudgetError(_infeasible_message(records, tctx.budget))
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
