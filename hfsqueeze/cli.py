@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -405,6 +406,22 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+# The library's errors name Python arguments and add the flag: "pass overwrite=True (CLI: --overwrite)". The command
+# line shows the flag alone; the library keeps one message for both audiences.
+_CLI_WORDS = [
+    (re.compile(r"\b\w+=[^\s,()]+ \(CLI: (--[\w-]+)\)"), r"\1"),  # pass overwrite=True (CLI: --overwrite)
+    (re.compile(r"\b\w+=[^\s,()]+, CLI: (--[\w-]+),"), r"\1,"),  # (pass trust_remote_code=True, CLI: --x, if ...)
+    (re.compile(r"pass token=\.\.\., "), ""),  # the CLI takes the token from HF_TOKEN or `hf auth login` only
+]
+
+
+def cli_words(message: str) -> str:
+    """A library error message in command-line words (flags instead of Python keyword arguments)."""
+    for pattern, replacement in _CLI_WORDS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 def _one_line_warnings(fallback):
     """A ``warnings.showwarning`` printing hfsqueeze's own warnings as ``hfsqueeze: warning: ...`` (no file:line)."""
 
@@ -463,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hfsqueeze: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except HfSqueezeError as exc:
-        print(f"hfsqueeze: error: {exc}", file=sys.stderr)
+        print(f"hfsqueeze: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as exc:
         print(f"hfsqueeze: error: file not found: {exc.filename or exc}", file=sys.stderr)

@@ -353,3 +353,14 @@ def test_did_you_mean_and_verbose_after_the_subcommand(capsys):
     assert parser.parse_args(["validate", "int8"]).verbose is False
     help_text = parser._subparsers._group_actions[0].choices["compress"].format_help()
     assert "Compress a model with a recipe" in help_text and "example:\n  hfsqueeze compress --output" in help_text
+
+
+def test_cli_errors_speak_in_flags_not_python_arguments(tmp_path, capsys):
+    from hfsqueeze.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["compress", "--output", str(out)]) == 2  # refused before the model loads
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err and "CLI:" not in err
