@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
 from .core.utils import quiet_transformers_progress
-from .evaluation.measure import check_measurable, measure, measure_baseline, remeasure_latency_interleaved
+from .evaluation.measure import (check_measurable, latency_skipped, measure, measure_baseline,
+                                 remeasure_latency_interleaved)
 from .evaluation.report import CompressionReport, StageResult, environment, model_summary
 from .recipe import EvaluationConfig, Recipe, RecipeLike
 from .registry import get_stage
@@ -68,9 +70,14 @@ def compress(
     recipe = Recipe.load(recipe, overrides)
     # Everything that can be known before the model runs fails here, before the baseline is measured.
     check_measurable(model)
-    recipe = recipe.validate(model)
+    recipe, outcome = recipe.validated(model)
     check_text_source(calibration)
     evaluation = recipe.evaluation
+    # `latency: auto` decides for the result the recipe will give: an untimed result leaves the original untimed too.
+    skipped = latency_skipped(evaluation, model, outcome.quantized)
+    if skipped:
+        logger.info("latency not measured: %s", skipped)
+        evaluation = dataclasses.replace(evaluation, latency=False)
     sources = eval_sources(eval_text, evaluation)
     texts = {label: load_texts(src, split="eval") for label, src in sources.items()} if tokenizer else None
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras, eval_texts=sources)
@@ -86,9 +93,9 @@ def compress(
             baseline = measure(model, None, evaluation, with_disk=False)
         report = CompressionReport(
             model=model_summary(model), recipe=recipe.to_dict(), environment=environment(model),
-            evaluation={**evaluation.to_dict(), "text": ", ".join(sources),
+            evaluation={**recipe.evaluation.to_dict(), "text": ", ".join(sources),
                         "eval_tokens": baseline.eval_tokens},
-            baseline=baseline, command=command,
+            baseline=baseline, command=command, latency_skipped=skipped,
         )
         for index, config in enumerate(recipe.stages, start=1):
             metrics_wanted = index == len(recipe.stages) or evaluation.per_stage
@@ -176,7 +183,8 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
         baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
     logger.info("measuring the artifact")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)
-    interleaved = base_model is not None and evaluation.latency and reference is not None
+    skipped = latency_skipped(evaluation, model)
+    interleaved = base_model is not None and evaluation.latency and not skipped and reference is not None
     if interleaved:  # both models in memory: time them in alternating runs, under the same load
         remeasure_latency_interleaved(base_model, model, [baseline, metrics], reference, evaluation)
     del base_model
@@ -191,6 +199,7 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
                             metrics)],
         final=metrics,
         latency_interleaved=interleaved,
+        latency_skipped=skipped,
     )
 
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -48,7 +49,26 @@ def _on_sigterm(handler):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own usage errors: one line, exit 2
-        self.exit(EXIT_USER_ERROR, f"hfsqueeze: error: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USER_ERROR, f"hfsqueeze: error: {message}{_did_you_mean(message)} (see '{self.prog} --help')\n")
+
+
+def _did_you_mean(message: str) -> str:
+    """``; did you mean 'compress'?`` for argparse's "invalid choice: 'compres' (choose from ...)" messages."""
+    import difflib
+    import re
+
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if not found:
+        return ""
+    choices = re.findall(r"'?([\w.-]+)'?", found.group(2))
+    close = difflib.get_close_matches(found.group(1), choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the subcommand too (``hfsqueeze compress -v``); SUPPRESS keeps one given before it."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress at INFO level")
 
 
 def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hfsqueeze {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="compress a model with a recipe, print the report, optionally save it")
+    c = sub.add_parser(
+        "compress", help="compress a model with a recipe, print the report, optionally save it",
+        description="Compress a model with a recipe (a built-in name from `hfsqueeze recipes`, or a YAML file), "
+                    "measure it before and after (size, perplexity, KL to the original), print the report and, with "
+                    "--output, save a model that loads with plain Transformers, with its model card.",
+        epilog="example:\n  hfsqueeze compress --output out/smollm2-int8 --overwrite\n"
+               "  hfsqueeze compress --model HuggingFaceTB/SmolLM2-135M --recipe nf4 --output out/nf4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--model", default=None,
                    help="model directory or Hub id (default: the built-in SmolLM2-135M-Instruct)")
     c.add_argument("--recipe", default="int8", help="YAML recipe path or built-in name (default: int8)")
@@ -98,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(command="recipes")
     add_push_parser(sub)
+    for command in sub.choices.values():
+        _verbose_flag(command)
     return parser
 
 
@@ -282,12 +311,45 @@ def _cmd_validate(args) -> int:
     return 0
 
 
-def _cmd_recipes(args) -> int:
-    from .recipe import RECIPES_DIR, Recipe
+RECIPE_GROUPS = ("quantize", "prune", "distill", "combined")
 
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        recipe = Recipe.load(path)
-        print(f"{path.stem:24s} {recipe.description or ''}")
+
+def recipes_table(width: int = 100) -> str:
+    """The built-in recipes as a table within ``width`` columns, grouped by what they do (one method, or several
+    combined) and ordered by stage count, then name. Reads the YAML files only: no torch."""
+    import re
+    import textwrap
+
+    import yaml
+
+    from .core.config import builtin_recipes_dir
+
+    rows: dict[str, list[tuple[int, str, str]]] = {group: [] for group in RECIPE_GROUPS}
+    for path in builtin_recipes_dir().glob("*.yaml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        methods = list(dict.fromkeys(s.get("method") for s in data.get("stages") or [] if isinstance(s, dict)))
+        recover = bool(data.get("recover")) or any(isinstance(s, dict) and s.get("recover")
+                                                    for s in data.get("stages") or [])
+        group = methods[0] if len(methods) == 1 and not recover and methods[0] in rows else "combined"
+        # The first sentence says what it does; `hfsqueeze validate NAME` prints the whole recipe.
+        first = re.split(r"(?<=[.;])\s", " ".join(str(data.get("description") or "").split()), maxsplit=1)[0]
+        rows[group].append((len(data.get("stages") or []), path.stem, first.rstrip(".;")))
+    name_width = max((len(name) for group in rows.values() for _, name, _ in group), default=4) + 2
+    lines = []
+    for group, entries in rows.items():
+        if not entries:
+            continue
+        lines += ["" if lines else None, f"{group}:"]
+        for _, name, text in sorted(entries):
+            wrapped = textwrap.wrap(text, width - name_width - 2) or [""]
+            lines.append(f"  {name:<{name_width}}{wrapped[0]}")
+            lines += [" " * (name_width + 2) + more for more in wrapped[1:]]
+    lines += ["", "Use one: hfsqueeze compress --recipe NAME; see all of it: hfsqueeze validate NAME"]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _cmd_recipes(args) -> int:
+    print(recipes_table())
     return 0
 
 
@@ -319,9 +381,26 @@ def _cmd_compress(args) -> int:
             raise ArtifactError(f"could not save to {args.output} ({exc.strerror or exc}); nothing was saved, the "
                                 "report above is all that remains") from None
         print(f"\nsaved to {args.output}")
+        if not pre_push:
+            print(next_steps(model.config, args.output))
     if pre_push:
         push_from_cli(args, model=model, tokenizer=tokenizer, artifact=args.output)
     return 0
+
+
+def next_steps(config: Any, output: str) -> str:
+    """What to do with a saved artifact, the way Hugging Face CLIs end: load it, read its card, push it."""
+    from .artifact.load import load_snippet
+
+    code = load_snippet(config, output)
+    load = next(line for line in code.splitlines() if ".from_pretrained(" in line).split("=", 1)[1].strip()
+    auto = load.split(".", 1)[0]
+    first = "" if auto == "hfsqueeze" else f"from transformers import {auto}; "
+    return ("\nNext steps:\n"
+            f"  load it:     {first}model = {load}\n"
+            f"               (the model card's 'How to load' has the complete code)\n"
+            f"  model card:  {Path(output) / 'README.md'}\n"
+            f"  push it:     hfsqueeze push {shlex.quote(output)} --repo <your-username>/{Path(output).name}")
 
 
 def _cmd_eval(args) -> int:
@@ -338,6 +417,22 @@ def _cmd_eval(args) -> int:
         "the artifact alone (no base: pass --base to compare)"
     print(f"hfsqueeze eval {path}: {against}\n\n{report.to_markdown()}", file=args.stdout)
     return 0
+
+
+# The library's errors name Python arguments and add the flag: "pass overwrite=True (CLI: --overwrite)". The command
+# line shows the flag alone; the library keeps one message for both audiences.
+_CLI_WORDS = [
+    (re.compile(r"\b\w+=[^\s,()]+ \(CLI: (--[\w-]+)\)"), r"\1"),  # pass overwrite=True (CLI: --overwrite)
+    (re.compile(r"\b\w+=[^\s,()]+, CLI: (--[\w-]+),"), r"\1,"),  # (pass trust_remote_code=True, CLI: --x, if ...)
+    (re.compile(r"pass token=\.\.\., "), ""),  # the CLI takes the token from HF_TOKEN or `hf auth login` only
+]
+
+
+def cli_words(message: str) -> str:
+    """A library error message in command-line words (flags instead of Python keyword arguments)."""
+    for pattern, replacement in _CLI_WORDS:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 def _one_line_warnings(fallback):
@@ -398,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hfsqueeze: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except HfSqueezeError as exc:
-        print(f"hfsqueeze: error: {exc}", file=sys.stderr)
+        print(f"hfsqueeze: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as exc:
         print(f"hfsqueeze: error: file not found: {exc.filename or exc}", file=sys.stderr)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from .core.config import ConfigBase, StageConfig
+from .core.config import ConfigBase, StageConfig, builtin_recipes_dir
 from .core.errors import RecipeError, prefixed
 from .core.stage import ModelInfo
 from .evaluation.config import EvaluationConfig
@@ -32,15 +33,7 @@ MAX_RECIPE_BYTES = 256 * 1024
 MAX_RECIPE_DEPTH = 32
 
 
-def _recipes_dir() -> Path:
-    """The built-in recipes: ``hfsqueeze/recipes`` in an installed wheel (package data mapped from the top-level
-    ``recipes/`` folder, see pyproject), else ``recipes/`` next to the package (a source checkout or editable
-    install)."""
-    packaged = Path(__file__).resolve().parent / "recipes"
-    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+RECIPES_DIR = builtin_recipes_dir()
 
 
 @dataclasses.dataclass
@@ -126,12 +119,17 @@ class Recipe(ConfigBase):
         local data files and, with a model, unsupported model types and targets the model cannot meet. The error
         names the stage.
         """
+        return self.validated(model)[0]
+
+    def validated(self, model: Any = None) -> tuple["Recipe", ModelInfo]:
+        """`validate`, and the `ModelInfo` the stages say the model will have once the recipe ran (``quantized``
+        by which backend, layer count...), e.g. to choose what is worth measuring before anything runs."""
         expanded = self.expanded()
         info = ModelInfo.of(model) if model is not None else ModelInfo()
         for index, config in enumerate(expanded.stages, start=1):
             with prefixed(f"stage {index} ({config.method})"):
                 info = get_stage(config.method).validate(config, info) or info
-        return expanded
+        return expanded, info
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -247,8 +245,10 @@ def _read_yaml(source: str | os.PathLike) -> dict:
         text = builtin.read_text()
     else:
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+        close = difflib.get_close_matches(str(source), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "
-                          f"({', '.join(names)})")
+                          f"({', '.join(names)}){hint}")
     try:
         data = safe_load_strict(text)
     except yaml.YAMLError as exc:

@@ -26,7 +26,9 @@ def test_compress_is_attached_and_delegates(tiny_llama, tiny_tokenizer):
 
 
 def test_report_contents_and_formats(tiny_llama, tiny_tokenizer):
-    report = hfsqueeze.compress(tiny_llama, Recipe.load(INT8), tokenizer=tiny_tokenizer)
+    # latency: true, since `auto` leaves bitsandbytes on a CPU untimed (test_output checks that default)
+    report = hfsqueeze.compress(tiny_llama, Recipe.load(INT8), tokenizer=tiny_tokenizer,
+                                overrides=["evaluation.latency=true"])
     b, f = report.baseline, report.final
     assert b.kl_divergence == 0.0 and b.top1_agreement == 1.0
     assert f.kl_divergence > 0 and 0 < f.top1_agreement <= 1

@@ -224,3 +224,143 @@ def test_compress_interleaves_when_the_original_is_in_memory(quiet_machine, monk
     from hfsqueeze.evaluation.report import CompressionReport
 
     assert CompressionReport.from_dict(report.to_dict()).latency_interleaved  # survives report.json
+
+
+# ---- latency: auto, the time budget, the bar ----------------------------------------------------------------------
+def test_latency_auto_leaves_bitsandbytes_on_cpu_untimed_and_says_why(tiny_tokenizer):
+    from hfsqueeze.evaluation.measure import BNB_CPU_LATENCY
+    from hfsqueeze.evaluation.report import CompressionReport
+
+    report = make_tiny("llama").compress({"stages": [{"method": "quantize", "bits": 8}], "evaluation": SMALL_EVAL},
+                                         tokenizer=tiny_tokenizer)
+    assert report.latency_skipped == BNB_CPU_LATENCY
+    assert report.baseline.prefill_ms_per_token is None and report.final.decode_ms_per_token is None
+    assert f"latency not measured: {BNB_CPU_LATENCY}." in report.to_markdown()
+    assert CompressionReport.from_dict(report.to_dict()).latency_skipped == BNB_CPU_LATENCY
+    # Asked for explicitly, it is timed; a recipe without bitsandbytes is timed by default.
+    asked = make_tiny("llama").compress({"stages": [{"method": "quantize", "bits": 8}],
+                                         "evaluation": {**SMALL_EVAL, "latency": True}}, tokenizer=tiny_tokenizer)
+    assert asked.latency_skipped is None and asked.final.prefill_ms_per_token is not None
+    cast = make_tiny("llama").compress({"stages": [{"method": "quantize", "bits": 16}], "evaluation": SMALL_EVAL},
+                                       tokenizer=tiny_tokenizer)
+    assert cast.latency_skipped is None and cast.final.prefill_ms_per_token is not None
+    assert "latency_skipped" not in cast.to_dict()
+
+
+class _Bar:
+    """Records what a progress bar was told."""
+
+    def __init__(self, desc: str, total: int | None = None):
+        self.n, self.total, self.totals = 0, total, [total]
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+    def refresh(self) -> None:
+        self.totals.append(self.total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("max_seconds, rounds", [(1e-9, 1), (None, 3)])
+def test_latency_time_budget_and_the_bar_counts_what_runs(max_seconds, rounds, monkeypatch):
+    import torch
+
+    from hfsqueeze.evaluation import measure as measure_mod
+
+    bars = []
+    monkeypatch.setattr(measure_mod, "progress_bar", lambda **k: bars.append(_Bar(**k)) or bars[-1])
+    models = [make_tiny("llama"), make_tiny("llama")]
+    results = measure_mod.interleaved_latency(models, torch.randint(5, 400, (1, 8)), decode_tokens=2, repeats=3,
+                                              max_seconds=max_seconds)
+    assert [len(r["latency_spread"]["decode_ms_per_token"]["runs"]) for r in results] == [rounds, rounds]
+    bar = bars[0]
+    assert bar.n == bar.total == (rounds + 1) * 2 * 2  # warm-up + rounds; prefill + decode; two models
+
+
+def test_report_footer_counts_the_runs_really_timed(tiny_tokenizer):
+    report = make_tiny("llama").compress(
+        {"stages": [{"method": "quantize", "bits": 16}],
+         "evaluation": {**SMALL_EVAL, "repeats": 5, "latency_seconds": 1e-9}}, tokenizer=tiny_tokenizer)
+    assert "latency as the median of 1 run (" in report.to_markdown()
+
+
+def test_compress_prints_next_steps_and_a_caption(model_dir, tmp_path):
+    """After saving: the load line with the model's Auto class and the path as typed, the card, the push command."""
+    proc = _run_cli("compress", "--model", str(model_dir), "--recipe", "int8", "--output", "out/tiny-int8",
+                    "--set", "evaluation.max_tokens=128", "--set", "evaluation.seq_len=64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert f"**{model_dir.name}** (LlamaForCausalLM), recipe **int8**:" in out
+    assert "saved to out/tiny-int8\n\nNext steps:\n" in out
+    assert ('  load it:     from transformers import AutoModelForCausalLM; '
+            'model = AutoModelForCausalLM.from_pretrained("out/tiny-int8")\n') in out
+    assert "  model card:  out/tiny-int8/README.md\n" in out
+    assert "  push it:     hfsqueeze push out/tiny-int8 --repo <your-username>/tiny-int8" in out
+    assert (tmp_path / "out/tiny-int8/README.md").is_file()
+    from hfsqueeze.cli import build_parser
+    assert build_parser().parse_args(["push", "out/tiny-int8", "--repo", "me/tiny-int8"]).repo == "me/tiny-int8"
+
+
+# ---- CLI conventions ----------------------------------------------------------------------------------------------
+NO_TORCH = """
+import sys
+from hfsqueeze.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+assert "torch" not in sys.modules, "torch was imported"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["recipes"], 0), (["--help"], 0), (["compress", "--help"], 0),
+                                        (["compres"], 2), (["compress", "--bogus"], 2)])
+def test_recipes_help_and_argument_errors_answer_without_torch(argv, code, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert proc.returncode == code, proc.stderr[-2000:]
+
+
+def test_recipes_is_a_grouped_table_within_100_columns(capsys):
+    from hfsqueeze.cli import main
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    groups = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert groups == ["quantize:", "prune:", "distill:", "combined:"]
+    assert "  int8 " in out.split("prune:")[0] and "  prune-int8 " in out.split("combined:")[1]
+
+
+def test_did_you_mean_and_verbose_after_the_subcommand(capsys):
+    from hfsqueeze.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["compres"])
+    assert exc.value.code == 2 and "did you mean 'compress'?" in capsys.readouterr().err
+    assert main(["validate", "int9"]) == 2
+    assert "did you mean 'int8'?" in capsys.readouterr().err
+    parser = build_parser()
+    assert parser.parse_args(["validate", "int8", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "validate", "int8"]).verbose is True
+    assert parser.parse_args(["validate", "int8"]).verbose is False
+    help_text = parser._subparsers._group_actions[0].choices["compress"].format_help()
+    assert "Compress a model with a recipe" in help_text and "example:\n  hfsqueeze compress --output" in help_text
+
+
+def test_cli_errors_speak_in_flags_not_python_arguments(tmp_path, capsys):
+    from hfsqueeze.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["compress", "--output", str(out)]) == 2  # refused before the model loads
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err and "CLI:" not in err

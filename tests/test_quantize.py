@@ -154,3 +154,52 @@ def test_gemma3_270m_nf4_dq_reload_matches_live_model(gemma3_270m_dir, tmp_path)
     del model
     diffs = _reload_diffs(out)
     assert max(diffs.values()) < DEFAULT_PARITY_TOLERANCE / 10, diffs
+
+
+def _card_code(card: str) -> str:
+    """The Python block under the card's "How to load" heading."""
+    section = card.split("## How to load", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_int8_card_code_loads_and_generates_silently(tmp_path, tiny_tokenizer):
+    """The card's own load code + `generate`, in a process that never imports hfsqueeze, prints no bitsandbytes
+    "MatMul8bitLt: inputs will be cast" line (pytest's filterwarnings and conftest hide it in-process)."""
+    import subprocess
+    import sys
+
+    model = make_tiny("llama")
+    model.compress({"stages": [{"method": "quantize", "bits": 8}], "evaluation": {**SMALL_EVAL, "latency": False}},
+                   tokenizer=tiny_tokenizer)
+    out = hfsqueeze.save_compressed(model, tmp_path / "int8", tokenizer=tiny_tokenizer)
+    card = (out / "README.md").read_text()
+    code = _card_code(card) + (
+        "import sys, torch\n"
+        "assert not any(name.startswith('hfsqueeze') for name in sys.modules)\n"
+        "print(model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=20, do_sample=False).shape)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([1, 24])" in done.stdout
+    assert "MatMul8bitLt" not in done.stdout + done.stderr
+    # The same load without the card's logging line is noisy: the test would see the warning if it came back.
+    noisy = subprocess.run([sys.executable, "-c", code.replace(".setLevel(logging.ERROR)", ".setLevel(logging.INFO)")],
+                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert "MatMul8bitLt" in noisy.stderr
+
+
+@pytest.mark.parametrize("stage", [{"bits": 8}, {"bits": 4}], ids=["int8", "nf4"])
+def test_card_says_why_it_touches_bitsandbytes(stage, tmp_path, tiny_tokenizer):
+    """No "corrupt weights" in the card; every line of load code that changes bitsandbytes comes with a comment."""
+    model = make_tiny("llama")
+    model.compress({"stages": [{"method": "quantize", **stage}], "evaluation": {**SMALL_EVAL, "latency": False}},
+                   tokenizer=tiny_tokenizer)
+    card = (hfsqueeze.save_compressed(model, tmp_path / "q", tokenizer=tiny_tokenizer) / "README.md").read_text()
+    assert "corrupt" not in card.lower()
+    code = _card_code(card)
+    for marker in ("support_avx512bf16_for_cpu = False", 'getLogger("bitsandbytes'):
+        if marker in code:
+            before = code.split(marker, 1)[0]
+            comment = [line for line in before.splitlines() if line.startswith("#")]
+            assert comment and any(w in " ".join(comment) for w in ("because", "so ", "this line", "these lines"))

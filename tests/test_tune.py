@@ -475,6 +475,61 @@ def test_time_budget_stops_cleanly(tiny_tokenizer, tmp_path):
     assert time.time() - start < 6 * one and (tmp_path / "t" / "model.safetensors").is_file()
 
 
+def test_time_budget_bounds_the_sensitivity_pass(tiny_tokenizer, tmp_path, caplog):
+    """Scoring stops at the deadline: what was scored is kept, the rest is named and gets the mean, nothing cached."""
+    from hfsqueeze.core.data import load_texts, token_blocks
+
+    model = tiny_llama()
+    blocks = token_blocks(tiny_tokenizer, load_texts("builtin", split="train"), max_tokens=128, seq_len=64)
+    names = [name for name, _ in quantize_targets(model)]
+    deadline = time.time() + 5.0
+
+    def spend_the_budget(done: int, total: int) -> None:
+        if done == 3:  # the budget runs out while the third module is scored
+            time.sleep(max(0.0, deadline - time.time()) + 0.01)
+
+    assert list(score_modules(model, blocks, {"bits": 8}, spend_the_budget, deadline=deadline)) == names[:3]
+    cache = SensitivityCache([tmp_path / "s.json"])
+    with caplog.at_level("WARNING", logger="hfsqueeze"):
+        entry = sensitivities(model, blocks, [{"bits": 8}], cache, deadline=time.time() - 1)["int8"]
+    assert entry["unscored"] == names and set(entry["scores"]) == set(names)
+    assert f"time budget ran out during the sensitivity pass: int8 scored 0 of {len(names)} modules" in caplog.text
+    assert not (tmp_path / "s.json").exists()  # a pass cut short is never reused as if complete
+
+
+def test_tune_time_budget_includes_the_sensitivity_pass(tiny_tokenizer, tmp_path, monkeypatch):
+    """A budget spent before the sensitivity pass ends: it stops there, the report says how many were not scored."""
+    from hfsqueeze.tune import sensitivity as sens_mod
+
+    real = sens_mod.score_modules
+    seen = {}
+
+    def slow(model, blocks, fmt, progress=None, *, deadline=None):
+        seen["deadline"] = deadline
+        time.sleep(max(0.0, deadline - time.time()) + 0.05)  # the pass takes longer than the whole budget
+        return real(model, blocks, fmt, progress, deadline=deadline)
+
+    monkeypatch.setattr(sens_mod, "score_modules", slow)
+    start = time.time()
+    with pytest.raises(RecipeError, match=r"--time-budget ran out before any trial finished \(\d+s, the "
+                                          r"sensitivity pass cut short\); give a longer time budget"):
+        run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", trials=50, time_budget=3.0)
+    assert seen["deadline"] == pytest.approx(start + 3.0, abs=1.0)
+    assert time.time() - start < 30
+    summary = json.loads((tmp_path / "t" / "tuning" / "summary.json").read_text())
+    assert summary["sensitivity"]["int8"]["unscored"] == len(quantize_targets(tiny_llama()))
+
+
+def test_tune_times_latency_only_when_the_budget_asks(tiny_tokenizer, tmp_path):
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "size", budget="size=0.5", trials=2)
+    assert result.report.tuning["settings"]["latency"] is False
+    assert all((t.get("metrics") or {}).get("prefill") is None for t in result.trials)
+    assert result.report.final.prefill_ms_per_token is None
+    asked = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "prefill", budget="prefill=1000,kl=1.0", trials=2)
+    assert asked.report.tuning["settings"]["latency"] is True
+    assert any((t.get("metrics") or {}).get("prefill") is not None for t in asked.trials)
+
+
 def test_infeasible_budget_names_the_closest_point(tiny_tokenizer, tmp_path):
     with pytest.raises(InfeasibleBudgetError, match=r"no point within the budget prefill<=0.01x after 2 trials; "
                                                     r"closest point found: #\d+ .*size 0\.\d+x, KL .*prefill"):
@@ -575,7 +630,7 @@ def test_a_failure_before_the_search_leaves_nothing_behind(tiny_tokenizer, tmp_p
 
 def test_missing_optuna_names_the_pip_command(tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
-    with pytest.raises(hfsqueeze.BackendMissingError, match=r"pip install 'hfsqueeze\[tune\]'"):
+    with pytest.raises(hfsqueeze.BackendMissingError, match=r"pip install 'optuna>=5'"):
         run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t")
     assert not (tmp_path / "t").exists()
 
@@ -788,7 +843,8 @@ def test_two_workers_share_one_study(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     # Trials slow enough (latency timed 10 times) that the second process, which takes seconds to start, gets some.
     result = hfsqueeze.tune(model, tiny_tokenizer, budget="size=0.5", trials=12, output=tmp_path / "out", workers=2,
-                            model_path=str(tmp_path / "m"), settings={**SETTINGS, "latency_rounds": 10},
+                            model_path=str(tmp_path / "m"),
+                            settings={**SETTINGS, "latency": True, "latency_rounds": 10},
                             evaluation=EVALUATION)
     done = [r for r in result.trials if r["state"] == "COMPLETE"]
     assert 12 <= len(done) <= 13  # two processes may each start the last trial

@@ -11,9 +11,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .errors import RecipeError
+
+
+def builtin_recipes_dir() -> Path:
+    """The built-in recipes: ``hfsqueeze/recipes`` in an installed wheel (package data mapped from the top-level
+    ``recipes/`` folder, see pyproject), else ``recipes/`` next to the package (a source checkout or editable
+    install). Here, importing nothing heavy, so ``hfsqueeze recipes`` answers without torch."""
+    packaged = Path(__file__).resolve().parent.parent / "recipes"
+    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
 
 
 def _describe(tp: Any) -> str:

@@ -6,6 +6,7 @@ Its own module, importing nothing heavy, so the command line can list its keys i
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import yaml
 
@@ -25,7 +26,17 @@ class EvaluationConfig(ConfigBase):
     )
     max_tokens: int = dataclasses.field(default=4096, metadata={"help": "tokens scored for perplexity and KL"})
     seq_len: int = dataclasses.field(default=512, metadata={"help": "window length for perplexity"})
-    latency: bool = dataclasses.field(default=True, metadata={"help": "measure prefill and decode latency"})
+    latency: bool | Literal["auto"] = dataclasses.field(
+        default="auto",
+        metadata={"help": "measure prefill and decode latency: true, false, or auto (the default: measured, except "
+                  "for a bitsandbytes model on a CPU, whose kernels there say nothing about the speed it is built "
+                  "for; the report says 'not measured' and why)"},
+    )
+    latency_seconds: float = dataclasses.field(
+        default=10.0,
+        metadata={"help": "wall-time budget of one latency measurement's timed rounds: repeats stop once it is "
+                  "spent (every model is timed at least once)"},
+    )
     prompt_tokens: int = dataclasses.field(default=128, metadata={"help": "prompt length for latency"})
     decode_tokens: int = dataclasses.field(default=32, metadata={"help": "greedy steps timed for decode latency"})
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed repeats (the median is reported)"})
@@ -36,6 +47,8 @@ class EvaluationConfig(ConfigBase):
         for key in ("max_tokens", "seq_len", "prompt_tokens", "decode_tokens", "repeats"):
             if getattr(self, key) < 1:
                 self.fail(key, f"got {getattr(self, key)}; must be >= 1")
+        if not self.latency_seconds > 0:
+            self.fail("latency_seconds", f"got {self.latency_seconds}; must be a number of seconds > 0")
         if self.max_tokens < 2:
             self.fail("max_tokens", "must be at least 2")
         if isinstance(self.text, list):

@@ -28,7 +28,7 @@ from ..compat.bnb import guard_bnb_cpu_repack, saveable
 from ..compat.peft import save_pretrained_with_adapter
 from ..core.data import eval_sources, load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
-from ..core.hf import count_parameters, eval_mode, is_causal_lm
+from ..core.hf import count_parameters, eval_mode, is_causal_lm, quantization_method
 from ..core.utils import progress, progress_bar
 from .metrics import Metrics
 
@@ -39,6 +39,10 @@ TASK_CAUSAL_LM = "causal-lm"
 TASK_ENCODER = "encoder"
 # Latency runs of one model whose slowest is more than this many times the fastest make a ratio unreliable.
 MAX_LATENCY_SPREAD = 1.5
+# Why ``evaluation.latency: auto`` leaves a bitsandbytes model on a CPU untimed (NOTES: int8 decodes 1.5-2.5x slower
+# than fp32 there, and timing it dominated the first command's wall time on a busy machine).
+BNB_CPU_LATENCY = ("bitsandbytes runs on the CPU here, where its kernels say nothing about the speed it is built for "
+                   "(GPUs); set evaluation.latency=true to time it anyway")
 
 
 @dataclasses.dataclass
@@ -245,14 +249,29 @@ def _timers(model, prompt: torch.Tensor, decode_tokens: int):
     return prefill, decode
 
 
+def latency_skipped(evaluation, model, quantized: str | None = None) -> str | None:
+    """Why ``evaluation.latency: auto`` does not time ``model`` (``None``: it is timed as asked).
+
+    ``quantized`` is the backend the model will be quantized with once a recipe ran (`Recipe.validated`); by default
+    the one it has now.
+    """
+    if evaluation.latency != "auto":
+        return None
+    param = next(iter(model.parameters()), None)
+    on_cpu = param is None or param.device.type == "cpu"
+    return BNB_CPU_LATENCY if on_cpu and (quantized or quantization_method(model)) == "bitsandbytes" else None
+
+
 @torch.no_grad()
-def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: int, repeats: int
-                        ) -> list[dict[str, Any]]:
+def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: int, repeats: int,
+                        max_seconds: float | None = None) -> list[dict[str, Any]]:
     """Time several models on the same prompt, alternating between them in every round.
 
     A change in machine load then hits every model alike, so their ratios stay meaningful. Each model gets one
-    untimed warm-up (first-call allocations, bnb weight preparation), then ``repeats`` rounds of one prefill and one
-    greedy decode run with the KV cache.
+    untimed warm-up (first-call allocations, bnb weight preparation), then up to ``repeats`` rounds of one prefill
+    and one greedy decode run with the KV cache; no round starts once ``max_seconds`` of timed rounds are spent
+    (there is always one). The progress bar counts the runs: its total is re-estimated from the warm-up and ends as
+    the number really run.
 
     Returns:
         `list[dict]`: per model, the median ``prefill_ms_per_token`` / ``decode_ms_per_token`` (``None`` when not
@@ -261,22 +280,34 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
     """
     with contextlib.ExitStack() as stack:
         timers = [_timers(stack.enter_context(eval_mode(model)), prompt, decode_tokens) for model in models]
-        # Under load a decode run of a 135M model takes seconds: show the runs (warm-up + repeats, every model).
-        bar = stack.enter_context(progress_bar(desc="latency", total=(repeats + 1) * sum(1 + (d is not None)
-                                                                                        for _, d in timers)))
+        # Under load a decode run of a 135M model takes seconds: show the runs (warm-up + rounds, every model).
+        per_round = sum(1 + (d is not None) for _, d in timers)
+        bar = stack.enter_context(progress_bar(desc="latency", total=(repeats + 1) * per_round))
+        start = time.perf_counter()
         for prefill, decode in timers:
             prefill()
             if decode is not None:
                 decode()
             bar.update(1 + (decode is not None))
+        if max_seconds is not None:  # a timed round costs about what the warm-up did (less bnb's preparation)
+            rounds = max(1, min(repeats, math.ceil(max_seconds / max(time.perf_counter() - start, 1e-9))))
+            bar.total = (rounds + 1) * per_round
+            bar.refresh()
         loads = [load_average()]
         runs: list[dict[str, list[float]]] = [{"prefill_ms_per_token": [], "decode_ms_per_token": []} for _ in models]
-        for _ in range(repeats):
+        start = time.perf_counter()
+        for done in range(repeats):
+            if done and max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                break
             for (prefill, decode), samples in zip(timers, runs):
                 samples["prefill_ms_per_token"].append(prefill())
                 if decode is not None:
                     samples["decode_ms_per_token"].append(decode())
                 bar.update(1 + (decode is not None))
+            if bar.n >= bar.total and done + 1 < repeats:  # the estimate was low: one more round fits the budget
+                bar.total += per_round
+        bar.total = bar.n  # what was really run
+        bar.refresh()
         loads.append(load_average())
     seen = [x for x in loads if x is not None]
     results = []
@@ -288,10 +319,12 @@ def interleaved_latency(models: list, prompt: torch.Tensor, *, decode_tokens: in
     return results
 
 
-def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int) -> dict[str, Any]:
+def latency(model, prompt: torch.Tensor, *, decode_tokens: int, repeats: int, max_seconds: float | None = None
+            ) -> dict[str, Any]:
     """Median prefill ms/token on ``prompt`` [1, P] and (causal LMs) greedy decode ms/token with the KV cache, with
     the spread of the runs and the load average (see `interleaved_latency`)."""
-    return interleaved_latency([model], prompt, decode_tokens=decode_tokens, repeats=repeats)[0]
+    return interleaved_latency([model], prompt, decode_tokens=decode_tokens, repeats=repeats,
+                               max_seconds=max_seconds)[0]
 
 
 def latency_prompt(reference: Reference, evaluation) -> torch.Tensor:
@@ -308,7 +341,7 @@ def remeasure_latency_interleaved(original, model, metrics: list[Metrics], refer
                 "alternating)", evaluation.prompt_tokens, evaluation.decode_tokens, evaluation.repeats)
     prompt = latency_prompt(reference, evaluation)
     results = interleaved_latency([original, model], prompt, decode_tokens=evaluation.decode_tokens,
-                                  repeats=evaluation.repeats)
+                                  repeats=evaluation.repeats, max_seconds=evaluation.latency_seconds)
     for target, values in zip(metrics, results):
         for key, value in values.items():
             setattr(target, key, value)
@@ -375,11 +408,14 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
             if reference.others:
                 metrics.texts = {reference.label: _reference_quality_of(metrics)}
                 metrics.texts.update({label: _quality(model, ref) for label, ref in reference.others.items()})
-    if evaluation.latency and time_latency:
-        logger.info("measuring latency: %d prompt tokens, %d decode steps, %d repeats", evaluation.prompt_tokens,
-                    evaluation.decode_tokens, evaluation.repeats)
+    skipped = latency_skipped(evaluation, model) if evaluation.latency and time_latency else None
+    if skipped:
+        logger.info("latency not measured: %s", skipped)
+    elif evaluation.latency and time_latency:
+        logger.info("measuring latency: %d prompt tokens, %d decode steps, up to %d repeats or %gs",
+                    evaluation.prompt_tokens, evaluation.decode_tokens, evaluation.repeats, evaluation.latency_seconds)
         for key, value in latency(model, latency_prompt(reference, evaluation), decode_tokens=evaluation.decode_tokens,
-                                  repeats=evaluation.repeats).items():
+                                  repeats=evaluation.repeats, max_seconds=evaluation.latency_seconds).items():
             setattr(metrics, key, value)
     return metrics
 

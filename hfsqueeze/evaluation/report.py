@@ -77,6 +77,7 @@ class CompressionReport:
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     )
     latency_interleaved: bool = False  # the original and the final model were timed in alternating runs
+    latency_skipped: str | None = None  # why ``evaluation.latency: auto`` timed nothing (`measure.latency_skipped`)
 
     def latency_check(self) -> dict[str, Any] | None:
         """Whether the final/original latency ratios can be trusted (see `hfsqueeze.measure.latency_check`)."""
@@ -100,6 +101,7 @@ class CompressionReport:
             **({"tuning": self.tuning} if self.tuning is not None else {}),
             "warnings": list(self.warnings),
             "latency": self.latency_check(),
+            **({"latency_skipped": self.latency_skipped} if self.latency_skipped else {}),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -121,6 +123,7 @@ class CompressionReport:
             tuning=data.get("tuning"),
             warnings=list(data.get("warnings") or []),
             latency_interleaved=bool((data.get("latency") or {}).get("interleaved", False)),
+            latency_skipped=data.get("latency_skipped"),
         )
 
     @classmethod
@@ -153,7 +156,7 @@ class CompressionReport:
         check = self.latency_check()
         unreliable = check is not None and not check["reliable"]
         head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [self.caption(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for metric in METRICS:
             values = [getattr(m, metric.key) for _, m in cols]
             if all(v is None for v in values):
@@ -164,6 +167,14 @@ class CompressionReport:
             lines.append("| " + " | ".join(row) + " |")
         extra = self._texts_table(cols) + self._warnings_lines()
         return "\n".join(lines) + "\n\n" + "".join(f"{block}\n\n" for block in extra) + self._footer(cols, check)
+
+    def caption(self) -> str:
+        """The table's caption: which model, compressed with which recipe (a local path shows its last part)."""
+        name = str(self.model.get("name_or_path") or self.model.get("architecture") or "model")
+        if Path(name).is_absolute():
+            name = Path(name).name
+        recipe = self.recipe.get("name") or "an unnamed recipe"
+        return f"**{name}** ({self.model.get('architecture')}), recipe **{recipe}**:"
 
     def _texts_table(self, cols: list[tuple[str, Metrics]]) -> list[str]:
         """Quality on every evaluation text (``evaluation.text`` as a list), one row per text and metric."""
@@ -191,12 +202,16 @@ class CompressionReport:
         tokens = ev.get("eval_tokens") or next((m.eval_tokens for _, m in reversed(cols) if m.eval_tokens), None)
         if tokens:
             measured.append(f"quality on {tokens} tokens of {ev.get('text')} text")
+        if self.latency_skipped:
+            measured.append(f"latency not measured: {self.latency_skipped}")
         if check is not None:
-            runs = ev.get("repeats")
+            counts = sorted({len(s.get("runs") or []) for _, m in cols for s in (m.latency_spread or {}).values()})
+            runs = ev.get("repeats") if not counts else str(counts[0]) if len(counts) == 1 else \
+                f"{counts[0]}-{counts[-1]}"
             how = ("the original and the result timed in alternating runs" if check["interleaved"]
                    else "the original timed before compression")
-            measured.append(f"latency as the median of {runs} run{'s' if runs != 1 else ''} ({how}; min/median/max "
-                            "in report.json)")
+            plural = "s" if str(runs) != "1" else ""
+            measured.append(f"latency as the median of {runs} run{plural} ({how}; min/median/max in report.json)")
         what = "; ".join(measured) if measured else "sizes only (no quality or latency measurements)"
         where = f"{env.get('cpu', 'CPU')} ({env.get('threads')} threads, {env.get('device', 'cpu')})"
         foot = f"Measured on {where}: {what}."

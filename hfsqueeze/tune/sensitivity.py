@@ -167,11 +167,13 @@ def _kl(model: nn.Module, blocks: torch.Tensor, recorded, layers: nn.ModuleList 
 @torch.no_grad()
 def score_modules(model: nn.Module, blocks: torch.Tensor, fmt: dict[str, Any],
                   progress: Callable[[int, int], None] | None = None, *, done: dict[str, float] | None = None,
-                  save: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+                  save: Callable[[dict[str, float]], None] | None = None, deadline: float | None = None
+                  ) -> dict[str, float]:
     """KL per token on ``blocks`` when each quantizable module alone is in format ``fmt``; the model is unchanged.
 
     Modules in ``done`` (scores from an interrupted pass) are not scored again; ``save`` gets the scores so far after
-    each module, so an interruption loses at most the module being scored.
+    each module, so an interruption loses at most the module being scored. Once ``deadline`` (a `time.time` value)
+    has passed no further module is scored: the ones scored are returned.
     """
     targets = quantize_targets(model)
     scores = {name: done[name] for name, _ in targets if done and name in done}
@@ -187,6 +189,8 @@ def score_modules(model: nn.Module, blocks: torch.Tensor, fmt: dict[str, Any],
         for name, module in targets:
             if name in scores:
                 continue
+            if deadline is not None and time.time() >= deadline:
+                break
             new = quantized_module(module, base_format(fmt))
             new.eval()
             model.set_submodule(name, new)
@@ -200,7 +204,7 @@ def score_modules(model: nn.Module, blocks: torch.Tensor, fmt: dict[str, Any],
                 progress(len(scores), len(targets))
     finally:
         model.train(was_training)
-    return {name: scores[name] for name, _ in targets}
+    return {name: scores[name] for name, _ in targets if name in scores}
 
 
 SENSITIVITY_VERSION = 2
@@ -317,11 +321,15 @@ def _read(path: Path) -> tuple[str | None, dict[str, Any]]:
 
 def sensitivities(model: nn.Module, blocks: torch.Tensor, formats: list[dict[str, Any]], cache: SensitivityCache,
                   *, model_fingerprint: str | None = None,
-                  report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+                  report: Callable[[dict[str, Any]], None] | None = None,
+                  deadline: float | None = None) -> dict[str, dict[str, Any]]:
     """Scores for each format's base format (``format_key`` -> entry), from the cache or measured now and cached.
 
     An entry holds ``scores`` (module -> KL), ``tokens``, ``seconds`` (spent scoring in this call), ``cached``
-    (every score came from the cache), ``cached_modules`` (how many did) and ``cached_from`` (which file).
+    (every score came from the cache), ``cached_modules`` (how many did) and ``cached_from`` (which file). Once
+    ``deadline`` (a `time.time` value: the tune run's time budget) has passed, scoring stops: an entry cut short
+    lists its ``unscored`` modules, which get the mean of the scores measured (the solver then neither prefers nor
+    avoids them); the cache keeps it as an interrupted pass that a later run completes.
     """
     fp = model_fingerprint or fingerprint(model)
     th = tokens_hash(blocks)
@@ -361,12 +369,19 @@ def sensitivities(model: nn.Module, blocks: torch.Tensor, formats: list[dict[str
                 if report is not None:
                     report(info)
 
-        scores = score_modules(model, blocks, fmt, step, done=cached,
+        scores = score_modules(model, blocks, fmt, step, done=cached, deadline=deadline,
                                save=lambda scores, key=key, entry=entry: cache.put(key, entry(scores)))
         cache.put(key, entry(scores))
         out[fkey] = {"format": base_format(fmt), "scores": scores, "tokens": tokens,
                      "seconds": round(time.perf_counter() - start, 2), "cached": False,
                      "cached_modules": len(cached), "cached_from": source}
+        unscored = [name for name in targets if name not in scores]
+        if unscored:
+            logger.warning("tune: the time budget ran out during the sensitivity pass: %s scored %d of %d modules; "
+                           "the other %d count as the mean score (--resume scores them)", fkey, len(scores),
+                           len(targets), len(unscored))
+            mean = sum(scores.values()) / len(scores) if scores else 0.0
+            out[fkey].update(scores={**scores, **dict.fromkeys(unscored, mean)}, unscored=unscored)
     return out
 
 

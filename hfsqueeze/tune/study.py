@@ -56,8 +56,8 @@ def optuna_module():
     try:
         import optuna
     except ImportError as exc:
-        raise BackendMissingError("hfsqueeze tune needs optuna, which is not installed; install it with: "
-                                  "pip install 'hfsqueeze[tune]' (or pip install 'optuna>=5')") from exc
+        raise BackendMissingError("hfsqueeze tune needs optuna, a dependency of hfsqueeze that is missing from "
+                                  "this environment; reinstall it with: pip install 'optuna>=5'") from exc
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna

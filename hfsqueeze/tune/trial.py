@@ -37,7 +37,7 @@ class TuneSettings:
     calibration_tokens: int = 1024
     seq_len: int = 512
     sensitivity_tokens: int = 256
-    latency: bool = True
+    latency: bool | None = None  # None: only when the budget limits or minimizes latency (`tune`)
     prompt_tokens: int = 64
     decode_tokens: int = 8
     latency_rounds: int = 3

@@ -36,7 +36,7 @@ from ..core.fetch import cache_dir
 from ..core.hf import count_parameters
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
-from .budget import Budget, InfeasibleBudgetError
+from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .resources import check_workers
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
@@ -160,7 +160,11 @@ def tune(
     budget = Budget.parse(budget, minimize)
     space = load_space(space)
     settings = TuneSettings.load(settings)
-    evaluation = EvaluationConfig.from_dict({"per_stage": False, **(evaluation or {})}, where="evaluation").to_dict()
+    if settings.latency is None:  # time latency (trials and the final table) only when the budget asks for it
+        asked = set(LATENCY_KEYS) & (set(budget.limits) | {budget.minimize})
+        settings = dataclasses.replace(settings, latency=bool(asked))
+    evaluation = EvaluationConfig.from_dict({"per_stage": False, "latency": settings.latency, **(evaluation or {})},
+                                            where="evaluation").to_dict()
     if tokenizer is None:
         raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
     check_args(budget, space, settings, trials, workers, time_budget, resume, output)
@@ -170,10 +174,11 @@ def tune(
     out, tuning, temporary = _prepare_output(output, resume, overwrite)
     was_training = model.training
     model.eval()
+    deadline = started + time_budget if time_budget else None  # the sensitivity pass counts too
     try:
         try:
             tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume,
-                                progress)
+                                progress, deadline)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt) and not temporary and (tuning / RUN_FILE).is_file():
                 # Ctrl-C / SIGTERM in the sensitivity pass: what was scored is on disk, module by module.
@@ -182,7 +187,6 @@ def tune(
             elif not resume:  # nothing was searched yet: leave nothing behind
                 shutil.rmtree(tuning if existed else out, ignore_errors=True)
             raise
-        deadline = started + time_budget if time_budget else None
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
                                  started)
         return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
@@ -207,8 +211,8 @@ def check_args(budget: Budget, space: Space, settings: TuneSettings, trials: int
         raise RecipeError(f"time budget: got {time_budget!r}; must be a positive number of seconds")
     if resume and output is None:
         raise RecipeError("resume needs the output directory of the run to continue")
-    latency = {"prefill", "decode"} & (set(budget.limits) | {budget.minimize})
-    if latency and not settings.latency:
+    latency = set(LATENCY_KEYS) & (set(budget.limits) | {budget.minimize})
+    if latency and settings.latency is False:  # None: timed exactly when the budget asks for it
         raise RecipeError(f"the budget uses {', '.join(sorted(latency))} but latency measurement is off")
     if "quantize" not in space.sections and budget.minimize == "kl" and not (
             {"prefill", "decode", "size", "size_bytes", "bits"} & set(budget.limits)):
@@ -272,8 +276,10 @@ def calibration_file(calibration: Any, tuning: Path) -> Path:
 
 
 def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
-                 report: Callable[[dict[str, Any]], None] | None = None) -> TrialContext:
-    """The per-process trial context for the run described by ``spec`` (``tuning/run.json``)."""
+                 report: Callable[[dict[str, Any]], None] | None = None, deadline: float | None = None
+                 ) -> TrialContext:
+    """The per-process trial context for the run described by ``spec`` (``tuning/run.json``); sensitivity scoring
+    stops at ``deadline`` (the time budget, see `sensitivities`)."""
     settings = TuneSettings(**spec["settings"])
     budget = Budget(dict(spec["budget"]["limits"]), spec["budget"]["minimize"])
     space = Space.from_dict(spec["space"])
@@ -286,13 +292,13 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
     cache = SensitivityCache([tuning / "sensitivity.json",
                               cache_dir() / "sensitivity" / f"{spec['fingerprint']}.json"])
     scores = sensitivities(model, sens_blocks, space_formats(space), cache, model_fingerprint=spec["fingerprint"],
-                           report=report)
+                           report=report, deadline=deadline)
     return TrialContext(model, tokenizer, source, blocks, budget, space, settings, scores, spec["original_bytes"],
                         spec["original_params"], workdir=tuning)
 
 
 def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSettings, calibration: Any, tuning: Path,
-           seed: int, resume: bool, progress) -> tuple[TrialContext, dict[str, Any]]:
+           seed: int, resume: bool, progress, deadline: float | None = None) -> tuple[TrialContext, dict[str, Any]]:
     """Write (or, on resume, check) ``tuning/run.json``; score sensitivities; build the trial context."""
     cal_path = calibration_file(calibration, tuning)
     blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
@@ -326,7 +332,7 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     os.replace(tmp, run_file)
     logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
                 spec["original_params"], budget.describe())
-    return make_context(model, tokenizer, spec, tuning, progress), spec
+    return make_context(model, tokenizer, spec, tuning, progress, deadline), spec
 
 
 def calibration_warning(tokens: int, settings: TuneSettings) -> str | None:
@@ -479,7 +485,8 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
         # Scores read from a cache are reported as such (and from where): only ``seconds`` was spent in this run.
         "sensitivity": {k: {"tokens": v["tokens"], "seconds": v["seconds"], "cached": v["cached"],
                             "cached_modules": v["cached_modules"], "cached_from": v["cached_from"],
-                            "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5]}
+                            "most_sensitive": sorted(v["scores"], key=v["scores"].get, reverse=True)[:5],
+                            **({"unscored": len(v["unscored"])} if v.get("unscored") else {})}
                         for k, v in tctx.sensitivity.items()},
         "trials_requested": trials,
         "stopped": stopped,
@@ -511,6 +518,11 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     section = tuning_section(tctx, spec, records, pareto, chosen, trials, stopped, started)
     (tuning / "summary.json").write_text(json.dumps({k: v for k, v in section.items() if k != "trials"}, indent=1,
                                                     default=str) + "\n")
+    if chosen is None and not records and stopped == "time budget":
+        cut = sum(1 for v in tctx.sensitivity.values() if v.get("unscored"))
+        how = "the sensitivity pass cut short" if cut else "sensitivity pass included"
+        raise RecipeError(f"--time-budget ran out before any trial finished ({time.time() - started:.0f}s, {how}); "
+                          "give a longer time budget")
     if chosen is None:
         raise InfeasibleBudgetError(_infeasible_message(records, tctx.budget))
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))

@@ -42,12 +42,22 @@ def check_quantizable(info: ModelInfo) -> None:
 # kernel (activations and scales rounded to bf16) that moves Gemma-3-270M's logits by up to 2.5 (2.8% of their
 # range): the live model, the report and `load_compressed` run the exact kernel, so the card's code must too.
 EXACT_4BIT_KERNEL_CODE = """
-# Keep bitsandbytes on its exact 4-bit CPU kernel, the one hfsqueeze measured this model with: on CPUs with
-# AVX512-BF16 it would repack the weights on the first forward and compute in bf16 (different logits, and saving
-# afterwards writes corrupt weights with bitsandbytes 0.50.2).
+# hfsqueeze measured this model with bitsandbytes' exact 4-bit CPU kernel. On CPUs with AVX512-BF16, bitsandbytes
+# would switch to a bf16 kernel at the first forward pass, which gives slightly different outputs (and, with
+# bitsandbytes 0.50.2, makes a later save_pretrained write wrong weights); these lines keep the exact kernel.
 for module in model.modules():
     if hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
+"""
+
+# Prepended to the stock loading code of an int8 artifact. In eval mode bnb casts the activations of every int8 matmul
+# to float16 and logs that on each call (1,680 lines for 20 generated tokens of SmolLM2). Loading the float rest in
+# 16 bits is not possible: Transformers keeps a pre-quantized checkpoint's dtype (`dtype=` is ignored, `.half()` is
+# refused), and a bf16 rest is cast (and logged) the same way. So the card's code quiets that one logger.
+INT8_QUIET_CODE = """
+# LLM.int8 multiplies in float16 by design, and bitsandbytes logs a notice saying so on every int8 matrix
+# multiplication (hundreds of lines per generate call); this line hides that notice and nothing else.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 """
 
 
@@ -55,22 +65,36 @@ def _config_value(config: Any, key: str) -> Any:
     return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
-def is_bnb_4bit_config(config: Any) -> bool:
-    """Whether a model config (object or dict) describes a bitsandbytes 4-bit checkpoint."""
+def _bnb_quantization(config: Any) -> dict[str, Any] | None:
     qc = _config_value(config, "quantization_config")
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
-    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" else None
+
+
+def is_bnb_8bit_config(config: Any) -> bool:
+    """Whether a model config (object or dict) describes a bitsandbytes LLM.int8 checkpoint."""
+    return bool((_bnb_quantization(config) or {}).get("load_in_8bit"))
+
+
+def is_bnb_4bit_config(config: Any) -> bool:
+    """Whether a model config (object or dict) describes a bitsandbytes 4-bit checkpoint."""
+    return bool((_bnb_quantization(config) or {}).get("load_in_4bit"))
 
 
 def load_snippet(config: Any, path_or_repo: str) -> str | None:
-    """Stock ``from_pretrained`` code for a 4-bit artifact plus `EXACT_4BIT_KERNEL_CODE`, so the card's code gives
-    the outputs hfsqueeze measured and recorded; artifacts that bring their own modeling code are left to the stage
-    that wrote it."""
-    if not is_bnb_4bit_config(config) or _config_value(config, "auto_map"):
+    """Stock ``from_pretrained`` code for a bitsandbytes artifact: a 4-bit one plus `EXACT_4BIT_KERNEL_CODE`, so the
+    card's code gives the outputs hfsqueeze measured and recorded; an int8 one with `INT8_QUIET_CODE`, so it loads and
+    generates without a log line per matmul. Artifacts that bring their own modeling code are left to the stage that
+    wrote it."""
+    if _config_value(config, "auto_map"):
         return None
     auto = auto_class_name(config)
-    return (f"from transformers import {auto}\n\n"
-            f'model = {auto}.from_pretrained("{path_or_repo}")\n{EXACT_4BIT_KERNEL_CODE}')
+    load = f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{path_or_repo}")\n'
+    if is_bnb_4bit_config(config):
+        return load + EXACT_4BIT_KERNEL_CODE
+    if is_bnb_8bit_config(config):
+        return f"import logging\n\nfrom transformers import {auto}\n{INT8_QUIET_CODE}\n" + load.split("\n\n", 1)[1]
+    return None
 
 
 def bnb_config(config: QuantizeConfig):
