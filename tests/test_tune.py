@@ -494,7 +494,9 @@ def test_time_budget_bounds_the_sensitivity_pass(tiny_tokenizer, tmp_path, caplo
         entry = sensitivities(model, blocks, [{"bits": 8}], cache, deadline=time.time() - 1)["int8"]
     assert entry["unscored"] == names and set(entry["scores"]) == set(names)
     assert f"time budget ran out during the sensitivity pass: int8 scored 0 of {len(names)} modules" in caplog.text
-    assert not (tmp_path / "s.json").exists()  # a pass cut short is never reused as if complete
+    # A pass cut short is kept as an interrupted one (what --resume continues), never reused as if complete.
+    again = sensitivities(model, blocks, [{"bits": 8}], cache)["int8"]
+    assert not again["cached"] and "unscored" not in again and set(again["scores"]) == set(names)
 
 
 def test_tune_time_budget_includes_the_sensitivity_pass(tiny_tokenizer, tmp_path, monkeypatch):
@@ -504,10 +506,10 @@ def test_tune_time_budget_includes_the_sensitivity_pass(tiny_tokenizer, tmp_path
     real = sens_mod.score_modules
     seen = {}
 
-    def slow(model, blocks, fmt, progress=None, *, deadline=None):
+    def slow(model, blocks, fmt, progress=None, *, deadline=None, **kwargs):
         seen["deadline"] = deadline
         time.sleep(max(0.0, deadline - time.time()) + 0.05)  # the pass takes longer than the whole budget
-        return real(model, blocks, fmt, progress, deadline=deadline)
+        return real(model, blocks, fmt, progress, deadline=deadline, **kwargs)
 
     monkeypatch.setattr(sens_mod, "score_modules", slow)
     start = time.time()
