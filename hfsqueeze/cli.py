@@ -71,6 +71,22 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help="log progress at INFO level")
 
 
+def _token_flag(parser: argparse.ArgumentParser) -> None:
+    """``--token`` as huggingface-cli has it: used for every Hub call of the command, never recorded."""
+    parser.add_argument("--token", default=None,
+                        help="Hugging Face token for the Hub (default: HF_TOKEN or `hf auth login`); it is never "
+                             "written to the report, the card or logs")
+
+
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command line as the report records it, with a ``--token`` value masked."""
+    masked, hide = [], False
+    for arg in argv:
+        masked.append("***" if hide else "--token=***" if arg.startswith("--token=") else arg)
+        hide = arg == "--token"
+    return "hfsqueeze " + " ".join(shlex.quote(a) for a in masked)
+
+
 def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. quantize.threshold=5.0, stages.2.bits=4, evaluation.max_tokens=512")
@@ -100,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default="builtin", help="calibration/training text for data-driven stages")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     c.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
+    c.add_argument("--revision", default=None,
+                   help="the branch, tag or commit of a Hub --model to load (default: its main branch)")
     add_push_options(c)
 
     v = sub.add_parser("validate", help="check a recipe and print it in canonical form")
@@ -125,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(command="recipes")
     add_push_parser(sub)
-    for command in sub.choices.values():
+    for name, command in sub.choices.items():
         _verbose_flag(command)
+        if name in ("compress", "eval", "tune", "push"):
+            _token_flag(command)
     return parser
 
 
@@ -151,8 +171,7 @@ def add_push_parser(subparsers: Any) -> Any:
                     "hfsqueeze writes go up (weights, config, tokenizer, recipe, report, card, parity outputs, "
                     "plots); tuning/ (a tune run, calibration text included) stays local, any other file is refused "
                     "unless --include names it, and a symbolic link or a pickle file (*.bin, *.pt, *.pth, *.pkl, "
-                    "*.pickle, *.ckpt) is always refused. The token comes from HF_TOKEN or `hf auth login` (never "
-                    "from the command line, which the report records).",
+                    "*.pickle, *.ckpt) is always refused. The token comes from --token, HF_TOKEN or `hf auth login`.",
     )
     parser.add_argument("artifact", metavar="DIR", help="artifact directory written by `hfsqueeze compress --output`")
     parser.add_argument("--repo", required=True, metavar="ID", help="Hub repository id (owner/name, or name)")
@@ -167,7 +186,7 @@ def add_push_options(parser: Any) -> None:
     """Add ``--push-to-hub REPO`` (and ``--private``, ``--commit-message``, ``--no-parity-check``) to ``compress``."""
     parser.add_argument("--push-to-hub", default=None, metavar="REPO",
                         help="after compressing, push to this Hub repository (owner/name, or name); the token "
-                             "comes from HF_TOKEN or `hf auth login`")
+                             "comes from --token, HF_TOKEN or `hf auth login`")
     _push_flags(parser)
 
 
@@ -277,7 +296,7 @@ def _cmd_tune(args) -> int:
     path = resolve_model_path(args.model)
     check_workers(args.workers, weights_on_disk(path))  # each worker loads its own copy: does it fit?
     model, tokenizer = load_model(path, **kwargs)
-    command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    command = recorded_command(args.argv)
     try:
         result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
                       overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
@@ -324,7 +343,7 @@ def recipes_table(width: int = 100) -> str:
 
     from .core.config import builtin_recipes_dir
 
-    rows: dict[str, list[tuple[int, str, str]]] = {group: [] for group in RECIPE_GROUPS}
+    rows: dict[str, list[tuple[int, str, str, str, str]]] = {group: [] for group in RECIPE_GROUPS}
     for path in builtin_recipes_dir().glob("*.yaml"):
         data = yaml.safe_load(path.read_text()) or {}
         methods = list(dict.fromkeys(s.get("method") for s in data.get("stages") or [] if isinstance(s, dict)))
@@ -333,19 +352,24 @@ def recipes_table(width: int = 100) -> str:
         group = methods[0] if len(methods) == 1 and not recover and methods[0] in rows else "combined"
         # The first sentence says what it does; `hfsqueeze validate NAME` prints the whole recipe.
         first = re.split(r"(?<=[.;])\s", " ".join(str(data.get("description") or "").split()), maxsplit=1)[0]
-        rows[group].append((len(data.get("stages") or []), path.stem, first.rstrip(".;")))
-    name_width = max((len(name) for group in rows.values() for _, name, _ in group), default=4) + 2
-    lines = []
-    for group, entries in rows.items():
-        if not entries:
+        rows[group].append((len(data.get("stages") or []), path.stem, str(data.get("models") or ""),
+                            str(data.get("takes") or ""), first.rstrip(".;")))
+    entries = [entry for group in rows.values() for entry in group]
+    widths = [max([len(header)] + [len(entry[i]) for entry in entries]) + 2
+              for i, header in ((1, "recipe"), (2, "for"), (3, "time"))]
+    left = sum(widths) + 2
+    lines = [f"  {'recipe':<{widths[0]}}{'for':<{widths[1]}}{'time':<{widths[2]}}what it does"]
+    for group, group_entries in rows.items():
+        if not group_entries:
             continue
-        lines += ["" if lines else None, f"{group}:"]
-        for _, name, text in sorted(entries):
-            wrapped = textwrap.wrap(text, width - name_width - 2) or [""]
-            lines.append(f"  {name:<{name_width}}{wrapped[0]}")
-            lines += [" " * (name_width + 2) + more for more in wrapped[1:]]
-    lines += ["", "Use one: hfsqueeze compress --recipe NAME; see all of it: hfsqueeze validate NAME"]
-    return "\n".join(line for line in lines if line is not None)
+        lines += ["", f"{group}:"]
+        for _, name, models, takes, text in sorted(group_entries):
+            wrapped = textwrap.wrap(text, width - left) or [""]
+            lines.append(f"  {name:<{widths[0]}}{models:<{widths[1]}}{takes:<{widths[2]}}{wrapped[0]}")
+            lines += [" " * left + more for more in wrapped[1:]]
+    lines += ["", "time: the whole `hfsqueeze compress` on the built-in model, idle 2-core CPU (blank: not measured)",
+              "Use one: hfsqueeze compress --recipe NAME; see all of it: hfsqueeze validate NAME"]
+    return "\n".join(lines)
 
 
 def _cmd_recipes(args) -> int:
@@ -366,8 +390,9 @@ def _cmd_compress(args) -> int:
     pre_push = getattr(args, "push_to_hub", None)
     if pre_push:
         check_push_args(args)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    command = "hfsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                                  **({"revision": args.revision} if args.revision else {}))
+    command = recorded_command(args.argv)
     report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
                       command=command)
     # The report first: a failed save (disk full, permissions changed) must not lose the measurements.
@@ -424,7 +449,7 @@ def _cmd_eval(args) -> int:
 _CLI_WORDS = [
     (re.compile(r"\b\w+=[^\s,()]+ \(CLI: (--[\w-]+)\)"), r"\1"),  # pass overwrite=True (CLI: --overwrite)
     (re.compile(r"\b\w+=[^\s,()]+, CLI: (--[\w-]+),"), r"\1,"),  # (pass trust_remote_code=True, CLI: --x, if ...)
-    (re.compile(r"pass token=\.\.\., "), ""),  # the CLI takes the token from HF_TOKEN or `hf auth login` only
+    (re.compile(r"pass token=\.\.\., "), "pass --token, "),
 ]
 
 
@@ -479,7 +504,12 @@ def _result_stdout(result_only: bool):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # what the report records
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    previous_token = os.environ.get("HF_TOKEN")
+    if getattr(args, "token", None):
+        # Every Hub call of this command (loading, pushing, tune's workers) reads HF_TOKEN, as huggingface_hub does.
+        os.environ["HF_TOKEN"] = args.token
     handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes,
                 "push": run_push, "tune": _cmd_tune}
     previous = _on_sigterm(_raise_terminated)
@@ -503,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         _on_sigterm(previous)
+        if getattr(args, "token", None) and previous_token is None:  # the token was for this command only
+            os.environ.pop("HF_TOKEN", None)
+        elif getattr(args, "token", None):
+            os.environ["HF_TOKEN"] = previous_token
 
 
 if __name__ == "__main__":

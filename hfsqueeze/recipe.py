@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from .core.config import ConfigBase, StageConfig, builtin_recipes_dir
+from .core.config import ConfigBase, StageConfig, builtin_recipes_dir, did_you_mean
 from .core.errors import RecipeError, prefixed
 from .core.stage import ModelInfo
 from .evaluation.config import EvaluationConfig
@@ -51,6 +51,11 @@ class Recipe(ConfigBase):
     stages: list[StageConfig] = dataclasses.field(default_factory=list)
     name: str | None = None
     description: str | None = None
+    models: str | None = dataclasses.field(
+        default=None, metadata={"help": "which models the recipe is meant for (shown by `hfsqueeze recipes`)"})
+    takes: str | None = dataclasses.field(
+        default=None, metadata={"help": "measured wall time of the whole `hfsqueeze compress` with this recipe on "
+                                "the built-in model, idle 2-core CPU (shown by `hfsqueeze recipes`)"})
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     version: int = RECIPE_VERSION
     recover: Any = dataclasses.field(
@@ -96,8 +101,9 @@ class Recipe(ConfigBase):
         out = {"version": self.version}
         if self.name is not None:
             out["name"] = self.name
-        if self.description is not None:
-            out["description"] = self.description
+        for key in ("description", "models", "takes"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         if self.recover is not None:
             out["recover"] = self.recover
         out["evaluation"] = self.evaluation.to_dict()
@@ -238,8 +244,8 @@ def _read_yaml(source: str | os.PathLike) -> dict:
     elif path.is_file():
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"recipe {source} is {_kib(size)}; a recipe is at most {_kib(MAX_RECIPE_BYTES)} (built-in "
-                              "recipes are under 2 KiB)")
+            raise RecipeError(f"recipe {source} is {_kib(size)}; a recipe is at most {_kib(MAX_RECIPE_BYTES)} "
+                              "(built-in recipes are under 2 KiB)")
         text = path.read_text()
     elif builtin is not None:
         text = builtin.read_text()
@@ -289,8 +295,9 @@ def _apply_override(data: dict, item: str) -> None:
         target, rest = data, keys
     else:
         methods = sorted({s.get("method") for s in stages if isinstance(s, dict)})
-        raise RecipeError(f"override {item!r}: '{head}' is not a stage of this recipe; use one of "
-                          f"{', '.join(methods + ['stages.N', 'evaluation'])}")
+        allowed = methods + ["stages.N", "evaluation", "name", "description", "recover"]
+        raise RecipeError(f"override {item!r}: '{head}' is not a stage of this recipe"
+                          f"{did_you_mean(head, allowed)}; use one of {', '.join(allowed)}")
     if not rest:
         raise RecipeError(f"override {item!r} names a stage but no key inside it")
     for key in rest[:-1]:

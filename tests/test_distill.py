@@ -157,7 +157,7 @@ def test_config_round_trip_and_defaults():
     ({"student": {"keep": 1.5}}, "key 'keep': got 1.5"),
     ({"data": {"task": "mlm"}}, "key 'data': key 'task': got 'mlm'; allowed: 'causal_lm' | 'sequence_classification'"),
     ({"data": [{"weight": 0}]}, r"key 'data\[0\]': key 'weight': got 0.0; must be > 0"),
-    ({"tempreature": 2}, "unknown key 'tempreature'; allowed keys: .*temperature"),
+    ({"tempreature": 2}, r"unknown key 'tempreature' \(did you mean 'temperature'\?\); allowed keys: .*temperature"),
 ])
 def test_config_errors_name_key_value_and_allowed(bad, message):
     with pytest.raises(RecipeError, match=message):

@@ -575,3 +575,39 @@ def test_cli_push_refuses_unexpected_files_in_one_line(hub, tmp_path, monkeypatc
     assert cli.main(argv + ["--include", "extra/*"]) == 0
     assert "pushed " in capsys.readouterr().out
     assert "extra/data.csv" in hub.files("alice/cli-extra")
+
+
+def test_cli_compress_loads_a_private_hub_model_at_a_revision_with_token(hub, tiny_tokenizer, tmp_path, capsys):
+    """HF-style `--revision` picks the commit of a Hub `--model`, `--token` reads a private repository; the token
+    is used for this command only and never recorded (the report keeps the command with `--token ***`)."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("alice/private-base", private=True, token=TOKEN)
+    commits = []
+    for version in (0, 1):
+        folder = tmp_path / f"v{version}"
+        model = make_tiny("llama")
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.mul_(1 + version)  # the second commit changes a weight
+        model.save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        commits.append(api.upload_folder(repo_id="alice/private-base", folder_path=folder, token=TOKEN).oid)
+    quick = [x for k, v in QUICK_EVAL.items() for x in ("--set", f"evaluation.{k}={v}")]
+    base = ["compress", "--model", "alice/private-base", "--recipe", "bf16", *quick]
+    capsys.readouterr()
+    assert cli.main([*base, "--output", str(tmp_path / "nothing")]) == 2  # private: no token, no model
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    out = tmp_path / "first"
+    assert cli.main([*base, "--revision", commits[0], "--token", TOKEN, "--output", str(out)]) == 0
+    assert "HF_TOKEN" not in os.environ
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "v0")
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "v1")
+    weight = loaded.model.layers[0].mlp.up_proj.weight.float()
+    assert torch.equal(weight, first.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16).float())
+    assert not torch.equal(weight, second.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16).float())
+    saved = "".join(p.read_text() for p in out.iterdir() if p.suffix in (".json", ".md", ".yaml"))
+    assert TOKEN not in saved and TOKEN not in capsys.readouterr().out
+    assert f"--revision {commits[0]} --token '***'" in json.loads((out / "report.json").read_text())["command"]

@@ -180,7 +180,7 @@ def test_wheel_ships_the_builtin_recipes(tmp_path, model_dir):
                            cwd=cwd, env=env, **run)
     assert where.stdout.split() == [str(site / "hfsqueeze" / "recipe.py"), str(site / "hfsqueeze" / "recipes")]
     listed = subprocess.run([sys.executable, "-m", "hfsqueeze", "recipes"], cwd=cwd, env=env, **run)
-    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
     assert listed.returncode == 0 and {"int8", "nf4", "prune-heads", "distill-half-depth"} <= set(names)
     small = [x for k, v in {**SMALL_EVAL, "latency": False}.items() for x in ("--set", f"evaluation.{k}={v}")]
     compressed = subprocess.run([sys.executable, "-m", "hfsqueeze", "compress", "--model", str(model_dir),

@@ -337,6 +337,9 @@ def test_recipes_is_a_grouped_table_within_100_columns(capsys):
     groups = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert groups == ["quantize:", "prune:", "distill:", "combined:"]
     assert "  int8 " in out.split("prune:")[0] and "  prune-int8 " in out.split("combined:")[1]
+    assert out.splitlines()[0].split() == ["recipe", "for", "time", "what", "it", "does"]
+    minilm = next(line for line in out.splitlines() if line.startswith("  prune-recover-minilm "))
+    assert minilm.split()[1:3] == ["encoders", "6"]  # for sentence encoders; measured minutes
 
 
 def test_did_you_mean_and_verbose_after_the_subcommand(capsys):
@@ -347,6 +350,10 @@ def test_did_you_mean_and_verbose_after_the_subcommand(capsys):
     assert exc.value.code == 2 and "did you mean 'compress'?" in capsys.readouterr().err
     assert main(["validate", "int9"]) == 2
     assert "did you mean 'int8'?" in capsys.readouterr().err
+    for override, close in [("quantize.threshhold=5", "'threshold'"), ("quantise.threshold=5", "'quantize'"),
+                            ("evaluation.max_token=64", "'max_tokens'")]:
+        assert main(["validate", "int8", "--set", override]) == 2
+        assert f"(did you mean {close}?)" in capsys.readouterr().err
     parser = build_parser()
     assert parser.parse_args(["validate", "int8", "-v"]).verbose is True
     assert parser.parse_args(["-v", "validate", "int8"]).verbose is True

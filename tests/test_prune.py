@@ -333,7 +333,8 @@ def test_layerwise_rounding_to_nothing_fails_before_scoring(tiny_tokenizer, monk
     ({"heads": 0.2, "importance": "taylor"}, "allowed: 'gradient' | 'activation' | 'magnitude' | 'kl'"),
     ({"heads": 0.2, "min_heads_per_layer": 0}, "min_heads_per_layer"),
     ({"heads": 0.2, "steps": 0}, "steps"),
-    ({"heads": 0.2, "head": 1}, "unknown key 'head'; allowed keys: calibration, calibration_tokens"),
+    ({"heads": 0.2, "head": 1},
+     r"unknown key 'head' \(did you mean 'heads'\?\); allowed keys: calibration, calibration_tokens"),
 ])
 def test_bad_config_is_one_clear_line(data, match):
     with pytest.raises(RecipeError, match=match) as info:

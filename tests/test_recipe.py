@@ -35,7 +35,8 @@ def test_quantize_config_round_trip(stage):
     "data, message",
     [
         ({"stages": [{"method": "quantize", "bits": 3}]}, "stage 1 (quantize): key 'bits': got 3; allowed: 4 | 8 | 16"),
-        ({"stages": [{"method": "quantize", "bitz": 8}]}, "stage 1 (quantize): unknown key 'bitz'; allowed keys:"),
+        ({"stages": [{"method": "quantize", "bitz": 8}]},
+         "stage 1 (quantize): unknown key 'bitz' (did you mean 'bits'?); allowed keys:"),
         ({"stages": [{"method": "quantize", "bits": "eight"}]}, "key 'bits': got 'eight'"),
         ({"stages": [{"method": "quantize", "bits": 8}, {"method": "squash"}]}, "stage 2: unknown method 'squash'"),
         ({"stages": [{"method": "quantize", "bits": 8, "quant_type": "nf4"}]}, "'quant_type': only applies to bits: 4"),

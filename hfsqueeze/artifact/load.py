@@ -87,15 +87,16 @@ def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]
     quiet_transformers_progress()
     source = resolve_model_path(path)
     trust = bool(kwargs.pop("trust_remote_code", False))
+    hub = {"revision": kwargs["revision"]} if kwargs.get("revision") else {}  # a Hub id's branch, tag or commit
     check_model_source(source)
     with load_errors(source):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **hub)
         model = _stage_load(source, config, {**kwargs, "trust_remote_code": trust})
     if model is None:
         return load_pretrained(source, trust_remote_code=trust, **kwargs)
     with load_errors(source):
         model = _checked(model, source, True, kwargs)
-    return prepared(model), load_tokenizer(source, trust_remote_code=trust)
+    return prepared(model), load_tokenizer(source, trust_remote_code=trust, **hub)
 
 
 def _stage_load(path: str, config: Any, kwargs: dict[str, Any]) -> Any:

@@ -100,6 +100,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise RecipeError(f"{where}: got {value!r}; expected {_describe(tp)}")
 
 
+def did_you_mean(word: Any, choices: Any) -> str:
+    """``" (did you mean 'bits'?)"`` for a close match of a mistyped ``word`` among ``choices``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, ConfigBase):
         return value.to_dict()
@@ -133,7 +141,8 @@ class ConfigBase:
         kwargs = {}
         for key, value in data.items():
             if key not in known:
-                raise RecipeError(f"{prefix}unknown key '{key}'; allowed keys: {', '.join(sorted(known))}")
+                raise RecipeError(f"{prefix}unknown key '{key}'{did_you_mean(key, known)}; allowed keys: "
+                                  f"{', '.join(sorted(known))}")
             kwargs[key] = _coerce(value, hints[key], f"{prefix}key '{key}'")
         try:
             return cls(**kwargs)

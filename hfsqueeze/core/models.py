@@ -115,12 +115,13 @@ def load_pretrained(path: str | os.PathLike | None, *, trust_remote_code: bool =
     need a stage to load them (a pruned model with per-layer sizes).
     """
     source = resolve_model_path(path)
+    hub = {"revision": kwargs["revision"]} if kwargs.get("revision") else {}  # a Hub id's branch, tag or commit
     check_model_source(source)
     with load_errors(source):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    return prepared(model), load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return prepared(model), load_tokenizer(source, trust_remote_code=trust_remote_code, **hub)
 
 
 def prepared(model: Any) -> Any:
@@ -129,10 +130,10 @@ def prepared(model: Any) -> Any:
     return model.eval()
 
 
-def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved with a model, or ``None`` (with a warning) when there is none."""
+def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False, **hub: Any) -> Any:
+    """The tokenizer saved with a model, or ``None`` (with a warning) when there is none; ``hub``: ``revision``."""
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError, TypeError):
         logger.warning("no tokenizer found at %s; data-driven stages and perplexity will be unavailable", source)
         return None
