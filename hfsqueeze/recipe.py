@@ -21,6 +21,7 @@ import yaml
 
 from .core.config import ConfigBase, StageConfig
 from .core.errors import RecipeError, prefixed
+from .core.hf import check_placement
 from .core.stage import ModelInfo
 from .evaluation.config import EvaluationConfig
 from .registry import available_stages, get_stage, stages
@@ -127,6 +128,8 @@ class Recipe(ConfigBase):
         names the stage.
         """
         expanded = self.expanded()
+        if model is not None:
+            check_placement(model)  # offloaded weights: every stage rewrites weights in place and would fail midway
         info = ModelInfo.of(model) if model is not None else ModelInfo()
         for index, config in enumerate(expanded.stages, start=1):
             with prefixed(f"stage {index} ({config.method})"):
