@@ -18,8 +18,9 @@ from hfsqueeze.models import load_model
 pytestmark = pytest.mark.gpu
 
 EVAL = {**SMALL_EVAL, "text": "builtin"}  # the built-in text ships with hfsqueeze: no network on a GPU machine
-DISTILL = {"method": "distill", "teacher": "original", "alpha": 1.0, "data": {"text": "calibration", "eval_tokens": 256},
-           "block_size": 64, "freeze_embeddings": True, "adapter": "lora", "lora": {"r": 4, "alpha": 8, "merge": "auto"},
+DISTILL = {"method": "distill", "teacher": "original", "alpha": 1.0,
+           "data": {"text": "calibration", "eval_tokens": 256}, "block_size": 64, "freeze_embeddings": True,
+           "adapter": "lora", "lora": {"r": 4, "alpha": 8, "merge": "auto"},
            "training_args": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3}}
 RECIPES = {
     "int8": [{"method": "quantize", "bits": 8}],

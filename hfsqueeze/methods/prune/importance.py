@@ -180,7 +180,8 @@ def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1).to(logits.device))
+    targets = ids[:, 1:].reshape(-1).to(logits.device)  # the head may sit on another device than the embeddings
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
 
 
 def _aggregate(per_head: list[torch.Tensor], units: list[list[tuple[list[int], list[int]]]]) -> list[torch.Tensor]:
