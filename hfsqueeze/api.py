@@ -18,6 +18,7 @@ from .core.data import check_text_source, eval_sources, load_texts
 from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
+from .core.models import placement_kwargs
 from .core.utils import quiet_transformers_progress
 from .evaluation.measure import (check_measurable, latency_skipped, measure, measure_baseline,
                                  remeasure_latency_interleaved)
@@ -129,7 +130,8 @@ def _run_stage(model, config, ctx: CompressionContext, index: int, last: int) ->
 
 
 def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: list[str] | None = None,
-                      trust_remote_code: bool = False, check_parity: bool = True) -> CompressionReport:
+                      trust_remote_code: bool = False, check_parity: bool = True, device: str | None = None,
+                      dtype: str | None = None) -> CompressionReport:
     """Re-measure a saved artifact; compare it with ``base`` (the uncompressed model) only when you name one.
 
     Nothing an artifact file names is loaded: the model path in its ``report.json`` could have been edited to point
@@ -146,6 +148,9 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
             the two paths you pass; never in anything they name.
         check_parity (`bool`, defaults to `True`): the parity checks of `load_compressed` (an hfsqueeze artifact
             must hold ``parity.safetensors`` and reproduce it, a kept LoRA adapter must be there unchanged).
+        device (`str`, *optional*): where the artifact and ``base`` load: ``cpu`` (default), ``cuda``, ``cuda:N`` or
+            ``auto`` (see `hfsqueeze.core.models.placement_kwargs`).
+        dtype (`str`, *optional*): ``auto`` (the saved dtype, default), ``float32``, ``bfloat16`` or ``float16``.
 
     Returns:
         `CompressionReport`: one ``eval`` stage; its config's ``base`` is what it was compared with (``None``:
@@ -161,6 +166,7 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
     ```
     """
     quiet_transformers_progress()
+    placement = placement_kwargs(device, dtype)  # a bad device or dtype fails before anything loads
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path} is not a saved model directory (no config.json)")
@@ -171,7 +177,7 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
     evaluation = EvaluationConfig.from_dict((saved.recipe.get("evaluation") or {}) if saved else {},
                                             where="evaluation").overridden(overrides or [])
     logger.info("loading the artifact %s", path)
-    model = load_compressed(path, trust_remote_code=trust_remote_code, check_parity=check_parity)
+    model = load_compressed(path, trust_remote_code=trust_remote_code, check_parity=check_parity, **placement)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) \
         if (path / "tokenizer_config.json").is_file() else None
     if base is None:
@@ -179,7 +185,7 @@ def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: l
         baseline, reference, base_model = None, None, None
     else:
         logger.info("loading the base model %s to re-measure it", base)
-        base_model, _ = load_model(base, trust_remote_code=trust_remote_code)
+        base_model, _ = load_model(base, trust_remote_code=trust_remote_code, **placement)
         baseline, reference = measure_baseline(base_model, tokenizer, evaluation, time_latency=False)
     logger.info("measuring the artifact")
     metrics = measure(model, tokenizer, evaluation, reference, with_disk=False, time_latency=base_model is None)

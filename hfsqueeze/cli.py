@@ -92,6 +92,21 @@ def _add_common_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe key, e.g. quantize.threshold=5.0, stages.2.bits=4, evaluation.max_tokens=512")
 
 
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model loads and runs: cpu (default), cuda, cuda:N, or auto (device_map='auto': "
+                        "spread over the visible GPUs)")
+    p.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="dtype the weights load in: auto (the checkpoint's own, the default), float32, bfloat16, "
+                        "float16; a model bigger than memory in fp32 compresses from its 16-bit checkpoint")
+
+
+def _placement(args: Any) -> dict[str, Any]:
+    from .core.models import placement_kwargs
+
+    return placement_kwargs(args.device, args.dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hfsqueeze", description="Compress Hugging Face Transformers models with recipes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -118,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
     c.add_argument("--revision", default=None,
                    help="the branch, tag or commit of a Hub --model to load (default: its main branch)")
+    _add_placement_args(c)
     add_push_options(c)
 
     v = sub.add_parser("validate", help="check a recipe and print it in canonical form")
@@ -137,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-parity-check", dest="check_parity", action="store_false",
                    help="load an artifact whose parity.safetensors or LoRA adapter is missing or was changed "
                         "(to inspect it)")
+    _add_placement_args(e)
 
     _add_tune_parser(sub)
 
@@ -254,6 +271,7 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--eval-text", default=None, help="held-out text for the final measurement (default: built-in)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
     t.add_argument("--json", action="store_true", help="print the report (with its tuning section) as JSON")
+    _add_placement_args(t)
 
 
 def _parse_duration(value: str | None) -> float | None:
@@ -293,6 +311,7 @@ def _cmd_tune(args) -> int:
             print(progress_line(info, budget), file=sys.stderr, flush=True)
 
     kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
+    kwargs.update(_placement(args))  # a bad --device/--dtype fails here, before the model loads
     path = resolve_model_path(args.model)
     check_workers(args.workers, weights_on_disk(path))  # each worker loads its own copy: does it fit?
     model, tokenizer = load_model(path, **kwargs)
@@ -388,9 +407,10 @@ def _cmd_compress(args) -> int:
     if args.output:
         check_output_dir(args.output, args.overwrite, probe=True)
     pre_push = getattr(args, "push_to_hub", None)
+    placement = _placement(args)  # a bad --device/--dtype fails here, before the model loads
     if pre_push:
         check_push_args(args)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code,
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, **placement,
                                   **({"revision": args.revision} if args.revision else {}))
     command = recorded_command(args.argv)
     report = compress(model, recipe, tokenizer=tokenizer, calibration=args.calibration, eval_text=args.eval_text,
@@ -433,7 +453,8 @@ def _cmd_eval(args) -> int:
 
     path = Path(args.artifact)
     report = evaluate_artifact(path, base=args.base, overrides=args.overrides,
-                               trust_remote_code=args.trust_remote_code, check_parity=args.check_parity)
+                               trust_remote_code=args.trust_remote_code, check_parity=args.check_parity,
+                               device=args.device, dtype=args.dtype)
     if args.json:  # the report's eval stage says it: config.base
         print(report.to_json(), file=args.stdout)
         return 0

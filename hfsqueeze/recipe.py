@@ -22,6 +22,7 @@ import yaml
 
 from .core.config import ConfigBase, StageConfig, builtin_recipes_dir, did_you_mean
 from .core.errors import RecipeError, prefixed
+from .core.hf import check_placement
 from .core.stage import ModelInfo
 from .evaluation.config import EvaluationConfig
 from .registry import available_stages, get_stage, stages
@@ -131,6 +132,8 @@ class Recipe(ConfigBase):
         """`validate`, and the `ModelInfo` the stages say the model will have once the recipe ran (``quantized``
         by which backend, layer count...), e.g. to choose what is worth measuring before anything runs."""
         expanded = self.expanded()
+        if model is not None:
+            check_placement(model)  # offloaded weights: every stage rewrites weights in place and would fail midway
         info = ModelInfo.of(model) if model is not None else ModelInfo()
         for index, config in enumerate(expanded.stages, start=1):
             with prefixed(f"stage {index} ({config.method})"):

@@ -20,6 +20,17 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses a real pretrained model or takes more than a few seconds")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one (run them with pytest -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests mark and skip, like Transformers' ``require_torch_gpu``: without CUDA they report as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,8 @@ def _stage_load(path: str, config: Any, kwargs: dict[str, Any]) -> Any:
 def _checked(model: Any, path: str, check_parity: bool, kwargs: dict[str, Any]) -> Any:
     """Guard bitsandbytes, eval mode, and (unless the load changed the outputs on purpose) the parity check."""
     guard_bnb_cpu_repack(model).eval()
-    if check_parity and not any(k in kwargs for k in _DTYPE_KWARGS):
+    # dtype="auto" is the checkpoint's own dtype (Transformers' default): it changes nothing.
+    if check_parity and not any(k in kwargs and kwargs[k] != "auto" for k in _DTYPE_KWARGS):
         check_saved_parity(model, path)
     return model
 

@@ -28,19 +28,28 @@ from safetensors.torch import load_file, save_file
 from ..compat.bnb import guard_bnb_cpu_repack
 from ..compat.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_adapter
 from ..core.errors import ArtifactError, HubError
-from ..core.hf import eval_mode
+from ..core.hf import eval_mode, input_device, to_device
 from ..evaluation.report import REPORT_SCHEMA
 
 PARITY_FILE = "parity.safetensors"
 PARITY_SCHEMA = "hfsqueeze.parity"
-# 1: input ids and outputs; 2: also the kept LoRA adapter's checksums (``adapter``: null when none was saved).
-PARITY_VERSION = 2
+# 1: input ids and outputs; 2: also the kept LoRA adapter's checksums (``adapter``: null when none was saved);
+# 3: also the device type the outputs were recorded on and the kernel that computed them (``device``, ``kernel``).
+PARITY_VERSION = 3
 _OPT_OUT = "check_parity=False (CLI: --no-parity-check)"
 PARITY_TOKENS = 16
 PARITY_SEED = 20240607
 # Relative to the largest reference output. Reloading the same weights is bit-exact for fp32/16-bit; bitsandbytes
 # 4-bit may run a different CPU kernel after a reload (repacked weights), which moves logits by ~1e-3 of their range.
 DEFAULT_PARITY_TOLERANCE = 1e-2
+# Relative to the largest reference output, per kernel (`parity_kernel`): the tolerance used instead when the outputs
+# are checked on another kind of device than they were recorded on (recorded on CUDA and reloaded on the CPU, or the
+# reverse). The arithmetic differs there by construction (cuBLAS against the CPU's GEMMs, bitsandbytes' CUDA int8 and
+# 4-bit kernels against its CPU ones, 16-bit roundings in another order); a changed config or weights still moves
+# the logits by far more. Parity files before version 3 carry no device: they were recorded on the CPU.
+CROSS_DEVICE_TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2, "float16": 5e-2, "bnb-int8": 5e-2, "bnb-4bit": 5e-2}
+# A kernel missing above (a newer format) gets the loosest tolerance of the table.
+_UNKNOWN_KERNEL_TOLERANCE = max(CROSS_DEVICE_TOLERANCE.values())
 
 
 def parity_input_ids(config: Any, tokens: int = PARITY_TOKENS) -> torch.Tensor:
@@ -52,10 +61,34 @@ def parity_input_ids(config: Any, tokens: int = PARITY_TOKENS) -> torch.Tensor:
     return torch.randint(0, vocab, (1, tokens), generator=generator)
 
 
+def parity_kernel(model: Any) -> str:
+    """What computes ``model``'s outputs, as `CROSS_DEVICE_TOLERANCE` names it: ``bnb-int8``, ``bnb-4bit``, or the
+    dtype of its floating weights (``float32``, ``bfloat16``, ``float16``). Class names only: no bnb import."""
+    names = {type(m).__name__ for m in model.modules()}
+    if "Linear8bitLt" in names:
+        return "bnb-int8"
+    if "Linear4bit" in names:
+        return "bnb-4bit"
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).replace("torch.", "")
+
+
+def parity_tolerance(meta: dict[str, Any], device_type: str, tolerance: float = DEFAULT_PARITY_TOLERANCE
+                     ) -> tuple[float, str]:
+    """The relative tolerance for outputs recorded as ``meta`` says and checked on ``device_type``, and a phrase
+    saying why (empty when both ran on the same kind of device, where ``tolerance`` applies)."""
+    recorded = str(meta.get("device") or "cpu")
+    if recorded == device_type:
+        return tolerance, ""
+    kernel = str(meta.get("kernel") or "unknown")
+    cross = CROSS_DEVICE_TOLERANCE.get(kernel, _UNKNOWN_KERNEL_TOLERANCE)
+    return max(tolerance, cross), (f"recorded on {recorded}, checked on {device_type}: the cross-device tolerance "
+                                   f"for {kernel}, {cross:g} of the largest output (CROSS_DEVICE_TOLERANCE)")
+
+
 def _outputs(model: Any, input_ids: torch.Tensor) -> tuple[str, torch.Tensor]:
-    device = getattr(model, "device", torch.device("cpu"))
     with torch.no_grad():
-        out = model(input_ids=input_ids.to(device))
+        out = model(input_ids=to_device(input_ids, model))
     for name in ("logits", "last_hidden_state"):
         value = getattr(out, name, None)
         if value is not None:
@@ -97,7 +130,8 @@ def record_parity(model: Any, out_dir: str | os.PathLike) -> Path:
     save_file({"input_ids": input_ids.contiguous(), "outputs": outputs}, str(path),
               metadata={"hfsqueeze": json.dumps(  # one key: safetensors writes several in random order
                   {"schema": PARITY_SCHEMA, "version": PARITY_VERSION, "output": name, "model": type(model).__name__,
-                   "adapter": adapter}, sort_keys=True)})
+                   "adapter": adapter, "device": input_device(model).type, "kernel": parity_kernel(model)},
+                  sort_keys=True)})
     return path
 
 
@@ -142,9 +176,10 @@ def _parity_metadata(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not hfsqueeze's parity file (no {PARITY_SCHEMA!r} tag); re-save the artifact, "
                             f"or load it unchecked with {_OPT_OUT}")
     version = meta.get("version")
-    if not isinstance(version, int) or not 1 <= version <= PARITY_VERSION or (version >= 2 and "adapter" not in meta):
-        raise ArtifactError(f"{path} has parity version {version!r} (this hfsqueeze reads 1 to {PARITY_VERSION}, and "
-                            "2 records the adapter); re-save the artifact with this version")
+    if not isinstance(version, int) or not 1 <= version <= PARITY_VERSION or (version >= 2 and "adapter" not in meta) \
+            or (version >= 3 and not ("device" in meta and "kernel" in meta)):
+        raise ArtifactError(f"{path} has parity version {version!r} (this hfsqueeze reads 1 to {PARITY_VERSION}; 2 "
+                            "records the adapter, 3 the device and kernel); re-save the artifact with this version")
     return meta
 
 
@@ -214,7 +249,7 @@ def check_parity_files(artifact_dir: str | os.PathLike) -> None:
                             f"with {_OPT_OUT})")
 
 
-def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
@@ -223,7 +258,8 @@ def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise ArtifactError(f"{path} is damaged ({type(exc).__name__}); re-save the artifact") from None
     if "input_ids" not in tensors or "outputs" not in tensors:
         raise ArtifactError(f"{path} lacks the recorded input_ids/outputs; re-save the artifact")
-    return tensors, json.loads(meta.get("hfsqueeze", "{}")).get("output", "outputs")
+    info = json.loads(meta.get("hfsqueeze", "{}"))
+    return tensors, info if isinstance(info, dict) else {}
 
 
 def check_saved_parity(model: Any, artifact_dir: str | os.PathLike,
@@ -238,10 +274,12 @@ def check_saved_parity(model: Any, artifact_dir: str | os.PathLike,
     path = Path(artifact_dir) / PARITY_FILE
     if not path.is_file():
         return None
-    reference, output = _read_parity(path)
+    reference, meta = _read_parity(path)
     with eval_mode(guard_bnb_cpu_repack(model)):
         _, got = _outputs(model, reference["input_ids"])
-    problem, result = parity_problem(reference["outputs"], got, tolerance=tolerance, output=output)
+    tolerance, why = parity_tolerance(meta, input_device(model).type, tolerance)
+    problem, result = parity_problem(reference["outputs"], got, tolerance=tolerance, output=_output_name(meta),
+                                     why=why)
     if problem:
         raise ArtifactError(f"{artifact_dir} does not reproduce the outputs recorded when it was saved: {problem}; "
                             "its config.json or weights were changed after saving (re-save it, or load with "
@@ -259,12 +297,15 @@ _parity = load_file({parity!r})
 {code}
 
 model.eval()
+# Inputs go where the input embeddings are (the first device of a model spread with device_map="auto").
+_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+_dev = _emb.weight.device if _emb is not None else next(model.parameters()).device
 with torch.no_grad():
-    _out = model(input_ids=_parity["input_ids"].to(getattr(model, "device", "cpu")))
+    _out = model(input_ids=_parity["input_ids"].to(_dev))
 _t = getattr(_out, "logits", None)
 if _t is None:
     _t = _out.last_hidden_state
-save_file({{"outputs": _t.detach().float().cpu().contiguous()}}, {result!r})
+save_file({{"outputs": _t.detach().float().cpu().contiguous()}}, {result!r}, metadata={{"device": _dev.type}})
 '''
 
 
@@ -305,7 +346,7 @@ def verify_parity(
                             "checked before upload; re-save it with hfsqueeze.save_compressed, or pass "
                             "check_parity=False (CLI: --no-parity-check) to push it unchecked")
     check_parity_files(artifact)
-    reference, output = _read_parity(parity_path)
+    reference, meta = _read_parity(parity_path)
     how = "the card's load code" if load_code else "hfsqueeze.load_compressed"
     if load_code is None:
         load_code = ("import hfsqueeze\n\n"
@@ -325,12 +366,21 @@ def verify_parity(
             raise HubError(f"parity check failed: reloading {artifact} in a fresh process with {how} "
                            f"raised {lines[-1] if lines else f'exit status {proc.returncode}'}; nothing was pushed")
         got = load_file(str(result))["outputs"]
-    return {**compare_outputs(reference["outputs"], got, tolerance=tolerance, output=output), "loader": how}
+        with safe_open(str(result), "pt") as fh:
+            checked_on = (fh.metadata() or {}).get("device", "cpu")
+    tolerance, why = parity_tolerance(meta, checked_on, tolerance)
+    return {**compare_outputs(reference["outputs"], got, tolerance=tolerance, output=_output_name(meta), why=why),
+            "loader": how}
+
+
+def _output_name(meta: dict[str, Any]) -> str:
+    return str(meta.get("output") or "outputs")
 
 
 def parity_problem(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                   output: str = "logits") -> tuple[str | None, dict[str, Any]]:
-    """Compare reference and reloaded outputs: ``(what differed or None, the comparison)``."""
+                   output: str = "logits", why: str = "") -> tuple[str | None, dict[str, Any]]:
+    """Compare reference and reloaded outputs: ``(what differed or None, the comparison)``; ``why`` says where the
+    tolerance came from when it is not the default (`parity_tolerance`)."""
     if tuple(expected.shape) != tuple(got.shape):
         return (f"the reloaded model's {output} have shape {tuple(got.shape)}, the in-memory model's "
                 f"{tuple(expected.shape)}"), {"output": output}
@@ -342,24 +392,25 @@ def parity_problem(expected: torch.Tensor, got: torch.Tensor, *, tolerance: floa
     position = flat // expected.shape[-1] % expected.shape[-2] if expected.dim() >= 2 else flat
     result: dict[str, Any] = {"output": output, "tokens": int(expected.shape[-2]) if expected.dim() >= 2 else 1,
                               "max_abs_diff": float(diff.max()), "tolerance": atol,
-                              "relative_tolerance": tolerance}
+                              "relative_tolerance": tolerance, **({"tolerance_reason": why} if why else {})}
     if output == "logits":
         result["top1_agreement"] = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
     if result["max_abs_diff"] <= atol:
         return None, result
     agree = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
     return (f"the reloaded model's {output} differ from the in-memory model's by up to {result['max_abs_diff']:.4g} "
-            f"(at token {position}; allowed {atol:.3g}{agree})"), result
+            f"(at token {position}; allowed {atol:.3g}{f', {why}' if why else ''}{agree})"), result
 
 
 def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                    output: str = "logits") -> dict[str, Any]:
+                    output: str = "logits", why: str = "") -> dict[str, Any]:
     """Compare reference and reloaded outputs; raise `HubError` naming what differed."""
-    problem, result = parity_problem(expected, got, tolerance=tolerance, output=output)
+    problem, result = parity_problem(expected, got, tolerance=tolerance, output=output, why=why)
     if problem:
         raise HubError(f"parity check failed: {problem}; nothing was pushed")
     return result
 
 
-__all__ = ["DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "adapter_checksums", "check_parity_files", "check_saved_parity",
-           "compare_outputs", "is_parity_file", "parity_input_ids", "parity_problem", "record_parity", "verify_parity"]
+__all__ = ["CROSS_DEVICE_TOLERANCE", "DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "adapter_checksums",
+           "check_parity_files", "check_saved_parity", "compare_outputs", "is_parity_file", "parity_input_ids",
+           "parity_kernel", "parity_problem", "parity_tolerance", "record_parity", "verify_parity"]

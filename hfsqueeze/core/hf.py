@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
@@ -66,6 +67,75 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device a model's inputs go to: that of its input embeddings.
+
+    For a model spread over several devices (``device_map="auto"``) that is its first device, where accelerate's
+    hooks expect the inputs; the last parameters (the head) may sit on another. A model without input embeddings
+    falls back to its first parameter, and one without parameters to the CPU.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        weight = getattr(get(), "weight", None) if callable(get) else None
+    except (NotImplementedError, AttributeError):  # a Transformers class that does not define its embeddings
+        weight = None
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: Any, model: nn.Module) -> Any:
+    """``batch`` (a tensor, or a dict / list / tuple of them) moved to `input_device` of ``model``; other values
+    are returned unchanged. Every forward hfsqueeze runs feeds its inputs through this."""
+    device = input_device(model)
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return type(value)((k, move(v)) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        return value
+
+    return move(batch)
+
+
+def synchronizer(model: nn.Module) -> Callable[[], None]:
+    """A callable that waits for the queued work of every CUDA device holding ``model`` (a no-op off CUDA): CUDA
+    runs kernels asynchronously, so a timer stopped before it would measure the launches, not the work."""
+    devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+
+    def synchronize() -> None:
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    return synchronize
+
+
+def offload_problem(model: nn.Module) -> str | None:
+    """Why hfsqueeze cannot work on ``model`` where it sits: weights offloaded to disk or held on the ``meta``
+    device (accelerate's CPU/disk offload loads them only for the duration of each forward), else ``None``."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    disk = sorted(name for name, where in device_map.items() if str(where) == "disk")
+    if disk:
+        return f"{len(disk)} module(s) are offloaded to disk (hf_device_map: {disk[0]!r} -> 'disk')"
+    meta = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        return f"parameter {meta!r} is on the 'meta' device (its weights are offloaded or were never loaded)"
+    return None
+
+
+def check_placement(model: nn.Module) -> None:
+    """Refuse, in one line and before any work, a model whose weights are not all in memory (see
+    `offload_problem`): quantizing, pruning and training rewrite weights in place and cannot reach offloaded ones."""
+    problem = offload_problem(model)
+    if problem is not None:
+        raise UnsupportedModelError(
+            f"{problem}; hfsqueeze compresses models whose weights are all in memory: load it with more memory, in "
+            "16-bit (CLI --dtype bfloat16), or with a device_map without offload (e.g. --device cuda)")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -138,12 +208,17 @@ def strip_gguf(model: nn.Module) -> None:
 __all__ = [
     "CAUSAL_LM_SUFFIXES",
     "auto_class_name",
+    "check_placement",
     "count_parameters",
     "eval_mode",
     "find_layer_stack",
     "frozen_copy",
+    "input_device",
     "is_causal_lm",
     "num_layers",
+    "offload_problem",
     "quantization_method",
     "strip_gguf",
+    "synchronizer",
+    "to_device",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import BackendMissingError
+from .errors import BackendMissingError, RecipeError
 from .fetch import MINILM, SMOLLM2, cache_dir, gemma3_gguf, package_files
 from .hf import is_causal_lm, strip_gguf
 from .loading import check_model_source, load_errors
@@ -104,6 +104,45 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     if model is None or str(model) in ("builtin", DEFAULT_MODEL):
         return str(default_model_dir())
     return str(model)
+
+
+# What ``--dtype`` takes: ``auto`` keeps the checkpoint's own dtype (a bf16 checkpoint loads in bf16, half of fp32).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def placement_kwargs(device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword arguments for a device and a dtype given by name (the CLI's ``--device`` and
+    ``--dtype``); ``None`` leaves Transformers' default (the CPU; the checkpoint's dtype).
+
+    Args:
+        device (`str`, *optional*): ``cpu``, ``cuda``, ``cuda:N`` (``device_map`` of that device: the weights load
+            straight onto it) or ``auto`` (``device_map="auto"``: spread over the visible GPUs, first to last).
+        dtype (`str`, *optional*): one of `DTYPES`.
+
+    Raises:
+        `RecipeError`: an unknown name, or a CUDA device this machine does not have (one line, before loading).
+    """
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise RecipeError(f"--dtype: got {dtype!r}; allowed: {', '.join(DTYPES)}")
+        kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    if device is None or device == "cpu":
+        return kwargs
+    if device == "auto":
+        return {**kwargs, "device_map": "auto"}
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise RecipeError(f"--device: got {device!r}; allowed: cpu, cuda, cuda:N (N a GPU index), auto")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RecipeError(f"--device {device}: no CUDA device is available to this PyTorch "
+                          f"({torch.__version__}); use --device cpu")
+    if index and int(index) >= count:
+        raise RecipeError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    return {**kwargs, "device_map": device}
 
 
 def load_pretrained(path: str | os.PathLike | None, *, trust_remote_code: bool = False,

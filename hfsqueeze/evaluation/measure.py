@@ -28,7 +28,7 @@ from ..compat.bnb import guard_bnb_cpu_repack, saveable
 from ..compat.peft import save_pretrained_with_adapter
 from ..core.data import eval_sources, load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
-from ..core.hf import count_parameters, eval_mode, is_causal_lm, quantization_method
+from ..core.hf import count_parameters, eval_mode, is_causal_lm, quantization_method, synchronizer, to_device
 from ..core.utils import progress, progress_bar
 from .metrics import Metrics
 
@@ -110,12 +110,12 @@ def disk_bytes(model) -> int:
 
 
 def _forward_logprobs(model, block: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=block.unsqueeze(0)).logits[0].float()
+    logits = model(input_ids=to_device(block.unsqueeze(0), model)).logits[0].float()
     return F.log_softmax(logits, dim=-1)
 
 
 def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
-    picked = logprobs[:-1].gather(-1, block[1:].unsqueeze(-1)).squeeze(-1)
+    picked = logprobs[:-1].gather(-1, block[1:].to(logprobs.device).unsqueeze(-1)).squeeze(-1)
     return -picked.sum().item(), picked.numel()
 
 
@@ -139,8 +139,9 @@ def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
 def _embeddings(model, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> list[torch.Tensor]:
     out = []
     for i in range(0, len(ids), batch):
-        m = mask[i:i + batch]
-        hidden = model(input_ids=ids[i:i + batch], attention_mask=m).last_hidden_state.float()
+        m = to_device(mask[i:i + batch], model)
+        hidden = model(input_ids=to_device(ids[i:i + batch], model), attention_mask=m).last_hidden_state.float()
+        m = m.to(hidden.device)  # the last layer may sit on another device than the first (device_map="auto")
         pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
         out.append(pooled)
     return out
@@ -192,11 +193,12 @@ def _reference_quality(ref: Reference) -> dict[str, float]:
 def _quality(model, reference: Reference) -> dict[str, float]:
     if reference.task == TASK_ENCODER:
         new = _embeddings(model, reference.inputs, reference.attention_mask)
-        cos = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(reference.outputs, new)])
+        cos = torch.cat([F.cosine_similarity(a.to(b.device), b, dim=-1) for a, b in zip(reference.outputs, new)])
         return {"embedding_cosine": cos.mean().item(), "eval_tokens": int(reference.attention_mask.sum())}
     nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
     for block, ref_lp in progress(list(zip(reference.inputs, reference.outputs)), desc="perplexity/KL"):
         lp = _forward_logprobs(model, block)
+        ref_lp = ref_lp.to(lp.device)  # the reference may have been recorded on another device (eval --base)
         s, n = _nll(lp, block)
         nll, count = nll + s, count + n
         # KL(original || compressed), per token, summed over the vocabulary.
@@ -223,13 +225,19 @@ def _timers(model, prompt: torch.Tensor, decode_tokens: int):
     """(prefill, decode) callables returning ms/token of one run; decode is ``None`` for encoders or 0 tokens."""
 
     params = inspect.signature(model.forward).parameters
+    prompt = to_device(prompt, model)
+    # CUDA queues kernels and returns at once: wait for the device before reading each clock, or only the launches
+    # are timed.
+    sync = synchronizer(model)
     # Prefill as `generate` runs it: logits for the last position only (a 49k-152k vocabulary head over every prompt
     # token would otherwise be a fifth of SmolLM2's prefill time, work no generation does).
     last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def prefill() -> float:
+        sync()
         start = time.perf_counter()
         model(input_ids=prompt, **last)
+        sync()
         return (time.perf_counter() - start) * 1000 / prompt.shape[1]
 
     if model_task(model) != TASK_CAUSAL_LM or decode_tokens <= 0:
@@ -239,11 +247,13 @@ def _timers(model, prompt: torch.Tensor, decode_tokens: int):
 
     def decode() -> float:
         out = model(input_ids=prompt, use_cache=True, **last)
-        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
+        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1).to(prompt.device)
+        sync()
         start = time.perf_counter()
         for _ in range(decode_tokens):
             out = model(input_ids=token, use_cache=True, **{key: past})
-            past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
+            past, token = getattr(out, key), out.logits[:, -1:].argmax(-1).to(prompt.device)
+        sync()
         return (time.perf_counter() - start) * 1000 / decode_tokens
 
     return prefill, decode

@@ -81,4 +81,42 @@ def check_workers(workers: int, model_bytes: int | None = None, *, loaded: bool 
         raise RecipeError(f"--workers {workers}: at most {most} here: {why}")
 
 
-__all__ = ["available_memory", "check_workers", "max_workers", "usable_cpus", "weights_on_disk"]
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process sees, as ``CUDA_VISIBLE_DEVICES`` names them (its entries, or ``0..n-1``)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def worker_placement(device: str, spread: bool, workers: int, visible: list[str]
+                     ) -> list[tuple[str | None, str | None]]:
+    """Where workers ``1 .. workers-1`` run: per worker, its ``CUDA_VISIBLE_DEVICES`` (``None``: inherited) and the
+    ``device_map`` it loads the model with (``None``: the CPU).
+
+    With several GPUs visible, each worker gets one of its own (round robin over those the main process, on
+    ``device``, does not use), so trials do not queue on one GPU; with one GPU they share it. A model spread over
+    several GPUs (``spread``, ``device_map="auto"``) is loaded the same way by every worker, on all of them.
+
+    Args:
+        device (`str`): the main process's model device (``cpu``, ``cuda``, ``cuda:1``).
+        spread (`bool`): whether that model is spread over several devices.
+        workers (`int`): processes in all, the main one included.
+        visible (`list[str]`): `visible_gpus` of the main process.
+    """
+    extra = max(0, workers - 1)
+    if not device.startswith("cuda"):
+        return [(None, None)] * extra
+    if spread:
+        return [(None, "auto")] * extra
+    index = int(device.partition(":")[2] or 0)
+    others = [gpu for k, gpu in enumerate(visible) if k != index]
+    if not others:  # one GPU: every worker shares it
+        return [(None, device)] * extra
+    return [(others[i % len(others)], "cuda:0") for i in range(extra)]
+
+
+__all__ = ["available_memory", "check_workers", "max_workers", "usable_cpus", "visible_gpus", "weights_on_disk",
+           "worker_placement"]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.hf import to_device
 from .space import quantize_targets, quantized_module
 
 logger = logging.getLogger("hfsqueeze")
@@ -116,7 +117,7 @@ def layer_index(name: str, prefix: str) -> int:
 
 
 def _forward(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=block.unsqueeze(0), use_cache=False)
+    out = model(input_ids=to_device(block.unsqueeze(0), model), use_cache=False)
     return out.logits[0].float().log_softmax(-1)
 
 

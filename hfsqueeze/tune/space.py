@@ -42,7 +42,7 @@ from torch import nn
 from ..core.config import _coerce
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
-from ..core.hf import frozen_copy
+from ..core.hf import frozen_copy, to_device
 from ..core.search import OPTIONAL, Param, nested
 from ..recipe import Recipe, safe_load_strict
 from ..registry import get_stage
@@ -514,7 +514,7 @@ def fp16_overflows(model: nn.Module, block: torch.Tensor) -> bool:
     NaN); one forward on a copy finds out before a trial is spent on it."""
     half = frozen_copy(model).to(torch.float16)
     try:
-        return not bool(torch.isfinite(half(input_ids=block).logits).all())
+        return not bool(torch.isfinite(half(input_ids=to_device(block, half)).logits).all())
     finally:
         del half
 

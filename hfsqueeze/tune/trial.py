@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
-from ..core.hf import count_parameters, frozen_copy
+from ..core.hf import count_parameters, frozen_copy, to_device
 from ..evaluation.measure import disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
@@ -103,13 +103,14 @@ class TrialContext:
 
 
 def _logprobs(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=block.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
+    return F.log_softmax(model(input_ids=to_device(block.unsqueeze(0), model), use_cache=False).logits[0].float(),
+                         dim=-1)
 
 
 def _nll(logprobs: list[torch.Tensor], blocks: torch.Tensor) -> float:
     total, count = 0.0, 0
     for lp, block in zip(logprobs, blocks):
-        picked = lp[:-1].gather(-1, block[1:].unsqueeze(-1))
+        picked = lp[:-1].gather(-1, block[1:].to(lp.device).unsqueeze(-1))
         total -= float(picked.sum())
         count += picked.numel()
     return total / max(count, 1)
@@ -127,7 +128,7 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
         kl += float(F.kl_div(lp, ref, log_target=True, reduction="none").sum())
         agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
         tokens += block.numel()
-        nll -= float(lp[:-1].gather(-1, block[1:].unsqueeze(-1)).sum())
+        nll -= float(lp[:-1].gather(-1, block[1:].to(lp.device).unsqueeze(-1)).sum())
         scored += block.numel() - 1
         del lp  # one block's log-probabilities at a time (a 262k vocabulary makes them large)
     nll /= max(scored, 1)

@@ -33,12 +33,12 @@ from ..artifact.save import check_output_dir, check_writable, save_compressed
 from ..core.data import load_texts, token_blocks
 from ..core.errors import ArtifactError, HfSqueezeWarning, RecipeError
 from ..core.fetch import cache_dir
-from ..core.hf import count_parameters
+from ..core.hf import check_placement, count_parameters, input_device
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
-from .resources import check_workers
+from .resources import check_workers, visible_gpus, worker_placement
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
 from .space import Space, draws_fp16, fp16_overflows, load_space, without_fp16
 from .study import (
@@ -168,6 +168,7 @@ def tune(
     if tokenizer is None:
         raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
     check_args(budget, space, settings, trials, workers, time_budget, resume, output)
+    check_placement(model)
     check_workers(workers, sum(t.numel() * t.element_size() for t in model.state_dict().values()), loaded=True)
     optuna_module()  # a missing backend fails here, before any work
     existed = output is not None and Path(output).expanduser().exists()
@@ -434,7 +435,11 @@ def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials
         if not (Path(model_path) / "config.json").is_file():
             model.save_pretrained(model_path)
             tctx.tokenizer.save_pretrained(model_path)
-    job = {"model_path": model_path, "trials": trials, "deadline": deadline}
+    device = input_device(model)
+    spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+    placement = worker_placement(str(device), spread, workers, visible_gpus() if device.type == "cuda" else [])
+    job = {"model_path": model_path, "trials": trials, "deadline": deadline,
+           "device_map": {str(i): where for i, (_, where) in enumerate(placement, start=1)}}
     (tuning / "workers.json").write_text(json.dumps(job) + "\n")
     threads = max(1, (os.cpu_count() or 1) // workers)
     # The workers import this very hfsqueeze (not another install that happens to come first on their path).
@@ -442,10 +447,12 @@ def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials
     path = os.pathsep.join([root, os.environ["PYTHONPATH"]]) if os.environ.get("PYTHONPATH") else root
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     procs = []
-    for index in range(1, workers):
+    for index, (gpu, _) in enumerate(placement, start=1):
+        # A worker with a GPU of its own sees only that one (as its cuda:0).
+        own = {**env, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else env
         with open(tuning / f"worker-{index}.log", "a") as log:  # the child keeps its own copy of the descriptor
             procs.append(subprocess.Popen([sys.executable, "-m", "hfsqueeze.tune.worker", str(tuning), str(index)],
-                                          stdout=log, stderr=subprocess.STDOUT, env=env))
+                                          stdout=log, stderr=subprocess.STDOUT, env=own))
     return procs
 
 

@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers_progress()
     spec = json.loads((tuning / RUN_FILE).read_text())
     job = json.loads((tuning / "workers.json").read_text())
-    model, tokenizer = load_model(job["model_path"], dtype=getattr(torch, spec["dtype"]))
+    # The device the main process chose for this worker (its own GPU when there are several); a study started
+    # before workers had one runs on the CPU.
+    where = (job.get("device_map") or {}).get(str(index))
+    model, tokenizer = load_model(job["model_path"], dtype=getattr(torch, spec["dtype"]),
+                                  **({"device_map": where} if where else {}))
     if fingerprint(model) != spec["fingerprint"]:
         logger.error("the model at %s is not the one this study was started with", job["model_path"])
         return 2

@@ -25,7 +25,7 @@ from torch import nn
 from ...compat.bnb import is_bnb_quantized
 from ...core.data import BUILTIN
 from ...core.errors import RecipeError
-from ...core.hf import is_causal_lm, num_layers
+from ...core.hf import input_device, is_causal_lm, num_layers
 from ...core.models import load_pretrained
 from ...core.utils import progress_disabled
 from .config import DistillConfig, check_tasks, uses_lora
@@ -137,7 +137,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool):
+def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool, device: torch.device):
     from transformers import TrainingArguments
 
     kwargs = config.resolved_training_args()
@@ -146,14 +146,20 @@ def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool):
         "logging_steps": max(1, max_steps // 50) if max_steps and max_steps > 0 else 10,
         "ddp_find_unused_parameters": False,
         "disable_tqdm": progress_disabled(),
-        "use_cpu": not torch.cuda.is_available(),
+        # Train where the model is: a CPU model stays on the CPU even on a GPU host (the Trainer would move it).
+        "use_cpu": device.type == "cpu",
         "save_strategy": "steps" if user_dir else "no",
         "save_total_limit": 2,
     }
     if user_dir and "save_steps" not in kwargs and max_steps and max_steps > 0:
         defaults["save_steps"] = max(1, max_steps // 4)
-    return TrainingArguments(output_dir=output_dir, remove_unused_columns=False, report_to=[],
+    args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, report_to=[],
                              **{**defaults, **kwargs})
+    if device.type == "cuda" and args.world_size == 1:
+        # Outside a distributed launch the Trainer wraps the model in DataParallel over every visible GPU; hfsqueeze
+        # trains on the model's own device only (Transformers itself sets this private count the same way).
+        args._n_gpu = 1
+    return args
 
 
 def _evaluate(model: nn.Module, teacher: nn.Module | None, tasks: list[TaskData], pad_id: int,
@@ -253,7 +259,7 @@ def _prepare(model: nn.Module, config: DistillConfig, context: Any) -> _Run:
 
 def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str,
              user_dir: bool) -> DistillationTrainer:
-    args = _training_arguments(config, output_dir, user_dir)
+    args = _training_arguments(config, output_dir, user_dir, input_device(train_model))
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     num_examples = args.max_steps * per_step if len(run.tasks) > 1 and args.max_steps > 0 else None
     trainer = DistillationTrainer(
@@ -290,6 +296,15 @@ def _dropout_off(model: nn.Module, off: bool) -> Iterator[None]:
             setattr(module, name, value)
 
 
+def _on_model_device(model: nn.Module) -> Any:
+    """A context making the model's GPU the current one: the Trainer (through accelerate) trains on "cuda", the
+    current device, so a model on ``cuda:1`` stays there instead of being moved to ``cuda:0``."""
+    device = input_device(model)
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str, user_dir: bool):
     """Train (resuming from ``output_dir``'s last complete checkpoint when asked); leave the model as it was set up
     to be."""
@@ -306,12 +321,14 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
     if run.aux is not None:
         model.add_module(AUX_NAME, run.aux)
         run.aux.requires_grad_(True)
-    trainer = _trainer(train_model, config, context, run, output_dir, user_dir)
+    on_device = _on_model_device(model)
+    with on_device:
+        trainer = _trainer(train_model, config, context, run, output_dir, user_dir)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
     try:
-        with _dropout_off(model, not config.student_dropout):
+        with _dropout_off(model, not config.student_dropout), on_device:
             result = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:
         if run.aux is not None and hasattr(model, AUX_NAME):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.data import load_texts, token_blocks
+from ...core.hf import input_device
 from .data import CAUSAL_LM, TaskData
 from .trainer import pool
 
@@ -42,7 +43,7 @@ class EvalSet:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def _text_set(label: str, source: Any, tokenizer, kind: str, block_size: int, max_tokens: int) -> EvalSet:
@@ -85,7 +86,7 @@ def _embedding(model: nn.Module, ids: list[int]) -> torch.Tensor:
     mask = torch.ones_like(x)
     out = model(input_ids=x, attention_mask=mask, output_hidden_states=True)
     hidden = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out.last_hidden_state
-    return pool(hidden.float(), mask, "mean")[0]
+    return pool(hidden.float(), mask.to(hidden.device), "mean")[0]
 
 
 def _teacher_outputs(teacher: nn.Module, s: EvalSet) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
 from ...compat.bnb import is_bnb_quantized
-from ...core.hf import eval_mode
+from ...core.hf import eval_mode, input_device
 from . import losses
 from .data import CAUSAL_LM, Collator
 
@@ -132,8 +132,11 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if not is_bnb_quantized(teacher):  # bitsandbytes weights cannot be moved with .to()
-            teacher.to(self.args.device)
+        # The teacher runs next to the student. Neither bitsandbytes weights nor a model accelerate spread over
+        # several devices (device_map="auto") can be moved with .to(); those stay where they are.
+        spread = len({str(d) for d in (getattr(teacher, "hf_device_map", None) or {}).values()}) > 1
+        if not is_bnb_quantized(teacher) and not spread:
+            teacher.to(input_device(self.model))
         self.teacher = teacher
         self.spec = spec
         self.aux = aux
@@ -260,7 +263,7 @@ def _batches(examples: list[dict[str, Any]], pad_id: int, batch_size: int):
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.hf import eval_mode, is_causal_lm
+from ...core.hf import eval_mode, input_device, is_causal_lm, to_device
 from ...core.utils import progress, progress_bar
 from .surgery import (
     attention_shape,
@@ -84,9 +84,11 @@ class Gates:
     def __init__(self, family: str, model: nn.Module, *, layers: bool = False, track: bool = False):
         self.family, self.model, self.track = family, model, track
         self.layer_modules = list(layer_list(family, model))
-        device = next(model.parameters()).device
-        self.head = [torch.ones(attention_shape(family, m)[0], device=device) for m in self.layer_modules]
-        self.ffn = [torch.ones(ffn_width(family, m), device=device) for m in self.layer_modules]
+        device = input_device(model)
+        # Each layer's gates live with that layer (a device_map="auto" model spreads its layers over devices).
+        where = [next((p.device for p in m.parameters()), device) for m in self.layer_modules]
+        self.head = [torch.ones(attention_shape(family, m)[0], device=d) for m, d in zip(self.layer_modules, where)]
+        self.ffn = [torch.ones(ffn_width(family, m), device=d) for m, d in zip(self.layer_modules, where)]
         self.layer = torch.ones(len(self.layer_modules), device=device) if layers else None
         self.head_act = [torch.zeros_like(g) for g in self.head]
         self.ffn_act = [torch.zeros_like(g) for g in self.ffn]
@@ -127,7 +129,7 @@ class Gates:
                     w = w.reshape(w.shape[0], gate.numel(), -1)
                     contrib = torch.einsum("...nd,end->...ne", shaped.float(), w.float())
                     self.head_act[i] += contrib.norm(dim=-1).reshape(-1, gate.numel()).sum(0)
-            return ((shaped * gate[:, None].to(x.dtype)).reshape(x.shape), *args[1:])
+            return ((shaped * gate[:, None].to(x)).reshape(x.shape), *args[1:])
 
         return hook
 
@@ -137,7 +139,7 @@ class Gates:
             if self.track:
                 with torch.no_grad():
                     self.ffn_act[i] += x.detach().float().abs().reshape(-1, x.shape[-1]).sum(0)
-            return (x * self.ffn[i].to(x.dtype), *args[1:])
+            return (x * self.ffn[i].to(x), *args[1:])
 
         return hook
 
@@ -148,8 +150,8 @@ class Gates:
             if self.track:
                 with torch.no_grad():
                     rel = (out - hidden).float().norm(dim=-1) / hidden.float().norm(dim=-1).clamp_min(1e-6)
-                    self.layer_act[i] += rel.sum()
-            new = hidden + self.layer[i].to(out.dtype) * (out - hidden)
+                    self.layer_act[i] += rel.sum().to(self.layer_act.device)
+            new = hidden + self.layer[i].to(out) * (out - hidden)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
@@ -171,14 +173,15 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
 
 def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM, or the mean-pooled last hidden state of any other model."""
-    ids = ids.to(next(model.parameters()).device)
+    ids = to_device(ids, model)
     if is_causal_lm(model):
         return model(input_ids=ids, use_cache=False).logits
     return base_of(model)(input_ids=ids).last_hidden_state.mean(dim=1)
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    targets = ids[:, 1:].reshape(-1).to(logits.device)  # the head may sit on another device than the embeddings
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
 
 
 def _aggregate(per_head: list[torch.Tensor], units: list[list[tuple[list[int], list[int]]]]) -> list[torch.Tensor]:
@@ -221,7 +224,7 @@ def gradient_scores(
     generator = torch.Generator().manual_seed(seed)
     with frozen_weights(model), torch.enable_grad(), gates:
         for start in progress(range(0, blocks.shape[0], batch_size), desc="importance (gradient)"):
-            ids = blocks[start:start + batch_size].to(gates.head[0].device)
+            ids = to_device(blocks[start:start + batch_size], model)
             gates.zero_grad()
             out = _forward(model, ids)
             if causal:

@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from ...core.hf import eval_mode
+from ...core.hf import eval_mode, to_device
 from ...core.utils import progress
 from .surgery import weight_out_in
 
@@ -57,7 +57,7 @@ class InputMoments:
         try:
             with torch.no_grad(), eval_mode(model):
                 for start in progress(range(0, blocks.shape[0], batch_size), desc="prune: reconstruction statistics"):
-                    model(input_ids=blocks[start:start + batch_size])
+                    model(input_ids=to_device(blocks[start:start + batch_size], model))
         finally:
             for handle in handles:
                 handle.remove()

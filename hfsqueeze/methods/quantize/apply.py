@@ -123,7 +123,10 @@ def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module
     bias = module.bias is not None
     if config.bits == 8:
         new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold)
-        new.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        # As Transformers does: bnb quantizes an Int8Params only when it moves off the CPU (or to it), so the weight
+        # goes through the CPU and is quantized on the device of the weight it replaces.
+        new.weight = bnb.nn.Int8Params(weight.to("cpu").contiguous(), requires_grad=False,
+                                       has_fp16_weights=False).to(weight.device)
     else:
         new = bnb.nn.Linear4bit(
             in_features, out_features, bias, qc.bnb_4bit_compute_dtype,
@@ -133,7 +136,7 @@ def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module
         new.weight = bnb.nn.Params4bit(
             weight.contiguous(), requires_grad=False, quant_type=config.quant_type,
             compress_statistics=config.double_quant, quant_storage=qc.bnb_4bit_quant_storage, module=new,
-        ).to("cpu")
+        ).to(weight.device)  # quantized where the weight it replaces lives (CUDA kernels for a CUDA model)
         new.support_avx512bf16_for_cpu = False
     if bias:
         new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)

@@ -1,0 +1,338 @@
+"""Where a model sits is honoured: inputs follow it, offloaded weights are refused, --device/--dtype reach the loader,
+parity compares like with like, distill trains where the model is, tune workers get their own GPU.
+
+These run on a CPU. What needs a real GPU is in tests/test_gpu.py (the ``gpu`` marker).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SMALL_EVAL, make_tiny
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import hfsqueeze
+from hfsqueeze.core import hf
+from hfsqueeze.core.errors import HfSqueezeError, RecipeError, UnsupportedModelError
+
+META = torch.device("meta")
+
+
+# ---- input_device / to_device ----------------------------------------------------------------------------------
+
+
+class _Split(nn.Module):
+    """Embeddings on the meta device, everything else on the CPU: the input device is the embeddings'."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+        self.embed = nn.Embedding(4, 2, device="meta")
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_to_device_moves_every_tensor_of_a_batch_to_the_input_embeddings_device():
+    model = _Split()
+    assert hf.input_device(model) == META  # not the first parameter's device (the CPU)
+    ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3)
+    moved = hf.to_device({"input_ids": ids, "extra": [mask, (mask, 7)], "name": "x"}, model)
+    assert moved["input_ids"].device == META and moved["extra"][0].device == META
+    assert moved["extra"][1][0].device == META and moved["extra"][1][1] == 7 and moved["name"] == "x"
+    assert isinstance(moved["extra"][1], tuple)
+    assert hf.to_device(ids, nn.Module()).device.type == "cpu"  # no parameters: the CPU
+
+
+def test_synchronizer_is_a_no_op_without_cuda_parameters(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    hf.synchronizer(make_tiny("llama"))()
+    assert calls == []
+
+
+# ---- every forward feeds its inputs to the model's input device -----------------------------------------------
+
+
+@pytest.fixture
+def inputs_claimed_on_meta(monkeypatch):
+    """Claim the model's inputs belong on ``meta`` and check, in a pre-hook on the embeddings, that every forward
+    really sent them there; the hook then hands the embedding zeros on the CPU so the forward can finish. Code that
+    feeds CPU tensors without `to_device` trips the assertion."""
+    monkeypatch.setattr(hf, "input_device", lambda model: META)
+    seen: list[torch.device] = []
+
+    def attach(model: nn.Module) -> nn.Module:
+        def hook(module, args):
+            seen.append(args[0].device)
+            assert args[0].device == META, f"a forward fed its inputs on {args[0].device}, not the model's device"
+            return (torch.zeros(args[0].shape, dtype=torch.long),)
+
+        model.get_input_embeddings().register_forward_pre_hook(hook)
+        return model
+
+    return attach, seen
+
+
+def test_measure_and_latency_inputs_follow_the_model(inputs_claimed_on_meta, tiny_tokenizer):
+    from hfsqueeze.evaluation.config import EvaluationConfig
+    from hfsqueeze.evaluation.measure import measure, measure_baseline
+
+    attach, seen = inputs_claimed_on_meta
+    model = attach(make_tiny("llama"))
+    evaluation = EvaluationConfig.from_dict({**SMALL_EVAL, "disk_size": False}, where="evaluation")
+    _, reference = measure_baseline(model, tiny_tokenizer, evaluation)  # reference pass + prefill/decode latency
+    metrics = measure(model, tiny_tokenizer, evaluation, reference, with_disk=False)
+    assert metrics.kl_divergence is not None and metrics.decode_ms_per_token is not None
+    assert len(seen) > 4
+
+
+def test_encoder_inputs_follow_the_model(monkeypatch, tiny_tokenizer):
+    """Encoders: the ids and the mask go to the model's device (checked on the mask, a plain tensor argument)."""
+    from hfsqueeze.evaluation import measure as m
+
+    moved = []
+    real = m.to_device
+    monkeypatch.setattr(m, "to_device", lambda batch, model: moved.append(batch) or real(batch, model))
+    model = make_tiny("bert")
+    ids, mask = torch.randint(5, 400, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    m._embeddings(model, ids, mask)
+    assert any(t.data_ptr() == mask.data_ptr() for t in moved)  # slices of the very tensors, both moved
+    assert any(t.data_ptr() == ids.data_ptr() for t in moved)
+
+
+def test_tune_forwards_follow_the_model(inputs_claimed_on_meta):
+    from hfsqueeze.tune import sensitivity, space, trial
+
+    attach, seen = inputs_claimed_on_meta
+    model = attach(make_tiny("llama"))
+    block = torch.randint(5, 400, (16,))
+    with torch.no_grad():
+        trial._logprobs(model, block)
+        sensitivity._forward(model, block)
+    assert len(seen) == 2
+    half = make_tiny("llama")
+    attach(half)
+    assert space.fp16_overflows(half, block.unsqueeze(0)) is False  # its frozen copy keeps the hook
+
+
+def test_prune_calibration_forwards_follow_the_model(inputs_claimed_on_meta):
+    from hfsqueeze.methods.prune import importance, reconstruct
+
+    attach, seen = inputs_claimed_on_meta
+    model = attach(make_tiny("llama"))
+    blocks = torch.randint(5, 400, (2, 16))
+    with torch.no_grad():
+        importance._forward(model, blocks)
+    reconstruct.InputMoments({"down": model.model.layers[0].mlp.down_proj}).collect(model, blocks)
+    assert len(seen) == 2
+
+
+def test_distill_quality_and_parity_forwards_follow_the_model(inputs_claimed_on_meta, monkeypatch, tmp_path):
+    from hfsqueeze.artifact import parity
+    from hfsqueeze.methods.distill import quality
+
+    attach, seen = inputs_claimed_on_meta
+    monkeypatch.setattr(quality, "input_device", lambda model: META)
+    model = attach(make_tiny("llama"))
+    quality._lm_logprobs(model, [5, 6, 7, 8])
+    parity._outputs(model, torch.randint(5, 400, (1, 8)))
+    assert len(seen) == 2
+
+
+# ---- offloaded weights are refused in one line, before any work ---------------------------------------------------
+
+
+def _counting_forwards(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("where", ["meta", "disk"])
+def test_offloaded_model_is_refused_in_one_line_before_any_work(where, tiny_tokenizer):
+    model = make_tiny("llama")
+    if where == "meta":
+        model.model.layers[1].mlp.down_proj.to("meta")  # what accelerate's CPU/disk offload leaves in the module
+    else:
+        model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}
+    calls = _counting_forwards(model)
+    with pytest.raises(UnsupportedModelError) as info:
+        model.compress({"stages": [{"method": "quantize", "bits": 8}], "evaluation": SMALL_EVAL},
+                       tokenizer=tiny_tokenizer)
+    message = str(info.value)
+    assert "\n" not in message and "--dtype bfloat16" in message and "offload" in message
+    assert ("'meta' device" in message) if where == "meta" else ("disk" in message)
+    assert calls == []  # refused before the baseline was measured
+    assert not any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+
+
+def test_tune_refuses_an_offloaded_model_before_any_work(tiny_tokenizer, tmp_path):
+    from hfsqueeze.tune import tune
+
+    model = make_tiny("llama")
+    model.model.layers[0].self_attn.q_proj.to("meta")
+    calls = _counting_forwards(model)
+    with pytest.raises(UnsupportedModelError, match="'meta' device"):
+        tune(model, tiny_tokenizer, budget="size=0.5", trials=2, output=tmp_path / "out")
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+# ---- --device / --dtype --------------------------------------------------------------------------------------------
+
+
+def test_placement_kwargs(monkeypatch):
+    from hfsqueeze.core.models import placement_kwargs
+
+    assert placement_kwargs() == {} and placement_kwargs("cpu") == {}
+    assert placement_kwargs("auto", "bfloat16") == {"device_map": "auto", "dtype": torch.bfloat16}
+    assert placement_kwargs(None, "auto") == {"dtype": "auto"}
+    for device, dtype, needle in [("gpu", None, "allowed: cpu, cuda, cuda:N"), ("cuda:x", None, "cuda:N"),
+                                  (None, "int8", "allowed: auto, float32, bfloat16, float16")]:
+        with pytest.raises(RecipeError, match=needle):
+            placement_kwargs(device, dtype)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="no CUDA device is available"):
+        placement_kwargs("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert placement_kwargs("cuda:1") == {"device_map": "cuda:1"}
+    with pytest.raises(RecipeError, match=r"2 CUDA device\(s\)"):
+        placement_kwargs("cuda:2")
+
+
+class _Loaded(HfSqueezeError):
+    pass
+
+
+@pytest.mark.parametrize("command", ["compress", "tune", "eval"])
+def test_cli_device_and_dtype_reach_the_loader(command, model_dir, tmp_path, monkeypatch, capsys):
+    import hfsqueeze.api
+    import hfsqueeze.models
+    from hfsqueeze.cli import main
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        raise _Loaded("loader reached")
+
+    monkeypatch.setattr(hfsqueeze.models, "load_model", spy)
+    monkeypatch.setattr(hfsqueeze.api, "load_compressed", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    if command == "eval":
+        (tmp_path / "art").mkdir()
+        (tmp_path / "art" / "config.json").write_text("{}")
+        argv = ["eval", str(tmp_path / "art")]
+    else:
+        argv = [command, "--model", str(model_dir), "--output", str(tmp_path / "out")]
+        argv += ["--budget", "size=0.5"] if command == "tune" else []
+    assert main([*argv, "--device", "cuda", "--dtype", "bfloat16"]) == 2
+    assert "loader reached" in capsys.readouterr().err
+    assert seen and seen[0]["device_map"] == "cuda" and seen[0]["dtype"] is torch.bfloat16
+
+
+def test_cli_bad_device_is_one_line_and_writes_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    from hfsqueeze.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["compress", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no CUDA device is available" in err and "--device cpu" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- parity: the device and kernel are recorded; another device gets its kernel's stated tolerance -------------
+
+
+def _saved(tmp_path, tiny_tokenizer, stages=None):
+    model = make_tiny("llama")
+    if stages:
+        model.compress({"stages": stages, "evaluation": {**SMALL_EVAL, "latency": False}}, tokenizer=tiny_tokenizer)
+    return model, hfsqueeze.save_compressed(model, tmp_path / "art", tokenizer=tiny_tokenizer)
+
+
+def _meta(path):
+    with safe_open(str(path / "parity.safetensors"), "pt") as fh:
+        return json.loads(fh.metadata()["hfsqueeze"])
+
+
+def _rewrite(path, scale: float, **changes):
+    """Move the recorded outputs by ``scale`` of their largest value and change the metadata."""
+    file = path / "parity.safetensors"
+    tensors, meta = load_file(str(file)), _meta(path)
+    out = tensors["outputs"]
+    tensors["outputs"] = out + scale * out.abs().max()
+    save_file(tensors, str(file), metadata={"hfsqueeze": json.dumps({**meta, **changes}, sort_keys=True)})
+
+
+def test_parity_records_device_and_kernel(tmp_path, tiny_tokenizer):
+    _, path = _saved(tmp_path, tiny_tokenizer, [{"method": "quantize", "bits": 8}])
+    meta = _meta(path)
+    assert meta["version"] == 3 and meta["device"] == "cpu" and meta["kernel"] == "bnb-int8"
+
+
+def test_parity_across_devices_uses_the_kernels_stated_tolerance(tmp_path, tiny_tokenizer):
+    from hfsqueeze.artifact.parity import CROSS_DEVICE_TOLERANCE, DEFAULT_PARITY_TOLERANCE
+
+    _, path = _saved(tmp_path, tiny_tokenizer)
+    assert _meta(path)["kernel"] == "float32"
+    # Same device: the default tolerance holds.
+    _rewrite(path, 3 * DEFAULT_PARITY_TOLERANCE)
+    with pytest.raises(HfSqueezeError, match="does not reproduce"):
+        hfsqueeze.load_compressed(path)
+    # Recorded on CUDA, checked here: a difference the kernels explain passes, and a larger one names the rule.
+    _, path = _saved(tmp_path / "b", tiny_tokenizer)
+    bf16 = CROSS_DEVICE_TOLERANCE["bfloat16"]
+    assert bf16 > DEFAULT_PARITY_TOLERANCE
+    _rewrite(path, (DEFAULT_PARITY_TOLERANCE + bf16) / 2, device="cuda", kernel="bfloat16")
+    hfsqueeze.load_compressed(path)
+    _rewrite(path, bf16, device="cuda", kernel="bfloat16")
+    with pytest.raises(HfSqueezeError) as info:
+        hfsqueeze.load_compressed(path)
+    assert "recorded on cuda, checked on cpu" in str(info.value) and "CROSS_DEVICE_TOLERANCE" in str(info.value)
+
+
+def test_parity_version_3_needs_device_and_kernel_and_older_versions_still_load(tmp_path, tiny_tokenizer):
+    _, path = _saved(tmp_path, tiny_tokenizer)
+    file = path / "parity.safetensors"
+    tensors, meta = load_file(str(file)), _meta(path)
+    old = {k: v for k, v in meta.items() if k not in ("device", "kernel")}
+    save_file(tensors, str(file), metadata={"hfsqueeze": json.dumps({**old, "version": 2})})
+    hfsqueeze.load_compressed(path)  # a version-2 file: recorded on the CPU, checked as before
+    save_file(tensors, str(file), metadata={"hfsqueeze": json.dumps({**old, "version": 3})})
+    with pytest.raises(HfSqueezeError, match="3 the device and kernel"):
+        hfsqueeze.load_compressed(path)
+
+
+# ---- distill trains where the model is -------------------------------------------------------------------------
+
+
+def test_distill_keeps_a_cpu_model_on_the_cpu_on_a_gpu_host(monkeypatch, tmp_path):
+    from hfsqueeze.methods.distill.apply import _training_arguments
+    from hfsqueeze.methods.distill.config import DistillConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = DistillConfig.from_dict({"training_args": {"max_steps": 1}}, where="distill")
+    args = _training_arguments(config, str(tmp_path), False, hf.input_device(make_tiny("llama")))
+    assert args.use_cpu is True
+
+
+# ---- tune workers each get a GPU of their own ------------------------------------------------------------------
+
+
+def test_tune_workers_get_their_own_gpu():
+    from hfsqueeze.tune.resources import worker_placement
+
+    gpus = ["0", "1", "2", "3"]
+    assert worker_placement("cuda:0", False, 4, gpus) == [("1", "cuda:0"), ("2", "cuda:0"), ("3", "cuda:0")]
+    assert worker_placement("cuda:2", False, 3, gpus) == [("0", "cuda:0"), ("1", "cuda:0")]
+    assert worker_placement("cuda", False, 5, ["4", "7"]) == [("7", "cuda:0")] * 4  # more workers than GPUs
+    assert worker_placement("cuda:0", False, 3, ["0"]) == [(None, "cuda:0")] * 2  # one GPU: shared
+    assert worker_placement("cuda:0", True, 2, gpus) == [(None, "auto")]  # a spread model: spread again
+    assert worker_placement("cpu", False, 3, gpus) == [(None, None)] * 2
