@@ -720,13 +720,19 @@ def test_api_workers_are_bounded_before_anything_is_written(tiny_tokenizer, tmp_
     assert not (tmp_path / "t").exists()
 
 
-def test_cli_disk_full_while_tuning_is_one_line(tiny_tokenizer, tmp_path, capsys, monkeypatch):
+def _cli_model_with_quick_tune(tmp_path, tiny_tokenizer, monkeypatch):
+    """A tiny model directory for `hfsqueeze tune --model`, and tune patched to the tests' quick settings."""
     model = tiny_llama()
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     real = tuner_mod.tune
     monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: real(*a, **{**k, "settings": SETTINGS,
                                                                       "evaluation": EVALUATION}))
+    return tmp_path / "m"
+
+
+def test_cli_disk_full_while_tuning_is_one_line(tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    _cli_model_with_quick_tune(tmp_path, tiny_tokenizer, monkeypatch)
 
     def disk_full(tuning, records):
         raise OSError(28, "No space left on device", str(tuning / "trials.jsonl"))
@@ -757,12 +763,7 @@ def test_short_calibration_text_is_warned_and_reported(tiny_tokenizer, tmp_path)
 
 
 def test_cli_tune_runs_and_shows_progress(tiny_tokenizer, tmp_path, capsys, monkeypatch):
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    real = tuner_mod.tune
-    monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: real(*a, **{**k, "settings": SETTINGS,
-                                                                      "evaluation": EVALUATION}))
+    _cli_model_with_quick_tune(tmp_path, tiny_tokenizer, monkeypatch)
     code = cli_main(["tune", "--model", str(tmp_path / "m"), "--budget", "size=0.5", "--trials", "3",
                      "--output", str(tmp_path / "out")])
     captured = capsys.readouterr()
