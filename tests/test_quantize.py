@@ -154,3 +154,31 @@ def test_gemma3_270m_nf4_dq_reload_matches_live_model(gemma3_270m_dir, tmp_path)
     del model
     diffs = _reload_diffs(out)
     assert max(diffs.values()) < DEFAULT_PARITY_TOLERANCE / 10, diffs
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_frees_each_fp32_module_as_it_goes(monkeypatch, tiny_llama, bits):
+    # While the k-th module is swapped, no fp32 module already replaced may still be alive: the peak is the model plus
+    # one Linear, as a quantized `from_pretrained` load, not the fp32 model beside the quantized one.
+    import gc
+    import weakref
+
+    from hfsqueeze.methods.quantize import apply as quantize_apply
+
+    originals = [weakref.ref(m) for m in tiny_llama.modules() if type(m) is torch.nn.Linear]
+    real, leftovers = quantize_apply._new_module, []
+
+    def counting(bnb, module, qc, config):
+        gc.collect()
+        present = {id(m) for m in tiny_llama.modules()}
+        leftovers.append(sum(1 for ref in originals if ref() is not None and id(ref()) not in present))
+        return real(bnb, module, qc, config)
+
+    monkeypatch.setattr(quantize_apply, "_new_module", counting)
+    details = apply_quantize(tiny_llama, QuantizeConfig(bits=bits))
+    assert len(leftovers) == details["quantized_modules"] > 1
+    assert leftovers == [0] * len(leftovers)
+    gc.collect()
+    replaced = [ref for ref in originals if ref() is not None and type(ref()) is torch.nn.Linear
+                and ref() not in list(tiny_llama.modules())]
+    assert replaced == []

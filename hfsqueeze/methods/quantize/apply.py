@@ -180,10 +180,16 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         warnings.warn(f"quantize: skip_modules entry {pattern!r} matches no nn.Linear/Conv1D module of this model, so "
                       "it keeps nothing in full precision (names match by prefix, suffix or regex, e.g. "
                       f"{_example_names(model)})", HfSqueezeWarning, stacklevel=3)
+    names = [name for name, _ in targets]
+    del targets  # it holds every fp32 module: each must be freed as soon as its replacement is in place
     quantized_params = 0
-    for name, module in targets:
+    for name in names:
+        module = model.get_submodule(name)
         quantized_params += module.weight.numel()
         model.set_submodule(name, _new_module(bnb, module, qc, config))
+        # Dropping the last reference frees this fp32 weight now, so at most one is alive beside the quantized
+        # model (peak ~ the model plus one Linear, as a quantized `from_pretrained` load).
+        del module
 
     model.hf_quantizer = hf_quantizer
     model.config.quantization_config = qc
@@ -195,10 +201,10 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         name for name, m in model.named_modules()
         if (isinstance(m, Conv1D) or type(m) is nn.Linear) and not should_convert_module(name, skip)
     )
-    logger.info("quantized %d modules to %s", len(targets), config.label)
+    logger.info("quantized %d modules to %s", len(names), config.label)
     return {
         "format": config.label,
-        "quantized_modules": len(targets),
+        "quantized_modules": len(names),
         "quantized_parameters": quantized_params,
         "kept_modules": skipped,
         **({"warnings": [f"skip_modules entry {p!r} matched no module" for p in unmatched]} if unmatched else {}),
