@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
 from ..core.hf import count_parameters, frozen_copy
-from ..evaluation.measure import disk_bytes, interleaved_latency
+from ..evaluation.measure import CHUNK_POSITIONS, REFERENCE_DTYPE, compare_logprobs, disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
 from .solve import SizeModel, Solution, estimate_bytes, solve
@@ -97,22 +96,23 @@ class TrialContext:
 
     def __post_init__(self):
         if not self.reference:
+            nll, count = 0.0, 0
             with torch.no_grad():
-                self.reference = [_logprobs(self.original, block) for block in self.blocks]
-            self.original_nll = _nll(self.reference, self.blocks)
+                for block in self.blocks:
+                    lp = _logprobs(self.original, block)
+                    nll -= float(lp[:-1].gather(-1, block[1:].unsqueeze(-1)).sum())
+                    count += block.numel() - 1
+                    # Kept in 16-bit, as `compress` keeps its reference (vocabulary-sized, one per block).
+                    self.reference.append(lp.to(REFERENCE_DTYPE))
+                    del lp
+            self.original_nll = nll / max(count, 1)
 
 
 def _logprobs(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=block.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
-
-
-def _nll(logprobs: list[torch.Tensor], blocks: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    for lp, block in zip(logprobs, blocks):
-        picked = lp[:-1].gather(-1, block[1:].unsqueeze(-1))
-        total -= float(picked.sum())
-        count += picked.numel()
-    return total / max(count, 1)
+    logits = model(input_ids=block.unsqueeze(0), use_cache=False).logits[0].float()
+    for rows in logits.split(CHUNK_POSITIONS):  # normalized in place: no second vocabulary-sized tensor
+        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)
+    return logits
 
 
 _MAX_LOG = 700.0  # math.exp overflows just above 709
@@ -124,8 +124,8 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
     kl, agree, tokens, nll, scored = 0.0, 0, 0, 0.0, 0
     for block, ref in zip(tctx.blocks, tctx.reference):
         lp = _logprobs(model, block)
-        kl += float(F.kl_div(lp, ref, log_target=True, reduction="none").sum())
-        agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+        block_kl, block_agree = compare_logprobs(ref, lp)
+        kl, agree = kl + block_kl, agree + block_agree
         tokens += block.numel()
         nll -= float(lp[:-1].gather(-1, block[1:].unsqueeze(-1)).sum())
         scored += block.numel() - 1
