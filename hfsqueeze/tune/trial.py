@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
-from ..core.hf import count_parameters, frozen_copy
+from ..core.hf import count_parameters
 from ..evaluation.measure import CHUNK_POSITIONS, REFERENCE_DTYPE, compare_logprobs, disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
@@ -89,9 +89,14 @@ class TrialContext:
 
     @property
     def teacher(self) -> nn.Module:
-        """A frozen copy of the original, as `compress` gives a distill stage (the original itself stays as it is)."""
+        """A frozen copy of the original, as `compress` gives a distill stage (the original itself stays as it is).
+
+        It shares the original's tensors (`sharing_copy`): nothing in tune writes into the original, and the teacher
+        only runs forward, so one set of fp32 weights serves both."""
         if self._teacher is None:
-            self._teacher = frozen_copy(self.original)
+            self._teacher = sharing_copy(self.original)
+            self._teacher.eval()
+            self._teacher.requires_grad_(False)
         return self._teacher
 
     def __post_init__(self):
@@ -194,9 +199,23 @@ def predict(tctx: TrialContext, point: dict[str, Any]) -> tuple[int, list[dict[s
     return estimate_bytes(tctx.original, None, plan.quantize["dtype"], sizes=tctx.sizes), plan.stages()
 
 
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose modules and `Parameter` objects are new but whose tensors are the original's.
+
+    Replacing a module or rebinding a parameter's ``.data`` (``model.to(dtype)``) in the copy leaves the original as
+    it is, and costs no weight memory; writing into a tensor in place would change both, so only stages that never
+    do (quantize) may run on it.
+    """
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any]], Solution | None]:
     """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
-    model = copy.deepcopy(tctx.original)
+    # Quantizing only replaces modules and rebinds `.data` (casts): it can start from a copy that shares the
+    # original's tensors. Pruning and recovery write into weights, so they get a full copy.
+    model = sharing_copy(tctx.original) if not plan.pre_stages else copy.deepcopy(tctx.original)
     # The prune stage scores the original once (the cache lives as long as this process's context).
     ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration,
                              extras={PRUNE_SCORES_CACHE: tctx.importance_cache})
@@ -230,4 +249,4 @@ def run_point(tctx: TrialContext, point: dict[str, Any]) -> dict[str, Any]:
             "build_seconds": round(build_seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
 
 
-__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "predict", "quality", "run_point"]
+__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "predict", "quality", "run_point", "sharing_copy"]
