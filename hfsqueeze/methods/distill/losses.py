@@ -62,9 +62,40 @@ def kd_loss(
         p_t = teacher_logits.float().reshape(-1, classes) / temperature
         neg_entropy = torch.cat([_to_probs_(rows) for rows in p_t.split(_CHUNK_POSITIONS)])
         neg_entropy = neg_entropy.view(student_logits.shape[:-1])
-    cross = F.cross_entropy((student_logits.float() / temperature).reshape(-1, classes), p_t.reshape(-1, classes),
-                            reduction="none").view(student_logits.shape[:-1])
-    return _masked_mean(cross + neg_entropy, mask) * temperature**2
+    cross = _SoftCrossEntropy.apply(student_logits.reshape(-1, classes), p_t, temperature)
+    return _masked_mean(cross.view(student_logits.shape[:-1]) + neg_entropy, mask) * temperature**2
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """``-sum(p * log_softmax(s / T))`` per row, computed and differentiated a chunk of rows at a time.
+
+    Autograd through ``F.cross_entropy(s / T, p)`` keeps ``s / T`` and its log-softmax for the backward pass and
+    builds three more vocabulary-sized gradients (4 x 256 positions of a 49k vocabulary are 200 MB each): this
+    keeps only the student's logits and ``p`` (both alive anyway) and makes one gradient, the logits'. Same value
+    and gradient: ``d/ds = (p.sum() * softmax(s / T) - p) / T``.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+        out = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+        for start in range(0, student.shape[0], _CHUNK_POSITIONS):
+            rows = slice(start, start + _CHUNK_POSITIONS)
+            s, q = student[rows].float() / temperature, p[rows]
+            out[rows] = torch.logsumexp(s, dim=-1) * q.sum(-1) - (q * s).sum(-1)
+        ctx.save_for_backward(student, p)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        student, p = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        for start in range(0, student.shape[0], _CHUNK_POSITIONS):
+            rows = slice(start, start + _CHUNK_POSITIONS)
+            q = p[rows]
+            soft = torch.softmax(student[rows].float() / ctx.temperature, dim=-1)
+            grad[rows] = ((soft * q.sum(-1, keepdim=True) - q) * (grad_out[rows, None] / ctx.temperature)).to(grad)
+        return grad, None, None
 
 
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
