@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
-from ..core.hf import count_parameters
+from ..core.hf import count_parameters, sharing_copy
 from ..evaluation.measure import CHUNK_POSITIONS, REFERENCE_DTYPE, compare_logprobs, disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
@@ -199,18 +199,6 @@ def predict(tctx: TrialContext, point: dict[str, Any]) -> tuple[int, list[dict[s
     return estimate_bytes(tctx.original, None, plan.quantize["dtype"], sizes=tctx.sizes), plan.stages()
 
 
-def sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose modules and `Parameter` objects are new but whose tensors are the original's.
-
-    Replacing a module or rebinding a parameter's ``.data`` (``model.to(dtype)``) in the copy leaves the original as
-    it is, and costs no weight memory; writing into a tensor in place would change both, so only stages that never
-    do (quantize) may run on it.
-    """
-    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()}
-    memo.update({id(b): b for b in model.buffers()})
-    return copy.deepcopy(model, memo)
-
-
 def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any]], Solution | None]:
     """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
     # Quantizing only replaces modules and rebinds `.data` (casts): it can start from a copy that shares the
@@ -249,4 +237,4 @@ def run_point(tctx: TrialContext, point: dict[str, Any]) -> dict[str, Any]:
             "build_seconds": round(build_seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
 
 
-__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "predict", "quality", "run_point", "sharing_copy"]
+__all__ = ["TrialContext", "TuneSettings", "build", "latency_ratios", "predict", "quality", "run_point"]
