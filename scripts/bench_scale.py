@@ -88,6 +88,8 @@ def _child(row: str, model_dir: str) -> None:
 
         model, tok = load_model(model_dir)
         with tempfile.TemporaryDirectory(prefix="bench-scale-tune-") as out:
+            # An empty cache: every run pays for the sensitivity pass (the random model is the same in every run).
+            os.environ["HFSQUEEZE_CACHE"] = str(Path(out, "cache"))
             hfsqueeze.tune.tune(
                 model, tok, budget="size=0.45", trials=5, output=str(Path(out, "t")), seed=0,
                 evaluation={"max_tokens": 512, "seq_len": 256, "latency": False},
