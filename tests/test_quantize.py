@@ -182,3 +182,19 @@ def test_quantize_frees_each_fp32_module_as_it_goes(monkeypatch, tiny_llama, bit
     replaced = [ref for ref in originals if ref() is not None and type(ref()) is torch.nn.Linear
                 and ref() not in list(tiny_llama.modules())]
     assert replaced == []
+
+
+def test_int8_weights_are_bnb_own_quantization_bit_for_bit():
+    # Quantized a block of rows at a time (no fp16 copy of the whole weight): the same int8 rows and scales as
+    # bitsandbytes' own `Int8Params(...).to(device)`.
+    import bitsandbytes as bnb
+
+    from hfsqueeze.methods.quantize.apply import _INT8_ROWS, _int8_params
+
+    torch.manual_seed(0)
+    weight = torch.randn(2 * _INT8_ROWS + 3, 96) * 0.05
+    weight[7, 5] = 9.0  # an outlier: its row's scale differs from the others
+    stock = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    ours = _int8_params(bnb, weight)
+    assert ours.dtype == torch.int8 and torch.equal(ours.data, stock.data) and torch.equal(ours.SCB, stock.SCB)
+    assert ours.CB is not None and torch.equal(ours.CB, ours.data)
