@@ -114,13 +114,15 @@ def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module
     out_features, in_features = weight.shape
     bias = module.bias is not None
     if config.bits == 8:
-        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold)
+        # On `meta`: built on the CPU, nn.Linear's __init__ allocates and initialises an fp32 weight only to drop it.
+        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold,
+                                  device="meta")
         new.weight = _int8_params(bnb, weight)
     else:
         new = bnb.nn.Linear4bit(
             in_features, out_features, bias, qc.bnb_4bit_compute_dtype,
             compress_statistics=config.double_quant, quant_type=config.quant_type,
-            quant_storage=qc.bnb_4bit_quant_storage,
+            quant_storage=qc.bnb_4bit_quant_storage, device="meta",
         )
         new.weight = bnb.nn.Params4bit(
             weight.contiguous(), requires_grad=False, quant_type=config.quant_type,
