@@ -83,7 +83,9 @@ def compress(
     texts = {label: load_texts(src, split="eval") for label, src in sources.items()} if tokenizer else None
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras, eval_texts=sources)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
-        ctx.original = frozen_copy(model)
+        # When no stage writes into the model's tensors (quantize, then LoRA recovery), the frozen original shares
+        # them: the fp32 weights are held once, and quantizing the model frees nothing the teacher needs anyway.
+        ctx.original = frozen_copy(model, share=recipe.keeps_tensors(model))
     # With the original in memory anyway, time it interleaved with the result at the end: same load for both.
     interleave = ctx.original is not None and measure_quality and tokenizer is not None and evaluation.latency
     with eval_mode(model):

@@ -140,6 +140,16 @@ class Recipe(ConfigBase):
                 info = get_stage(config.method).validate(config, info) or info
         return expanded, info
 
+    def keeps_tensors(self, model: Any) -> bool:
+        """Whether every stage leaves the tensors of ``model`` as it finds them (`StageConfig.keeps_tensors`, each
+        stage seeing the model as the stages before it leave it), so a frozen original may share them."""
+        info = ModelInfo.of(model)
+        for config in self.expanded().stages:
+            if not config.keeps_tensors(info):
+                return False
+            info = get_stage(config.method).validate(config, info) or info
+        return True
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

@@ -191,3 +191,36 @@ def test_a_hook_only_stage_in_a_recipe_is_refused_before_any_work(tiny_llama):
             tiny_llama.compress({"stages": [{"method": "broken-save"}]}, measure_quality=False)
     finally:
         unregister_stage("broken-save")
+
+
+def test_reference_outputs_are_16bit_and_kl_matches_fp32(tiny_llama, tiny_tokenizer):
+    # The reference log-probs are `max_tokens x vocab`: kept in float16 (half of fp32), and the KL / top-1 computed
+    # from them agree with the same computation on fp32 log-probs.
+    import copy
+
+    torch.manual_seed(0)
+    from hfsqueeze.evaluation.measure import REFERENCE_DTYPE, _forward_logprobs, measure, reference_outputs
+    from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize
+    from hfsqueeze.recipe import EvaluationConfig
+
+    evaluation = EvaluationConfig(**SMALL_EVAL, latency=False, disk_size=False)
+    reference = reference_outputs(tiny_llama, tiny_tokenizer, evaluation)
+    vocab = tiny_llama.config.vocab_size
+    assert REFERENCE_DTYPE.itemsize == 2
+    assert [(lp.dtype, tuple(lp.shape)) for lp in reference.outputs] == [(REFERENCE_DTYPE, (128, vocab))] * 2
+    with torch.no_grad():
+        fp32 = [_forward_logprobs(tiny_llama.eval(), block) for block in reference.inputs]
+    compressed = copy.deepcopy(tiny_llama)
+    with torch.no_grad():  # a visible change first (the tiny model's outputs are nearly uniform), then nf4
+        for param in compressed.parameters():
+            param.add_(torch.randn_like(param), alpha=0.05)
+    apply_quantize(compressed, QuantizeConfig(bits=4))
+    metrics = measure(compressed, tiny_tokenizer, evaluation, reference)
+    with torch.no_grad():
+        new = [_forward_logprobs(compressed.eval(), block) for block in reference.inputs]
+    kl = sum((r.exp() * (r - n)).sum().item() for r, n in zip(fp32, new)) / reference.inputs.numel()
+    top1 = sum((r.argmax(-1) == n.argmax(-1)).sum().item() for r, n in zip(fp32, new)) / reference.inputs.numel()
+    assert metrics.kl_divergence > 0
+    # fp16 moves this KL by ~5e-5 of itself; a bf16 reference would move it by ~8e-4.
+    assert metrics.kl_divergence == pytest.approx(kl, rel=2e-4)
+    assert metrics.top1_agreement == pytest.approx(top1, abs=1 / reference.inputs.numel())

@@ -203,3 +203,47 @@ def test_card_says_why_it_touches_bitsandbytes(stage, tmp_path, tiny_tokenizer):
             before = code.split(marker, 1)[0]
             comment = [line for line in before.splitlines() if line.startswith("#")]
             assert comment and any(w in " ".join(comment) for w in ("because", "so ", "this line", "these lines"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_frees_each_fp32_module_as_it_goes(monkeypatch, tiny_llama, bits):
+    # While the k-th module is swapped, no fp32 module already replaced may still be alive: the peak is the model plus
+    # one Linear, as a quantized `from_pretrained` load, not the fp32 model beside the quantized one.
+    import gc
+    import weakref
+
+    from hfsqueeze.methods.quantize import apply as quantize_apply
+
+    originals = [weakref.ref(m) for m in tiny_llama.modules() if type(m) is torch.nn.Linear]
+    real, leftovers = quantize_apply._new_module, []
+
+    def counting(bnb, module, qc, config):
+        gc.collect()
+        present = {id(m) for m in tiny_llama.modules()}
+        leftovers.append(sum(1 for ref in originals if ref() is not None and id(ref()) not in present))
+        return real(bnb, module, qc, config)
+
+    monkeypatch.setattr(quantize_apply, "_new_module", counting)
+    details = apply_quantize(tiny_llama, QuantizeConfig(bits=bits))
+    assert len(leftovers) == details["quantized_modules"] > 1
+    assert leftovers == [0] * len(leftovers)
+    gc.collect()
+    replaced = [ref for ref in originals if ref() is not None and type(ref()) is torch.nn.Linear
+                and ref() not in list(tiny_llama.modules())]
+    assert replaced == []
+
+
+def test_int8_weights_are_bnb_own_quantization_bit_for_bit():
+    # Quantized a block of rows at a time (no fp16 copy of the whole weight): the same int8 rows and scales as
+    # bitsandbytes' own `Int8Params(...).to(device)`.
+    import bitsandbytes as bnb
+
+    from hfsqueeze.methods.quantize.apply import _INT8_ROWS, _int8_params
+
+    torch.manual_seed(0)
+    weight = torch.randn(2 * _INT8_ROWS + 3, 96) * 0.05
+    weight[7, 5] = 9.0  # an outlier: its row's scale differs from the others
+    stock = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    ours = _int8_params(bnb, weight)
+    assert ours.dtype == torch.int8 and torch.equal(ours.data, stock.data) and torch.equal(ours.SCB, stock.SCB)
+    assert ours.CB is not None and torch.equal(ours.CB, ours.data)

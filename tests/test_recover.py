@@ -424,3 +424,28 @@ def test_recovery_trains_without_dropout_and_gives_the_rates_back(student_dropou
     loss = report.stages[0].details["train_loss"]
     assert (loss > 1e-3) if student_dropout else (loss < 1e-6)
     assert {m.p for m in bert.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+
+
+@pytest.mark.parametrize("stages, shares", [
+    ([{"method": "quantize", "bits": 8}, distill(teacher="original", guard=False, lora={"merge": True})], True),
+    ([{"method": "quantize", "bits": 16, "dtype": "bf16"}, {"method": "quantize", "bits": 4},
+      distill(teacher="original", guard=False)], True),
+    ([distill(teacher="original", guard=False, training_args={"max_steps": 2, "learning_rate": 5e-3})], False),
+    ([{"method": "prune", "ffn": 0.25, "importance": "magnitude", "recover": {"guard": False}}], False),
+])
+def test_the_frozen_original_shares_tensors_only_when_no_stage_writes_into_them(tiny_tokenizer, monkeypatch,
+                                                                              stages, shares):
+    # Quantize then LoRA recovery writes into no tensor of the model: the teacher shares them (the weights are held
+    # once) and still gives the original's outputs after training; full fine-tuning or pruning gets a real copy.
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    import hfsqueeze.api as api
+
+    model = tiny_llama(init=0.2)
+    before, ours = logits(model), {p.data_ptr() for p in model.parameters()}
+    real, frozen = api.frozen_copy, []
+    monkeypatch.setattr(api, "frozen_copy", lambda m, share=False: frozen.append(real(m, share)) or frozen[-1])
+    hfsqueeze.compress(model, {"evaluation": SMALL_EVAL, "stages": stages}, tokenizer=tiny_tokenizer)
+    teacher, = frozen
+    assert torch.equal(logits(teacher), before)
+    assert any(p.data_ptr() in ours for p in teacher.parameters()) == shares

@@ -1135,3 +1135,45 @@ def test_ctrl_c_in_the_sensitivity_pass_keeps_what_was_scored_and_resume_continu
     section = result.report.tuning["sensitivity"]["int8"]
     assert section["cached_modules"] == 4 and not section["cached"]
     assert section["cached_from"] == str(out / "tuning" / "sensitivity.json")
+
+
+def test_quantize_only_trials_share_the_original_tensors(tiny_tokenizer):
+    """A trial that only quantizes starts from a copy sharing the original's tensors (no second fp32 model in
+    memory); the original's modules, dtypes and outputs stay as they were."""
+    from hfsqueeze.core.data import load_texts, token_blocks
+    from hfsqueeze.tune.trial import TrialContext, TuneSettings, build
+
+    model = tiny_llama()
+    before = outputs(model, IDS)
+    blocks = token_blocks(tiny_tokenizer, load_texts("builtin", split="train"), max_tokens=64, seq_len=64)
+    scores = {"scores": {}}
+    tctx = TrialContext(model, tiny_tokenizer, "builtin", blocks, Budget.parse("size=0.9"), load_space("quantize"),
+                        TuneSettings(), {"int8": scores, "nf4": scores, "fp4": scores}, disk_bytes(model),
+                        sum(p.numel() for p in model.parameters()))
+    embed = model.get_input_embeddings().weight
+    for bits, rest in ((8, "fp32"), (4, "bf16")):
+        built, _, _ = build(tctx, plan_of({"quantize.bits": bits, "quantize.rest_dtype": rest, "quantize.keep": 0.0}))
+        assert type(built.model.layers[0].mlp.up_proj).__name__ != "Linear"
+        copied = built.get_input_embeddings().weight
+        assert (copied.data_ptr() == embed.data_ptr()) == (rest == "fp32")  # shared unless the cast replaced it
+        assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear and embed.dtype == torch.float32
+        assert torch.equal(outputs(model, IDS), before)
+        del built
+
+
+def test_the_recovery_teacher_shares_the_original_tensors(tiny_tokenizer):
+    """tune's teacher for recovery trials is frozen and in eval mode, but costs no second copy of the weights; the
+    original keeps its own requires_grad flags."""
+    from hfsqueeze.core.data import load_texts, token_blocks
+    from hfsqueeze.tune.trial import TrialContext, TuneSettings
+
+    model = tiny_llama()
+    model.requires_grad_(True)
+    blocks = token_blocks(tiny_tokenizer, load_texts("builtin", split="train"), max_tokens=64, seq_len=64)
+    tctx = TrialContext(model, tiny_tokenizer, "builtin", blocks, Budget.parse("size=0.9"), load_space("quantize"),
+                        TuneSettings(), {}, disk_bytes(model), sum(p.numel() for p in model.parameters()))
+    teacher = tctx.teacher
+    assert teacher is tctx.teacher and teacher is not model and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert [p.data_ptr() for p in teacher.parameters()] == [p.data_ptr() for p in model.parameters()]

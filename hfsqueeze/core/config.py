@@ -167,5 +167,11 @@ class StageConfig(ConfigBase):
         """``"original"`` or ``"previous"`` when the stage needs a frozen copy of the model (a teacher)."""
         return None
 
+    def keeps_tensors(self, info: Any) -> bool:
+        """Whether the stage, on the model ``info`` (a `ModelInfo`) describes, leaves every tensor it finds as it is:
+        it may add or replace modules and rebind a parameter's ``.data`` (a cast), but never writes into one. When
+        every stage does, a frozen original shares the model's tensors instead of copying them."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **super().to_dict()}

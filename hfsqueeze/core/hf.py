@@ -138,12 +138,25 @@ def check_placement(model: nn.Module) -> None:
             "16-bit (CLI --dtype bfloat16), or with a device_map without offload (e.g. --device cuda)")
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in eval mode with gradients off: a teacher or a reference that never trains."""
-    clone = copy.deepcopy(model)
+def frozen_copy(model: nn.Module, share: bool = False) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with gradients off: a teacher or a reference that never trains. With
+    ``share``, a `sharing_copy` (no second set of weights) for a model whose tensors nothing writes into."""
+    clone = sharing_copy(model) if share else copy.deepcopy(model)
     clone.eval()
     clone.requires_grad_(False)
     return clone
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose modules and `Parameter` objects are new but whose tensors are the original's.
+
+    Replacing a module or rebinding a parameter's ``.data`` (``model.to(dtype)``) on either side leaves the other as
+    it is, and the copy costs no weight memory; writing into a tensor in place would change both, so it is only for
+    models that nothing writes into (`StageConfig.keeps_tensors`).
+    """
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -218,6 +231,7 @@ __all__ = [
     "num_layers",
     "offload_problem",
     "quantization_method",
+    "sharing_copy",
     "strip_gguf",
     "synchronizer",
     "to_device",

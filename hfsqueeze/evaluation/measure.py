@@ -37,6 +37,13 @@ logger = logging.getLogger("hfsqueeze")
 # `model_task` values, as the report records them (``report["model"]["task"]``).
 TASK_CAUSAL_LM = "causal-lm"
 TASK_ENCODER = "encoder"
+# Reference log-probabilities are kept in float16: half the memory of fp32 (they are `max_tokens x vocab`, 768 MiB
+# in fp32 at 4096 tokens and a 49k vocabulary). fp16 represents log-probabilities down to -65504 with a relative
+# error of 2^-11, so the KL computed from them (in fp32) moves by far less than the differences it reports; bf16
+# (2^-8) would not (measured: see tests/test_api.py).
+REFERENCE_DTYPE = torch.float16
+# Positions per chunk when normalizing or comparing vocabulary-sized outputs (64 x 49k fp32 = 12 MiB).
+CHUNK_POSITIONS = 64
 # Latency runs of one model whose slowest is more than this many times the fastest make a ratio unreliable.
 MAX_LATENCY_SPREAD = 1.5
 # Why ``evaluation.latency: auto`` leaves a bitsandbytes model on a CPU untimed (NOTES: int8 decodes 1.5-2.5x slower
@@ -52,7 +59,7 @@ class Reference:
     task: str
     inputs: torch.Tensor  # causal: token blocks [n, L]; encoder: input ids [n, L]
     attention_mask: torch.Tensor | None
-    outputs: list[torch.Tensor]  # causal: log-probs per block (fp32); encoder: embeddings per batch
+    outputs: list[torch.Tensor]  # causal: log-probs per block (`REFERENCE_DTYPE`); encoder: embeddings per batch
     perplexity: float | None = None
     label: str | None = None
     # The other evaluation texts, by label (``evaluation.text`` as a list); the report shows each one.
@@ -110,8 +117,24 @@ def disk_bytes(model) -> int:
 
 
 def _forward_logprobs(model, block: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=to_device(block.unsqueeze(0), model)).logits[0].float()
-    return F.log_softmax(logits, dim=-1)
+    """fp32 log-probabilities ``[L, V]`` of one block, normalized in place a few positions at a time: the logits
+    are the only vocabulary-sized tensor (``log_softmax`` would allocate a second one, and its internals a third)."""
+    logits = model(input_ids=to_device(block.unsqueeze(0), model)).logits[0].float()  # a copy only for a 16-bit model
+    for rows in logits.split(CHUNK_POSITIONS):
+        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)
+    return logits
+
+
+def compare_logprobs(reference: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, int]:
+    """``(sum of KL(reference || logprobs) over positions, positions whose top-1 agrees)``, computed in fp32 a few
+    positions at a time (``reference`` may be stored in `REFERENCE_DTYPE`), so no vocabulary-sized temporary of the
+    whole block is made."""
+    kl, agree = 0.0, 0
+    for ref, new in zip(reference.split(CHUNK_POSITIONS), logprobs.split(CHUNK_POSITIONS)):
+        ref = ref.to(new.device).float()  # recorded on another device, e.g. eval --base
+        kl += (ref.exp() * (ref - new)).sum().item()
+        agree += (ref.argmax(-1) == new.argmax(-1)).sum().item()
+    return kl, agree
 
 
 def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
@@ -162,7 +185,8 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
                 lp = _forward_logprobs(model, block)
                 s, n = _nll(lp, block)
                 nll, count = nll + s, count + n
-                outputs.append(lp)
+                outputs.append(lp.to(REFERENCE_DTYPE))
+                del lp  # the next forward's logits take its place
             return Reference(task, inputs, None, outputs, perplexity=math.exp(nll / count))
         return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
 
@@ -198,12 +222,12 @@ def _quality(model, reference: Reference) -> dict[str, float]:
     nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
     for block, ref_lp in progress(list(zip(reference.inputs, reference.outputs)), desc="perplexity/KL"):
         lp = _forward_logprobs(model, block)
-        ref_lp = ref_lp.to(lp.device)  # the reference may have been recorded on another device (eval --base)
         s, n = _nll(lp, block)
         nll, count = nll + s, count + n
         # KL(original || compressed), per token, summed over the vocabulary.
-        kl_sum += (ref_lp.exp() * (ref_lp - lp)).sum().item()
-        agree += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
+        kl, agreed = compare_logprobs(ref_lp, lp)
+        kl_sum, agree = kl_sum + kl, agree + agreed
+        del lp
     tokens = reference.inputs.numel()
     return {"perplexity": math.exp(nll / count), "kl_divergence": kl_sum / tokens, "top1_agreement": agree / tokens,
             "eval_tokens": tokens}

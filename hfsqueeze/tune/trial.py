@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
-from ..core.hf import count_parameters, frozen_copy, to_device
-from ..evaluation.measure import disk_bytes, interleaved_latency
+from ..core.hf import count_parameters, sharing_copy, to_device
+from ..evaluation.measure import CHUNK_POSITIONS, REFERENCE_DTYPE, compare_logprobs, disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
 from .solve import SizeModel, Solution, estimate_bytes, solve
@@ -90,30 +89,35 @@ class TrialContext:
 
     @property
     def teacher(self) -> nn.Module:
-        """A frozen copy of the original, as `compress` gives a distill stage (the original itself stays as it is)."""
+        """A frozen copy of the original, as `compress` gives a distill stage (the original itself stays as it is).
+
+        It shares the original's tensors (`sharing_copy`): nothing in tune writes into the original, and the teacher
+        only runs forward, so one set of fp32 weights serves both."""
         if self._teacher is None:
-            self._teacher = frozen_copy(self.original)
+            self._teacher = sharing_copy(self.original)
+            self._teacher.eval()
+            self._teacher.requires_grad_(False)
         return self._teacher
 
     def __post_init__(self):
         if not self.reference:
+            nll, count = 0.0, 0
             with torch.no_grad():
-                self.reference = [_logprobs(self.original, block) for block in self.blocks]
-            self.original_nll = _nll(self.reference, self.blocks)
+                for block in self.blocks:
+                    lp = _logprobs(self.original, block)
+                    nll -= float(lp[:-1].gather(-1, block[1:].unsqueeze(-1)).sum())
+                    count += block.numel() - 1
+                    # Kept in 16-bit, as `compress` keeps its reference (vocabulary-sized, one per block).
+                    self.reference.append(lp.to(REFERENCE_DTYPE))
+                    del lp
+            self.original_nll = nll / max(count, 1)
 
 
 def _logprobs(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=to_device(block.unsqueeze(0), model), use_cache=False).logits[0].float(),
-                         dim=-1)
-
-
-def _nll(logprobs: list[torch.Tensor], blocks: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    for lp, block in zip(logprobs, blocks):
-        picked = lp[:-1].gather(-1, block[1:].to(lp.device).unsqueeze(-1))
-        total -= float(picked.sum())
-        count += picked.numel()
-    return total / max(count, 1)
+    logits = model(input_ids=to_device(block.unsqueeze(0), model), use_cache=False).logits[0].float()
+    for rows in logits.split(CHUNK_POSITIONS):  # normalized in place: no second vocabulary-sized tensor
+        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)
+    return logits
 
 
 _MAX_LOG = 700.0  # math.exp overflows just above 709
@@ -125,8 +129,8 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
     kl, agree, tokens, nll, scored = 0.0, 0, 0, 0.0, 0
     for block, ref in zip(tctx.blocks, tctx.reference):
         lp = _logprobs(model, block)
-        kl += float(F.kl_div(lp, ref, log_target=True, reduction="none").sum())
-        agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+        block_kl, block_agree = compare_logprobs(ref, lp)
+        kl, agree = kl + block_kl, agree + block_agree
         tokens += block.numel()
         nll -= float(lp[:-1].gather(-1, block[1:].to(lp.device).unsqueeze(-1)).sum())
         scored += block.numel() - 1
@@ -197,7 +201,9 @@ def predict(tctx: TrialContext, point: dict[str, Any]) -> tuple[int, list[dict[s
 
 def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any]], Solution | None]:
     """Apply ``plan`` to a fresh copy of the original; return the model, the explicit stages and the solution."""
-    model = copy.deepcopy(tctx.original)
+    # Quantizing only replaces modules and rebinds `.data` (casts): it can start from a copy that shares the
+    # original's tensors. Pruning and recovery write into weights, so they get a full copy.
+    model = sharing_copy(tctx.original) if not plan.pre_stages else copy.deepcopy(tctx.original)
     # The prune stage scores the original once (the cache lives as long as this process's context).
     ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration,
                              extras={PRUNE_SCORES_CACHE: tctx.importance_cache})

@@ -304,6 +304,11 @@ class DistillConfig(StageConfig):
     def snapshot_needed(self) -> str | None:
         return self.teacher if self.teacher in TEACHER_SNAPSHOTS else None
 
+    def keeps_tensors(self, info: Any) -> bool:
+        # On a quantized model only LoRA adapters train (the base is frozen, a merge rebuilds the bnb weights); a
+        # student from a config or full fine-tuning writes into the weights.
+        return info.quantized is not None and self.student is None and self.adapter != "none"
+
 
 @functools.lru_cache(maxsize=1)
 def _training_arg_types() -> dict[str, Any]:

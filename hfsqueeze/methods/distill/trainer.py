@@ -210,9 +210,14 @@ class DistillationTrainer(Trainer):
                         s_last = projection(s_last)
                     kd = losses.embedding_loss(s_last, t_last, m, kind=spec.embedding_loss)
                 else:
-                    hard = losses.causal_lm_loss(s_logits[rows], inputs["input_ids"][rows], m)
+                    # Every row in this task (the usual case): the logits themselves, not a boolean-indexed copy.
+                    sel = slice(None) if n == len(rows) else rows
+                    # With alpha 1 the hard loss is only logged: no graph, so its softmax is not kept for backward.
+                    logged_only = t_logits is not None and spec.alpha >= 1.0
+                    with torch.set_grad_enabled(torch.is_grad_enabled() and not logged_only):
+                        hard = losses.causal_lm_loss(s_logits[sel], inputs["input_ids"][sel], m)
                     if t_logits is not None:
-                        kd = losses.kd_loss(s_logits[rows], t_logits[rows], spec.temperature, m)
+                        kd = losses.kd_loss(s_logits[sel], t_logits[sel], spec.temperature, m)
             else:
                 if spec.student_is_classifier:
                     cls_logits = s_logits[rows]

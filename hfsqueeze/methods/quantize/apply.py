@@ -113,6 +113,22 @@ def bnb_config(config: QuantizeConfig):
     )
 
 
+# Rows quantized at a time: bnb's own `Int8Params` makes an fp16 copy of the whole weight first, and those transients,
+# interleaved with the int8 results that stay, grew the heap by ~1.3 GB that glibc never returned at 800M.
+_INT8_ROWS = 256
+
+
+def _int8_params(bnb, weight: torch.Tensor):
+    """The `Int8Params` bnb's ``Int8Params(weight).to(device)`` makes (int8 rows and their absmax scales, the same
+    bits: the quantization is per row), a block of rows at a time into tensors allocated once."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _INT8_ROWS):
+        rows = slice(start, start + _INT8_ROWS)
+        codes[rows], scales[rows], _ = bnb.functional.int8_vectorwise_quant(weight[rows].to(torch.float16))
+    return bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+
+
 def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
@@ -122,16 +138,15 @@ def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module
     out_features, in_features = weight.shape
     bias = module.bias is not None
     if config.bits == 8:
-        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold)
-        # As Transformers does: bnb quantizes an Int8Params only when it moves off the CPU (or to it), so the weight
-        # goes through the CPU and is quantized on the device of the weight it replaces.
-        new.weight = bnb.nn.Int8Params(weight.to("cpu").contiguous(), requires_grad=False,
-                                       has_fp16_weights=False).to(weight.device)
+        # On `meta`: built on the CPU, nn.Linear's __init__ allocates and initialises an fp32 weight only to drop it.
+        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold,
+                                  device="meta")
+        new.weight = _int8_params(bnb, weight)
     else:
         new = bnb.nn.Linear4bit(
             in_features, out_features, bias, qc.bnb_4bit_compute_dtype,
             compress_statistics=config.double_quant, quant_type=config.quant_type,
-            quant_storage=qc.bnb_4bit_quant_storage,
+            quant_storage=qc.bnb_4bit_quant_storage, device="meta",
         )
         new.weight = bnb.nn.Params4bit(
             weight.contiguous(), requires_grad=False, quant_type=config.quant_type,
@@ -207,10 +222,16 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         warnings.warn(f"quantize: skip_modules entry {pattern!r} matches no nn.Linear/Conv1D module of this model, so "
                       "it keeps nothing in full precision (names match by prefix, suffix or regex, e.g. "
                       f"{_example_names(model)})", HfSqueezeWarning, stacklevel=3)
+    names = [name for name, _ in targets]
+    del targets  # it holds every fp32 module: each must be freed as soon as its replacement is in place
     quantized_params = 0
-    for name, module in targets:
+    for name in names:
+        module = model.get_submodule(name)
         quantized_params += module.weight.numel()
         model.set_submodule(name, _new_module(bnb, module, qc, config))
+        # Dropping the last reference frees this fp32 weight now, so at most one is alive beside the quantized
+        # model (peak ~ the model plus one Linear, as a quantized `from_pretrained` load).
+        del module
 
     model.hf_quantizer = hf_quantizer
     model.config.quantization_config = qc
@@ -222,10 +243,10 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         name for name, m in model.named_modules()
         if (isinstance(m, Conv1D) or type(m) is nn.Linear) and not should_convert_module(name, skip)
     )
-    logger.info("quantized %d modules to %s", len(targets), config.label)
+    logger.info("quantized %d modules to %s", len(names), config.label)
     return {
         "format": config.label,
-        "quantized_modules": len(targets),
+        "quantized_modules": len(names),
         "quantized_parameters": quantized_params,
         "kept_modules": skipped,
         **({"warnings": [f"skip_modules entry {p!r} matched no module" for p in unmatched]} if unmatched else {}),

@@ -57,6 +57,9 @@ class QuantizeConfig(StageConfig):
                   "(default [lm_head])"},
     )
 
+    def keeps_tensors(self, info: Any) -> bool:
+        return True  # replaces modules (8/4 bits) or rebinds `.data` (16-bit casts)
+
     def __post_init__(self):
         only = {
             "threshold": 8, "quant_type": 4, "double_quant": 4, "compute_dtype": 4, "dtype": 16,
