@@ -6,6 +6,7 @@ These run on a CPU. What needs a real GPU is in tests/test_gpu.py (the ``gpu`` m
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -63,6 +64,11 @@ def inputs_claimed_on_meta(monkeypatch):
     """Claim the model's inputs belong on ``meta`` and check, in a pre-hook on the embeddings, that every forward
     really sent them there; the hook then hands the embedding zeros on the CPU so the forward can finish. Code that
     feeds CPU tensors without `to_device` trips the assertion."""
+    # Modules that bind `input_device` by name at import must be imported first: imported under the patch, they
+    # would keep the fake for the rest of the session (distill's trainer is imported lazily, by the first distill).
+    for name in ("hfsqueeze.tune.tuner", "hfsqueeze.methods.prune.importance", "hfsqueeze.methods.distill.apply",
+                 "hfsqueeze.methods.distill.trainer", "hfsqueeze.methods.distill.quality", "hfsqueeze.artifact.parity"):
+        importlib.import_module(name)
     monkeypatch.setattr(hf, "input_device", lambda model: META)
     seen: list[torch.device] = []
 
