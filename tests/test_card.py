@@ -213,6 +213,17 @@ def test_datasets_only_lists_hub_ids(tmp_path):
     assert card_datasets(_report([PRUNE, DISTILL])) == ["HuggingFaceFW/fineweb-edu"]
 
 
+def test_latency_note_counts_the_runs_really_timed_or_says_why_there_were_none():
+    report = _report([INT8])
+    for which in ("baseline", "final"):  # `latency_seconds` stopped after 2 of the 3 repeats
+        report[which]["latency_spread"] = {"prefill_ms_per_token": {"min": 1, "median": 1, "max": 1, "runs": [1, 1]}}
+    assert "**Latency:** median of 2 runs" in str(_card(report))
+    untimed = _report([INT8], final=_metrics(perplexity=15.3, kl_divergence=0.0187, top1_agreement=0.94))
+    untimed["baseline"].update(prefill_ms_per_token=None, decode_ms_per_token=None)
+    untimed["latency_skipped"] = "bitsandbytes runs on the CPU here"
+    assert "**Latency:** not measured: bitsandbytes runs on the CPU here." in str(_card(untimed))
+
+
 def test_card_without_a_report_is_still_complete():
     card = _card(None)
     assert card.data.eval_results is None and card.data.get("base_model") is None

@@ -461,8 +461,14 @@ def _measurement_notes(report: dict[str, Any]) -> list[str]:
     check = report.get("latency")  # absent from reports written before latency was checked
     measured = any((report.get(which) or {}).get(key) is not None
                    for which in ("baseline", "final") for key in _LATENCY_KEYS)
+    if not measured and report.get("latency_skipped"):  # `latency: auto` left it out, and says why
+        notes.append(f"- **Latency:** not measured: {report['latency_skipped']}.")
     if measured:  # not without a tokenizer, not with `latency: false`
-        runs = f"{ev.get('repeats')} run{'s' if ev.get('repeats') != 1 else ''}"
+        # The runs really timed (`latency_seconds` may stop before `repeats`), as the report's footer counts them.
+        counts = sorted({len(spread.get("runs") or []) for which in ("baseline", "final")
+                         for spread in ((report.get(which) or {}).get("latency_spread") or {}).values()})
+        count = ev.get("repeats") if not counts else counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        runs = f"{count} run{'s' if str(count) != '1' else ''}"
         how = ""
         if check:
             how = (", the original and the compressed model timed in alternating runs" if check.get("interleaved")
