@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 # Only light imports here: `hfsqueeze --help` must answer without torch; each command imports what it runs.
 from . import __version__
+from .core.config import did_you_mean
 from .core.errors import ArtifactError, HfSqueezeError, HfSqueezeWarning, HubError, RecipeError
 from .evaluation.config import EvaluationConfig
 
@@ -53,16 +54,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _did_you_mean(message: str) -> str:
-    """``; did you mean 'compress'?`` for argparse's "invalid choice: 'compres' (choose from ...)" messages."""
-    import difflib
-    import re
-
+    """`` (did you mean 'compress'?)`` for argparse's "invalid choice: 'compres' (choose from ...)" messages."""
     found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
     if not found:
         return ""
-    choices = re.findall(r"'?([\w.-]+)'?", found.group(2))
-    close = difflib.get_close_matches(found.group(1), choices, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(found.group(1), re.findall(r"'?([\w.-]+)'?", found.group(2)))
 
 
 def _verbose_flag(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -264,10 +263,8 @@ def _read_yaml(source: str | os.PathLike) -> dict:
         text = builtin.read_text()
     else:
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-        close = difflib.get_close_matches(str(source), names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe "
-                          f"({', '.join(names)}){hint}")
+        raise RecipeError(f"recipe not found: {str(source)!r}{did_you_mean(source, names)} is neither a file nor a "
+                          f"built-in recipe ({', '.join(names)})")
     try:
         data = safe_load_strict(text)
     except yaml.YAMLError as exc:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors import SafetensorError
 
 from ..compat.bnb import check_not_repacked, saveable
 from ..compat.peft import save_pretrained_with_adapter
@@ -222,7 +223,7 @@ def save_compressed(
             os.replace(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if type(exc).__name__ == "SafetensorError":  # safetensors' I/O failures are not OSError: make them one
+        if isinstance(exc, SafetensorError):  # safetensors' I/O failures are not OSError: make them one
             raise _as_os_error(exc) from None
         raise
     logger.info("saved %s", out)
