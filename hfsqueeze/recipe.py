@@ -72,6 +72,8 @@ class Recipe(ConfigBase):
     def load(cls, source: "RecipeLike", overrides: list[str] | None = None) -> "Recipe":
         """Load from a `Recipe`, a dict, a YAML path, a built-in recipe name (``"int8"``) or a YAML string."""
         if isinstance(source, Recipe):
+            if not overrides:
+                return copy.deepcopy(source)  # parsed and checked when it was made: not parsed again
             data = source.to_dict()
         elif isinstance(source, dict):
             check_depth(source)
