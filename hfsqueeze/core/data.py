@@ -194,12 +194,9 @@ def _texts_from_rows(rows: list, column: str | None, path: Path) -> list[str]:
     return texts
 
 
-def token_blocks(tokenizer, texts: list[str], *, max_tokens: int, seq_len: int) -> torch.Tensor:
-    """Tokenize and pack ``texts`` into a LongTensor ``[n_blocks, seq_len]`` of at most ``max_tokens`` tokens.
-
-    Documents are joined with the EOS token (when the tokenizer has one), the way causal-LM corpora are packed. The
-    last block may be shorter than ``seq_len`` only when fewer than ``seq_len`` tokens exist; then there is one block.
-    """
+def token_ids(tokenizer, texts: list[str], *, max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` token ids of ``texts`` joined with the EOS token (when the tokenizer has one), the way
+    causal-LM corpora are packed. Tokenizes only as many documents as that needs."""
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
     for text in texts:
@@ -207,6 +204,11 @@ def token_blocks(tokenizer, texts: list[str], *, max_tokens: int, seq_len: int) 
         ids.extend(sep)
         if len(ids) >= max_tokens:
             break
+    return ids[:max_tokens]
+
+
+def pack_blocks(ids: list[int], *, max_tokens: int, seq_len: int) -> torch.Tensor:
+    """The first ``max_tokens`` of ``ids`` as a LongTensor ``[n_blocks, seq_len]`` (see `token_blocks`)."""
     ids = ids[:max_tokens]
     if len(ids) < 2:
         raise RecipeError("the text source holds fewer than 2 tokens; give a longer text")
@@ -214,3 +216,12 @@ def token_blocks(tokenizer, texts: list[str], *, max_tokens: int, seq_len: int) 
         return torch.tensor([ids], dtype=torch.long)
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def token_blocks(tokenizer, texts: list[str], *, max_tokens: int, seq_len: int) -> torch.Tensor:
+    """Tokenize and pack ``texts`` into a LongTensor ``[n_blocks, seq_len]`` of at most ``max_tokens`` tokens.
+
+    Documents are joined with the EOS token (when the tokenizer has one), the way causal-LM corpora are packed. The
+    last block may be shorter than ``seq_len`` only when fewer than ``seq_len`` tokens exist; then there is one block.
+    """
+    return pack_blocks(token_ids(tokenizer, texts, max_tokens=max_tokens), max_tokens=max_tokens, seq_len=seq_len)

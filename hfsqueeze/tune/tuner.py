@@ -28,12 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..api import compress
 from ..artifact.save import check_output_dir, check_writable, save_compressed
-from ..core.data import load_texts, token_blocks
+from ..core.data import load_texts, pack_blocks, token_ids
 from ..core.errors import ArtifactError, HfSqueezeWarning, RecipeError
 from ..core.fetch import cache_dir
 from ..core.hf import check_placement, count_parameters, input_device
+from ..core.utils import atomic_write
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
@@ -270,26 +273,34 @@ def calibration_file(calibration: Any, tuning: Path) -> Path:
     the search reads, and what the trials' stages get as their calibration source."""
     docs = load_texts(calibration, split="train")
     path = tuning / CALIBRATION_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
 
 
+def calibration_ids(tokenizer, source: str, settings: TuneSettings) -> list[int]:
+    """The calibration text's token ids, as many as the trials' blocks and the sensitivity pass use (tokenized once
+    for both)."""
+    return token_ids(tokenizer, load_texts(source, split="train"),
+                     max_tokens=max(settings.calibration_tokens, settings.sensitivity_tokens))
+
+
+def _blocks(ids: list[int], tokens: int, settings: TuneSettings) -> torch.Tensor:
+    return pack_blocks(ids, max_tokens=tokens, seq_len=min(settings.seq_len, tokens))
+
+
 def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
-                 report: Callable[[dict[str, Any]], None] | None = None, deadline: float | None = None
-                 ) -> TrialContext:
+                 report: Callable[[dict[str, Any]], None] | None = None, deadline: float | None = None,
+                 ids: list[int] | None = None) -> TrialContext:
     """The per-process trial context for the run described by ``spec`` (``tuning/run.json``); sensitivity scoring
-    stops at ``deadline`` (the time budget, see `sensitivities`)."""
+    stops at ``deadline`` (the time budget, see `sensitivities`). ``ids``: the calibration token ids when the
+    caller has them already (`calibration_ids`)."""
     settings = TuneSettings(**spec["settings"])
     budget = Budget(dict(spec["budget"]["limits"]), spec["budget"]["minimize"])
     space = Space.from_dict(spec["space"])
     source = str(tuning / CALIBRATION_FILE)
-    texts = load_texts(source, split="train")
-    blocks = token_blocks(tokenizer, texts, max_tokens=settings.calibration_tokens,
-                          seq_len=min(settings.seq_len, settings.calibration_tokens))
-    sens_blocks = token_blocks(tokenizer, texts, max_tokens=settings.sensitivity_tokens,
-                               seq_len=min(settings.seq_len, settings.sensitivity_tokens))
+    ids = calibration_ids(tokenizer, source, settings) if ids is None else ids
+    blocks = _blocks(ids, settings.calibration_tokens, settings)
+    sens_blocks = _blocks(ids, settings.sensitivity_tokens, settings)
     cache = SensitivityCache([tuning / "sensitivity.json",
                               cache_dir() / "sensitivity" / f"{spec['fingerprint']}.json"])
     scores = sensitivities(model, sens_blocks, space_formats(space), cache, model_fingerprint=spec["fingerprint"],
@@ -302,8 +313,8 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
            seed: int, resume: bool, progress, deadline: float | None = None) -> tuple[TrialContext, dict[str, Any]]:
     """Write (or, on resume, check) ``tuning/run.json``; score sensitivities; build the trial context."""
     cal_path = calibration_file(calibration, tuning)
-    blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
-                          seq_len=min(settings.seq_len, settings.calibration_tokens))
+    ids = calibration_ids(tokenizer, str(cal_path), settings)
+    blocks = _blocks(ids, settings.calibration_tokens, settings)
     few = calibration_warning(int(blocks.numel()), settings)
     if few:
         warnings.warn(few, HfSqueezeWarning, stacklevel=3)
@@ -328,12 +339,10 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
                                   "budget, space, seed and calibration, or start over with --overwrite")
         check_journal(tuning)
         spec = {**saved, **{k: spec[k] for k in ("original_bytes", "original_params", "dtype")}}
-    tmp = run_file.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(spec, indent=1) + "\n")
-    os.replace(tmp, run_file)
+    atomic_write(run_file, json.dumps(spec, indent=1) + "\n")
     logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
                 spec["original_params"], budget.describe())
-    return make_context(model, tokenizer, spec, tuning, progress, deadline), spec
+    return make_context(model, tokenizer, spec, tuning, progress, deadline, ids), spec
 
 
 def calibration_warning(tokens: int, settings: TuneSettings) -> str | None:
