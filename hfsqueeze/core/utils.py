@@ -48,6 +48,21 @@ def sibling_temp_dir(target: Path, tag: str) -> Path:
     return path
 
 
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a hidden sibling temporary file and a rename: readers (another worker, a
+    resumed run) see the old file or the new one, never half of one; a crash leaves at most the hidden file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def default_permissions(root: Path) -> None:
     """Give the files under ``root`` the mode of any new file (0666 minus the umask).
 

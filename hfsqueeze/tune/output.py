@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact.files import TUNING_DIR  # one name: the Hub push leaves this folder out unless asked
+from ..core.utils import atomic_write
 
 PARETO_PNG = "pareto.png"
 def write_trials_jsonl(tuning_dir: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite ``trials.jsonl`` from the study (the authoritative copy; workers also append as they go)."""
-    path = Path(tuning_dir) / "trials.jsonl"
-    tmp = path.with_name(f".trials.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write(Path(tuning_dir) / "trials.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
 _AXIS_LABELS = {

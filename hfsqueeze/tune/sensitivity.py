@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.hf import to_device
+from ..core.utils import atomic_write
 from .space import quantize_targets, quantized_module
 
 logger = logging.getLogger("hfsqueeze")
@@ -286,10 +286,8 @@ class SensitivityCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 entries = self._entries(path)
                 entries[key] = entry
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"schema": SENSITIVITY_SCHEMA, "version": SENSITIVITY_VERSION,
-                                           "entries": entries}, indent=1, sort_keys=True) + "\n")
-                os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+                atomic_write(path, json.dumps({"schema": SENSITIVITY_SCHEMA, "version": SENSITIVITY_VERSION,
+                                               "entries": entries}, indent=1, sort_keys=True) + "\n")
 
     def _entries(self, path: Path) -> dict[str, Any]:
         why, entries = _read(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ArtifactError, BackendMissingError
+from ..core.utils import atomic_write
 from .budget import Budget, describe_bytes
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
@@ -121,9 +122,7 @@ def check_journal(tuning_dir: Path) -> None:
     keep = records if not bad else records[:-1]  # a complete last record that only lost its newline is kept
     backup = path.with_name(f"{JOURNAL}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.copy2(path, backup)
-    tmp = path.with_name(f".{JOURNAL}.{os.getpid()}.tmp")
-    tmp.write_bytes(b"".join(line + b"\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, b"".join(line + b"\n" for line in keep))
     logger.warning("tune: the last line of %s was %s (a killed process or a full disk leaves that); the study resumes "
                    "from the %d records before it, the original is kept as %s", path,
                    "cut off" if not bad else "not a journal record", len(keep), backup.name)
@@ -193,7 +192,7 @@ def baseline_points(space: Space) -> list[tuple[str, dict[str, Any]]]:
 
 def solved_points(space: Space, budget: Budget) -> list[tuple[str, dict[str, Any]]]:
     """The solver's own answer per format, with a 16-bit rest (it leaves the most bytes for kept modules); int8 also
-    at threshold 1.0, first (measured best for quality on SmolLM2, see NOTES)."""
+    at threshold 1.0, first (measured best for quality on SmolLM2)."""
     extra = {"prune.enabled": False} if "prune" in space.sections else {}
     keep = 1.0 if budget.size_limit_bytes(1, 1) is not None or budget.quality_kl_target() is None else 0.5
     formats = [("int8-t1", {**Q8, "quantize.threshold": 1.0}), ("int8", Q8)] + UNIFORM[1:]
