@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,6 @@ logger = logging.getLogger("hfsqueeze")
 
 # Our temporary and backup directories next to a target: ``.NAME.tmp-PID-RANDOM`` and ``.NAME.old-PID``.
 _TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?$")
-# Temporary directories written by hfsqueeze 0.1.0 (``tempfile.mkdtemp`` suffix, no pid): stale after this long.
-_LEGACY_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp-[a-z0-9_]{8}$")
-_LEGACY_STALE_SECONDS = 3600
 
 
 def _protected_dirs() -> set[Path]:
@@ -146,17 +142,11 @@ def clean_stale_temp_dirs(out: Path) -> list[Path]:
     removed = []
     if not out.parent.is_dir():
         return removed
-    now = time.time()
     for entry in out.parent.iterdir():
         match = _TEMP_DIR.match(entry.name)
-        legacy = _LEGACY_TEMP_DIR.match(entry.name)
-        if not entry.is_dir() or entry.is_symlink() or not (match or legacy):
+        if not entry.is_dir() or entry.is_symlink() or not match or match.group("name") != out.name:
             continue
-        if (match or legacy).group("name") != out.name:
-            continue
-        stale = (not _pid_alive(int(match.group("pid")))) if match else \
-            now - entry.stat().st_mtime > _LEGACY_STALE_SECONDS
-        if stale and _foreign_entry(entry) is None:
+        if not _pid_alive(int(match.group("pid"))) and _foreign_entry(entry) is None:
             shutil.rmtree(entry, ignore_errors=True)
             logger.info("removed %s, left by an interrupted save", entry)
             removed.append(entry)

@@ -46,8 +46,8 @@ REFERENCE_DTYPE = torch.float16
 CHUNK_POSITIONS = 64
 # Latency runs of one model whose slowest is more than this many times the fastest make a ratio unreliable.
 MAX_LATENCY_SPREAD = 1.5
-# Why ``evaluation.latency: auto`` leaves a bitsandbytes model on a CPU untimed (NOTES: int8 decodes 1.5-2.5x slower
-# than fp32 there, and timing it dominated the first command's wall time on a busy machine).
+# Why ``evaluation.latency: auto`` leaves a bitsandbytes model on a CPU untimed (measured on SmolLM2: int8 decodes
+# 1.5-2.5x slower than fp32 there, and timing it dominated the first command's wall time on a busy machine).
 BNB_CPU_LATENCY = ("bitsandbytes runs on the CPU here, where its kernels say nothing about the speed it is built for "
                    "(GPUs); set evaluation.latency=true to time it anyway")
 
@@ -387,7 +387,7 @@ def latency_check(original: Metrics | None, final: Metrics | None, *, threads: i
 
     A ratio is flagged unreliable when the runs of either model spread more than `MAX_LATENCY_SPREAD` (max/min), or
     the 1-minute load average during either measurement exceeded the thread count (other processes competed for the
-    CPUs, see NOTES: decode 256 ms/token under load vs 41 ms alone).
+    CPUs; measured on SmolLM2 on a 2-core CPU: decode 256 ms/token under load vs 41 ms alone).
     """
     pairs = [(label, m) for label, m in (("original", original), ("compressed", final))
              if m is not None and (m.prefill_ms_per_token is not None or m.decode_ms_per_token is not None)]

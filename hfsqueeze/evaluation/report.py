@@ -80,7 +80,7 @@ class CompressionReport:
     latency_skipped: str | None = None  # why ``evaluation.latency: auto`` timed nothing (`measure.latency_skipped`)
 
     def latency_check(self) -> dict[str, Any] | None:
-        """Whether the final/original latency ratios can be trusted (see `hfsqueeze.measure.latency_check`)."""
+        """Whether the final/original latency ratios can be trusted (see `hfsqueeze.evaluation.measure.latency_check`)."""
         return latency_check(self.baseline, self.final, threads=self.environment.get("threads"),
                              interleaved=self.latency_interleaved)
 

@@ -147,7 +147,7 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
 def latency_ratios(model: nn.Module, original: nn.Module, settings: TuneSettings, prompt: torch.Tensor
                    ) -> dict[str, float | None]:
     """Prefill and decode time of ``model`` over the original's, alternating the two in every round so a change in
-    machine load hits both alike (`hfsqueeze.measure.interleaved_latency`)."""
+    machine load hits both alike (`hfsqueeze.evaluation.measure.interleaved_latency`)."""
     prompt = prompt[: settings.prompt_tokens].unsqueeze(0)
     orig, new = interleaved_latency([original, model], prompt, decode_tokens=settings.decode_tokens,
                                     repeats=settings.latency_rounds)
@@ -222,7 +222,7 @@ def run_point(tctx: TrialContext, point: dict[str, Any]) -> dict[str, Any]:
     plan = plan_of(point)
     model, stages, solution = build(tctx, plan)
     build_seconds = time.perf_counter() - start
-    size = disk_bytes(model)  # before any forward pass (bnb 4-bit CPU repacking, see NOTES)
+    size = disk_bytes(model)  # before any forward pass (bnb 4-bit CPU repacking, see `compat.bnb`)
     metrics: dict[str, Any] = {
         "disk_bytes": size, "size": size / tctx.original_bytes, "bits": 8 * size / tctx.original_params,
         "parameters": count_parameters(model),

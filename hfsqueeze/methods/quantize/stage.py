@@ -82,7 +82,7 @@ class QuantizeStage(Stage):
         return {
             "bits": Param.choice(16, 8, 4),
             "dtype": Param.choice("bf16", "fp16", when={"bits": (16,)}),
-            # Measured on SmolLM2 (NOTES): lower thresholds trade speed for quality; 0 disables the outlier path.
+            # Measured on SmolLM2: lower thresholds trade speed for quality; 0 disables the outlier path.
             "threshold": Param.range(0.0, 8.0, step=0.5, when={"bits": (8,)}),
             "quant_type": Param.choice("nf4", "fp4", when={"bits": (4,)}),
             "double_quant": Param.choice(False, True, when={"bits": (4,)}),
