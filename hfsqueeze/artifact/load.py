@@ -21,7 +21,7 @@ from ..compat.peft import check_adapter_loadable
 from ..core.errors import ArtifactError
 from ..core.hf import auto_class_name
 from ..core.loading import check_model_source, guarded_load, load_errors
-from ..core.models import load_pretrained, load_tokenizer, prepared, resolve_model_path
+from ..core.models import load_stock, load_tokenizer, prepared, resolve_model_path
 from ..core.utils import quiet_transformers_progress
 from ..registry import stages
 from .parity import check_parity_files, check_saved_parity
@@ -93,7 +93,7 @@ def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **hub)
         model = _stage_load(source, config, {**kwargs, "trust_remote_code": trust})
     if model is None:
-        return load_pretrained(source, trust_remote_code=trust, **kwargs)
+        return load_stock(source, config, trust_remote_code=trust, **kwargs)
     with load_errors(source):
         model = _checked(model, source, True, kwargs)
     return prepared(model), load_tokenizer(source, trust_remote_code=trust, **hub)

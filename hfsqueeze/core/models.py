@@ -158,6 +158,14 @@ def load_pretrained(path: str | os.PathLike | None, *, trust_remote_code: bool =
     check_model_source(source)
     with load_errors(source):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+    return load_stock(source, config, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_stock(source: str, config: Any, *, trust_remote_code: bool = False, **kwargs: Any) -> tuple[Any, Any]:
+    """`load_pretrained` for a ``source`` already resolved and checked, whose ``config`` is loaded: what
+    `hfsqueeze.models.load_model` calls after its own checks, so a path is resolved and checked once."""
+    hub = {"revision": kwargs["revision"]} if kwargs.get("revision") else {}
+    with load_errors(source):
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     return prepared(model), load_tokenizer(source, trust_remote_code=trust_remote_code, **hub)
