@@ -1051,7 +1051,7 @@ def test_interrupted_search_points_are_queued_again_once(tmp_path):
 # `hfsqueeze tune` in a child process, paused at a known point: the ``n``-th trial (before it is built) or the
 # ``n``-th module of the sensitivity pass (before it is scored); the pause writes ``marker`` and sleeps.
 PAUSING_CLI = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from hfsqueeze import cli
 from hfsqueeze.tune import sensitivity as sens_mod, study as study_mod, tuner as tuner_mod
@@ -1063,7 +1063,9 @@ real, calls = getattr(module, name), []
 def paused(*args, **kwargs):
     calls.append(1)
     if len(calls) == pause["n"]:
-        Path(pause["marker"]).write_text(json.dumps(args[1] if pause["at"] == "trial" else None))
+        # Written whole, then renamed: the test signals as soon as the marker exists, which must not cut the write.
+        Path(pause["marker"] + ".tmp").write_text(json.dumps(args[1] if pause["at"] == "trial" else None))
+        os.replace(pause["marker"] + ".tmp", pause["marker"])
         time.sleep(600)
     return real(*args, **kwargs)
 setattr(module, name, paused)
