@@ -13,17 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.errors import HfSqueezeWarning, RecipeError, UnsupportedModelError, prefixed
+from ...core.errors import HfSqueezeWarning, UnsupportedModelError, prefixed
 from ...core.hf import count_parameters, is_causal_lm
 from ...core.stage import ModelInfo
+from .checks import check_layers, check_prunable, check_targets, target_count
 from .config import PruneConfig
 from .importance import Scores, activation_scores, gradient_scores, head_units, kl_scores, magnitude_scores
 from .reconstruct import InputMoments, reconstruct
 from .surgery import (
     FAMILIES,
-    MODEL_TYPES,
     PLAN_KEY,
-    SUPPORTED_MODEL_TYPES,
     attention_shape,
     current_plan,
     drop_layers,
@@ -40,132 +39,6 @@ logger = logging.getLogger("hfsqueeze")
 
 class PruneWarning(HfSqueezeWarning):
     """A prune target could not be met exactly (rounding, ``min_heads_per_layer`` or ``protect_layers``)."""
-
-
-# ---- checks (also run by PruneStage.validate, before the model runs) ----------------------------------------------
-def check_prunable(info: ModelInfo) -> str:
-    """Return the model's family, or raise a one-line error naming what is supported."""
-    family = MODEL_TYPES.get(info.model_type)
-    if family is None:
-        raise UnsupportedModelError(
-            f"model type {info.model_type!r} ({info.architecture}) is not supported; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if info.quantized:
-        raise RecipeError(f"the model is already quantized ({info.quantized}); quantized weights cannot be cut, so "
-                          "put the prune stage before quantize")
-    return family
-
-
-def _protected_layers(config: PruneConfig, n_layers: int) -> set[int]:
-    protected = set()
-    for index in config.protect_layers:
-        if not -n_layers <= index < n_layers:
-            raise RecipeError(f"key 'protect_layers': layer {index} does not exist; the model has {n_layers} layers "
-                              f"(0..{n_layers - 1}, or negative from the end)")
-        protected.add(index % n_layers)
-    return protected
-
-
-def check_layers(config: PruneConfig, n_layers: int) -> tuple[set[int], int]:
-    """The protected layer indices (normalized) and the number of layers to remove; raise when impossible."""
-    protected = _protected_layers(config, n_layers)
-    layers_target = _target(config.layers, n_layers)
-    if config.layers and layers_target == 0:
-        raise RecipeError(f"key 'layers': {config.layers} of {n_layers} layers rounds to 0; give a count "
-                          "(layers: 1) or a larger fraction")
-    if layers_target > n_layers - max(1, len(protected)):
-        raise RecipeError(f"key 'layers': got {config.layers} ({layers_target} layers) but only "
-                          f"{n_layers - max(1, len(protected))} of {n_layers} layers can go (protect_layers="
-                          f"{sorted(protected)}; at least one layer stays)")
-    return protected, layers_target
-
-
-def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[str]:
-    """Check, before any scoring, that the model can meet ``config``'s targets; return warnings about rounding.
-
-    Raises `RecipeError` when a target removes nothing (a fraction rounding to 0, a single key/value group per layer
-    under ``gqa_mode: groups``, ``protect_layers``/``min_heads_per_layer`` leaving nothing) or asks for more than
-    exists. A layerwise target that rounds to a different amount is a warning: it is what the stage will remove.
-    """
-    layers = list(layer_list(family, model))
-    protected, _ = check_layers(config, len(layers))
-    eligible = [i not in protected for i in range(len(layers))]
-    notes = []
-    if config.heads:
-        notes += _check_heads(config, [attention_shape(family, layer) for layer in layers], eligible)
-    if config.ffn:
-        notes += _check_ffn(config, [ffn_width(family, layer) for layer in layers], eligible)
-    return notes
-
-
-def _check_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> list[str]:
-    total = sum(n_q for n_q, _, _ in shapes)
-    target = _target(config.heads, total)
-    if target == 0:
-        raise RecipeError(f"key 'heads': {config.heads} of {total} query heads rounds to 0; give a count "
-                          "(heads: 1) or a larger fraction")
-    if target > total:
-        raise RecipeError(f"key 'heads': asks to remove {target} heads but the model has {total}")
-    units = [head_units(n_q, n_kv, config.gqa_mode) for n_q, n_kv, _ in shapes]
-    sizes = [len(u[0][0]) for u in units]
-    min_keep = max(config.min_heads_per_layer, 1)
-    if config.scope == "global":
-        can = [s * max(0, (n_q - min_keep) // s) if ok else 0 for (n_q, _, _), s, ok in zip(shapes, sizes, eligible)]
-    else:
-        can = [s * max(0, min(round(target / total * len(u)), len(u) - math.ceil(min_keep / s))) if ok else 0
-               for u, s, ok in zip(units, sizes, eligible)]
-    if sum(can) == 0:
-        raise RecipeError(f"key 'heads': {config.heads} removes no head: {_why_no_heads(config, shapes, eligible)}")
-    if config.scope == "layerwise" and sum(can) != target:
-        return [f"layerwise heads={config.heads} removes {sum(can)} of {total} query heads (per layer: {can}), "
-                f"not {target}: layers lose whole head units of {sorted(set(sizes))} heads"
-                + (f" and protect_layers={config.protect_layers} are kept" if not all(eligible) else "")]
-    return []
-
-
-def _why_no_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> str:
-    kept = [shape for shape, ok in zip(shapes, eligible) if ok]
-    if not kept:
-        return f"protect_layers={config.protect_layers} covers every layer"
-    if config.gqa_mode == "groups" and all(n_kv == 1 < n_q for n_q, n_kv, _ in kept):
-        n_q = kept[0][0]
-        return (f"every layer has a single key/value group ({n_q} query heads share 1 key/value head) and gqa_mode: "
-                "groups removes whole groups, one of which must stay; use gqa_mode: slots to remove query heads "
-                "and keep the key/value head")
-    if config.scope == "layerwise":
-        return (f"a layerwise fraction of {len(head_units(kept[0][0], kept[0][1], config.gqa_mode))} head "
-                f"units per layer rounds to 0 (min_heads_per_layer={config.min_heads_per_layer}); use scope: global "
-                "or a larger fraction")
-    return (f"min_heads_per_layer={config.min_heads_per_layer} keeps every head of the layers that may be pruned "
-            f"({sorted({q for q, _, _ in kept})} query heads per layer)")
-
-
-def _check_ffn(config: PruneConfig, widths: list[int], eligible: list[bool]) -> list[str]:
-    total = sum(widths)
-    target = _target(config.ffn, total)
-    if target == 0:
-        raise RecipeError(f"key 'ffn': {config.ffn} of {total} FFN neurons rounds to 0; give a count or a larger "
-                          "fraction")
-    if target > total:
-        raise RecipeError(f"key 'ffn': asks to remove {target} FFN neurons but the model has {total}")
-    if config.scope == "global":
-        can = [w - 1 if ok else 0 for w, ok in zip(widths, eligible)]
-    else:
-        can = [max(0, min(round(target / total * w), w - 1)) if ok else 0 for w, ok in zip(widths, eligible)]
-    if sum(can) == 0:
-        why = (f"protect_layers={config.protect_layers} covers every layer" if not any(eligible)
-               else "a layerwise fraction rounds to 0 neurons per layer; use scope: global or a larger fraction")
-        raise RecipeError(f"key 'ffn': {config.ffn} removes no FFN neuron: {why}")
-    if config.scope == "layerwise" and sum(can) != target:
-        return [f"layerwise ffn={config.ffn} removes {sum(can)} of {total} FFN neurons (per layer: {can}), not "
-                f"{target}" + (f": protect_layers={config.protect_layers} are kept" if not all(eligible) else "")]
-    return []
-
-
-def _target(value: int | float, total: int) -> int:
-    """A fraction of ``total`` (rounded) or a count, as a number of items."""
-    return int(round(value * total)) if isinstance(value, float) else int(value)
 
 
 def calibration_blocks(model: nn.Module, config: PruneConfig, ctx: Any, max_tokens: int) -> torch.Tensor:
@@ -401,7 +274,7 @@ def plan_prune(model: nn.Module, config: PruneConfig) -> tuple[_Plan, list[str]]
     ffn = [ffn_width(family, layer) for layer in layers]
     plan = _Plan(family, protected, layers_target, shapes,
                  [len(head_units(n_q, n_kv, config.gqa_mode)) for n_q, n_kv, _ in shapes], ffn,
-                 _target(config.heads, sum(s[0] for s in shapes)), _target(config.ffn, sum(ffn)))
+                 target_count(config.heads, sum(s[0] for s in shapes)), target_count(config.ffn, sum(ffn)))
     return plan, notes
 
 
@@ -440,7 +313,7 @@ def _choose_heads(model: nn.Module, config: PruneConfig, plan: _Plan, progress: 
         n_q_now = [attention_shape(plan.family, layer)[0] for layer in layer_list(plan.family, model)]
         base = sum(plan.shapes[ids[i]][0] for i in survivors)
         already = sum(plan.shapes[ids[i]][0] - n_q_now[i] for i in survivors)
-        need = int(round(_target(config.heads, base) * fraction)) - already
+        need = int(round(target_count(config.heads, base) * fraction)) - already
         min_keep = [max(config.min_heads_per_layer, 1) for _ in units]
         removed, done = _choose_global(_normalized(scores.heads, config), sizes, min_keep, prunable, max(need, 0))
         if done < need:
@@ -468,7 +341,7 @@ def _choose_ffn(model: nn.Module, config: PruneConfig, plan: _Plan, progress: _P
     if config.scope == "global":
         base = sum(plan.ffn[ids[i]] for i in survivors)
         already = sum(plan.ffn[ids[i]] - widths[i] for i in survivors)
-        need = int(round(_target(config.ffn, base) * fraction)) - already
+        need = int(round(target_count(config.ffn, base) * fraction)) - already
         removed, done = _choose_global(_normalized(scores.ffn, config), [[1] * w for w in widths], [1] * len(widths),
                                        prunable, max(need, 0))
         if done < need:

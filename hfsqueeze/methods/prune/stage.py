@@ -12,7 +12,8 @@ from ...core.data import check_text_source
 from ...core.errors import RecipeError
 from ...core.search import Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
-from .apply import apply_prune, check_layers, check_prunable, check_targets, first_step_scores
+from .apply import apply_prune, first_step_scores
+from .checks import check_layers, check_prunable, check_targets
 from .artifact import code_check, load_snippet, loader, save_hook
 from .config import PruneConfig
 
