@@ -206,7 +206,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from hfsqueeze.artifact.load import load_model
-    from hfsqueeze.core.models import minilm_dir
+    from hfsqueeze.builtin.models import minilm_dir
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

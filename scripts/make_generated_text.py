@@ -1,4 +1,4 @@
-"""Write ``hfsqueeze/core/generated_en.jsonl``, the ``builtin:generated`` text: English sampled from SmolLM2.
+"""Write ``hfsqueeze/builtin/generated_en.jsonl``, the ``builtin:generated`` text: English sampled from SmolLM2.
 
 The recovery stages need training text that is not one narrow domain: the built-in pydoc text teaches a pruned model
 Python documentation and moves it away from the original on other prose (recipes/README.md). A causal LM's own
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hfsqueeze.artifact.load import load_model
-from hfsqueeze.core.texts import GENERATED_FILE
+from hfsqueeze.builtin.texts import GENERATED_FILE
 
 BATCHES, BATCH_SIZE, NEW_TOKENS, SEED = 20, 32, 160, 1
 

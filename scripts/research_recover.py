@@ -41,7 +41,7 @@ BASE_EVAL = False
 
 def ood_text() -> str:
     # A slice from the middle of the narrative books and one from the letters (not the builtin:bible selection).
-    from hfsqueeze.core.texts import _source
+    from hfsqueeze.builtin.texts import _source
 
     s = _source()
     i = s.index('"""')

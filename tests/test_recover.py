@@ -112,7 +112,7 @@ def test_evaluation_text_list_reports_every_text(tiny_tokenizer, ood_text):
 
 
 def test_builtin_bible_text_is_parsed_from_the_package_layout():
-    from hfsqueeze.core.texts import parse_bible
+    from hfsqueeze.builtin.texts import parse_bible
 
     verses = {8001001: 0, 8001002: 30, 32001001: 61, 32001002: 90, 59001001: 120, 60001001: 150}
     body = ("In the days when judges ruled. There was a famine in the land. Now the word came to Jonah. "
@@ -328,7 +328,7 @@ def test_encoder_recovery_after_head_pruning_raises_embedding_cosine(tiny_tokeni
 
 def test_builtin_generated_has_disjoint_splits_and_no_bible_text():
     from hfsqueeze.core.data import load_texts
-    from hfsqueeze.core.texts import GENERATED_FILE
+    from hfsqueeze.builtin.texts import GENERATED_FILE
 
     train, held = load_texts("builtin:generated", split="train"), load_texts("builtin:generated", split="eval")
     assert len(train) > 200 and len(held) > 20
@@ -340,7 +340,7 @@ def test_builtin_generated_has_disjoint_splits_and_no_bible_text():
 
 def test_distill_on_builtin_generated_trains_on_train_split_only(tiny_tokenizer):
     from hfsqueeze.core.data import token_blocks
-    from hfsqueeze.core.texts import generated_texts
+    from hfsqueeze.builtin.texts import generated_texts
     from hfsqueeze.methods.distill.config import DistillConfig
     from hfsqueeze.methods.distill.data import build_tasks
 

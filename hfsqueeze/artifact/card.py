@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from ..core.hf import CAUSAL_LM_SUFFIXES, auto_class_name
-from ..core.models import BUILTIN_CARD_DATA, DEFAULT_MODEL, DEFAULT_MODEL_ID, cache_dir
+from ..builtin.models import BUILTIN_CARD_DATA, DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..core.utils import cache_dir
 from ..core.stage import BASE_MODEL_RELATIONS, Description, format_of
 from ..evaluation.metrics import METRICS
 from ..evaluation.metrics import fmt_bytes as _bytes
@@ -275,7 +276,7 @@ def inherited_card_data(name_or_path: Any, out_dir: str | os.PathLike | None = N
     """``license`` and ``language`` a compressed model inherits from its base model.
 
     Read, key by key, from the first source that has them: the base model directory's own ``README.md`` card data,
-    the built-in models' table (`hfsqueeze.core.models.BUILTIN_CARD_DATA`), then the artifact's existing card in
+    the built-in models' table (`hfsqueeze.builtin.models.BUILTIN_CARD_DATA`), then the artifact's existing card in
     ``out_dir`` (what `save_compressed` wrote, so a later push keeps it when the base directory is gone).
     """
     base = resolve_base_model(name_or_path)

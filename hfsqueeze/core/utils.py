@@ -48,6 +48,12 @@ def sibling_temp_dir(target: Path, tag: str) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """hfsqueeze's cache: ``$HFSQUEEZE_CACHE``, default ``~/.cache/hfsqueeze`` (built-in models and texts, tune's
+    sensitivity scores)."""
+    return Path(os.environ.get("HFSQUEEZE_CACHE", Path.home() / ".cache" / "hfsqueeze"))
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` through a hidden sibling temporary file and a rename: readers (another worker, a
     resumed run) see the old file or the new one, never half of one; a crash leaves at most the hidden file."""

