@@ -28,8 +28,8 @@ from .utils import progress
 
 __all__ = [
     "CHUNK_POSITIONS",
-    "REFERENCE_DTYPE",
     "LMScore",
+    "REFERENCE_DTYPE",
     "compare",
     "cosine",
     "logprobs",
