@@ -199,7 +199,8 @@ def test_reference_outputs_are_16bit_and_kl_matches_fp32(tiny_llama, tiny_tokeni
     import copy
 
     torch.manual_seed(0)
-    from hfsqueeze.evaluation.measure import REFERENCE_DTYPE, _forward_logprobs, measure, reference_outputs
+    from hfsqueeze.core.quality import REFERENCE_DTYPE, logprobs
+    from hfsqueeze.evaluation.measure import measure, reference_outputs
     from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize
     from hfsqueeze.recipe import EvaluationConfig
 
@@ -209,7 +210,7 @@ def test_reference_outputs_are_16bit_and_kl_matches_fp32(tiny_llama, tiny_tokeni
     assert REFERENCE_DTYPE.itemsize == 2
     assert [(lp.dtype, tuple(lp.shape)) for lp in reference.outputs] == [(REFERENCE_DTYPE, (128, vocab))] * 2
     with torch.no_grad():
-        fp32 = [_forward_logprobs(tiny_llama.eval(), block) for block in reference.inputs]
+        fp32 = [logprobs(tiny_llama.eval(), block) for block in reference.inputs]
     compressed = copy.deepcopy(tiny_llama)
     with torch.no_grad():  # a visible change first (the tiny model's outputs are nearly uniform), then nf4
         for param in compressed.parameters():
@@ -217,7 +218,7 @@ def test_reference_outputs_are_16bit_and_kl_matches_fp32(tiny_llama, tiny_tokeni
     apply_quantize(compressed, QuantizeConfig(bits=4))
     metrics = measure(compressed, tiny_tokenizer, evaluation, reference)
     with torch.no_grad():
-        new = [_forward_logprobs(compressed.eval(), block) for block in reference.inputs]
+        new = [logprobs(compressed.eval(), block) for block in reference.inputs]
     kl = sum((r.exp() * (r - n)).sum().item() for r, n in zip(fp32, new)) / reference.inputs.numel()
     top1 = sum((r.argmax(-1) == n.argmax(-1)).sum().item() for r, n in zip(fp32, new)) / reference.inputs.numel()
     assert metrics.kl_divergence > 0

@@ -99,27 +99,27 @@ def test_measure_and_latency_inputs_follow_the_model(inputs_claimed_on_meta, tin
 
 def test_encoder_inputs_follow_the_model(monkeypatch, tiny_tokenizer):
     """Encoders: the ids and the mask go to the model's device (checked on the mask, a plain tensor argument)."""
-    from hfsqueeze.evaluation import measure as m
+    from hfsqueeze.core import quality
 
     moved = []
-    real = m.to_device
-    monkeypatch.setattr(m, "to_device", lambda batch, model: moved.append(batch) or real(batch, model))
+    real = quality.to_device
+    monkeypatch.setattr(quality, "to_device", lambda batch, model: moved.append(batch) or real(batch, model))
     model = make_tiny("bert")
     ids, mask = torch.randint(5, 400, (2, 8)), torch.ones(2, 8, dtype=torch.long)
-    m._embeddings(model, ids, mask)
+    quality.pooled_embeddings(model, ids, mask)
     assert any(t.data_ptr() == mask.data_ptr() for t in moved)  # slices of the very tensors, both moved
     assert any(t.data_ptr() == ids.data_ptr() for t in moved)
 
 
 def test_tune_forwards_follow_the_model(inputs_claimed_on_meta):
-    from hfsqueeze.tune import sensitivity, space, trial
+    from hfsqueeze.core import quality
+    from hfsqueeze.tune import space
 
     attach, seen = inputs_claimed_on_meta
     model = attach(make_tiny("llama"))
     block = torch.randint(5, 400, (16,))
-    with torch.no_grad():
-        trial._logprobs(model, block)
-        sensitivity._forward(model, block)
+    reference = quality.logprobs(model, block)  # what a sensitivity pass records
+    quality.score_lm(model, block.unsqueeze(0), [reference])  # what trials and sensitivities score
     assert len(seen) == 2
     half = make_tiny("llama")
     attach(half)
@@ -138,16 +138,15 @@ def test_prune_calibration_forwards_follow_the_model(inputs_claimed_on_meta):
     assert len(seen) == 2
 
 
-def test_distill_quality_and_parity_forwards_follow_the_model(inputs_claimed_on_meta, monkeypatch, tmp_path):
+def test_distill_quality_and_parity_forwards_follow_the_model(inputs_claimed_on_meta, tmp_path):
     from hfsqueeze.artifact import parity
     from hfsqueeze.methods.distill import quality
 
     attach, seen = inputs_claimed_on_meta
-    monkeypatch.setattr(quality, "input_device", lambda model: META)
     model = attach(make_tiny("llama"))
-    quality._lm_logprobs(model, [5, 6, 7, 8])
+    quality.score(model, model, [quality.EvalSet("text", [[5, 6, 7, 8]])])  # the teacher's pass, then the model's
     parity._outputs(model, torch.randint(5, 400, (1, 8)))
-    assert len(seen) == 2
+    assert len(seen) == 3
 
 
 # ---- offloaded weights are refused in one line, before any work ---------------------------------------------------

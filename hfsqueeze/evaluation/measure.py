@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..compat.bnb import guard_bnb_cpu_repack, saveable
 from ..compat.peft import save_pretrained_with_adapter
 from ..core.data import eval_sources, load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
 from ..core.hf import count_parameters, eval_mode, is_causal_lm, quantization_method, synchronizer, to_device
-from ..core.utils import progress, progress_bar
+from ..core.quality import REFERENCE_DTYPE, cosine, pooled_embeddings, score_lm
+from ..core.utils import progress_bar
 from .metrics import Metrics
 
 logger = logging.getLogger("hfsqueeze")
@@ -37,13 +37,6 @@ logger = logging.getLogger("hfsqueeze")
 # `model_task` values, as the report records them (``report["model"]["task"]``).
 TASK_CAUSAL_LM = "causal-lm"
 TASK_ENCODER = "encoder"
-# Reference log-probabilities are kept in float16: half the memory of fp32 (they are `max_tokens x vocab`, 768 MiB
-# in fp32 at 4096 tokens and a 49k vocabulary). fp16 represents log-probabilities down to -65504 with a relative
-# error of 2^-11, so the KL computed from them (in fp32) moves by far less than the differences it reports; bf16
-# (2^-8) would not (measured: see tests/test_api.py).
-REFERENCE_DTYPE = torch.float16
-# Positions per chunk when normalizing or comparing vocabulary-sized outputs (64 x 49k fp32 = 12 MiB).
-CHUNK_POSITIONS = 64
 # Latency runs of one model whose slowest is more than this many times the fastest make a ratio unreliable.
 MAX_LATENCY_SPREAD = 1.5
 # Why ``evaluation.latency: auto`` leaves a bitsandbytes model on a CPU untimed (measured on SmolLM2: int8 decodes
@@ -59,7 +52,7 @@ class Reference:
     task: str
     inputs: torch.Tensor  # causal: token blocks [n, L]; encoder: input ids [n, L]
     attention_mask: torch.Tensor | None
-    outputs: list[torch.Tensor]  # causal: log-probs per block (`REFERENCE_DTYPE`); encoder: embeddings per batch
+    outputs: list[torch.Tensor]  # causal: log-probs per block (`REFERENCE_DTYPE`, CPU); encoder: [embeddings [n, H]]
     perplexity: float | None = None
     label: str | None = None
     # The other evaluation texts, by label (``evaluation.text`` as a list); the report shows each one.
@@ -116,32 +109,6 @@ def disk_bytes(model) -> int:
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
-def _forward_logprobs(model, block: torch.Tensor) -> torch.Tensor:
-    """fp32 log-probabilities ``[L, V]`` of one block, normalized in place a few positions at a time: the logits
-    are the only vocabulary-sized tensor (``log_softmax`` would allocate a second one, and its internals a third)."""
-    logits = model(input_ids=to_device(block.unsqueeze(0), model)).logits[0].float()  # a copy only for a 16-bit model
-    for rows in logits.split(CHUNK_POSITIONS):
-        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)
-    return logits
-
-
-def compare_logprobs(reference: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, int]:
-    """``(sum of KL(reference || logprobs) over positions, positions whose top-1 agrees)``, computed in fp32 a few
-    positions at a time (``reference`` may be stored in `REFERENCE_DTYPE`), so no vocabulary-sized temporary of the
-    whole block is made."""
-    kl, agree = 0.0, 0
-    for ref, new in zip(reference.split(CHUNK_POSITIONS), logprobs.split(CHUNK_POSITIONS)):
-        ref = ref.to(new.device).float()  # recorded on another device, e.g. eval --base
-        kl += (ref.exp() * (ref - new)).sum().item()
-        agree += (ref.argmax(-1) == new.argmax(-1)).sum().item()
-    return kl, agree
-
-
-def _nll(logprobs: torch.Tensor, block: torch.Tensor) -> tuple[float, int]:
-    picked = logprobs[:-1].gather(-1, block[1:].to(logprobs.device).unsqueeze(-1)).squeeze(-1)
-    return -picked.sum().item(), picked.numel()
-
-
 def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
     texts = texts if texts is not None else load_texts(evaluation.texts[0], split="eval")
     if model_task(model) == TASK_CAUSAL_LM:
@@ -159,17 +126,6 @@ def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _embeddings(model, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> list[torch.Tensor]:
-    out = []
-    for i in range(0, len(ids), batch):
-        m = to_device(mask[i:i + batch], model)
-        hidden = model(input_ids=to_device(ids[i:i + batch], model), attention_mask=m).last_hidden_state.float()
-        m = m.to(hidden.device)  # the last layer may sit on another device than the first (device_map="auto")
-        pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        out.append(pooled)
-    return out
-
-
 @torch.no_grad()
 def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = None) -> Reference | None:
     """Record the outputs of ``model`` (before compression) on the evaluation text; ``None`` without a tokenizer."""
@@ -180,15 +136,9 @@ def reference_outputs(model, tokenizer, evaluation, texts: list[str] | None = No
         inputs, mask = _eval_inputs(model, tokenizer, evaluation, texts)
         logger.info("recording the reference outputs on %d evaluation tokens", inputs.numel())
         if task == TASK_CAUSAL_LM:
-            outputs, nll, count = [], 0.0, 0
-            for block in progress(inputs, desc="reference outputs"):
-                lp = _forward_logprobs(model, block)
-                s, n = _nll(lp, block)
-                nll, count = nll + s, count + n
-                outputs.append(lp.to(REFERENCE_DTYPE))
-                del lp  # the next forward's logits take its place
-            return Reference(task, inputs, None, outputs, perplexity=math.exp(nll / count))
-        return Reference(task, inputs, mask, _embeddings(model, inputs, mask))
+            score = score_lm(model, inputs, keep=REFERENCE_DTYPE, desc="reference outputs")
+            return Reference(task, inputs, None, score.reference, perplexity=score.perplexity)
+        return Reference(task, inputs, mask, [pooled_embeddings(model, inputs, mask)])
 
 
 def reference_set(model, tokenizer, evaluation, texts: dict[str, list[str]]) -> Reference | None:
@@ -213,24 +163,14 @@ def _reference_quality(ref: Reference) -> dict[str, float]:
 
 
 
-@torch.no_grad()
 def _quality(model, reference: Reference) -> dict[str, float]:
     if reference.task == TASK_ENCODER:
-        new = _embeddings(model, reference.inputs, reference.attention_mask)
-        cos = torch.cat([F.cosine_similarity(a.to(b.device), b, dim=-1) for a, b in zip(reference.outputs, new)])
+        cos = cosine(reference.outputs[0], pooled_embeddings(model, reference.inputs, reference.attention_mask))
         return {"embedding_cosine": cos.mean().item(), "eval_tokens": int(reference.attention_mask.sum())}
-    nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
-    for block, ref_lp in progress(list(zip(reference.inputs, reference.outputs)), desc="perplexity/KL"):
-        lp = _forward_logprobs(model, block)
-        s, n = _nll(lp, block)
-        nll, count = nll + s, count + n
-        # KL(original || compressed), per token, summed over the vocabulary.
-        kl, agreed = compare_logprobs(ref_lp, lp)
-        kl_sum, agree = kl_sum + kl, agree + agreed
-        del lp
-    tokens = reference.inputs.numel()
-    return {"perplexity": math.exp(nll / count), "kl_divergence": kl_sum / tokens, "top1_agreement": agree / tokens,
-            "eval_tokens": tokens}
+    # KL(original || compressed), per token, summed over the vocabulary.
+    score = score_lm(model, reference.inputs, reference.outputs, desc="perplexity/KL")
+    return {"perplexity": score.perplexity, "kl_divergence": score.kl_per_token, "top1_agreement": score.top1,
+            "eval_tokens": score.tokens}
 
 
 def load_average() -> float | None:

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.hf import to_device
+from ..core.quality import LMScore, logprobs, score_lm
 from ..core.utils import atomic_write
 from .space import quantize_targets, quantized_module
 
@@ -116,11 +115,6 @@ def layer_index(name: str, prefix: str) -> int:
     return int(name[len(head):].split(".", 1)[0])
 
 
-def _forward(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=to_device(block.unsqueeze(0), model), use_cache=False)
-    return out.logits[0].float().log_softmax(-1)
-
-
 @contextlib.contextmanager
 def _replaying(layers: nn.ModuleList, outputs: list[Any], upto: int) -> Iterator[None]:
     """Blocks before ``upto`` return their recorded outputs instead of running."""
@@ -147,7 +141,7 @@ def _record(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor):
         hooks = [layer.register_forward_hook(lambda m, a, o, j=j, outputs=outputs: outputs.__setitem__(j, o))
                  for j, layer in enumerate(layers)]
         try:
-            reference = _forward(model, block)
+            reference = logprobs(model, block)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -156,13 +150,13 @@ def _record(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor):
 
 
 def _kl(model: nn.Module, blocks: torch.Tensor, recorded, layers: nn.ModuleList | None, upto: int) -> float:
-    total = 0.0
+    """Mean KL(original || model) per token; each block's forward replays the blocks before ``upto``."""
+    total = LMScore()
     for block, (outputs, reference) in zip(blocks, recorded):
         context = _replaying(layers, outputs, upto) if layers is not None else contextlib.nullcontext()
         with context:
-            lp = _forward(model, block)
-        total += float(F.kl_div(lp, reference, log_target=True, reduction="none").sum(-1).mean())
-    return total / len(blocks)
+            total.add(score_lm(model, block.unsqueeze(0), [reference]))
+    return total.kl_per_token
 
 
 @torch.no_grad()
@@ -185,7 +179,7 @@ def score_modules(model: nn.Module, blocks: torch.Tensor, fmt: dict[str, Any],
     found = find_layers(model)
     prefix, layers = found if found is not None else ("", None)
     recorded = _record(model, layers, blocks) if layers is not None else \
-        [([], _forward(model, block)) for block in blocks]
+        [([], logprobs(model, block)) for block in blocks]
     try:
         for name, module in targets:
             if name in scores:

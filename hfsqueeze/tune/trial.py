@@ -21,8 +21,9 @@ from torch import nn
 
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
-from ..core.hf import count_parameters, sharing_copy, to_device
-from ..evaluation.measure import CHUNK_POSITIONS, REFERENCE_DTYPE, compare_logprobs, disk_bytes, interleaved_latency
+from ..core.hf import count_parameters, sharing_copy
+from ..core.quality import REFERENCE_DTYPE, score_lm
+from ..evaluation.measure import disk_bytes, interleaved_latency
 from .budget import Budget
 from .sensitivity import find_layers, format_key
 from .solve import SizeModel, Solution, estimate_bytes, solve
@@ -101,46 +102,23 @@ class TrialContext:
 
     def __post_init__(self):
         if not self.reference:
-            nll, count = 0.0, 0
-            with torch.no_grad():
-                for block in self.blocks:
-                    lp = _logprobs(self.original, block)
-                    nll -= float(lp[:-1].gather(-1, block[1:].unsqueeze(-1)).sum())
-                    count += block.numel() - 1
-                    # Kept in 16-bit, as `compress` keeps its reference (vocabulary-sized, one per block).
-                    self.reference.append(lp.to(REFERENCE_DTYPE))
-                    del lp
-            self.original_nll = nll / max(count, 1)
-
-
-def _logprobs(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=to_device(block.unsqueeze(0), model), use_cache=False).logits[0].float()
-    for rows in logits.split(CHUNK_POSITIONS):  # normalized in place: no second vocabulary-sized tensor
-        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)
-    return logits
+            # Kept in 16-bit, as `compress` keeps its reference (vocabulary-sized, one per block).
+            score = score_lm(self.original, self.blocks, keep=REFERENCE_DTYPE)
+            self.reference, self.original_nll = score.reference, score.mean_nll
 
 
 _MAX_LOG = 700.0  # math.exp overflows just above 709
 
 
-@torch.no_grad()
 def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
     """KL(original || model) per token, perplexity ratio and top-1 agreement on the calibration blocks."""
-    kl, agree, tokens, nll, scored = 0.0, 0, 0, 0.0, 0
-    for block, ref in zip(tctx.blocks, tctx.reference):
-        lp = _logprobs(model, block)
-        block_kl, block_agree = compare_logprobs(ref, lp)
-        kl, agree = kl + block_kl, agree + block_agree
-        tokens += block.numel()
-        nll -= float(lp[:-1].gather(-1, block[1:].to(lp.device).unsqueeze(-1)).sum())
-        scored += block.numel() - 1
-        del lp  # one block's log-probabilities at a time (a 262k vocabulary makes them large)
-    nll /= max(scored, 1)
+    score = score_lm(model, tctx.blocks, tctx.reference)
+    kl, nll = score.kl, score.mean_nll
     if not (math.isfinite(kl) and math.isfinite(nll)) or nll > _MAX_LOG:
         # Recorded as a failed trial with this reason (optuna's own words would be "The value nan is not acceptable").
         raise FloatingPointError("the compressed model's outputs are not finite (NaN/inf, or a perplexity beyond e^700) on the "
                                  "calibration text")
-    return {"kl": kl / tokens, "top1": agree / tokens, "ppl": math.exp(nll - tctx.original_nll),
+    return {"kl": score.kl_per_token, "top1": score.top1, "ppl": math.exp(nll - tctx.original_nll),
             "perplexity": math.exp(nll), "perplexity_original": math.exp(tctx.original_nll)}
 
 

@@ -9,7 +9,6 @@ removes them afterwards.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ...compat.bnb import is_bnb_quantized
 from ...core.hf import eval_mode, input_device
+from ...core.quality import LMScore, cosine, pooled_embeddings, score_lm
 from . import losses
 from .data import CAUSAL_LM, Collator
 
@@ -271,32 +271,20 @@ def _device(model: nn.Module) -> torch.device:
     return input_device(model)
 
 
-@torch.no_grad()
 def lm_perplexity(model: nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int = 4) -> float:
     """Perplexity over held-out token blocks (every next-token prediction inside each block counts once)."""
-    nll, count = 0.0, 0
-    with eval_mode(model):
-        for batch in _batches(examples, pad_id, batch_size):
-            ids, mask = batch["input_ids"].to(_device(model)), batch["attention_mask"].to(_device(model))
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            n = int(mask[:, 1:].sum())
-            nll += float(losses.causal_lm_loss(logits, ids, mask)) * n
-            count += n
-    return math.exp(nll / max(count, 1))
+    total = LMScore()
+    for batch in _batches(examples, pad_id, batch_size):
+        total.add(score_lm(model, batch["input_ids"], attention_mask=batch["attention_mask"], batch_size=batch_size))
+    return total.perplexity
 
 
-@torch.no_grad()
 def embedding_cosine(student: nn.Module, teacher: nn.Module, examples: list[dict[str, Any]], pad_id: int,
                      batch_size: int = 4) -> float:
     """Mean cosine similarity of mean-pooled last hidden states, student vs teacher."""
-    sims = []
-    with eval_mode(student):
-        for batch in _batches(examples, pad_id, batch_size):
-            ids, mask = batch["input_ids"].to(_device(student)), batch["attention_mask"].to(_device(student))
-            s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-            t = teacher(input_ids=ids.to(_device(teacher)), attention_mask=mask.to(_device(teacher)),
-                        output_hidden_states=True).hidden_states[-1].to(s.device)
-            sims.append(torch.nn.functional.cosine_similarity(pool(s, mask, "mean"), pool(t, mask, "mean"), dim=-1))
+    sims = [cosine(pooled_embeddings(teacher, batch["input_ids"], batch["attention_mask"], batch_size=batch_size),
+                   pooled_embeddings(student, batch["input_ids"], batch["attention_mask"], batch_size=batch_size))
+            for batch in _batches(examples, pad_id, batch_size)]
     return float(torch.cat(sims).mean())
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.hf import eval_mode, input_device, is_causal_lm, to_device
+from ...core.quality import cosine, logprobs, pooled_embeddings, score_lm
 from ...core.utils import progress, progress_bar
 from .surgery import (
     attention_shape,
@@ -274,7 +275,7 @@ def activation_scores(
     )
 
 
-def _record(model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor, causal: bool):
+def _record(model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor):
     """Per block: every layer's raw output, and the model's output (log-probabilities or pooled embedding)."""
     recorded: list[list[Any]] = [[None] * len(layers) for _ in range(blocks.shape[0])]
     current = [0]
@@ -290,8 +291,7 @@ def _record(model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor, cau
     try:
         for i in progress(range(blocks.shape[0]), desc="importance (kl): reference pass"):
             current[0] = i
-            out = _forward(model, blocks[i:i + 1]).float()
-            finals.append(out.log_softmax(-1) if causal else out)
+            finals.append(_output(model, blocks[i]))
     finally:
         for handle in handles:
             handle.remove()
@@ -311,6 +311,21 @@ def _replaying(layers: list[nn.Module], outputs: list[Any], upto: int) -> Iterat
             del layers[j].forward
 
 
+def _output(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
+    """The reference output of one block ``[T]``: log-probabilities ``[T, V]`` (causal LMs, left on the model's
+    device: every masked unit compares with them) or the pooled embedding ``[1, H]``."""
+    if is_causal_lm(model):
+        return logprobs(model, block)
+    return pooled_embeddings(base_of(model), block.unsqueeze(0))
+
+
+def _distance(model: nn.Module, block: torch.Tensor, reference: torch.Tensor) -> float:
+    """Summed KL(reference || model) over the tokens of one block (causal LMs), or 1 - the pooled cosine."""
+    if is_causal_lm(model):
+        return score_lm(model, block.unsqueeze(0), [reference]).kl
+    return float(1.0 - cosine(reference, pooled_embeddings(base_of(model), block.unsqueeze(0))).sum())
+
+
 def _divergence(
     model: nn.Module, blocks: torch.Tensor, reference: list[torch.Tensor], causal: bool,
     layers: list[nn.Module], recorded: list[list[Any]], upto: int,
@@ -319,12 +334,8 @@ def _divergence(
     total = 0.0
     for i, ref in enumerate(reference):
         with _replaying(layers, recorded[i], upto):
-            out = _forward(model, blocks[i:i + 1]).float()
-        if causal:
-            total += float(F.kl_div(out.log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean())
-        else:
-            total += float(1.0 - F.cosine_similarity(ref, out, dim=-1).mean())
-    return total / len(reference)
+            total += _distance(model, blocks[i], ref)
+    return total / (blocks.numel() if causal else len(reference))
 
 
 @torch.no_grad()
@@ -341,7 +352,7 @@ def kl_scores(
     modules = list(layer_list(family, model))
     with frozen_weights(model):
         # Recorded before the gates go on, so the replayed outputs are the raw ones the gate hooks expect.
-        recorded, finals = _record(model, modules, blocks, causal)
+        recorded, finals = _record(model, modules, blocks)
         reference = finals if reference is None else reference
         gates = Gates(family, model, layers=layers)
         heads = []
