@@ -43,3 +43,20 @@ def test_card_is_byte_identical_to_its_golden_file(golden, report, kwargs):
     if os.environ.get("HFSQUEEZE_UPDATE_GOLDEN"):
         path.write_text(card)
     assert card == path.read_text(), f"the card of {report}.report.json changed; see {path}"
+
+
+def test_the_card_asks_the_stages_and_names_no_method():
+    """The card package renders what `Stage.describe` gives: no method's name, no method's detail keys, and no file
+    doing several jobs (each under 300 lines)."""
+    import ast
+
+    import hfsqueeze.artifact.card as card
+    from hfsqueeze.registry import stages
+
+    methods = {stage.name for stage in stages()}
+    for path in Path(card.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        assert len(source.splitlines()) <= 300, path.name
+        strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)
+                   and isinstance(n.value, str)}
+        assert not strings & (methods | {"route", "kept", "quality", "regressions"}), path.name
