@@ -1,7 +1,9 @@
 """`Metrics` (one measurement of a model) and `METRICS`, the one table of how each metric is named and shown.
 
-The report's before/after table and the model card both render from `METRICS`, so a metric added here appears in
-both, with the same order.
+The report's before/after table, the model card and tune's trial table (the card's "Tuning" section) all render from
+`METRICS`, so a metric added here appears in each, in the same order; their change columns come from `format_change`.
+Tune's trial records use the same keys (`hfsqueeze.evaluation.trials`); its budget words (``kl``) name rows through
+`metric_key`.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
         # Recorded as a failed trial with this reason (optuna's own words would be "The value nan is not acceptable").
         raise FloatingPointError("the compressed model's outputs are not finite (NaN/inf, or a perplexity beyond e^700) on the "
                                  "calibration text")
-    return {"kl": kl / tokens, "top1": agree / tokens, "ppl": math.exp(nll - tctx.original_nll),
+    return {"kl_divergence": kl / tokens, "top1_agreement": agree / tokens, "ppl": math.exp(nll - tctx.original_nll),
             "perplexity": math.exp(nll), "perplexity_original": math.exp(tctx.original_nll)}
 
 
