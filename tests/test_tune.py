@@ -1033,9 +1033,9 @@ def test_resume_reads_a_study_written_with_the_old_metric_keys(finished_run, tmp
     result = run_tune(load_model(str(finished_run / "m"))[0], tiny_tokenizer, out, trials=3, resume=True)
     done = {r["number"]: r for r in result.trials if r["state"] == "COMPLETE"}
     assert len(done) == 3 and set(old) < set(done)
+    renamed = {"kl": "kl_divergence", "top1": "top1_agreement"}
     for number, record in old.items():  # the old records, read in today's keys, values unchanged
-        assert done[number]["metrics"] == {("kl_divergence" if k == "kl" else "top1_agreement" if k == "top1" else k): v
-                                           for k, v in record["metrics"].items()}
+        assert done[number]["metrics"] == {renamed.get(k, k): v for k, v in record["metrics"].items()}
     assert all("kl" not in r["metrics"] and r["metrics"]["kl_divergence"] >= 0 for r in done.values())
     assert result.chosen["metrics"]["kl_divergence"] == min(r["metrics"]["kl_divergence"] for r in done.values()
                                                             if r["feasible"])

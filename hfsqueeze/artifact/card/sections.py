@@ -184,7 +184,8 @@ def texts_table(report: dict[str, Any]) -> list[str]:
     before, after = (report.get("baseline") or {}).get("texts") or {}, (report.get("final") or {}).get("texts") or {}
     if len(after) < 2:
         return []
-    lines = ["### Quality on each evaluation text", "", "| Text | Metric | Original | Compressed |", "|---|---|---:|---:|"]
+    lines = ["### Quality on each evaluation text", "", "| Text | Metric | Original | Compressed |",
+             "|---|---|---:|---:|"]
     for label, metrics in after.items():
         for metric in MEASURED:
             if metrics.get(metric.key) is None:
