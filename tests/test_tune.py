@@ -535,7 +535,7 @@ def test_tune_times_latency_only_when_the_budget_asks(tiny_tokenizer, tmp_path):
 
 def test_infeasible_budget_names_the_closest_point(tiny_tokenizer, tmp_path):
     with pytest.raises(InfeasibleBudgetError, match=r"no point within the budget prefill<=0.01x after 2 trials; "
-                                                    r"closest point found: #\d+ .*size 0\.\d+x, KL .*prefill"):
+                                                    r"closest point found: #\d+ .*size 0\.\d+x, kl .*prefill"):
         run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="prefill=0.01", trials=2)
     assert (tmp_path / "t" / "tuning" / "trials.jsonl").is_file()  # the trials are kept (resumable)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ArtifactError, BackendMissingError
-from ..evaluation.metrics import metric_key
+from ..evaluation.metrics import TRIAL_COLUMNS, metric_key
 from ..evaluation.trials import TrialRecord, normalize_metrics
 from .budget import Budget, describe_bytes
 from .sensitivity import format_key
@@ -426,15 +426,11 @@ def closest_record(records: list[TrialRecord]) -> TrialRecord | None:
     return min(measured, key=lambda r: sum(max(0.0, v) for v in r.constraints.values()))
 
 
-# Progress lines name each metric by its budget word (what --budget and --minimize take).
-_PROGRESS = [("size", "size", lambda v: f"{v:.3f}x"), ("kl", "KL", lambda v: f"{v:.4g}"),
-             ("ppl", "ppl", lambda v: f"{100 * (v - 1):+.2f}%"), ("top1", "top1", lambda v: f"{v:.3f}"),
-             ("prefill", "prefill", lambda v: f"{v:.2f}x"), ("decode", "decode", lambda v: f"{v:.2f}x")]
-
-
 def describe_record(record: TrialRecord) -> str:
-    """``#12 int8 t=2.0 + bf16 rest, 31 modules kept: size 0.29x, KL 0.0061, ppl +0.4%, prefill 0.93x``."""
-    parts = [f"{word} {fmt(record.metric(key))}" for key, word, fmt in _PROGRESS if record.metric(key) is not None]
+    """``#12 int8 t=2.0 (bf16 rest, 31 kept): size 0.290x, kl 0.0061, ppl +0.40%, prefill 0.93x``: each metric of
+    tune's trial table (`TRIAL_COLUMNS`) that a budget can limit, by its budget word."""
+    parts = [f"{row.budget} {row.trial_fmt(record.metric(row.key))}" for row in TRIAL_COLUMNS
+             if row.budget and record.metric(row.key) is not None]
     return f"#{record.number} {recipe_label(record.stages or [])}: " + ", ".join(parts)
 
 
