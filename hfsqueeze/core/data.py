@@ -21,6 +21,17 @@ BUILTIN = "builtin"
 # no recipe trains on (out-of-domain evaluation), and `GENERATED`, varied English sampled from SmolLM2 (recovery
 # training text, with its own held-out split); see hfsqueeze.builtin.texts.
 BUILTIN_TEXTS = (BUILTIN, f"{BUILTIN}:pydoc", BIBLE, GENERATED)
+# How a model card names each built-in text: in prose, and in its model-index as (dataset type, dataset name).
+BUILTIN_TEXT_LABEL = ("the held-out split of the Python documentation topics shipped with CPython "
+                      "(`pydoc_data.topics`)")
+_PYDOC_DATASET = ("pydoc_data.topics", "Python documentation topics (CPython's pydoc_data.topics), held-out split")
+BUILTIN_DATASETS = {
+    BUILTIN: _PYDOC_DATASET,
+    f"{BUILTIN}:pydoc": _PYDOC_DATASET,
+    BIBLE: ("world-english-bible", "World English Bible: Ruth, Jonah and James"),
+    GENERATED: ("hfsqueeze-generated-en",
+                "English text sampled from SmolLM2-135M-Instruct (hfsqueeze builtin:generated), held-out split"),
+}
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md", *TABLE_SUFFIXES)
 

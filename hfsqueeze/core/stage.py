@@ -90,6 +90,9 @@ class Description:
         tags: Hub tags this stage adds to the card.
         relation: the card's ``base_model_relation`` if this were the only stage (``quantized`` or ``finetune``).
         layer_rows: per-layer architecture changes, one dict per layer, shown as a table in the card.
+        section_title, section: a card section of the stage's own (markdown lines), headed
+            ``### {section_title} (stage N)``; none when ``section`` is empty.
+        load_note: a paragraph the card puts after its load code (what loading this artifact needs).
     """
 
     label: str
@@ -97,6 +100,9 @@ class Description:
     tags: list[str] = dataclasses.field(default_factory=list)
     relation: str = "finetune"
     layer_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    section_title: str = ""
+    section: list[str] = dataclasses.field(default_factory=list)
+    load_note: str = ""
 
 
 def format_of(details: dict[str, Any]) -> str | None:

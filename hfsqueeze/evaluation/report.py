@@ -12,7 +12,7 @@ import torch
 
 from ..core.utils import cpu_name, versions
 from .measure import latency_check, model_task
-from .metrics import METRICS, Metrics
+from .metrics import MEASURED, Metrics, format_change
 
 REPORT_SCHEMA = "hfsqueeze.report"
 REPORT_VERSION = 1
@@ -80,7 +80,7 @@ class CompressionReport:
     latency_skipped: str | None = None  # why ``evaluation.latency: auto`` timed nothing (`measure.latency_skipped`)
 
     def latency_check(self) -> dict[str, Any] | None:
-        """Whether the final/original latency ratios can be trusted (see `hfsqueeze.evaluation.measure.latency_check`)."""
+        """Whether the final/original latency ratios can be trusted (`hfsqueeze.evaluation.measure.latency_check`)."""
         return latency_check(self.baseline, self.final, threads=self.environment.get("threads"),
                              interleaved=self.latency_interleaved)
 
@@ -157,13 +157,16 @@ class CompressionReport:
         unreliable = check is not None and not check["reliable"]
         head = ["Metric"] + [c[0] for c in cols] + (["final / original"] if self.baseline and len(cols) > 1 else [])
         lines = [self.caption(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for metric in METRICS:
+        for metric in MEASURED:
             values = [getattr(m, metric.key) for _, m in cols]
             if all(v is None for v in values):
                 continue
             row = [metric.short] + [metric.short_fmt(v) if v is not None else "n/a" for v in values]
             if len(head) > len(cols) + 1:
-                row.append(_change(metric.report_change, values[0], values[-1], unreliable and metric.latency))
+                change = format_change(metric.report_change, values[0], values[-1], brief=True)
+                flag = unreliable and metric.latency and metric.report_change == "ratio" and bool(values[0]) \
+                    and values[-1] is not None
+                row.append(change + (" (unreliable)" if flag else ""))
             lines.append("| " + " | ".join(row) + " |")
         extra = self._texts_table(cols) + self._warnings_lines()
         return "\n".join(lines) + "\n\n" + "".join(f"{block}\n\n" for block in extra) + self._footer(cols, check)
@@ -184,7 +187,7 @@ class CompressionReport:
         lines = ["Quality on each evaluation text:", "",
                  "| Text | Metric | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
         for label in labels:
-            for metric in METRICS:
+            for metric in MEASURED:
                 values = [(m.texts or {}).get(label, {}).get(metric.key) for _, m in cols]
                 if all(v is None for v in values):
                     continue
@@ -218,18 +221,6 @@ class CompressionReport:
         if check is not None and not check["reliable"]:
             foot += "\nLatency ratios are unreliable: " + "; ".join(check["reasons"]) + "."
         return foot
-
-
-def _change(style: str, first: Any, last: Any, unreliable: bool = False) -> str:
-    """The final / original column: a ratio (flagged when it cannot be trusted), percentage points, or a signed
-    difference."""
-    if style == "ratio" and first and last is not None:
-        return f"{last / first:.3f}x" + (" (unreliable)" if unreliable else "")
-    if style == "points" and first is not None and last is not None:
-        return f"{(last - first) * 100:+.2f} pp"
-    if first is not None and last is not None:  # a difference, also when a ratio has a zero to divide by
-        return f"{last - first:+.4g}"
-    return "n/a"
 
 
 def _stage_suffix(stage: StageResult) -> str:

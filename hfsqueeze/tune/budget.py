@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from ..core.errors import HfSqueezeError, RecipeError
+from ..evaluation.metrics import metric_key
 
 OBJECTIVES = ("kl", "size", "prefill", "decode")
 SIZE_KEYS = ("size", "size_bytes", "bits")
@@ -177,21 +178,23 @@ class Budget:
     def constraints(self, m: dict[str, float]) -> dict[str, float]:
         """Constraint values for measured metrics ``m`` (relative excess; feasible when every value is <= 0).
 
-        ``m`` holds ``size`` (ratio), ``disk_bytes``, ``bits``, ``prefill``, ``decode``, ``kl``, ``ppl`` (ratio to
-        the original) and ``top1``.
+        ``m`` holds the metrics of a trial record: ``size`` (ratio), ``disk_bytes``, ``bits``, ``prefill``,
+        ``decode``, ``kl_divergence``, ``ppl`` (ratio to the original) and ``top1_agreement``; a limit's word
+        (``kl``) names its metric through `hfsqueeze.evaluation.metrics.metric_key`.
         """
         out = {}
+        m = {metric_key(k): v for k, v in m.items()}
         for key, limit in self.limits.items():
-            if m.get("disk_bytes" if key == "size_bytes" else key) is None:
+            if m.get("disk_bytes" if key == "size_bytes" else metric_key(key)) is None:
                 out[key] = 1.0  # not measured (latency off): cannot be shown to fit
             elif key == "size_bytes":
                 out[key] = m["disk_bytes"] / limit - 1
             elif key == "ppl":
                 out[key] = (m["ppl"] - 1) - limit
             elif key == "top1":
-                out[key] = limit - m["top1"]
+                out[key] = limit - m["top1_agreement"]
             elif key == "kl":
-                out[key] = m["kl"] / limit - 1
+                out[key] = m["kl_divergence"] / limit - 1
             else:
                 out[key] = m[key] / limit - 1
         return out

@@ -8,15 +8,16 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ..artifact.files import TUNING_DIR  # one name: the Hub push leaves this folder out unless asked
 from ..core.utils import atomic_write
+from ..evaluation.trials import TrialRecord
 
 PARETO_PNG = "pareto.png"
-def write_trials_jsonl(tuning_dir: Path, records: list[dict[str, Any]]) -> None:
+def write_trials_jsonl(tuning_dir: Path, records: list[TrialRecord]) -> None:
     """Rewrite ``trials.jsonl`` from the study (the authoritative copy; workers also append as they go)."""
-    atomic_write(Path(tuning_dir) / "trials.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
+    atomic_write(Path(tuning_dir) / "trials.jsonl",
+                 "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in records))
 
 
 _AXIS_LABELS = {
@@ -29,7 +30,7 @@ _AXIS_LABELS = {
 }
 
 
-def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], chosen: int | None,
+def plot_pareto(path: Path, records: list[TrialRecord], pareto: list[int], chosen: int | None,
                 objectives: list[str], limits: dict[str, float]) -> Path | None:
     """Write `pareto_figure` to ``path``. Returns the path, or ``None`` without matplotlib or points."""
     fig = pareto_figure(records, pareto, chosen, objectives, limits)
@@ -42,7 +43,7 @@ def plot_pareto(path: Path, records: list[dict[str, Any]], pareto: list[int], ch
     return Path(path)
 
 
-def pareto_figure(records: list[dict[str, Any]], pareto: list[int], chosen: int | None, objectives: list[str],
+def pareto_figure(records: list[TrialRecord], pareto: list[int], chosen: int | None, objectives: list[str],
                   limits: dict[str, float]):
     """Scatter every measured trial (second objective on x, first on y), the feasible Pareto front, the budget's
     limits and the chosen point, marked and labelled; uniform stock recipes are labelled, one label per position
@@ -55,39 +56,38 @@ def pareto_figure(records: list[dict[str, Any]], pareto: list[int], chosen: int 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    done = [r for r in records if r.get("metrics") and r["state"] == "COMPLETE" and not r.get("skipped")
-            and r.get("duplicate_of") is None]
+    done = [r for r in records if r.measured]
     if not done:
         return None
     y_key, x_key = objectives[0], objectives[1]
 
     def point(r):
-        return r["metrics"][x_key], max(r["metrics"][y_key], 1e-9)
+        return r.metric(x_key), max(r.metric(y_key), 1e-9)
 
     def xy(rows):
         return [point(r)[0] for r in rows], [point(r)[1] for r in rows]
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    ax.scatter(*xy([r for r in done if not r["feasible"]]), s=16, c="#bbbbbb", label="outside the budget")
-    ax.scatter(*xy([r for r in done if r["feasible"]]), s=20, c="#6a9fd8", label="within the budget")
-    front = sorted((r for r in done if r["number"] in pareto), key=lambda r: r["metrics"][x_key])
+    ax.scatter(*xy([r for r in done if not r.feasible]), s=16, c="#bbbbbb", label="outside the budget")
+    ax.scatter(*xy([r for r in done if r.feasible]), s=20, c="#6a9fd8", label="within the budget")
+    front = sorted((r for r in done if r.number in pareto), key=lambda r: r.metric(x_key))
     if front:
         ax.plot(*xy(front), "-o", c="#1f4e9a", ms=5, label="Pareto front (within the budget)")
-    uniform = [r for r in done if str(r.get("kind", "")).startswith("uniform:")]
+    uniform = [r for r in done if r.uniform]
     if uniform:
         ax.scatter(*xy(uniform), marker="s", s=40, facecolors="none", edgecolors="#444444",
                    label="uniform stock recipe")
-    labels = _merged_labels([(point(r), r["kind"].split(":", 1)[1]) for r in uniform])
-    pick = next((r for r in done if r["number"] == chosen), None)
+    labels = _merged_labels([(point(r), r.kind.split(":", 1)[1]) for r in uniform])
+    pick = next((r for r in done if r.number == chosen), None)
     if pick is not None:
         ax.scatter(*xy([pick]), marker="*", s=220, c="#d62728", edgecolors="black", linewidths=0.6, zorder=5,
                    label="chosen")
         # A stock recipe at the chosen point is named in the chosen label rather than in a second label there.
         same = [lab for lab in labels if _same_place(lab[0], point(pick))]
         labels = [lab for lab in labels if lab not in same]
-        names = [pick.get("label"), *(n for lab in same for n in lab[1].split(" = "))]
+        names = [pick.label, *(n for lab in same for n in lab[1].split(" = "))]
         name = " = ".join(dict.fromkeys(n for n in names if n))
-        labels.append((point(pick), f"chosen: #{pick['number']}" + (f" {name}" if name else ""), True))
+        labels.append((point(pick), f"chosen: #{pick.number}" + (f" {name}" if name else ""), True))
     for key, limit in limits.items():
         line = ax.axvline if key == x_key else ax.axhline if key == y_key else None
         if line is not None:

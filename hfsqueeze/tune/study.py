@@ -25,6 +25,8 @@ from typing import Any
 
 from ..core.errors import ArtifactError, BackendMissingError
 from ..core.utils import atomic_write
+from ..evaluation.metrics import TRIAL_COLUMNS, metric_key
+from ..evaluation.trials import TrialRecord, normalize_metrics
 from .budget import Budget, describe_bytes
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
@@ -295,7 +297,7 @@ class Objective:
             trial.set_user_attr(key, result[key])
         for key, value in self.tctx.budget.constraints(result["metrics"]).items():
             trial.set_constraint(key, value)
-        values = [float(result["metrics"][name]) for name in self.tctx.budget.objectives()]
+        values = [float(result["metrics"][metric_key(name)]) for name in self.tctx.budget.objectives()]
         append_record(self.tuning_dir, trial_record(trial, "COMPLETE", values))
         return values
 
@@ -314,8 +316,9 @@ class Objective:
                 > 5 * self.trials:
             trial.study.stop()  # the sampler keeps proposing what it has seen: stop rather than spin
         trial.set_user_attr("duplicate_of", earlier.number)
-        for key in ("stages", "metrics", "solution"):
+        for key in ("stages", "solution"):
             trial.set_user_attr(key, earlier.user_attrs.get(key))
+        trial.set_user_attr("metrics", normalize_metrics(earlier.user_attrs.get("metrics")))
         for key, value in (earlier.constraints or {}).items():
             trial.set_constraint(key, value)
         append_record(self.tuning_dir, trial_record(trial, "COMPLETE", list(earlier.values)))
@@ -337,40 +340,40 @@ class Objective:
                                        f"{describe_bytes(limit)}")
         trial.set_user_attr("stages", stages)
         trial.set_user_attr("metrics", metrics)
-        for key, value in self.tctx.budget.constraints({**metrics, "kl": None, "ppl": None, "top1": None,
-                                                        "prefill": None, "decode": None}).items():
+        for key, value in self.tctx.budget.constraints(metrics).items():  # what was not measured cannot fit
             trial.set_constraint(key, value)
-        values = [float(metrics.get(name, UNMEASURED)) for name in self.tctx.budget.objectives()]
+        values = [float(metrics.get(metric_key(name), UNMEASURED)) for name in self.tctx.budget.objectives()]
         append_record(self.tuning_dir, trial_record(trial, "COMPLETE", values))
         return values
 
 
-def trial_record(trial, state: str, values: list[float] | None = None) -> dict[str, Any]:
-    """One line of ``trials.jsonl`` from a live `optuna.trial.Trial` or a `FrozenTrial`."""
+def trial_record(trial, state: str, values: list[float] | None = None) -> TrialRecord:
+    """The record of a live `optuna.trial.Trial` or a `FrozenTrial` (a study journal of an earlier version holds
+    metrics under older keys: `TrialRecord` reads them in today's)."""
     attrs = dict(trial.user_attrs)
     constraints = dict(trial.constraints or {})
     feasible = (state == "COMPLETE" and not attrs.get("skipped") and attrs.get("duplicate_of") is None
                 and all(v <= 0 for v in constraints.values()))
-    return {
-        "number": trial.number, "state": state, "kind": attrs.get("kind", "search"),
-        "label": recipe_label(attrs["stages"]) if attrs.get("stages") else None, "point": attrs.get("point"),
-        "stages": attrs.get("stages"), "metrics": attrs.get("metrics"), "solution": attrs.get("solution"),
-        "constraints": constraints, "feasible": feasible, "values": values, "seconds": attrs.get("seconds"),
-        "error": attrs.get("error"), "interrupted": bool(attrs.get("interrupted")), "worker": attrs.get("worker"),
-        "skipped": attrs.get("skipped"), "duplicate_of": attrs.get("duplicate_of"),
-    }
+    return TrialRecord(
+        number=trial.number, state=state, kind=attrs.get("kind", "search"),
+        label=recipe_label(attrs["stages"]) if attrs.get("stages") else None, point=attrs.get("point"),
+        stages=attrs.get("stages"), metrics=attrs.get("metrics"), solution=attrs.get("solution"),
+        constraints=constraints, feasible=feasible, values=values, seconds=attrs.get("seconds"),
+        error=attrs.get("error"), interrupted=bool(attrs.get("interrupted")), worker=attrs.get("worker"),
+        skipped=attrs.get("skipped"), duplicate_of=attrs.get("duplicate_of"),
+    )
 
 
-def append_record(tuning_dir: Path, record: dict[str, Any]) -> None:
+def append_record(tuning_dir: Path, record: TrialRecord) -> None:
     """Append one JSON line under a lock (several workers write the same file)."""
     path = Path(tuning_dir) / TRIALS_JSONL
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(json.dumps(record, default=str) + "\n")
+        fh.write(json.dumps(record.to_dict(), default=str) + "\n")
         fh.flush()
 
 
-def study_records(study) -> list[dict[str, Any]]:
+def study_records(study) -> list[TrialRecord]:
     """Every finished or failed trial of the study as ``trials.jsonl`` records, in trial order."""
     from optuna.trial import TrialState
 
@@ -390,12 +393,12 @@ def progress_callback(budget: Budget, trials: int, workers: int, started: float,
         done, _ = counted(study)
         records = study_records(study)
         best = best_record(records, budget)
-        finished = [r["seconds"] for r in records if r.get("seconds")]
+        finished = [r.seconds for r in records if r.seconds]
         per_trial = sum(finished) / len(finished) if finished else None
         eta = per_trial * max(0, trials - done) / max(1, workers) if per_trial else None
         info = {"phase": "trial", "done": done, "trials": trials, "elapsed": time.time() - started, "eta": eta,
-                "best": best,
-                "last": records[-1] if records else None}
+                "best": best.to_dict() if best else None,
+                "last": records[-1].to_dict() if records else None}
         logger.info("%s", progress_line(info, budget))
         if report is not None:
             report(info)
@@ -405,34 +408,29 @@ def progress_callback(budget: Budget, trials: int, workers: int, started: float,
     return callback
 
 
-def best_record(records: list[dict[str, Any]], budget: Budget) -> dict[str, Any] | None:
+def best_record(records: list[TrialRecord], budget: Budget) -> TrialRecord | None:
     """The feasible record with the lowest objective (ties: the lowest second objective)."""
     names = budget.objectives()
-    feasible = [r for r in records if r["feasible"] and r.get("metrics")]
+    feasible = [r for r in records if r.feasible and r.metrics]
     if not feasible:
         return None
-    return min(feasible, key=lambda r: tuple(r["metrics"][n] for n in names))
+    return min(feasible, key=lambda r: tuple(r.metric(n) for n in names))
 
 
-def closest_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+def closest_record(records: list[TrialRecord]) -> TrialRecord | None:
     """The measured record with the smallest total constraint excess (for the infeasible message)."""
-    measured = [r for r in records if r["state"] == "COMPLETE" and r.get("metrics") and not r.get("skipped")
-                and r.get("duplicate_of") is None]
+    measured = [r for r in records if r.measured]
     if not measured:
         return None
-    return min(measured, key=lambda r: sum(max(0.0, v) for v in r["constraints"].values()))
+    return min(measured, key=lambda r: sum(max(0.0, v) for v in r.constraints.values()))
 
 
-def describe_record(record: dict[str, Any]) -> str:
-    """``#12 int8 t=2.0 + bf16 rest, 31 modules kept: size 0.29x, KL 0.0061, ppl +0.4%, prefill 0.93x``."""
-    m = record.get("metrics") or {}
-    parts = [f"size {m['size']:.3f}x" if m.get("size") is not None else None,
-             f"KL {m['kl']:.4g}" if m.get("kl") is not None else None,
-             f"ppl {100 * (m['ppl'] - 1):+.2f}%" if m.get("ppl") is not None else None,
-             f"top1 {m['top1']:.3f}" if m.get("top1") is not None else None,
-             f"prefill {m['prefill']:.2f}x" if m.get("prefill") is not None else None,
-             f"decode {m['decode']:.2f}x" if m.get("decode") is not None else None]
-    return f"#{record['number']} {recipe_label(record.get('stages') or [])}: " + ", ".join(p for p in parts if p)
+def describe_record(record: TrialRecord) -> str:
+    """``#12 int8 t=2.0 (bf16 rest, 31 kept): size 0.290x, kl 0.0061, ppl +0.40%, prefill 0.93x``: each metric of
+    tune's trial table (`TRIAL_COLUMNS`) that a budget can limit, by its budget word."""
+    parts = [f"{row.budget} {row.trial_fmt(record.metric(row.key))}" for row in TRIAL_COLUMNS
+             if row.budget and record.metric(row.key) is not None]
+    return f"#{record.number} {recipe_label(record.stages or [])}: " + ", ".join(parts)
 
 
 def recipe_label(stages: list[dict[str, Any]]) -> str:
@@ -469,7 +467,8 @@ def progress_line(info: dict[str, Any], budget: Budget) -> str:
     best = info.get("best")
     eta = f", ETA {_clock(info['eta'])}" if info.get("eta") is not None else ""
     head = f"tune: {info['done']}/{info['trials']} trials, {_clock(info['elapsed'])}{eta}"
-    return head + (f"; best so far {describe_record(best)}" if best else "; no point within the budget yet")
+    return head + (f"; best so far {describe_record(TrialRecord.from_dict(best))}" if best
+                   else "; no point within the budget yet")
 
 
 def _clock(seconds: float) -> str:

@@ -116,10 +116,11 @@ def quality(model: nn.Module, tctx: TrialContext) -> dict[str, float]:
     kl, nll = score.kl, score.mean_nll
     if not (math.isfinite(kl) and math.isfinite(nll)) or nll > _MAX_LOG:
         # Recorded as a failed trial with this reason (optuna's own words would be "The value nan is not acceptable").
-        raise FloatingPointError("the compressed model's outputs are not finite (NaN/inf, or a perplexity beyond e^700) on the "
-                                 "calibration text")
-    return {"kl": score.kl_per_token, "top1": score.top1, "ppl": math.exp(nll - tctx.original_nll),
-            "perplexity": math.exp(nll), "perplexity_original": math.exp(tctx.original_nll)}
+        raise FloatingPointError("the compressed model's outputs are not finite (NaN/inf, or a perplexity beyond e^700) "
+                                 "on the calibration text")
+    return {"kl_divergence": score.kl_per_token, "top1_agreement": score.top1,
+            "ppl": math.exp(nll - tctx.original_nll), "perplexity": math.exp(nll),
+            "perplexity_original": math.exp(tctx.original_nll)}
 
 
 def latency_ratios(model: nn.Module, original: nn.Module, settings: TuneSettings, prompt: torch.Tensor

@@ -38,6 +38,7 @@ from ..core.hf import check_placement, count_parameters, input_device
 from ..core.utils import atomic_write, cache_dir
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
+from ..evaluation.trials import TrialRecord
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .resources import check_workers, visible_gpus, worker_placement
@@ -483,8 +484,8 @@ def _interrupt(procs: list[subprocess.Popen]) -> None:
             proc.kill()
 
 
-def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[str, Any]], pareto: list[int],
-                   chosen: dict[str, Any] | None, trials: int, stopped: str, started: float) -> dict[str, Any]:
+def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[TrialRecord], pareto: list[int],
+                   chosen: TrialRecord | None, trials: int, stopped: str, started: float) -> dict[str, Any]:
     """The report's ``tuning`` section: budget, objective, space, every trial, the Pareto set, the choice."""
     return {
         "budget": tctx.budget.to_dict(),
@@ -506,9 +507,9 @@ def tuning_section(tctx: TrialContext, spec: dict[str, Any], records: list[dict[
         "trials_requested": trials,
         "stopped": stopped,
         "wall_seconds": round(time.time() - started, 1),
-        "trials": records,
+        "trials": [r.to_dict() for r in records],
         "pareto": pareto,
-        "chosen": chosen["number"] if chosen else None,
+        "chosen": chosen.number if chosen else None,
         "plot": f"{TUNING_DIR}/{PARETO_PNG}",
     }
 
@@ -528,7 +529,7 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     pareto = sorted(t.number for t in study.best_trials if t.user_attrs.get("duplicate_of") is None)
     chosen = best_record(records, tctx.budget)
     limits = _plot_limits(tctx.budget, spec)
-    plot_pareto(tuning / PARETO_PNG, records, pareto, chosen["number"] if chosen else None,
+    plot_pareto(tuning / PARETO_PNG, records, pareto, chosen.number if chosen else None,
                 tctx.budget.objectives(), limits)
     section = tuning_section(tctx, spec, records, pareto, chosen, trials, stopped, started)
     (tuning / "summary.json").write_text(json.dumps({k: v for k, v in section.items() if k != "trials"}, indent=1,
@@ -543,14 +544,15 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
     final = copy.deepcopy(model)
     recipe = {"name": "tuned", "description": f"hfsqueeze tune: lowest {tctx.budget.minimize} within "
-              f"{tctx.budget.describe()}", "evaluation": evaluation, "stages": chosen["stages"]}
+              f"{tctx.budget.describe()}", "evaluation": evaluation, "stages": chosen.stages}
     report = compress(final, recipe, tokenizer=tokenizer, calibration=calibration, eval_text=eval_text,
                       command=command)
     section["final_eval"] = report.final.to_dict() if report.final else None
     report.tuning = section
-    by_number = {r["number"]: r for r in records}
-    result = TuneResult(recipe=report.recipe, chosen=chosen, pareto=[by_number[n] for n in pareto if n in by_number],
-                        trials=records, report=report, model=final, stopped=stopped)
+    by_number = {r.number: r.to_dict() for r in records}  # the public result holds plain dicts
+    result = TuneResult(recipe=report.recipe, chosen=chosen.to_dict(),
+                        pareto=[by_number[n] for n in pareto if n in by_number], trials=list(by_number.values()),
+                        report=report, model=final, stopped=stopped)
     if out is not None:
         staged = staging_dir(out)
         save_compressed(final, staged, tokenizer=tokenizer, report=report)
@@ -559,14 +561,14 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     return result
 
 
-def _infeasible_message(records: list[dict[str, Any]], budget: Budget) -> str:
-    measured = [r for r in records if not r.get("skipped") and r.get("duplicate_of") is None]
-    skipped = [r for r in records if r.get("skipped")]
+def _infeasible_message(records: list[TrialRecord], budget: Budget) -> str:
+    measured = [r for r in records if not r.skipped and r.duplicate_of is None]
+    skipped = [r for r in records if r.skipped]
     closest = closest_record(records)
     if closest is not None:
         where = f"; closest point found: {describe_record(closest)}"
     elif skipped:
-        smallest = min(r["metrics"]["size"] for r in skipped)
+        smallest = min(r.metric("size") for r in skipped)
         where = (f" (no trial finished; {len(skipped)} points were predicted over the size limit, the smallest at "
                  f"{smallest:.3f}x)")
     else:

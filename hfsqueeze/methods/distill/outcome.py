@@ -2,8 +2,8 @@
 
 Routes (``details["route"]``):
 
-- ``adapter``: a bitsandbytes-quantized model keeps its LoRA adapter unmerged (`compat.peft.save_pretrained_with_adapter`), so what is saved is
-  exactly what was trained. Merging would re-quantize the weights and round most of the update away.
+- ``adapter``: a bitsandbytes-quantized model keeps its LoRA adapter unmerged (saved beside the base weights), so
+  what is saved is exactly what was trained. Merging would re-quantize the weights and round most of the update away.
 - ``merged``: LoRA merged into the weights: exact for a full-precision model; for a quantized one only when asked
   (``lora.merge: true``), and then the merged model is scored again, since it is not what was trained.
 - ``full``: full fine-tuning; the weights are the trained ones.

@@ -10,6 +10,7 @@ from ...core.context import CompressionContext
 from ...core.errors import RecipeError
 from ...core.search import OPTIONAL, Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
+from .card import load_note, recovery_section
 from .config import DistillConfig, check_sources, check_student, check_tasks, uses_lora
 from .recover import expand_recovery
 
@@ -45,7 +46,8 @@ class DistillStage(Stage):
     def describe(self, config: dict[str, Any], details: dict[str, Any]) -> Description:
         teacher = config.get("teacher")
         label = "knowledge distillation" + (f" from `{teacher}`" if teacher else "")
-        return Description(label=label, short=format_of(details) or "distilled", tags=["distillation"])
+        return Description(label=label, short=format_of(details) or "distilled", tags=["distillation"],
+                           section_title="Recovery", section=recovery_section(details), load_note=load_note(details))
 
     def search_space(self, info: ModelInfo | None = None) -> dict[str, Param]:
         return {
