@@ -71,14 +71,20 @@ def check_targets(family: str, model: nn.Module, config: PruneConfig) -> list[st
     return notes
 
 
+def _checked_target(key: str, value: int | float, total: int, what: str, count_hint: str) -> int:
+    """``value`` of ``key`` as a number of ``what`` to remove out of ``total``; refuse 0 and more than there are."""
+    target = target_count(value, total)
+    if target == 0:
+        raise RecipeError(f"key '{key}': {value} of {total} {what} rounds to 0; give {count_hint} or a larger "
+                          "fraction")
+    if target > total:
+        raise RecipeError(f"key '{key}': asks to remove {target} {what} but the model has {total}")
+    return target
+
+
 def _check_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligible: list[bool]) -> list[str]:
     total = sum(n_q for n_q, _, _ in shapes)
-    target = target_count(config.heads, total)
-    if target == 0:
-        raise RecipeError(f"key 'heads': {config.heads} of {total} query heads rounds to 0; give a count "
-                          "(heads: 1) or a larger fraction")
-    if target > total:
-        raise RecipeError(f"key 'heads': asks to remove {target} heads but the model has {total}")
+    target = _checked_target("heads", config.heads, total, "query heads", "a count (heads: 1)")
     units = [head_units(n_q, n_kv, config.gqa_mode) for n_q, n_kv, _ in shapes]
     sizes = [len(u[0][0]) for u in units]
     min_keep = max(config.min_heads_per_layer, 1)
@@ -115,12 +121,7 @@ def _why_no_heads(config: PruneConfig, shapes: list[tuple[int, int, int]], eligi
 
 def _check_ffn(config: PruneConfig, widths: list[int], eligible: list[bool]) -> list[str]:
     total = sum(widths)
-    target = target_count(config.ffn, total)
-    if target == 0:
-        raise RecipeError(f"key 'ffn': {config.ffn} of {total} FFN neurons rounds to 0; give a count or a larger "
-                          "fraction")
-    if target > total:
-        raise RecipeError(f"key 'ffn': asks to remove {target} FFN neurons but the model has {total}")
+    target = _checked_target("ffn", config.ffn, total, "FFN neurons", "a count")
     if config.scope == "global":
         can = [w - 1 if ok else 0 for w, ok in zip(widths, eligible)]
     else:
