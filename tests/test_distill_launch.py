@@ -171,11 +171,12 @@ def test_a_silent_fallback_or_a_duplicated_run_is_refused():
 
 # ---- FSDP2 itself on CPU (gloo), outside accelerate ----------------------------------------------------------------
 FSDP2_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
+    import sys, warnings, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
     from conftest import make_tiny
     from torch.distributed.fsdp import FSDPModule
     from hfsqueeze.methods.distill.shard import _fsdp2_shard, materialize_fsdp2
+    warnings.filterwarnings("ignore")
     dist.init_process_group("gloo")
     model = make_tiny("llama")
     ids = torch.arange(40).view(2, 20)
@@ -197,13 +198,39 @@ FSDP2_SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref)
     model.load_state_dict(model.state_dict())  # no FSDP state-dict hook is left behind
+
+    # QLoRA under FSDP: 4-bit weights stored in the training dtype while sharded, given back bit for bit as bnb stores
+    # them (Params4bit, uint8), so the artifact is the one a run without FSDP writes.
+    from hfsqueeze.methods.distill.shard import restore_4bit, set_quant_storage, training_dtype
+    from hfsqueeze.methods.quantize.apply import apply_quantize
+    from hfsqueeze.methods.quantize.config import QuantizeConfig
+    model = make_tiny("llama")
+    apply_quantize(model, QuantizeConfig(bits=4, quant_type="nf4"))
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert set_quant_storage(model, training_dtype(model)) == 14
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.float32 and weight.quant_storage == torch.float32
+    _fsdp2_shard(model, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref)
+    materialize_fsdp2(model)
+    assert restore_4bit(model) == 14 and set_quant_storage(model, torch.uint8) == 14
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.uint8
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
     print("rank", dist.get_rank(), "ok")
     dist.destroy_process_group()
 """)
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_a_teacher_and_gives_it_back_whole_on_gloo(tmp_path):
+def test_fsdp2_shards_a_teacher_and_a_4bit_student_and_gives_them_back_whole_on_gloo(tmp_path):
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",

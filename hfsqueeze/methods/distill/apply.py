@@ -35,7 +35,7 @@ from .outcome import finish, snapshot_trainable
 from .plot import loss_curve_png
 from .quality import EvalSet, evaluation_sets, score
 from .recover import attach_lora
-from .shard import TeacherPlacement
+from .shard import EngineSetup
 from .student import build_student
 from .trainer import (
     AUX_NAME,
@@ -276,7 +276,7 @@ def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _
         callbacks=list((getattr(context, "extras", None) or {}).get("distill_callbacks", [])),
     )
     check_engaged(trainer, launch)
-    trainer.add_callback(TeacherPlacement(trainer, launch))
+    trainer.add_callback(EngineSetup(trainer, launch))
     if args.disable_tqdm:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -336,7 +336,7 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
-    placement = TeacherPlacement.of(trainer)
+    placement = EngineSetup.of(trainer)
     try:
         with _dropout_off(model, not config.student_dropout), on_device:
             result = trainer.train(resume_from_checkpoint=resume_from)
@@ -459,7 +459,7 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
     details: dict[str, Any] = {
         "teacher": run.teacher_desc, "student": run.student, "adapter": "lora" if run.use_lora else "full",
         "trainable_parameters": trainable, "steps": trainer.state.global_step, "resumed_from": resume_from,
-        "world_size": world_size, **TeacherPlacement.of(trainer).engaged,
+        "world_size": world_size, **EngineSetup.of(trainer).engaged,
         "tokens_seen": trainer.tokens_seen * world_size,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.perf_counter() - started, 2),
         "train_loss": round(float(result.training_loss), 5),

@@ -73,20 +73,70 @@ def _fsdp2_shard(module: nn.Module, device: torch.device) -> None:
     fully_shard(module, mesh=mesh)
 
 
-class TeacherPlacement(TrainerCallback):
-    """Places (or shards) the teacher once the Trainer has set up its engine, and undoes it after training."""
+def _is_4bit(param: Any) -> bool:
+    return type(param).__name__ == "Params4bit"
+
+
+def training_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's unquantized floating parameters: what FSDP gathers next to the 4-bit weights."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not _is_4bit(p)), torch.float32)
+
+
+def set_quant_storage(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every bitsandbytes 4-bit weight's packed bytes as ``dtype`` (bnb's ``quant_storage``); the bits stay.
+
+    FSDP shards and gathers parameters as flat tensors of one dtype: QLoRA under FSDP needs the packed 4-bit weights
+    in the training dtype (bnb's FSDP-QLoRA recipe, ``bnb_4bit_quant_storage``). The view is bit for bit the layout
+    bnb itself makes for that storage dtype; ``torch.uint8`` gives back the usual one. Returns how many weights it set.
+    """
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not _is_4bit(weight) or weight.dtype == dtype:
+            continue
+        weight.data = weight.data.reshape(-1).view(dtype).unsqueeze(1)
+        weight.quant_storage = dtype
+        module.quant_storage = dtype
+        count += 1
+    return count
+
+
+def restore_4bit(model: nn.Module) -> int:
+    """Give bitsandbytes 4-bit modules back their ``Params4bit`` weight (with its quantization state) where an engine
+    replaced it with a plain tensor of the same bytes (`materialize_fsdp2`); bnb keeps the state on the module for
+    this (``fix_4bit_weight_quant_state_from_module``). Returns how many it restored."""
+    from bitsandbytes.nn import Params4bit
+
+    count = 0
+    for module in model.modules():
+        state, weight = getattr(module, "quant_state", None), getattr(module, "weight", None)
+        if state is None or weight is None or _is_4bit(weight):
+            continue
+        module.weight = Params4bit(weight.data, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                                   compress_statistics=state.nested, quant_type=state.quant_type,
+                                   quant_storage=weight.dtype, module=module, bnb_quantized=True)
+        count += 1
+    return count
+
+
+class EngineSetup(TrainerCallback):
+    """Readies the student for the engine (4-bit storage under FSDP), places or shards the teacher once the Trainer
+    has set up its engine, and undoes both after training."""
 
     def __init__(self, trainer: Any, launch: Launch):
         super().__init__()
         self.trainer = trainer
         self.launch = launch
+        # Before train(): accelerate wraps the student with FSDP as training starts.
+        self.quant_storage = set_quant_storage(trainer.model, training_dtype(trainer.model)) \
+            if launch.engine == FSDP else 0
         self.engine: Any = None  # the teacher's DeepSpeed engine under ZeRO-3
         self.sharded = ""
         self.engaged: dict[str, Any] = {}
         self.teacher_fraction = 1.0
 
     @classmethod
-    def of(cls, trainer: Any) -> TeacherPlacement:
+    def of(cls, trainer: Any) -> EngineSetup:
         return next(c for c in trainer.callback_handler.callbacks if isinstance(c, cls))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -97,6 +147,8 @@ class TeacherPlacement(TrainerCallback):
         """Record what wrapped the student while it is still wrapped (restore unwraps an FSDP2 model in place)."""
         self.engaged = {**engaged(self.trainer), "teacher_sharded": self.sharded or None,
                         "teacher_local_fraction": self.teacher_fraction}
+        if self.quant_storage:
+            self.engaged["quant_storage"] = str(training_dtype(self.trainer.model)).replace("torch.", "")
 
     def place(self) -> None:
         """Shard the teacher under ZeRO-3 or FSDP2, else put it on the process's device (once per process)."""
@@ -131,6 +183,9 @@ class TeacherPlacement(TrainerCallback):
             materialize_fsdp2(student)
             if self.sharded:
                 materialize_fsdp2(self.trainer.teacher)
+            if self.quant_storage:
+                restore_4bit(student)
+                set_quant_storage(student, torch.uint8)  # the artifact stores 4-bit weights as bnb always does
 
 
 def gather_zero3(module: nn.Module, engine: Any) -> None:
