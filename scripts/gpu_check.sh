@@ -138,7 +138,9 @@ launch_cmd() {  # $1: config file in scripts/; prints the command, one word per 
 if [ "$DRY" = 1 ]; then
   say "dry run: would run: ${RUN[*]}"
   [ "$PYTEST" = 1 ] && say "dry run: then: ${TESTS[*]}"
-  if [ "$LAUNCH" = 1 ]; then for c in "${CONFIGS[@]}"; do say "dry run: then: $(launch_cmd "$c" | tr '\n' ' ')"; done; fi
+  if [ "$LAUNCH" = 1 ]; then
+    for c in "${CONFIGS[@]}"; do say "dry run: then: $(launch_cmd "$c" | tr '\n' ' ')"; done
+  fi
   exit 0
 fi
 
@@ -183,6 +185,7 @@ EOF
   done
   rm -rf "$LAUNCH_TMP"
 fi
-say "done in $(( $(date +%s) - STARTED )) s: recipes rc=$RECIPES_RC, gpu tests rc=$TESTS_RC, launches rc=$LAUNCH_RC; table in $OUTDIR/gpu_check.md"
+say "done in $(( $(date +%s) - STARTED )) s: recipes rc=$RECIPES_RC, gpu tests rc=$TESTS_RC," \
+  "launches rc=$LAUNCH_RC; table in $OUTDIR/gpu_check.md"
 [ "$RECIPES_RC" = 0 ] && { [ "$TESTS_RC" = 0 ] || [ "$TESTS_RC" = skipped ]; } \
   && { [ "$LAUNCH_RC" = 0 ] || [ "$LAUNCH_RC" = skipped ]; }

@@ -212,7 +212,7 @@ FSDP2_SCRIPT = textwrap.dedent("""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert set_quant_storage(model, training_dtype(model)) == 14
     weight = model.model.layers[0].mlp.up_proj.weight
-    assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.float32 and weight.quant_storage == torch.float32
+    assert type(weight).__name__ == "Params4bit" and weight.dtype == weight.quant_storage == torch.float32
     _fsdp2_shard(model, torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref)

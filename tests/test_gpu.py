@@ -100,7 +100,7 @@ def test_cpu_model_stays_on_cpu_on_a_gpu_host(tiny_tokenizer):
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
-# ---- distillation under accelerate launch on GPUs (FSDP2, DeepSpeed ZeRO-3) ------------------------------------------
+# ---- distillation under accelerate launch on GPUs (FSDP2, DeepSpeed ZeRO-3) -----------------------------------------
 def _launch_on_gpus(tmp_path, tokenizer, config: str, stages: list[dict]) -> dict:
     """``accelerate launch --config_file scripts/<config>`` over the GPUs here (at most 2; NCCL wants one per
     process), through scripts/distill.py; returns the distill stage's details."""
