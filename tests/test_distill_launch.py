@@ -92,7 +92,7 @@ def test_deepspeed_launch_engages_zero_on_cpu_processes(stage, tmp_path, model_d
         assert p.shape == q.shape, name
     assert any(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters()))
     assert d["perplexity_after"] > 0 and d["perplexity_after"] == d["perplexity_after"]
-    print(f"deepspeed zero-{stage} launch: {seconds:.1f} s")
+    print(f"deepspeed zero-{stage} launch: {seconds:.1f} s, teacher share per process {d['teacher_local_fraction']}")
 
 
 @pytest.mark.slow
