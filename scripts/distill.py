@@ -5,8 +5,16 @@
 
 DDP, FSDP or DeepSpeed come from the accelerate config: the distill stage trains through a `transformers.Trainer`.
 On a machine without GPUs, ``--multi_gpu --num_processes 2`` (or ``torchrun --nproc_per_node 2``) starts two real CPU
-processes; ``--cpu --num_processes 2`` silently starts one. Checkpoints go to the stage's ``output_dir`` (set it with
-``--set distill.output_dir=...``); running the same command again resumes from the last one.
+processes; ``--cpu --num_processes 2`` silently starts one. The engines, with the config files here:
+
+    accelerate launch --config_file scripts/accelerate_fsdp.yaml --num_processes 2 scripts/distill.py ...  # GPUs
+    accelerate launch --config_file scripts/accelerate_deepspeed_zero2.yaml --num_processes 2 scripts/distill.py ...
+    accelerate launch --config_file scripts/accelerate_deepspeed_zero3.yaml --num_processes 2 scripts/distill.py ...
+
+FSDP2 runs on GPUs only (refused on CPU processes); DeepSpeed ZeRO-2/3 run on GPUs and on CPU processes (gloo) and
+need ``pip install deepspeed``. The report's distill details name the engine, the wrapper type and the world size.
+Checkpoints go to the stage's ``output_dir`` (set it with ``--set distill.output_dir=...``); running the same command
+again resumes from the last one.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stage.method == "distill":
                 d = stage.details
                 print(f"distill stage {stage.index}: {d['steps']} steps, {d['tokens_seen']} tokens, world size "
-                      f"{d['world_size']}, {d['train_seconds']} s; perplexity {d.get('perplexity_before')} -> "
+                      f"{d['world_size']} ({d.get('engine')}, {d.get('wrapped')}), {d['train_seconds']} s; "
+                      f"perplexity {d.get('perplexity_before')} -> "
                       f"{d.get('perplexity_after')} (teacher {d.get('teacher_perplexity')}, gap closed "
                       f"{d.get('gap_closed')})")
     return 0

@@ -4,12 +4,16 @@
 #       "auto", saved on the GPU and reloaded on the CPU with parity;
 #   (b) int8, nf4, prune-ffn and distill-int8 (small settings) on the real SmolLM2 (--model builtin) with
 #       --device cuda, each in a fresh process, the same recipes on this machine's CPU beside them;
-#   (c) the table: time, peak GPU memory / model size, perplexity and KL against the CPU run, CPU-reload parity.
+#   (c) the table: time, peak GPU memory / model size, perplexity and KL against the CPU run, CPU-reload parity;
+#   (d) distillation under accelerate launch on the real model: FSDP2 (scripts/accelerate_fsdp.yaml) and, where
+#       deepspeed is installed, ZeRO-3, over the GPUs here (at most 2), 4 steps each; prints the engine, the wrapper
+#       type, the world size and the teacher's share per process from each report.
 # Everything (table, JSON, logs) goes to $OUT when it is set, else to ./gpu_check_out.
 #
-# Usage: scripts/gpu_check.sh [--dry-run] [--no-pytest]
+# Usage: scripts/gpu_check.sh [--dry-run] [--no-pytest] [--no-launch]
 #   --dry-run    check the packages, CUDA and the model, print what would run, run nothing
 #   --no-pytest  skip (a)
+#   --no-launch  skip (d)
 # Environment: GPU_CHECK_MODEL (default: builtin), GPU_CHECK_DEVICE (default: cuda), PYTHON (default: python3).
 #
 # Nothing is downloaded: the GPU machine has no network. Missing Python packages travel as wheels in .whl/ (installed
@@ -25,11 +29,13 @@ MODEL="${GPU_CHECK_MODEL:-builtin}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 DRY=0
 PYTEST=1
+LAUNCH=1
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --no-pytest) PYTEST=0 ;;
-    *) echo "gpu_check: unknown option $arg (allowed: --dry-run, --no-pytest)" >&2; exit 2 ;;
+    --no-launch) LAUNCH=0 ;;
+    *) echo "gpu_check: unknown option $arg (allowed: --dry-run, --no-pytest, --no-launch)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUTDIR"
@@ -116,9 +122,25 @@ say "model: $MODEL_PATH, device: $DEVICE, output: $OUTDIR"
 
 RUN=("$PY" scripts/gpu_check.py --out "$OUTDIR" --model "$MODEL_PATH" --device "$DEVICE" --timeout 200 --cpu-threads 8)
 TESTS=("$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs)
+# (d): one distill launch per engine; NCCL wants one GPU per process. Artifacts and reports go to a temporary folder
+# (a GPU machine hands back at most eight files); the runs' output goes to launch.log, the summary to gpu_check.log.
+LAUNCH_TMP=${TMPDIR:-/tmp}/gpu_check_launch
+NGPU=$("$PY" -c "import torch; print(min(2, max(1, torch.cuda.device_count())))" 2>/dev/null || echo 1)
+CONFIGS=(accelerate_fsdp.yaml)
+"$PY" -c "import deepspeed" >/dev/null 2>&1 && CONFIGS+=(accelerate_deepspeed_zero3.yaml)
+launch_cmd() {  # $1: config file in scripts/; prints the command, one word per line
+  printf '%s\n' "$PY" -m accelerate.commands.launch --config_file "scripts/$1" --num_processes "$NGPU" \
+    scripts/distill.py --model "$MODEL_PATH" --recipe distill-half-depth --set stages.0.training_args.max_steps=4 \
+    --set stages.0.data.eval_tokens=512 --set stages.0.block_size=128 --set evaluation.max_tokens=1024 \
+    --set evaluation.latency=false --output "$LAUNCH_TMP/${1%.yaml}" --overwrite \
+    --report-json "$LAUNCH_TMP/${1%.yaml}.json"
+}
 if [ "$DRY" = 1 ]; then
   say "dry run: would run: ${RUN[*]}"
   [ "$PYTEST" = 1 ] && say "dry run: then: ${TESTS[*]}"
+  if [ "$LAUNCH" = 1 ]; then
+    for c in "${CONFIGS[@]}"; do say "dry run: then: $(launch_cmd "$c" | tr '\n' ' ')"; done
+  fi
   exit 0
 fi
 
@@ -135,5 +157,35 @@ if [ "$PYTEST" = 1 ]; then
   TESTS_RC=$?
   tail -n 15 "$OUTDIR/pytest_gpu.log" | tee -a "$LOG"
 fi
-say "done in $(( $(date +%s) - STARTED )) s: recipes rc=$RECIPES_RC, gpu tests rc=$TESTS_RC; table in $OUTDIR/gpu_check.md"
-[ "$RECIPES_RC" = 0 ] && { [ "$TESTS_RC" = 0 ] || [ "$TESTS_RC" = skipped ]; }
+# ---- (d): distillation under accelerate launch (FSDP2, DeepSpeed ZeRO-3) ------------------------------------------
+LAUNCH_RC=skipped
+if [ "$LAUNCH" = 1 ]; then
+  LAUNCH_RC=0
+  mkdir -p "$LAUNCH_TMP"
+  : >"$OUTDIR/launch.log"
+  for c in "${CONFIGS[@]}"; do
+    name="${c%.yaml}"
+    say "distill under accelerate launch with scripts/$c on $NGPU GPU(s)"
+    mapfile -t CMD < <(launch_cmd "$c")
+    echo "==== ${CMD[*]}" >>"$OUTDIR/launch.log"
+    if ! "${CMD[@]}" >"$LAUNCH_TMP/$name.log" 2>&1; then
+      LAUNCH_RC=1
+      cat "$LAUNCH_TMP/$name.log" >>"$OUTDIR/launch.log"
+      tail -n 5 "$LAUNCH_TMP/$name.log" | tee -a "$LOG"
+      continue
+    fi
+    cat "$LAUNCH_TMP/$name.log" >>"$OUTDIR/launch.log"
+    "$PY" - "$LAUNCH_TMP/$name.json" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+d = next(s["details"] for s in json.load(open(sys.argv[1]))["stages"] if s["method"] == "distill")
+keys = ("engine", "wrapped", "zero_stage", "fsdp_version", "world_size", "teacher_sharded", "teacher_local_fraction",
+        "train_seconds", "perplexity_after")
+print("gpu_check:   " + ", ".join(f"{k} {d.get(k)}" for k in keys))
+EOF
+  done
+  rm -rf "$LAUNCH_TMP"
+fi
+say "done in $(( $(date +%s) - STARTED )) s: recipes rc=$RECIPES_RC, gpu tests rc=$TESTS_RC," \
+  "launches rc=$LAUNCH_RC; table in $OUTDIR/gpu_check.md"
+[ "$RECIPES_RC" = 0 ] && { [ "$TESTS_RC" = 0 ] || [ "$TESTS_RC" = skipped ]; } \
+  && { [ "$LAUNCH_RC" = 0 ] || [ "$LAUNCH_RC" = skipped ]; }

@@ -98,3 +98,66 @@ def test_cpu_model_stays_on_cpu_on_a_gpu_host(tiny_tokenizer):
     model.compress({"stages": RECIPES["distill-int8"], "evaluation": {**EVAL, "latency": False}},
                    tokenizer=tiny_tokenizer)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+# ---- distillation under accelerate launch on GPUs (FSDP2, DeepSpeed ZeRO-3) -----------------------------------------
+def _launch_on_gpus(tmp_path, tokenizer, config: str, stages: list[dict]) -> dict:
+    """``accelerate launch --config_file scripts/<config>`` over the GPUs here (at most 2; NCCL wants one per
+    process), through scripts/distill.py; returns the distill stage's details."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    model_dir = tmp_path / "tiny"
+    make_tiny("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"evaluation": {**EVAL, "latency": False}, "stages": stages}))
+    n = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "scripts" / config),
+           "--num_processes", str(n), "--main_process_port", "29571", str(repo / "scripts" / "distill.py"),
+           "--model", str(model_dir), "--recipe", str(recipe), "--output", str(tmp_path / "out"),
+           "--report-json", str(tmp_path / "report.json")]
+    proc = subprocess.run(cmd, env={**os.environ, "HFSQUEEZE_DISABLE_PROGRESS": "1"}, capture_output=True, text=True,
+                          timeout=400, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    details = next(s["details"] for s in report["stages"] if s["method"] == "distill")
+    assert details["world_size"] == n
+    return details
+
+
+FULL_DISTILL = {k: v for k, v in DISTILL.items() if k not in ("adapter", "lora", "freeze_embeddings")}
+
+
+def test_fsdp2_launch_shards_student_and_teacher_on_gpus(tiny_tokenizer, tmp_path):
+    d = _launch_on_gpus(tmp_path, tiny_tokenizer, "accelerate_fsdp.yaml", [FULL_DISTILL])
+    assert d["engine"] == "fsdp" and d["fsdp_version"] == 2 and d["wrapped"].startswith("FSDP")
+    assert d["teacher_sharded"] == "fsdp2"
+    if d["world_size"] == 2:
+        assert d["teacher_local_fraction"] < 0.6
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # whole again: gathered after training
+    assert {k: v.shape for k, v in saved.state_dict().items()} == \
+        {k: v.shape for k, v in make_tiny("llama").state_dict().items()}
+
+
+def test_deepspeed_zero3_launch_shards_student_and_teacher_on_gpus(tiny_tokenizer, tmp_path):
+    pytest.importorskip("deepspeed")
+    d = _launch_on_gpus(tmp_path, tiny_tokenizer, "accelerate_deepspeed_zero3.yaml", [FULL_DISTILL])
+    assert d["engine"] == "deepspeed" and d["zero_stage"] == 3 and d["wrapped"] == "DeepSpeedEngine"
+    assert d["teacher_sharded"] == "zero3"
+
+
+def test_qlora_under_fsdp2_stores_4bit_weights_in_the_training_dtype(tiny_tokenizer, tmp_path):
+    stages = [*RECIPES["nf4"], DISTILL]
+    d = _launch_on_gpus(tmp_path, tiny_tokenizer, "accelerate_fsdp.yaml", stages)
+    assert d["engine"] == "fsdp" and d["quant_storage"] == "float32" and d["adapter"] == "lora"
+    model, _ = load_model(tmp_path / "out")  # saved with bnb's usual uint8 storage: reloads like any 4-bit artifact
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())

@@ -30,10 +30,12 @@ from ...core.models import load_pretrained
 from ...core.utils import progress_disabled
 from .config import DistillConfig, check_tasks, uses_lora
 from .data import CAUSAL_LM, Collator, MixedDataset, TaskData, build_tasks, eval_examples, pad_token_id, resolve_source
+from .launch import Launch, argument_defaults, check_engaged, check_launch
 from .outcome import finish, snapshot_trainable
 from .plot import loss_curve_png
 from .quality import EvalSet, evaluation_sets, score
 from .recover import attach_lora
+from .shard import EngineSetup
 from .student import build_student
 from .trainer import (
     AUX_NAME,
@@ -137,17 +139,21 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool, device: torch.device):
+def _training_arguments(config: DistillConfig, output_dir: str, user_dir: bool, device: torch.device,
+                        launch: Launch):
     from transformers import TrainingArguments
 
     kwargs = config.resolved_training_args()
+    cuda = torch.cuda.is_available()
+    check_launch(launch, cuda)
     max_steps = kwargs.get("max_steps", -1)
     defaults: dict[str, Any] = {
         "logging_steps": max(1, max_steps // 50) if max_steps and max_steps > 0 else 10,
         "ddp_find_unused_parameters": False,
         "disable_tqdm": progress_disabled(),
-        # Train where the model is: a CPU model stays on the CPU even on a GPU host (the Trainer would move it).
-        "use_cpu": device.type == "cpu",
+        # Train where the model is: a CPU model stays on the CPU even on a GPU host (the Trainer would move it);
+        # DeepSpeed and FSDP place the student themselves (DeepSpeed on CPU processes needs gloo).
+        **argument_defaults(launch, cuda, on_cpu=device.type == "cpu"),
         "save_strategy": "steps" if user_dir else "no",
         "save_total_limit": 2,
     }
@@ -259,7 +265,8 @@ def _prepare(model: nn.Module, config: DistillConfig, context: Any) -> _Run:
 
 def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str,
              user_dir: bool) -> DistillationTrainer:
-    args = _training_arguments(config, output_dir, user_dir, input_device(train_model))
+    launch = Launch.detect(config.resolved_training_args())
+    args = _training_arguments(config, output_dir, user_dir, input_device(train_model), launch)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     num_examples = args.max_steps * per_step if len(run.tasks) > 1 and args.max_steps > 0 else None
     trainer = DistillationTrainer(
@@ -268,6 +275,8 @@ def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _
         data_collator=Collator(run.pad_id),
         callbacks=list((getattr(context, "extras", None) or {}).get("distill_callbacks", [])),
     )
+    check_engaged(trainer, launch)
+    trainer.add_callback(EngineSetup(trainer, launch))
     if args.disable_tqdm:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -327,9 +336,11 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
+    placement = EngineSetup.of(trainer)
     try:
         with _dropout_off(model, not config.student_dropout), on_device:
             result = trainer.train(resume_from_checkpoint=resume_from)
+        placement.restore(train_model)  # whole parameters again on every process, before anything else runs
     except BaseException:
         if run.aux is not None and hasattr(model, AUX_NAME):
             delattr(model, AUX_NAME)  # an interrupted run must not leave training-only modules in the model
@@ -448,7 +459,8 @@ def apply_distill(model: nn.Module, config: DistillConfig, context: Any) -> dict
     details: dict[str, Any] = {
         "teacher": run.teacher_desc, "student": run.student, "adapter": "lora" if run.use_lora else "full",
         "trainable_parameters": trainable, "steps": trainer.state.global_step, "resumed_from": resume_from,
-        "world_size": world_size, "tokens_seen": trainer.tokens_seen * world_size,
+        "world_size": world_size, **EngineSetup.of(trainer).engaged,
+        "tokens_seen": trainer.tokens_seen * world_size,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.perf_counter() - started, 2),
         "train_loss": round(float(result.training_loss), 5),
         "loss_curve": [[h["step"], round(h["loss"], 5)] for h in history],

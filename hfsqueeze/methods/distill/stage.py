@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...core.context import CompressionContext
@@ -12,6 +13,7 @@ from ...core.search import OPTIONAL, Param
 from ...core.stage import Description, ModelInfo, Stage, format_of
 from .card import load_note, recovery_section
 from .config import DistillConfig, check_sources, check_student, check_tasks, uses_lora
+from .launch import Launch, check_launch
 from .recover import expand_recovery
 
 
@@ -23,6 +25,8 @@ class DistillStage(Stage):
 
     def validate(self, config: DistillConfig, info: ModelInfo) -> ModelInfo | None:
         check_sources(config)
+        # An engine accelerate would silently replace (FSDP on CPU processes, ...) fails before anything is measured.
+        check_launch(Launch.detect(config.resolved_training_args()), torch.cuda.is_available())
         if info.frozen_by and config.adapter == "none":
             raise RecipeError(f"adapter: none cannot train after a {info.frozen_by} stage (quantized weights cannot "
                               "be fine-tuned directly); use adapter: auto or lora")
