@@ -279,3 +279,23 @@ def test_a_model_without_side_files_refuses_one_added_later(sidecar_stage, tmp_p
     save_file({"sidecar": torch.ones(8)}, str(out / SIDECAR))  # added after saving
     with pytest.raises(hfsqueeze.ArtifactError, match=r"was saved without a sidecar, but holds sidecar.safetensors"):
         hfsqueeze.load_compressed(out)
+
+
+def test_prune_scores_copies_of_one_model_once_through_the_context_cache(monkeypatch):
+    """`CompressionContext.scores_cache` (what every tune trial passes): the prune stage keeps its first step's
+    scores there under its own name, so copies of one original are scored once per importance setting."""
+    import copy
+
+    from hfsqueeze.core.context import CompressionContext
+    from hfsqueeze.methods.prune import apply as prune_apply
+
+    calls = []
+    real = prune_apply.compute_scores
+    monkeypatch.setattr(prune_apply, "compute_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stage, original, cache = get_stage("prune"), make_tiny("llama"), {}
+    for heads in (0.25, 0.5):
+        stage.apply(copy.deepcopy(original), stage.config_cls(heads=heads, importance="magnitude"),
+                    CompressionContext(scores_cache=cache))
+    assert len(calls) == 1 and list(cache) == ["prune"]
+    stage.apply(copy.deepcopy(original), stage.config_cls(heads=0.25, importance="magnitude"), CompressionContext())
+    assert len(calls) == 2  # no cache: scored again

@@ -70,7 +70,7 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
     if check_parity:
         check_parity_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
-    check_side_files_loadable(path)
+    _check_side_files_loadable(path)
     model = _stage_load(path, config, kwargs)
     if model is None:
         model = getattr(transformers, auto_class_name(config)).from_pretrained(path, **kwargs)
@@ -99,7 +99,7 @@ def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]
     return prepared(model), load_tokenizer(source, trust_remote_code=trust, **hub)
 
 
-def check_side_files_loadable(directory: str | os.PathLike) -> None:
+def _check_side_files_loadable(directory: str | os.PathLike) -> None:
     """Refuse, in one line, an artifact holding a stage's side files (`Stage.side_files`: a LoRA adapter) when the
     package that loads them is missing: Transformers would silently load the model without them."""
     for stage in stages():

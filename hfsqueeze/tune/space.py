@@ -52,7 +52,6 @@ from ..recipe import Recipe, safe_load_strict
 from ..registry import get_stage, stages
 
 
-
 def _sections() -> dict[str, Stage]:
     """Each section a space file may have -> the stage that declares it (`Stage.search_section`), in the order the
     registry holds the stages."""
@@ -61,8 +60,8 @@ def _sections() -> dict[str, Stage]:
 
 def _roles() -> tuple[str, str, str]:
     """The sections by what tuning does with them, found by asking the stages: the stage that converts modules one by
-    one (`Stage.per_module`: the solver's), the stage another enters through (`SearchSection.via`: recovery), and
-    the stage it enters through (its config has that key)."""
+    one (`Stage.per_module`: the solver's), the stage whose config holds another stage's keys (it has the key named
+    by that stage's `SearchSection.via`: pruning's ``recover``), and that other stage (recovery)."""
     sections = _sections()
     per_module = next(name for name, stage in sections.items() if stage.per_module)
     rider = next(name for name, stage in sections.items() if stage.search_section().via)
