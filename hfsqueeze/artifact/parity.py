@@ -7,8 +7,8 @@ The outputs are compared with a tolerance (bitsandbytes 4-bit may run another CP
 smaller than it passes: a LoRA adapter trained a few steps moves the logits by less, and deleting or zeroing it went
 unseen. So the parity file also records the side files a stage writes (`Stage.side_files`: the kept adapter, sha256
 of its weight file and of its config, under ``adapter``), and `check_parity_files` compares those bytes, whatever
-the tolerance. An hfsqueeze artifact (``report.json`` of ours)
-without its parity file is refused too: deleting the file must not switch the check off.
+the tolerance. An hfsqueeze artifact (``report.json`` of ours) without its parity file is refused too: deleting the
+file must not switch the check off.
 """
 
 from __future__ import annotations

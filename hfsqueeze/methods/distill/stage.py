@@ -15,7 +15,6 @@ from torch import nn
 
 from ...compat.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_removed, has_adapter, hub_adapter_config,
                             write_adapter)
-
 from ...core.context import CompressionContext
 from ...core.errors import ArtifactError, RecipeError
 from ...core.search import OPTIONAL, Param
