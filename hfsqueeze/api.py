@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,13 @@ from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
 from .core.models import placement_kwargs
+from .core.runner import AppliedStage, run_stages
 from .core.utils import quiet_transformers_progress
 from .evaluation.measure import (check_measurable, latency_skipped, measure, measure_baseline,
                                  remeasure_latency_interleaved)
 from .evaluation.report import CompressionReport, StageResult, environment, model_summary
 from .recipe import EvaluationConfig, Recipe, RecipeLike
-from .registry import get_stage
+from .registry import get_stage, stages
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -100,35 +100,26 @@ def compress(
                         "eval_tokens": baseline.eval_tokens},
             baseline=baseline, command=command, latency_skipped=skipped,
         )
-        for index, config in enumerate(recipe.stages, start=1):
-            metrics_wanted = index == len(recipe.stages) or evaluation.per_stage
-            result = _run_stage(model, config, ctx, index, len(recipe.stages))
-            if metrics_wanted:
+        last = len(recipe.stages)
+
+        def measured(applied: AppliedStage) -> None:
+            result = StageResult(applied.index, applied.config.method, applied.config.to_dict(), applied.details,
+                                 round(applied.seconds, 3))
+            if applied.index == last or evaluation.per_stage:
                 result.metrics = measure(model, tokenizer if measure_quality else None, evaluation, reference,
-                                         with_disk=evaluation.disk_size,
-                                         time_latency=not (interleave and index == len(recipe.stages)))
+                                         with_disk=evaluation.disk_size, stages=stages(),
+                                         time_latency=not (interleave and applied.index == last))
             report.stages.append(result)
-            report.warnings += [f"stage {index} ({config.method}): {w}" for w in result.details.get("warnings") or []]
-            ctx.results.append({"method": config.method, **result.details})
-        ctx.previous = None
+            report.warnings += [f"stage {applied.index} ({applied.config.method}): {w}"
+                                for w in result.details.get("warnings") or []]
+
+        run_stages(model, recipe.stages, ctx, get_stage, after=measured, total=last)
         report.final = report.stages[-1].metrics
         if interleave and reference is not None:
             remeasure_latency_interleaved(ctx.original, model, [baseline, report.final], reference, evaluation)
             report.latency_interleaved = True
     model.hfsqueeze_report = report
     return report
-
-
-def _run_stage(model, config, ctx: CompressionContext, index: int, last: int) -> StageResult:
-    """Apply one stage (with a frozen copy of the model as it enters, when the stage asks for one)."""
-    ctx.stage_index = index
-    ctx.previous = frozen_copy(model) if config.snapshot_needed() == "previous" else None
-    logger.info("stage %d/%d: %s", index, last, config.method)
-    start = time.perf_counter()
-    details = get_stage(config.method).apply(model, config, ctx) or {}
-    seconds = time.perf_counter() - start
-    model.eval()
-    return StageResult(index, config.method, config.to_dict(), details, round(seconds, 3))
 
 
 def evaluate_artifact(path: str | Path, *, base: str | None = None, overrides: list[str] | None = None,

@@ -24,8 +24,8 @@ from .artifact.files import upload_files
 from .artifact.load import check_artifact_code, load_snippet
 from .artifact.parity import DEFAULT_PARITY_TOLERANCE, verify_parity
 from .artifact.save import save_compressed
-from .compat.peft import ADAPTER_CONFIG, hub_adapter_config
 from .core.errors import ArtifactError, HubError
+from .registry import stages as registered_stages
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -257,13 +257,24 @@ def _operations(api: Any, repo_id: str, artifact: Path, include: Sequence[str], 
             continue
         local.add(name)
         path = artifact / name
-        content = hub_adapter_config(path, repo_id) if name == ADAPTER_CONFIG else str(path)
-        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=_hub_content(path, name, repo_id)))
     # Weights left over from an earlier push with another layout (e.g. shards) would shadow the new ones.
     for name in api.list_repo_files(repo_id, token=token):
         if name not in local and name.endswith(STALE_WEIGHT_SUFFIXES):
             ops.append(CommitOperationDelete(path_in_repo=name))
     return ops
+
+
+def _hub_content(path: Path, name: str, repo_id: str) -> bytes | str:
+    """What the Hub gets for the artifact file ``name``: the bytes the stage that wrote it as a side file says
+    (`Stage.hub_file`: the adapter config's base points at the repository itself), else the file as it is."""
+    for stage in registered_stages():
+        declared = stage.side_files()
+        if declared is not None and name in declared.names:
+            content = stage.hub_file(path, repo_id)
+            if content is not None:
+                return content
+    return str(path)
 
 
 def _commit_with_retries(api, repo_id, artifact, include, readme, message, description, token, max_retries, *,

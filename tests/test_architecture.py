@@ -1,4 +1,5 @@
-"""The import directions of hfsqueeze/ARCHITECTURE.md, checked on the source (imports inside functions count too)."""
+"""The layers of hfsqueeze/ARCHITECTURE.md, checked on the source: every row of its layer table (imports inside
+functions count too), no import cycle, and no method name as a string literal above the registry."""
 
 from __future__ import annotations
 
@@ -100,3 +101,111 @@ def test_no_import_cycle():
     for module in sorted(EDGES):
         if module not in state:
             visit(module, [])
+
+
+# The layer table's rows, bottom to top, each with the rows it may import (besides itself). The top row's members
+# are ordered as the picture draws them (artifact/ lowest, cli.py highest): each imports only what is below it.
+# `hfsqueeze/__init__.py`, `__main__.py` and `models.py` are the public faces of the package, above everything.
+LAYERS = [
+    # The ground floor is two packages: core's machinery and the built-in models and texts (builtin uses core's leaf
+    # modules; core's text sources and model loading resolve the built-in names, see the test above).
+    ("core", ("hfsqueeze.core",), ("builtin",)),
+    ("builtin", ("hfsqueeze.builtin",), ("core",)),
+    ("compat", ("hfsqueeze.compat",), ("core",)),
+    ("methods", ("hfsqueeze.methods",), ("core", "builtin", "compat")),
+    ("registry", ("hfsqueeze.registry",), ("core", "methods")),
+    ("evaluation", ("hfsqueeze.evaluation",), ("core", "builtin", "compat")),
+    ("recipe", ("hfsqueeze.recipe",), ("core", "builtin", "compat", "registry", "evaluation")),
+    ("artifact", ("hfsqueeze.artifact",), ("core", "builtin", "compat", "registry", "evaluation", "recipe")),
+    ("hub", ("hfsqueeze.hub",), ("core", "builtin", "compat", "registry", "evaluation", "recipe", "artifact")),
+    ("api", ("hfsqueeze.api",),
+     ("core", "builtin", "compat", "registry", "evaluation", "recipe", "artifact", "hub")),
+    ("tune", ("hfsqueeze.tune",),
+     ("core", "builtin", "compat", "registry", "evaluation", "recipe", "artifact", "hub", "api")),
+    ("cli", ("hfsqueeze.cli",),
+     ("core", "builtin", "compat", "registry", "evaluation", "recipe", "artifact", "hub", "api", "tune", "faces")),
+    ("faces", ("hfsqueeze", "hfsqueeze.__main__", "hfsqueeze.models"), None),  # None: anything
+]
+_PREFIXES = {name: prefixes for name, prefixes, _ in LAYERS}
+
+
+def _layer(module: str) -> str:
+    # The longest matching prefix: `hfsqueeze` (the package) must not swallow its subpackages.
+    matches = [(len(p), name) for name, prefixes, _ in LAYERS for p in prefixes
+               if module == p or (p != "hfsqueeze" and module.startswith(p + "."))]
+    assert matches, f"{module} belongs to no row of the layer table (add it to ARCHITECTURE.md and LAYERS)"
+    return max(matches)[1]
+
+
+def test_every_module_sits_in_a_row_of_the_layer_table():
+    assert {_layer(m) for m in EDGES} == {name for name, _, _ in LAYERS}
+
+
+@pytest.mark.parametrize("name, allowed", [(name, allowed) for name, _, allowed in LAYERS if allowed is not None])
+def test_each_row_imports_only_the_rows_below_it(name, allowed):
+    bad = {}
+    for module, targets in EDGES.items():
+        if _layer(module) != name:
+            continue
+        wrong = sorted(t for t in targets if _layer(t) not in (name, *allowed))
+        if wrong:
+            bad[module] = wrong
+    assert not bad
+
+
+# ---- method names above the registry -------------------------------------------------------------------------------
+# What code above the registry must not spell: the built-in methods' names, and distill's report details that other
+# code used to read (`route`, `kept`). It asks the stages instead (`Stage` hooks, `find_stage`, `stages`).
+METHOD_WORDS = {"quantize", "prune", "distill", "route", "kept"}
+BELOW_THE_REGISTRY = ("core", "builtin", "compat", "methods", "registry")
+# Explicit exceptions, each with its reason. Keys: (module, literal).
+ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                found.add(id(first.value))
+    return found
+
+
+def method_literals(source: str) -> list[tuple[int, str]]:
+    """(line, literal) for each string constant in ``source`` that is a method word; docstrings do not count."""
+    tree = ast.parse(source)
+    skip = _docstrings(tree)
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in METHOD_WORDS
+            and id(node) not in skip]
+
+
+def test_the_method_name_check_sees_code_and_ignores_docstrings():
+    source = '''"""Module: 'quantize' here is prose."""
+def f(stage):
+    """The prune stage, in prose."""
+    if stage == "prune":
+        return {"route": 1}
+    return f"{stage}-kept"
+'''
+    assert sorted(method_literals(source)) == [(4, "prune"), (5, "route")]
+
+
+def test_no_method_name_above_the_registry():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module(path)
+        if _layer(module) in BELOW_THE_REGISTRY:
+            continue
+        for line, word in method_literals(path.read_text()):
+            if (module, word) not in ALLOWED:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {word!r}")
+    assert not found, "method names above the registry (ask the stage's hooks instead): " + "; ".join(found)
+
+
+def test_every_allowed_method_name_is_still_used():
+    """An exception that is no longer needed goes (so the list only shrinks)."""
+    used = {(_module(p), word) for p in PACKAGE.rglob("*.py") for _, word in method_literals(p.read_text())}
+    assert set(ALLOWED) <= used, sorted(set(ALLOWED) - used)

@@ -4,6 +4,7 @@ stages' checks run before anything is measured; their search spaces draw valid c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from typing import Literal
@@ -17,8 +18,8 @@ import hfsqueeze
 from hfsqueeze import api
 from hfsqueeze.core.config import StageConfig
 from hfsqueeze.core.search import OPTIONAL, Param, sample
-from hfsqueeze.core.stage import Description, ModelInfo, Stage
-from hfsqueeze.registry import available_stages, get_stage, register_stage, unregister_stage
+from hfsqueeze.core.stage import Description, ModelInfo, SideFiles, Stage
+from hfsqueeze.registry import available_stages, get_stage, register_stage, stages, unregister_stage
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MARKER = "cast.json"
@@ -197,3 +198,104 @@ def test_search_spaces_are_the_real_ones():
     point = sample({"bits": Param.choice(8), "threshold": Param.range(1.0, 2.0, when={"bits": (4,)})},
                    random.Random(0))
     assert point == {"bits": 8}  # a conditional param is only drawn when its condition holds
+
+
+# ---- side files: what a stage writes beside the weights (distill's kept LoRA adapter is one) ---------------------
+SIDECAR = "sidecar.safetensors"
+
+
+@dataclasses.dataclass
+class SidecarConfig(StageConfig):
+    """No options: the stage only has save/load hooks."""
+
+    method = "sidecar"
+
+
+class SidecarStage(Stage):
+    """Extra weights kept beside the model's own (``model.sidecar``), saved as a side file the way distill keeps its
+    LoRA adapter: generic code learns of them only from these hooks."""
+
+    name, config_cls = "sidecar", SidecarConfig
+
+    def has_side_files(self, model):
+        return hasattr(model, "sidecar")
+
+    def on_save(self, model, directory):
+        if self.has_side_files(model):
+            from safetensors.torch import save_file
+
+            save_file({"sidecar": model.sidecar}, str(directory / SIDECAR))
+
+    def side_files(self):
+        return SideFiles(key="sidecar", name="sidecar", names=(SIDECAR,), checksums=("sha256",), lost="its extras")
+
+    def side_file_checksums(self, directory):
+        return {"sha256": hashlib.sha256((directory / SIDECAR).read_bytes()).hexdigest()}
+
+    def hub_file(self, path, repo_id):
+        return f"sidecar for {repo_id}".encode()
+
+
+@pytest.fixture
+def sidecar_stage():
+    stage = register_stage(SidecarStage())
+    try:
+        yield stage
+    finally:
+        unregister_stage("sidecar")
+
+
+def test_side_files_are_sized_saved_recorded_checked_and_pushed_through_the_stage_hooks(sidecar_stage, tmp_path):
+    from hfsqueeze.artifact.parity import PARITY_FILE, _parity_metadata
+    from hfsqueeze.evaluation.measure import disk_bytes
+    from hfsqueeze.hub import _hub_content
+
+    model = make_tiny("llama")
+    model.sidecar = torch.zeros(4096)
+    assert disk_bytes(model, stages()) - disk_bytes(model) > 4 * 4096  # the side file counts as weights
+
+    out = hfsqueeze.save_compressed(model, tmp_path / "side")
+    assert (out / SIDECAR).is_file()
+    recorded = _parity_metadata(out / PARITY_FILE)["sidecar"]
+    assert recorded == {"sha256": hashlib.sha256((out / SIDECAR).read_bytes()).hexdigest()}
+    hfsqueeze.load_compressed(out)  # unchanged: loads
+    assert _hub_content(out / SIDECAR, SIDECAR, "me/side") == b"sidecar for me/side"
+    assert _hub_content(out / "config.json", "config.json", "me/side") == str(out / "config.json")
+
+    from safetensors.torch import save_file
+
+    save_file({"sidecar": torch.ones(4096)}, str(out / SIDECAR))
+    with pytest.raises(hfsqueeze.ArtifactError, match=r"the sidecar's sidecar.safetensors differs from the one "):
+        hfsqueeze.load_compressed(out)
+    (out / SIDECAR).unlink()
+    with pytest.raises(hfsqueeze.ArtifactError, match=r"records a sidecar, but sidecar.safetensors is missing"):
+        hfsqueeze.load_compressed(out)
+
+
+def test_a_model_without_side_files_refuses_one_added_later(sidecar_stage, tmp_path):
+    from safetensors.torch import save_file
+
+    out = hfsqueeze.save_compressed(make_tiny("llama"), tmp_path / "plain")
+    save_file({"sidecar": torch.ones(8)}, str(out / SIDECAR))  # added after saving
+    with pytest.raises(hfsqueeze.ArtifactError, match=r"was saved without a sidecar, but holds sidecar.safetensors"):
+        hfsqueeze.load_compressed(out)
+
+
+def test_prune_scores_copies_of_one_model_once_through_the_context_cache(monkeypatch):
+    """`CompressionContext.scores_cache` (what every tune trial passes): the prune stage keeps its first step's
+    scores there under its own name, so copies of one original are scored once per importance setting."""
+    import copy
+
+    from hfsqueeze.core.context import CompressionContext
+    from hfsqueeze.methods.prune import apply as prune_apply
+
+    calls = []
+    real = prune_apply.compute_scores
+    monkeypatch.setattr(prune_apply, "compute_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stage, original, cache = get_stage("prune"), make_tiny("llama"), {}
+    for heads in (0.25, 0.5):
+        stage.apply(copy.deepcopy(original), stage.config_cls(heads=heads, importance="magnitude"),
+                    CompressionContext(scores_cache=cache))
+    assert len(calls) == 1 and list(cache) == ["prune"]
+    stage.apply(copy.deepcopy(original), stage.config_cls(heads=0.25, importance="magnitude"), CompressionContext())
+    assert len(calls) == 2  # no cache: scored again

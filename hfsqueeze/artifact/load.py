@@ -8,6 +8,7 @@ Stock artifacts load with the Transformers auto class of their architecture; a s
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -17,8 +18,7 @@ import transformers
 from transformers import AutoConfig
 
 from ..compat.bnb import guard_bnb_cpu_repack
-from ..compat.peft import check_adapter_loadable
-from ..core.errors import ArtifactError
+from ..core.errors import ArtifactError, BackendMissingError
 from ..core.hf import auto_class_name
 from ..core.loading import check_model_source, guarded_load, load_errors
 from ..builtin.models import resolve_model_path
@@ -71,7 +71,7 @@ def load_compressed(path: str | os.PathLike, *, check_parity: bool = True, **kwa
     if check_parity:
         check_parity_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
-    check_adapter_loadable(path)
+    _check_side_files_loadable(path)
     model = _stage_load(path, config, kwargs)
     if model is None:
         model = getattr(transformers, auto_class_name(config)).from_pretrained(path, **kwargs)
@@ -98,6 +98,18 @@ def load_model(path: str | os.PathLike | None, **kwargs: Any) -> tuple[Any, Any]
     with load_errors(source):
         model = _checked(model, source, True, kwargs)
     return prepared(model), load_tokenizer(source, trust_remote_code=trust, **hub)
+
+
+def _check_side_files_loadable(directory: str | os.PathLike) -> None:
+    """Refuse, in one line, an artifact holding a stage's side files (`Stage.side_files`: a LoRA adapter) when the
+    package that loads them is missing: Transformers would silently load the model without them."""
+    for stage in stages():
+        declared = stage.side_files()
+        if declared is None or declared.backend is None or importlib.util.find_spec(declared.backend) is not None:
+            continue
+        if any((Path(directory) / name).is_file() for name in declared.names):
+            raise BackendMissingError(f"{directory} holds a {declared.name} ({declared.why}); loading it needs "
+                                      f"{declared.backend}: pip install {declared.backend}")
 
 
 def _stage_load(path: str, config: Any, kwargs: dict[str, Any]) -> Any:

@@ -5,14 +5,14 @@ artifact in a fresh Python process with the exact code its model card shows and 
 
 The outputs are compared with a tolerance (bitsandbytes 4-bit may run another CPU kernel after a reload), so a change
 smaller than it passes: a LoRA adapter trained a few steps moves the logits by less, and deleting or zeroing it went
-unseen. So the parity file also records the kept adapter (sha256 of its weight file and of its config), and
-`check_parity_files` compares those bytes, whatever the tolerance. An hfsqueeze artifact (``report.json`` of ours)
-without its parity file is refused too: deleting the file must not switch the check off.
+unseen. So the parity file also records the side files a stage writes (`Stage.side_files`: the kept adapter, sha256
+of its weight file and of its config, under ``adapter``), and `check_parity_files` compares those bytes, whatever
+the tolerance. An hfsqueeze artifact (``report.json`` of ours) without its parity file is refused too: deleting the
+file must not switch the check off.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -26,10 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..compat.bnb import guard_bnb_cpu_repack
-from ..compat.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_adapter
 from ..core.errors import ArtifactError, HubError
 from ..core.hf import eval_mode, input_device, to_device
+from ..core.stage import SideFiles, Stage
 from ..evaluation.report import REPORT_SCHEMA
+from ..registry import stages
 
 PARITY_FILE = "parity.safetensors"
 PARITY_SCHEMA = "hfsqueeze.parity"
@@ -119,41 +120,28 @@ def record_parity(model: Any, out_dir: str | os.PathLike) -> Path:
     input_ids = parity_input_ids(model.config)
     with eval_mode(guard_bnb_cpu_repack(model)):
         name, outputs = _outputs(model, input_ids)
-    adapter = None
-    if has_adapter(model):  # written beside the weights by then (`save_pretrained_with_adapter`)
-        missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (Path(out_dir) / f).is_file()]
-        if missing:
-            raise ArtifactError(f"cannot record parity: the model carries a LoRA adapter but {out_dir} has no "
-                                f"{', '.join(missing)}; write the adapter files first")
-        adapter = adapter_checksums(out_dir)
+    side = {}
+    for stage, declared in _side_files():  # written beside the weights by then (`Stage.on_save`)
+        side[declared.key] = None
+        if stage.has_side_files(model):
+            missing = [f for f in declared.names if not (Path(out_dir) / f).is_file()]
+            if missing:
+                raise ArtifactError(f"cannot record parity: the model carries a {declared.name} but {out_dir} has "
+                                    f"no {', '.join(missing)}; write the {declared.key} files first")
+            side[declared.key] = stage.side_file_checksums(Path(out_dir))
     path = Path(out_dir) / PARITY_FILE
     save_file({"input_ids": input_ids.contiguous(), "outputs": outputs}, str(path),
               metadata={"hfsqueeze": json.dumps(  # one key: safetensors writes several in random order
                   {"schema": PARITY_SCHEMA, "version": PARITY_VERSION, "output": name, "model": type(model).__name__,
-                   "adapter": adapter, "device": input_device(model).type, "kernel": parity_kernel(model)},
+                   **side, "device": input_device(model).type, "kernel": parity_kernel(model)},
                   sort_keys=True)})
     return path
 
 
-def adapter_checksums(artifact_dir: str | os.PathLike) -> dict[str, str]:
-    """sha256 of the adapter's weight file (its bytes) and of its config (parsed, without
-    ``base_model_name_or_path``, which the Hub upload rewrites to the repository id)."""
-    root = Path(artifact_dir)
-    digest = hashlib.sha256()
-    with open(root / ADAPTER_WEIGHTS, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    try:
-        config = json.loads((root / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{root / ADAPTER_CONFIG} is damaged ({type(exc).__name__}); re-save the artifact, or "
-                            f"load it unchecked with {_OPT_OUT}") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{root / ADAPTER_CONFIG} is not a JSON object; re-save the artifact, or load it "
-                            f"unchecked with {_OPT_OUT}")
-    config.pop("base_model_name_or_path", None)
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-    return {"weights_sha256": digest.hexdigest(), "config_sha256": hashlib.sha256(canonical).hexdigest()}
+def _side_files() -> list[tuple[Stage, SideFiles]]:
+    """The registered stages that write side files into artifacts (`Stage.side_files`: a kept LoRA adapter), each
+    with its declaration; the parity file records each one's checksums under its key."""
+    return [(stage, declared) for stage in stages() if (declared := stage.side_files()) is not None]
 
 
 def is_parity_file(path: str | os.PathLike) -> bool:
@@ -176,7 +164,9 @@ def _parity_metadata(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not hfsqueeze's parity file (no {PARITY_SCHEMA!r} tag); re-save the artifact, "
                             f"or load it unchecked with {_OPT_OUT}")
     version = meta.get("version")
-    if not isinstance(version, int) or not 1 <= version <= PARITY_VERSION or (version >= 2 and "adapter" not in meta) \
+    recorded = [declared.key for _, declared in _side_files()]
+    if not isinstance(version, int) or not 1 <= version <= PARITY_VERSION \
+            or (version >= 2 and any(key not in meta for key in recorded)) \
             or (version >= 3 and not ("device" in meta and "kernel" in meta)):
         raise ArtifactError(f"{path} has parity version {version!r} (this hfsqueeze reads 1 to {PARITY_VERSION}; 2 "
                             "records the adapter, 3 the device and kernel); re-save the artifact with this version")
@@ -190,15 +180,6 @@ def _saved_report(root: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("schema") == REPORT_SCHEMA else None
-
-
-def _report_kept_adapter(report: dict[str, Any]) -> bool:
-    """Whether the report says the saved model holds a LoRA adapter: the last stage that chose a route (distill's
-    ``details["route"]``; a later one drops or merges an earlier adapter) chose ``adapter``."""
-    stages = report.get("stages")
-    routes = [s["details"]["route"] for s in (stages if isinstance(stages, list) else [])
-              if isinstance(s, dict) and isinstance(s.get("details"), dict) and "route" in s["details"]]
-    return bool(routes) and routes[-1] == "adapter"
 
 
 def check_parity_files(artifact_dir: str | os.PathLike) -> None:
@@ -223,30 +204,38 @@ def check_parity_files(artifact_dir: str | os.PathLike) -> None:
                                 f"load it unchecked with {_OPT_OUT}")
         return
     meta = _parity_metadata(path)
-    present = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (root / f).is_file()]
-    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if f not in present]
-    if report is not None and _report_kept_adapter(report) and missing:
-        raise ArtifactError(f"{root}: report.json says a LoRA adapter was kept, but {', '.join(missing)} is missing; "
-                            f"the model would load without its recovery (restore the file, or load it unchecked with "
-                            f"{_OPT_OUT})")
+    report_stages = report.get("stages") if report is not None else None
+    for stage, declared in _side_files():
+        _check_side_files(root, meta, stage, declared, report_stages if isinstance(report_stages, list) else None)
+
+
+def _check_side_files(root: Path, meta: dict[str, Any], stage: Stage, declared: SideFiles,
+                      report_stages: list[Any] | None) -> None:
+    """One stage's side files (a kept LoRA adapter) against the report and the checksums the parity file holds."""
+    present = [f for f in declared.names if (root / f).is_file()]
+    missing = [f for f in declared.names if f not in present]
+    if report_stages is not None and stage.kept_side_files(report_stages) and missing:
+        raise ArtifactError(f"{root}: report.json says a {declared.name} was kept, but {', '.join(missing)} is "
+                            f"missing; the model would load without {declared.lost} (restore the file, or load it "
+                            f"unchecked with {_OPT_OUT})")
     if meta["version"] < 2:
-        return  # saved before adapters were recorded: report.json above and the outputs are all there is
-    recorded = meta["adapter"]
+        return  # saved before side files were recorded: report.json above and the outputs are all there is
+    recorded = meta.get(declared.key)
     if recorded is None:
         if present:
-            raise ArtifactError(f"{root} was saved without a LoRA adapter, but holds {', '.join(present)}; remove "
+            raise ArtifactError(f"{root} was saved without a {declared.name}, but holds {', '.join(present)}; remove "
                                 f"them, or load it unchecked with {_OPT_OUT}")
         return
     if missing:
-        raise ArtifactError(f"{root}/{PARITY_FILE} records a LoRA adapter, but {', '.join(missing)} is missing; "
+        raise ArtifactError(f"{root}/{PARITY_FILE} records a {declared.name}, but {', '.join(missing)} is missing; "
                             f"restore it, or load it unchecked with {_OPT_OUT}")
-    got = adapter_checksums(root)
-    changed = [f for f, key in ((ADAPTER_WEIGHTS, "weights_sha256"), (ADAPTER_CONFIG, "config_sha256"))
-               if not isinstance(recorded, dict) or got[key] != recorded.get(key)]
+    got = stage.side_file_checksums(root)
+    file_of = dict(zip(declared.checksums, declared.names))
+    changed = [file_of.get(key, key) for key in got if not isinstance(recorded, dict) or got[key] != recorded.get(key)]
     if changed:
-        raise ArtifactError(f"{root}: the LoRA adapter's {' and '.join(changed)} differs from the one recorded when "
-                            "it was saved (sha256); it was changed after saving (re-save it, or load it unchecked "
-                            f"with {_OPT_OUT})")
+        raise ArtifactError(f"{root}: the {declared.name}'s {' and '.join(changed)} differs from the one recorded "
+                            f"when it was saved (sha256); it was changed after saving (re-save it, or load it "
+                            f"unchecked with {_OPT_OUT})")
 
 
 def _read_parity(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -411,6 +400,6 @@ def compare_outputs(expected: torch.Tensor, got: torch.Tensor, *, tolerance: flo
     return result
 
 
-__all__ = ["CROSS_DEVICE_TOLERANCE", "DEFAULT_PARITY_TOLERANCE", "PARITY_FILE", "adapter_checksums",
+__all__ = ["CROSS_DEVICE_TOLERANCE", "DEFAULT_PARITY_TOLERANCE", "PARITY_FILE",
            "check_parity_files", "check_saved_parity", "compare_outputs", "is_parity_file", "parity_input_ids",
            "parity_kernel", "parity_problem", "parity_tolerance", "record_parity", "verify_parity"]

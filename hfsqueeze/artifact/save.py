@@ -26,8 +26,8 @@ import yaml
 from safetensors import SafetensorError
 
 from ..compat.bnb import check_not_repacked, saveable
-from ..compat.peft import save_pretrained_with_adapter
 from ..core.errors import ArtifactError
+from ..core.stage import save_weights
 from ..core.utils import default_permissions, quiet_transformers_progress
 from ..registry import stages
 from .card import write_model_card
@@ -192,7 +192,7 @@ def save_compressed(
     try:
         tmp.mkdir(mode=0o755)
         with saveable(model):
-            save_pretrained_with_adapter(model, tmp)
+            save_weights(model, tmp, stages(), side_files=False)  # each stage's on_save below writes its own
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for stage in stages():

@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
                    "prefill=0.6, decode=0.8 (latency ratios), kl=0.005, ppl=+1%%, top1=0.95")
     t.add_argument("--minimize", default="kl", choices=["kl", "size", "prefill", "decode"],
                    help="objective (default: kl; size/prefill/decode need a quality limit in --budget)")
-    t.add_argument("--space", default="quantize",
+    t.add_argument("--space", default=None,  # None: tune's default (quantize), named by the stages
                    help="quantize, prune, all, or a YAML file with choices/ranges in place of values")
     t.add_argument("--trials", type=int, default=30, help="trials in total, baselines included (default 30)")
     t.add_argument("--output", required=True, help="artifact directory (its tuning/ folder holds the study)")
@@ -58,10 +58,10 @@ def run(args: Any) -> int:
     from ..tune import Budget, TuneSettings, load_space
     from ..tune.resources import check_workers, weights_on_disk
     from ..tune.study import progress_line
-    from ..tune.tuner import check_args, check_output, tune
+    from ..tune.tuner import DEFAULT_SPACE, check_args, check_output, tune
 
     budget = Budget.parse(args.budget, args.minimize)  # one-line errors before any heavy work
-    space = load_space(args.space)
+    space = load_space(args.space if args.space is not None else DEFAULT_SPACE)
     time_budget = _parse_duration(args.time_budget)
     check_args(budget, space, TuneSettings.load(None), args.trials, args.workers, time_budget, args.resume,
                args.output)

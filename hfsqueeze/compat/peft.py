@@ -16,14 +16,13 @@ adapter files are written with peft's functions directly; its *loading* path wor
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import BackendMissingError, require_backend
+from ..core.errors import require_backend
 
 if TYPE_CHECKING:  # the Hub push imports this module and must not pay for torch
     from torch import nn
@@ -42,14 +41,6 @@ def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def has_adapter(model: nn.Module) -> bool:
     """True when ``model`` carries injected LoRA layers (a recovery adapter kept unmerged, or one loaded from disk)."""
     return bool(_tuner_layers(model))
-
-
-def check_adapter_loadable(directory: str | Path) -> None:
-    """Refuse, in one line, an artifact with a LoRA adapter when peft is missing: Transformers would silently load
-    the base model alone and drop the recovery."""
-    if (Path(directory) / ADAPTER_CONFIG).is_file() and importlib.util.find_spec("peft") is None:
-        raise BackendMissingError(f"{directory} holds a LoRA adapter (recovery kept unmerged on a quantized model); "
-                                  "loading it needs peft: pip install peft")
 
 
 def keep_adapter(peft_model: nn.Module) -> nn.Module:
@@ -107,13 +98,6 @@ def write_adapter(model: nn.Module, directory: str | Path) -> list[Path]:
     weights = directory / ADAPTER_WEIGHTS
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
     return [directory / ADAPTER_CONFIG, weights]
-
-
-def save_pretrained_with_adapter(model: nn.Module, directory: str | Path) -> None:
-    """``model.save_pretrained(directory)`` for the base weights, then the kept adapter's files beside them."""
-    with adapter_removed(model):
-        model.save_pretrained(directory)
-    write_adapter(model, directory)
 
 
 def adapter_summary(model: nn.Module) -> dict[str, Any] | None:

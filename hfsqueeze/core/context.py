@@ -25,6 +25,9 @@ class CompressionContext:
         extras: free-form per-call objects passed to `compress(..., **extras)`.
         eval_texts: the recipe's evaluation text sources by report label (a distill stage scores each one before
             and after training, next to its own held-out split).
+        scores_cache: a dict a caller keeps across calls that compress copies of one model (``hfsqueeze.tune``: one
+            per process); a stage keeps what it computed from that model there, under its own name, so the copies
+            are scored once (prune: its first step's importance scores). ``None``: nothing is kept.
     """
 
     tokenizer: Any = None
@@ -35,6 +38,7 @@ class CompressionContext:
     results: list[dict[str, Any]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     eval_texts: dict[str, Any] = field(default_factory=dict)
+    scores_cache: dict[str, Any] | None = None
 
     def require_tokenizer(self, why: str) -> Any:
         if self.tokenizer is None:

@@ -3,9 +3,11 @@
 A stage owns its method's whole life, the way Transformers' ``HfQuantizer`` owns a quantization method's: what it can
 check before the model runs (`Stage.validate`), the work itself (`Stage.apply`), recipe rewriting (`Stage.expand`),
 how the report and the model card describe it (`Stage.describe`), what a saved artifact needs beyond
-``save_pretrained`` (`Stage.on_save`, `Stage.load`, `Stage.load_snippet`, `Stage.verify_code`) and what a tuner may
-vary (`Stage.search_space`). Generic code (compress, save, card, hub) asks the registered stages and never branches
-on a method's name. Every hook but `apply` has a default that does nothing.
+``save_pretrained`` (`Stage.saving`, `Stage.on_save`, `Stage.side_files` and the hooks after it, `Stage.load`,
+`Stage.load_snippet`, `Stage.verify_code`) and what a tuner may vary and how it names and reaches the stage
+(`Stage.search_space`, `Stage.search_section`, `Stage.label`, `Stage.targets`, `Stage.quantized_module`). Generic code
+(compress, tune, save, card, hub) asks the registered stages and never branches on a method's name. Every hook but
+`apply` has a default that does nothing.
 
 ```python
 class CastStage(Stage):
@@ -21,7 +23,9 @@ hfsqueeze.register_stage(CastStage())
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -105,6 +109,50 @@ class Description:
     load_note: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class SideFiles:
+    """Files a stage writes into an artifact beside ``save_pretrained``'s (`Stage.on_save`), and how the generic code
+    treats them: the disk size counts them when they are ``weights``, the parity file records their checksums under
+    ``key`` (``null`` when the model had none) and refuses them changed, missing or added, the Hub push uploads
+    `Stage.hub_file`'s bytes for them, and loading refuses them when ``backend`` is missing (it would drop them).
+
+    Attributes:
+        key: their entry in the parity file's metadata (``adapter``).
+        name: how one-line errors name them (``LoRA adapter``: "holds a LoRA adapter", "the LoRA adapter's ...").
+        names: their file names at the artifact's top.
+        checksums: the keys of `Stage.side_file_checksums`, one per file of ``names``, in the same order.
+        weights: they hold weights (counted in the disk size).
+        backend: the package loading them needs; ``None``: nothing beyond Transformers.
+        why: what they are, after ``holds a {name}`` when that package is missing.
+        lost: what a model loaded without them lacks (``its recovery``).
+    """
+
+    key: str
+    name: str
+    names: tuple[str, ...]
+    checksums: tuple[str, ...] = ()
+    weights: bool = True
+    backend: str | None = None
+    why: str = ""
+    lost: str = "them"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSection:
+    """Where a stage's keys sit in a tuning space file and how a tuner places the stage in a trial's recipe.
+
+    Attributes:
+        name: the space file's section (``recover`` for distill: it is tuned as recovery after pruning).
+        via: the config key of other stages through which this stage enters a recipe (distill: prune's ``recover``,
+            which `Stage.expand` turns into distill stages); ``None``: a stage of its own.
+        not_searched: config keys a space file may not set (the solver picks them, or they are settings).
+    """
+
+    name: str
+    via: str | None = None
+    not_searched: tuple[str, ...] = ()
+
+
 def format_of(details: dict[str, Any]) -> str | None:
     """The short format a stage reported in its details (``int8``, ``nf4-dq``), if any."""
     value = details.get("format") if isinstance(details, dict) else None
@@ -144,8 +192,35 @@ class Stage:
         """Name one applied stage from its saved ``config`` and ``details`` (dicts from ``report.json``)."""
         return Description(label=self.name, short=format_of(details) or self.name, tags=[self.name])
 
+    @contextlib.contextmanager
+    def saving(self, model: "nn.Module") -> Iterator["nn.Module"]:
+        """Set aside, while ``save_pretrained`` writes the weights, what must not be in them (distill: the kept LoRA
+        layers, written by `on_save` as side files)."""
+        yield model
+
     def on_save(self, model: "nn.Module", directory: Path) -> None:
         """Write what the artifact needs beyond ``save_pretrained`` into ``directory`` (not yet moved into place)."""
+
+    def side_files(self) -> SideFiles | None:
+        """The files `on_save` may write beside the weights that save, disk size, parity and the Hub must know of."""
+        return None
+
+    def has_side_files(self, model: "nn.Module") -> bool:
+        """Whether `on_save` writes this stage's `side_files` for ``model`` (distill: it carries a kept adapter)."""
+        return False
+
+    def side_file_checksums(self, directory: Path) -> dict[str, str]:
+        """The checksums of the `side_files` in ``directory`` the parity file records and compares."""
+        return {}
+
+    def kept_side_files(self, stages: list[dict[str, Any]]) -> bool:
+        """Whether a saved report's ``stages`` (dicts from ``report.json``) say the model was saved with this stage's
+        `side_files`, so a missing one is refused before anything loads."""
+        return False
+
+    def hub_file(self, path: Path, repo_id: str) -> bytes | None:
+        """What the Hub gets for the side file ``path`` when pushed to ``repo_id``; ``None``: the file as it is."""
+        return None
 
     def load(self, path: str, config: Any, **kwargs: Any) -> "nn.Module | None":
         """Load an artifact this stage wrote files for (`hfsqueeze.load_compressed`); ``None``: not this stage's."""
@@ -169,6 +244,44 @@ class Stage:
         """
         return {}
 
+    def search_section(self) -> SearchSection | None:
+        """Where `search_space` goes in a tuning space file; ``None``: a tuner does not vary this stage."""
+        return None
+
+    def label(self, config: dict[str, Any]) -> str:
+        """A few words naming one config of this stage in a list of trials (``prune h0.12/f0.1 (kl)``)."""
+        return self.name
+
+    @property
+    def per_module(self) -> bool:
+        """Whether this stage converts modules one by one (`targets`, `quantized_module`), so a tuner can score and
+        size each module in each format and pick which stay unconverted."""
+        return type(self).quantized_module is not Stage.quantized_module
+
+    def targets(self, model: "nn.Module", config: StageConfig) -> list[tuple[str, "nn.Module"]]:
+        """The ``(name, module)`` pairs `apply` would convert for ``config``; empty unless `per_module`."""
+        return []
+
+    def quantized_module(self, module: "nn.Module", config: StageConfig) -> "nn.Module | None":
+        """The module `apply` would put in place of ``module`` for ``config``; ``None`` unless `per_module`."""
+        return None
+
+
+def save_weights(model: "nn.Module", directory: str | Path, stages: Iterable[Stage], *,
+                 side_files: bool = True) -> None:
+    """Write the weights of an artifact as `save_compressed` does: ``model.save_pretrained(directory)`` with what each
+    stage sets aside meanwhile (`Stage.saving`), then (``side_files``) each stage's `Stage.side_files` that hold
+    weights, through its `Stage.on_save` (a kept LoRA adapter). The disk size is measured on exactly this."""
+    stages = list(stages)
+    with contextlib.ExitStack() as stack:
+        for stage in stages:
+            stack.enter_context(stage.saving(model))
+        model.save_pretrained(directory)
+    for stage in stages if side_files else ():
+        declared = stage.side_files()
+        if declared is not None and declared.weights and stage.has_side_files(model):
+            stage.on_save(model, Path(directory))
+
 
 class FunctionStage(Stage):
     """A stage made from an ``apply(model, config, ctx)`` function (``@register_stage(name, ConfigClass)``)."""
@@ -185,4 +298,5 @@ class FunctionStage(Stage):
         return self.fn(model, config, ctx)
 
 
-__all__ = ["BASE_MODEL_RELATIONS", "Description", "FunctionStage", "ModelInfo", "Stage", "format_of"]
+__all__ = ["BASE_MODEL_RELATIONS", "Description", "FunctionStage", "ModelInfo", "SearchSection", "SideFiles", "Stage",
+           "format_of", "save_weights"]

@@ -18,17 +18,18 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..compat.bnb import guard_bnb_cpu_repack, saveable
-from ..compat.peft import save_pretrained_with_adapter
 from ..core.data import eval_sources, load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
 from ..core.hf import count_parameters, eval_mode, is_causal_lm, quantization_method, synchronizer, to_device
 from ..core.quality import REFERENCE_DTYPE, cosine, pooled_embeddings, score_lm
+from ..core.stage import Stage, save_weights
 from ..core.utils import progress_bar
 from .metrics import Metrics
 
@@ -102,10 +103,12 @@ def footprint_bytes(model) -> int:
     return total
 
 
-def disk_bytes(model) -> int:
-    """Size of the weight files `save_pretrained` writes for ``model`` (safetensors), measured by writing them."""
+def disk_bytes(model, stages: Iterable[Stage] = ()) -> int:
+    """Size of the weight files (safetensors) an artifact of ``model`` holds, measured by writing them as
+    `save_compressed` does with the registered ``stages`` (`hfsqueeze.registry.stages()`: a kept LoRA adapter is
+    part of the artifact); without stages, what plain ``save_pretrained`` writes."""
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
-        save_pretrained_with_adapter(model, tmp)  # a kept LoRA adapter is part of the artifact
+        save_weights(model, tmp, stages)
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
@@ -350,7 +353,7 @@ def latency_check(original: Metrics | None, final: Metrics | None, *, threads: i
 
 
 def measure(model, tokenizer, evaluation, reference: Reference | None = None, *, with_disk: bool | None = None,
-            compare: bool = True, time_latency: bool = True) -> Metrics:
+            compare: bool = True, time_latency: bool = True, stages: Iterable[Stage] = ()) -> Metrics:
     """Measure ``model``: parameters, footprint, disk size, quality against ``reference``, latency.
 
     Args:
@@ -363,11 +366,12 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         compare (`bool`, defaults to `True`): compare with ``reference``; `measure_baseline` turns it off.
         time_latency (`bool`, defaults to `True`): time latency when ``evaluation.latency`` asks for it; off when
             the caller times this model interleaved with another (`remeasure_latency_interleaved`).
+        stages (*optional*): the registered stages, to write the weights as an artifact holds them (`disk_bytes`).
     """
     guard_bnb_cpu_repack(model)
     metrics = Metrics(parameters=count_parameters(model), footprint_bytes=footprint_bytes(model))
     if evaluation.disk_size if with_disk is None else with_disk:
-        metrics.disk_bytes = disk_bytes(model)  # before any forward: see guard_bnb_cpu_repack
+        metrics.disk_bytes = disk_bytes(model, stages)  # before any forward: see guard_bnb_cpu_repack
     if tokenizer is None:
         return metrics
     if reference is None:

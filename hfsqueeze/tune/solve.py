@@ -40,9 +40,9 @@ class Solution:
     used_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("skip_modules")
-        out["kept_modules"] = len(out.pop("kept"))
+        # The module lists stay out (``kept_modules`` counts them): the report holds sizes and predictions.
+        out = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, list)}
+        out["kept_modules"] = len(self.kept)
         return out
 
 

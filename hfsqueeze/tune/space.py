@@ -1,7 +1,9 @@
 """The search space of `hfsqueeze.tune`, and the one place where tuning talks to the stages.
 
-Each stage declares what a tuner may vary in its config (its ``search_space()``; a built-in declaration below stands in
-for stages that do not declare one yet). Tuning adds two knobs of its own to ``quantize``: ``rest_dtype``, the dtype
+Each stage declares what a tuner may vary in its config (its ``search_space()``) and under which section of a space
+file (its ``search_section()``); the sections' roles come from the stages' hooks too (the stage that converts modules
+one by one, the stage recovery enters through), never from a method's name. Tuning adds two knobs of its own to
+``quantize``: ``rest_dtype``, the dtype
 of everything bitsandbytes leaves unquantized (a 16-bit stage before the 8/4-bit one), and ``keep``, how much of the
 solver's capacity goes to modules kept unquantized (see `hfsqueeze.tune.solve`). A point of the space becomes an
 explicit recipe: stages with plain values, nothing left to chance.
@@ -43,26 +45,54 @@ from ..core.config import _coerce
 from ..core.context import CompressionContext
 from ..core.errors import RecipeError
 from ..core.hf import frozen_copy, to_device
+from ..core.runner import run_stages as run_staged
 from ..core.search import OPTIONAL, Param, nested
+from ..core.stage import Stage
 from ..recipe import Recipe, safe_load_strict
-from ..registry import get_stage
+from ..registry import get_stage, stages
 
-SECTIONS = ("quantize", "prune", "recover")
-STAGE_OF = {"quantize": "quantize", "prune": "prune", "recover": "distill"}  # the stage that declares each section
-BUILTIN_SPACES = {"quantize": ("quantize",), "prune": ("prune", "recover"), "all": ("quantize", "prune", "recover")}
+
+def _sections() -> dict[str, Stage]:
+    """Each section a space file may have -> the stage that declares it (`Stage.search_section`), in the order the
+    registry holds the stages."""
+    return {section.name: stage for stage in stages() if (section := stage.search_section()) is not None}
+
+
+def _roles() -> tuple[str, str, str]:
+    """The sections by what tuning does with them, found by asking the stages: the stage that converts modules one by
+    one (`Stage.per_module`: the solver's), the stage whose config holds another stage's keys (it has the key named
+    by that stage's `SearchSection.via`: pruning's ``recover``), and that other stage (recovery)."""
+    sections = _sections()
+    per_module = next(name for name, stage in sections.items() if stage.per_module)
+    rider = next(name for name, stage in sections.items() if stage.search_section().via)
+    via = sections[rider].search_section().via
+    host = next(name for name, stage in sections.items() if via in stage.config_cls.allowed_keys())
+    return per_module, host, rider
+
+
+QUANTIZE, PRUNE, RECOVER = _roles()
+SECTIONS = (QUANTIZE, PRUNE, RECOVER)
+BUILTIN_SPACES = {QUANTIZE: (QUANTIZE,), PRUNE: (PRUNE, RECOVER), "all": SECTIONS}
+DEFAULT_SPACE = QUANTIZE  # `hfsqueeze tune` without --space
 ENABLED = OPTIONAL  # a boolean knob: the stage is in the recipe
 REST_DTYPES = ("fp32", "bf16", "fp16")
 _REST_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Tuning's own quantize knobs: the dtype of what bitsandbytes leaves unquantized, and the solver's share (solve.py).
+# Tuning's own knobs for the per-module section: the dtype of what bitsandbytes leaves unquantized, and the solver's
+# share (solve.py).
 _TUNER_KNOBS = {
     "rest_dtype": Param.choice("fp32", "bf16", "fp16", when={"bits": (8, 4)}),
     "keep": Param.range(0.0, 1.0, step=0.05, when={"bits": (8, 4)}),
 }
-# Keys a tuner never draws: the solver picks skip_modules; the rest are settings, not compression choices.
-_NOT_SEARCHED = {"quantize": {"skip_modules"}, "prune": {"recover", "calibration"}}
-# The prune stage keeps its first step's importance scores in this `CompressionContext.extras` dict when a caller
-# passes one (the prune stage's SCORES_CACHE): every trial prunes a copy of the same original.
-PRUNE_SCORES_CACHE = "prune_scores_cache"
+
+
+def _stage(section: str) -> Stage:
+    return _sections()[section]
+
+
+def _not_searched(section: str) -> set[str]:
+    """Config keys a tuner never draws (`SearchSection.not_searched`: the solver picks skip_modules; the rest are
+    settings, not compression choices)."""
+    return set(_stage(section).search_section().not_searched)
 
 
 def stage_space(section: str) -> dict[str, Param]:
@@ -70,9 +100,8 @@ def stage_space(section: str) -> dict[str, Param]:
     ``prune`` and ``recover`` get an on/off knob (``enabled``) that the other keys depend on."""
     if section not in SECTIONS:
         raise RecipeError(f"space: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
-    declared = {k: v for k, v in get_stage(STAGE_OF[section]).search_space().items()
-                if k not in _NOT_SEARCHED.get(section, set())}
-    if section == "quantize":
+    declared = {k: v for k, v in _stage(section).search_space().items() if k not in _not_searched(section)}
+    if section == QUANTIZE:
         return {**declared, **_TUNER_KNOBS}
     space = {ENABLED: declared.pop(ENABLED, Param.choice(False, True))}
     for key, param in declared.items():
@@ -121,8 +150,8 @@ class Space:
         for section, params in self.sections.items():
             for key, param in params.items():
                 when = {f"{section}.{k}": v for k, v in param.when.items()}
-                if section == "recover" and "prune" in self.sections:
-                    when.setdefault("prune.enabled", (True,))
+                if section == RECOVER and PRUNE in self.sections:
+                    when.setdefault(f"{PRUNE}.{ENABLED}", (True,))
                 out[f"{section}.{key}"] = dataclasses.replace(param, when=when)
         return out
 
@@ -169,24 +198,24 @@ def _space_from_dict(data: Any, where: str) -> Space:
             raise RecipeError(f"{where}: section {section!r} must be a mapping of keys to values, lists (choices) or "
                               f"{{low, high}} ranges; got {body!r}")
         sections[section] = _section_params(section, body, f"{where}: {section}")
-    if "recover" in sections and "prune" not in sections:
-        raise RecipeError(f"{where}: section 'recover' needs a 'prune' section (recovery follows pruning)")
+    if RECOVER in sections and PRUNE not in sections:
+        raise RecipeError(f"{where}: section '{RECOVER}' needs a '{PRUNE}' section (recovery follows pruning)")
     return Space(sections, name=str(where))
 
 
 def _field_types(section: str) -> dict[str, Any]:
     """The type of every key a space section may set: the stage config's fields (``recover``: the keys the distill
     stage declares, some nested like ``training_args.max_steps``), plus tuning's own knobs."""
-    if section == "recover":
+    if section == RECOVER:
         return {key: _declared_type(param) for key, param in stage_space(section).items()}
-    config_cls = get_stage(STAGE_OF[section]).config_cls
+    config_cls = _stage(section).config_cls
     hints = typing.get_type_hints(config_cls)
     types = {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
-    if section == "quantize":
+    if section == QUANTIZE:
         types.update({"rest_dtype": typing.Literal["fp32", "bf16", "fp16"], "keep": float})
     else:
         types[ENABLED] = bool
-    for key in _NOT_SEARCHED.get(section, set()):
+    for key in _not_searched(section):
         types.pop(key, None)
     return types
 
@@ -215,7 +244,7 @@ def _section_params(section: str, body: dict[str, Any], where: str) -> dict[str,
                                          for i, v in enumerate(value)], when=when)
         else:
             params[key] = Param.choice(_finite(_coerce(value, tp, at), at), when=when)
-    keep = params.get("keep") if section == "quantize" else None
+    keep = params.get("keep") if section == QUANTIZE else None
     if keep is not None and any(v < 0 or v > 1 for v in (keep.choices or (keep.low, keep.high))):
         raise RecipeError(f"{where}: key 'keep': a fraction of the solver's capacity, within 0..1")
     _check_values(section, params, declared, where)
@@ -244,7 +273,8 @@ def _check_values(section: str, params: dict[str, Param], declared: dict[str, Pa
     and, where the config needs them to be valid at all, values the section allows for other keys (prune refuses a
     config that removes nothing). An error that the same config without the key raises as well (``heads: 0`` when
     nothing else is pruned) is not the value's: such a point leaves the stage out of the trial's recipe."""
-    config_cls = get_stage(STAGE_OF[section]).config_cls
+    stage = _stage(section)
+    config_cls = stage.config_cls
     fields = set(config_cls.allowed_keys())
     for key, param in params.items():
         positive = key in declared and declared[key].log
@@ -260,7 +290,7 @@ def _check_values(section: str, params: dict[str, Param], declared: dict[str, Pa
                                                         f" (in the range {param.low}..{param.high})"))
     error = _config_error(config_cls, _valid_context(config_cls, fields, params, None))
     if error is not None:  # e.g. a prune section that removes nothing anywhere: every trial leaves the stage out
-        raise RecipeError(f"{where}: this section searches nothing: the {STAGE_OF[section]} stage refuses every "
+        raise RecipeError(f"{where}: this section searches nothing: the {stage.name} stage refuses every "
                           f"point of it ({error})")
 
 
@@ -412,9 +442,10 @@ class Plan:
         out = copy.deepcopy(self.pre_stages)
         if self.quantize is None:
             return out
+        method = _stage(QUANTIZE).name
         if self.bits in (4, 8) and self.rest_dtype != "fp32":
-            out.append({"method": "quantize", "bits": 16, "dtype": self.rest_dtype})
-        stage = {"method": "quantize", **self.quantize}
+            out.append({"method": method, "bits": 16, "dtype": self.rest_dtype})
+        stage = {"method": method, **self.quantize}
         if self.bits in (4, 8) and skip_modules is not None:
             stage["skip_modules"] = list(skip_modules)
         out.append(stage)
@@ -428,53 +459,43 @@ def plan_of(point: Mapping[str, Any]) -> Plan:
         section, key = name.split(".", 1)
         sections.setdefault(section, {})[key] = value
     pre = []
-    prune = sections.get("prune", {})
+    prune = sections.get(PRUNE, {})
     amounts = [prune.get(k, 0) for k in ("heads", "ffn", "layers")]
     if prune.pop(ENABLED, True) and any(amounts):  # nothing to remove: the stage is left out
-        recover = sections.get("recover", {})
+        recover = sections.get(RECOVER, {})
         if recover.pop(ENABLED, False):
-            prune["recover"] = nested(recover) or "auto"
-        pre.append({"method": "prune", **prune})
-    quant = dict(sections.get("quantize", {}))
+            prune[_stage(RECOVER).search_section().via] = nested(recover) or "auto"
+        pre.append({"method": _stage(PRUNE).name, **prune})
+    quant = dict(sections.get(QUANTIZE, {}))
     if not quant:
         return Plan(pre, None)
     rest = quant.pop("rest_dtype", "fp32")
     keep = float(quant.pop("keep", 1.0))
-    config_cls = get_stage("quantize").config_cls
+    config_cls = _stage(QUANTIZE).config_cls
     if quant.get("bits", config_cls.bits) == 16:
         quant = {"bits": 16, "dtype": quant.get("dtype", "bf16")}
-    fmt = config_cls.from_dict(quant, where="space point (quantize)").to_dict()
+    fmt = config_cls.from_dict(quant, where=f"space point ({QUANTIZE})").to_dict()
     return Plan(pre, {k: v for k, v in fmt.items() if k not in ("method", "skip_modules")}, rest, keep)
 
 
 # ---- running stages ------------------------------------------------------------------------------------------
 def run_stages(model: nn.Module, stages: list[dict[str, Any]], ctx: CompressionContext) -> list[dict[str, Any]]:
-    """Apply ``stages`` to ``model`` in place, as `hfsqueeze.compress` does (the recipe expanded, so ``recover:``
-    becomes distill stages; teachers snapshotted), without measuring. Returns each stage's details."""
+    """Apply ``stages`` to ``model`` in place with `compress`'s runner (`hfsqueeze.core.runner.run_stages`), the
+    recipe expanded first (``recover:`` becomes distill stages), without measuring. Returns each stage's details."""
     if not stages:
         return []
-    details = []
-    offset = len(ctx.results)
-    for index, stage in enumerate(Recipe.load({"stages": stages}).expanded().stages, start=offset + 1):
-        ctx.stage_index = index
-        ctx.previous = frozen_copy(model) if stage.snapshot_needed() == "previous" else None
-        out = get_stage(stage.method).apply(model, stage, ctx)
-        model.eval()
-        details.append({"method": stage.method, **(out or {})})
-        ctx.results.append(details[-1])
-    ctx.previous = None
-    return details
+    applied = run_staged(model, Recipe.load({"stages": stages}).expanded().stages, ctx, get_stage)
+    return [{"method": a.config.method, **a.details} for a in applied]
 
 
-# ---- talking to the quantize stage (its per-module hooks) ----------------------------------------------------
+# ---- talking to the per-module stage (its per-module hooks) --------------------------------------------------
 def _quantize_config(fmt: dict[str, Any]) -> Any:
-    stage = get_stage("quantize")
-    return stage.config_cls.from_dict({k: v for k, v in fmt.items() if k != "method"})
+    return _stage(QUANTIZE).config_cls.from_dict({k: v for k, v in fmt.items() if k != "method"})
 
 
 def quantize_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules the quantize stage converts with its default skip list (``lm_head`` stays)."""
-    return get_stage("quantize").targets(model, _quantize_config({"bits": 8}))
+    """The modules the per-module stage converts with its default skip list (``lm_head`` stays)."""
+    return _stage(QUANTIZE).targets(model, _quantize_config({"bits": 8}))
 
 
 def default_skip_modules() -> list[str]:
@@ -482,15 +503,15 @@ def default_skip_modules() -> list[str]:
 
 
 def quantized_module(module: nn.Module, fmt: dict[str, Any]) -> nn.Module:
-    """The bitsandbytes module the quantize stage would put in place of ``module`` for format ``fmt``."""
-    return get_stage("quantize").quantized_module(module, _quantize_config(fmt))
+    """The bitsandbytes module the per-module stage would put in place of ``module`` for format ``fmt``."""
+    return _stage(QUANTIZE).quantized_module(module, _quantize_config(fmt))
 
 
 def rest_torch_dtype(rest: str) -> torch.dtype:
     return _REST_TORCH[rest]
 
 
-__all__ = ["BUILTIN_SPACES", "PRUNE_SCORES_CACHE", "Plan", "Space", "applies", "enqueue_params", "load_space",
+__all__ = ["BUILTIN_SPACES", "DEFAULT_SPACE", "Plan", "Space", "applies", "enqueue_params", "load_space",
            "plan_of", "quantize_targets", "quantized_module", "run_stages", "stage_space", "suggest"]
 
 
@@ -501,7 +522,7 @@ _FP16_CHOICES = {"dtype": "fp16", "rest_dtype": "fp16", "compute_dtype": "float1
 
 def draws_fp16(space: Space) -> bool:
     """Whether ``space`` can draw a float16 choice."""
-    quant = space.sections.get("quantize", {})
+    quant = space.sections.get(QUANTIZE, {})
     return any(key in quant and quant[key].choices and value in quant[key].choices
                for key, value in _FP16_CHOICES.items())
 
@@ -522,14 +543,14 @@ def fp16_overflows(model: nn.Module, block: torch.Tensor) -> bool:
 def without_fp16(space: Space) -> Space:
     """``space`` with every float16 choice removed (one-line error if a knob is left with no choice)."""
     sections = {section: dict(params) for section, params in space.sections.items()}
-    quant = sections.get("quantize", {})
+    quant = sections.get(QUANTIZE, {})
     for key, value in _FP16_CHOICES.items():
         param = quant.get(key)
         if param is None or not param.choices or value not in param.choices:
             continue
         kept = tuple(c for c in param.choices if c != value)
         if not kept:
-            raise RecipeError(f"space: quantize.{key} allows only {value}, but this model overflows in float16 "
+            raise RecipeError(f"space: {QUANTIZE}.{key} allows only {value}, but this model overflows in float16 "
                               "(non-finite logits on the calibration text); allow bf16 or fp32 instead")
         quant[key] = dataclasses.replace(param, choices=kept)
     return Space(sections, name=space.name)

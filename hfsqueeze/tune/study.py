@@ -27,10 +27,11 @@ from ..core.errors import ArtifactError, BackendMissingError
 from ..core.utils import atomic_write
 from ..evaluation.metrics import TRIAL_COLUMNS, metric_key
 from ..evaluation.trials import TrialRecord, normalize_metrics
+from ..registry import find_stage
 from .budget import Budget, describe_bytes
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
-from .space import Space, enqueue_params, plan_of, suggest
+from .space import PRUNE, Space, enqueue_params, plan_of, suggest
 from .trial import TrialContext, predict, run_point
 
 logger = logging.getLogger("hfsqueeze")
@@ -181,7 +182,7 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
 # ---- baselines -----------------------------------------------------------------------------------------------
 def baseline_points(space: Space) -> list[tuple[str, dict[str, Any]]]:
     """Uniform stock recipes (and their 16-bit-rest variants), then solved points, as full points of ``space``."""
-    extra = {"prune.enabled": False} if "prune" in space.sections else {}
+    extra = {f"{PRUNE}.enabled": False} if PRUNE in space.sections else {}
     points = []
     for name, fmt in UNIFORM:
         for rest in ("fp32", "bf16"):
@@ -195,7 +196,7 @@ def baseline_points(space: Space) -> list[tuple[str, dict[str, Any]]]:
 def solved_points(space: Space, budget: Budget) -> list[tuple[str, dict[str, Any]]]:
     """The solver's own answer per format, with a 16-bit rest (it leaves the most bytes for kept modules); int8 also
     at threshold 1.0, first (measured best for quality on SmolLM2)."""
-    extra = {"prune.enabled": False} if "prune" in space.sections else {}
+    extra = {f"{PRUNE}.enabled": False} if PRUNE in space.sections else {}
     keep = 1.0 if budget.size_limit_bytes(1, 1) is not None or budget.quality_kl_target() is None else 0.5
     formats = [("int8-t1", {**Q8, "quantize.threshold": 1.0}), ("int8", Q8)] + UNIFORM[1:]
     points = [(f"solved:{name}+bf16-rest", {**fmt, "quantize.rest_dtype": "bf16", "quantize.keep": keep, **extra})
@@ -437,28 +438,22 @@ def recipe_label(stages: list[dict[str, Any]]) -> str:
     """A short name for an explicit recipe (``prune h0.12/f0.10 -> int8 t=2 (bf16 rest, 31 kept)``)."""
     words, rest = [], None
     for stage in stages:
-        if stage["method"] == "prune":
-            words.append(f"prune h{stage.get('heads', 0):.3g}/f{stage.get('ffn', 0):.3g} ({stage.get('importance')})"
-                         + (" + recover" if stage.get("recover") else ""))
-        elif stage["method"] == "distill":
-            words.append("recover")
-        elif stage["method"] == "quantize" and stage["bits"] == 16 and rest is None and stage is not stages[-1]:
-            rest = stage.get("dtype", "bf16")
-        elif stage["method"] == "quantize":
-            words.append(_quant_label(stage, rest))
+        found = find_stage(stage["method"])
+        if found is None:  # a method this installation does not know (a journal from another version)
+            words.append(stage["method"])
+        elif not found.per_module:
+            words.append(found.label(stage))
+        elif stage["bits"] == 16 and rest is None and stage is not stages[-1]:
+            rest = stage.get("dtype", "bf16")  # tuning's 16-bit rest before the 8/4-bit stage
+        else:
+            words.append(_quant_label(found, stage, rest))
     return " -> ".join(words) or "original"
 
 
-def _quant_label(stage: dict[str, Any], rest: str | None) -> str:
-    bits = stage["bits"]
-    if bits == 16:
-        return stage.get("dtype", "bf16")
-    if bits == 8:
-        label = f"int8 t={stage.get('threshold', 6.0):g}"
-    else:
-        label = stage.get("quant_type", "nf4") + ("-dq" if stage.get("double_quant") else "")
-        if stage.get("compute_dtype", "float32") != "float32":
-            label += f" {stage['compute_dtype']}"
+def _quant_label(found: Any, stage: dict[str, Any], rest: str | None) -> str:
+    label = found.label(stage)
+    if stage["bits"] == 16:
+        return label
     kept = len([s for s in stage.get("skip_modules") or [] if s != "lm_head"])
     return f"{label} ({rest or 'fp32'} rest{f', {kept} kept' if kept else ''})"
 

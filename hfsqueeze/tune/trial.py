@@ -24,10 +24,11 @@ from ..core.errors import RecipeError
 from ..core.hf import count_parameters, sharing_copy
 from ..core.quality import REFERENCE_DTYPE, score_lm
 from ..evaluation.measure import disk_bytes, interleaved_latency
+from ..registry import stages as registered_stages
 from .budget import Budget
 from .sensitivity import find_layers, format_key
 from .solve import SizeModel, Solution, estimate_bytes, solve
-from .space import PRUNE_SCORES_CACHE, Plan, Space, plan_of, run_stages
+from .space import Plan, Space, plan_of, run_stages
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ class TrialContext:
     reference: list[torch.Tensor] = dataclasses.field(default_factory=list)
     original_nll: float = 0.0
     sizes: SizeModel = dataclasses.field(default_factory=SizeModel)
-    importance_cache: dict[Any, Any] = dataclasses.field(default_factory=dict)  # the prune stage's scores
+    importance_cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # `CompressionContext.scores_cache`
     workdir: Path | None = None
     _teacher: nn.Module | None = None
 
@@ -140,7 +141,7 @@ def latency_ratios(model: nn.Module, original: nn.Module, settings: TuneSettings
 
 def _layer_name_map(model: nn.Module, details: list[dict[str, Any]]) -> Callable[[str], str] | None:
     """After layers were dropped, map ``<blocks>.J.`` names back to the original layer index (for the scores)."""
-    kept = next((d.get("layers_kept") for d in reversed(details) if d.get("method") == "prune"), None)
+    kept = next((d["layers_kept"] for d in reversed(details) if "layers_kept" in d), None)  # the last that cut layers
     found = find_layers(model)
     if not kept or found is None or kept == list(range(len(kept))):
         return None
@@ -183,9 +184,10 @@ def build(tctx: TrialContext, plan: Plan) -> tuple[nn.Module, list[dict[str, Any
     # Quantizing only replaces modules and rebinds `.data` (casts): it can start from a copy that shares the
     # original's tensors. Pruning and recovery write into weights, so they get a full copy.
     model = sharing_copy(tctx.original) if not plan.pre_stages else copy.deepcopy(tctx.original)
-    # The prune stage scores the original once (the cache lives as long as this process's context).
+    # A stage that scores the model (prune) scores the original once (the cache lives as long as this process's
+    # context).
     ctx = CompressionContext(tokenizer=tctx.tokenizer, calibration=tctx.calibration,
-                             extras={PRUNE_SCORES_CACHE: tctx.importance_cache})
+                             scores_cache=tctx.importance_cache)
     if any(s.get("recover") for s in plan.pre_stages):  # recovery distills from the original
         ctx.original = tctx.teacher
     details = run_stages(model, plan.pre_stages, ctx)
@@ -201,7 +203,7 @@ def run_point(tctx: TrialContext, point: dict[str, Any]) -> dict[str, Any]:
     plan = plan_of(point)
     model, stages, solution = build(tctx, plan)
     build_seconds = time.perf_counter() - start
-    size = disk_bytes(model)  # before any forward pass (bnb 4-bit CPU repacking, see `compat.bnb`)
+    size = disk_bytes(model, registered_stages())  # before any forward (bnb 4-bit CPU repacking, see `compat.bnb`)
     metrics: dict[str, Any] = {
         "disk_bytes": size, "size": size / tctx.original_bytes, "bits": 8 * size / tctx.original_params,
         "parameters": count_parameters(model),

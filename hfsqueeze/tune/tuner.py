@@ -39,11 +39,12 @@ from ..core.utils import atomic_write, cache_dir
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
 from ..evaluation.trials import TrialRecord
+from ..registry import stages as registered_stages
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .resources import check_workers, visible_gpus, worker_placement
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
-from .space import Space, draws_fp16, fp16_overflows, load_space, without_fp16
+from .space import DEFAULT_SPACE, QUANTIZE, Space, draws_fp16, fp16_overflows, load_space, without_fp16
 from .study import (
     Objective,
     best_record,
@@ -107,7 +108,7 @@ def tune(
     *,
     budget: str | dict[str, Any] | Budget,
     minimize: str = "kl",
-    space: str | os.PathLike | dict[str, Any] | Space = "quantize",
+    space: str | os.PathLike | dict[str, Any] | Space = DEFAULT_SPACE,
     trials: int = 30,
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -218,7 +219,7 @@ def check_args(budget: Budget, space: Space, settings: TuneSettings, trials: int
     latency = set(LATENCY_KEYS) & (set(budget.limits) | {budget.minimize})
     if latency and settings.latency is False:  # None: timed exactly when the budget asks for it
         raise RecipeError(f"the budget uses {', '.join(sorted(latency))} but latency measurement is off")
-    if "quantize" not in space.sections and budget.minimize == "kl" and not (
+    if QUANTIZE not in space.sections and budget.minimize == "kl" and not (
             {"prefill", "decode", "size", "size_bytes", "bits"} & set(budget.limits)):
         raise RecipeError("the budget has nothing this space can trade for quality")
 
@@ -258,7 +259,7 @@ def _prepare_output(output: Any, resume: bool, overwrite: bool) -> tuple[Path, P
 
 def space_formats(space: Space) -> list[dict[str, Any]]:
     """The 8/4-bit formats the space can draw (one per sensitivity base format)."""
-    q = space.sections.get("quantize")
+    q = space.sections.get(QUANTIZE)
     if not q:
         return []
     bits = q["bits"].choices if "bits" in q else (8,)
@@ -325,7 +326,7 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
     spec = {
         "budget": budget.to_dict(), "space": space.to_dict(), "settings": settings.to_dict(), "seed": seed,
         "fingerprint": fingerprint(model), "calibration_hash": tokens_hash(blocks),
-        "original_bytes": disk_bytes(model), "original_params": count_parameters(model),
+        "original_bytes": disk_bytes(model, registered_stages()), "original_params": count_parameters(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
     run_file = tuning / RUN_FILE

@@ -11,16 +11,11 @@ from ...core.context import CompressionContext
 from ...core.data import check_text_source
 from ...core.errors import RecipeError
 from ...core.search import Param
-from ...core.stage import Description, ModelInfo, Stage, format_of
+from ...core.stage import Description, ModelInfo, SearchSection, Stage, format_of
 from .apply import apply_prune, first_step_scores
 from .checks import check_layers, check_prunable, check_targets
 from .artifact import code_check, load_snippet, loader, save_hook
 from .config import PruneConfig
-
-
-# ``compress(..., prune_scores_cache={})`` (a `CompressionContext.extras` key): a caller that prunes many copies of
-# one model (hfsqueeze.tune) keeps the first step's importance scores there, computed once per importance setting.
-SCORES_CACHE = "prune_scores_cache"
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -93,7 +88,9 @@ class PruneStage(Stage):
         return info.replace(num_layers=n_layers, model=None)
 
     def apply(self, model: nn.Module, config: PruneConfig, ctx: CompressionContext) -> dict[str, Any]:
-        cache = (getattr(ctx, "extras", None) or {}).get(SCORES_CACHE)
+        # A caller that prunes many copies of one model (hfsqueeze.tune) keeps the first step's importance scores in
+        # ctx.scores_cache, computed once per importance setting.
+        cache = ctx.scores_cache.setdefault(self.name, {}) if getattr(ctx, "scores_cache", None) is not None else None
         scores = first_step_scores(model, config, ctx, cache) if cache is not None else None
         return apply_prune(model, config, ctx, scores=scores)
 
@@ -112,6 +109,13 @@ class PruneStage(Stage):
 
     def verify_code(self, file: Path, config: Any) -> bool | None:
         return code_check(file, config)
+
+    def search_section(self) -> SearchSection | None:
+        return SearchSection(self.name, not_searched=("recover", "calibration"))
+
+    def label(self, config: dict[str, Any]) -> str:
+        return (f"{self.name} h{config.get('heads', 0):.3g}/f{config.get('ffn', 0):.3g} ({config.get('importance')})"
+                + (" + recover" if config.get("recover") else ""))
 
     def search_space(self, info: ModelInfo | None = None) -> dict[str, Param]:
         # All three at 0 is refused ("nothing to prune"): leaving pruning out is the stage being off, not a point.

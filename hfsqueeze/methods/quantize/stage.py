@@ -9,7 +9,7 @@ from torch import nn
 from ...core.context import CompressionContext
 from ...core.errors import RecipeError, UnsupportedModelError
 from ...core.search import Param
-from ...core.stage import Description, ModelInfo, Stage, format_of
+from ...core.stage import Description, ModelInfo, SearchSection, Stage, format_of
 from .apply import apply_quantize, check_quantizable, conversion_plan, load_snippet, new_module
 from .config import BNB_MODEL_TYPES, QuantizeConfig
 
@@ -68,6 +68,20 @@ class QuantizeStage(Stage):
 
     def load_snippet(self, config: Any, path_or_repo: str) -> str | None:
         return load_snippet(config, path_or_repo)
+
+    def search_section(self) -> SearchSection | None:
+        return SearchSection(self.name, not_searched=("skip_modules",))  # the tuner's solver picks skip_modules
+
+    def label(self, config: dict[str, Any]) -> str:
+        bits = config.get("bits")
+        if bits == 16:
+            return config.get("dtype", "bf16")
+        if bits == 8:
+            return f"int8 t={config.get('threshold', 6.0):g}"
+        label = config.get("quant_type", "nf4") + ("-dq" if config.get("double_quant") else "")
+        if config.get("compute_dtype", "float32") != "float32":
+            label += f" {config['compute_dtype']}"
+        return label
 
     # ---- per-module access, for a tuner that scores each module in each format (hfsqueeze.tune) ----------------
     def targets(self, model: nn.Module, config: QuantizeConfig) -> list[tuple[str, nn.Module]]:
