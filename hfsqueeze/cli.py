@@ -267,7 +267,25 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--eval-text", default=None, help="held-out text for the final measurement (default: built-in)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
     t.add_argument("--json", action="store_true", help="print the report (with its tuning section) as JSON")
+    t.add_argument("--storage", default=None, metavar="URL",
+                   help="keep the study in this optuna RDB (e.g. postgresql://user:password@host:5432/db) instead "
+                        "of tuning/study.journal, so `hfsqueeze tune-worker` on other machines joins the search")
+    t.add_argument("--study", default="hfsqueeze-tune", metavar="NAME", help="the study's name in --storage")
+    t.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="with --storage: a trial silent for twice this long (its worker died) is run again (default 60)")
     _add_placement_args(t)
+
+    w = sub.add_parser("tune-worker", help="join a tune study kept in a database (hfsqueeze tune --storage)",
+                       description="Run trials of the study NAME at URL, started by `hfsqueeze tune --storage URL "
+                                   "--study NAME`: the run's settings, calibration text and sensitivities come from "
+                                   "the study. Exits when its trials are done or its coordinator stops.")
+    w.add_argument("--storage", required=True, metavar="URL", help="the optuna RDB URL the coordinator was given")
+    w.add_argument("--study", default="hfsqueeze-tune", metavar="NAME", help="the study's name")
+    w.add_argument("--model", required=True, help="the coordinator's model (directory or Hub id); checked")
+    w.add_argument("--workdir", default=None,
+                   help="keep this worker's files here (default: a temporary directory, removed at the end)")
+    w.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
+    _add_placement_args(w)
 
 
 def _parse_duration(value: str | None) -> float | None:
@@ -290,6 +308,7 @@ def _cmd_tune(args) -> int:
     from .tune import Budget, TuneSettings, load_space
     from .tune.resources import check_workers, weights_on_disk
     from .tune.study import progress_line
+    from .tune.storage import StudyStorage, prepare_study
     from .tune.tuner import check_args, check_output, tune
 
     budget = Budget.parse(args.budget, args.minimize)  # one-line errors before any heavy work
@@ -298,6 +317,8 @@ def _cmd_tune(args) -> int:
     check_args(budget, space, TuneSettings.load(None), args.trials, args.workers, time_budget, args.resume,
                args.output)
     check_output(args.output, args.resume, args.overwrite)
+    storage = {"storage": args.storage, "study_name": args.study, "heartbeat": args.heartbeat}
+    prepare_study(StudyStorage(args.storage, args.study, args.heartbeat), args.resume, args.overwrite)
 
     def progress(info: dict) -> None:
         if info.get("phase") == "sensitivity":
@@ -316,7 +337,7 @@ def _cmd_tune(args) -> int:
         result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
                       overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
                       seed=args.seed, calibration=args.calibration, eval_text=args.eval_text, progress=progress,
-                      model_path=path, command=command)
+                      model_path=path, command=command, **storage)
     except OSError as exc:  # a full disk, a directory made read-only meanwhile: one line, not a traceback
         if isinstance(exc, HfSqueezeError):
             raise
@@ -334,6 +355,19 @@ def _cmd_tune(args) -> int:
     return {"interrupted": 130, "terminated": EXIT_TERMINATED}.get(result.stopped, 0)
 
 
+
+
+def _cmd_tune_worker(args) -> int:
+    from .models import resolve_model_path
+    from .tune.worker import join
+
+    placement = _placement(args)  # a bad --device/--dtype fails here, before the study is opened
+    done = join(args.storage, args.study, resolve_model_path(args.model), workdir=args.workdir,
+                placement={k: v for k, v in placement.items() if v is not None},
+                trust_remote_code=args.trust_remote_code)
+    print(f"tune-worker: {done['trials_here']} trial(s) run here; study {done['study']}: {done['done']}/"
+          f"{done['trials']} trials done ({done['stopped']})", file=args.stdout)
+    return 130 if done["stopped"] == "interrupted" else 0
 
 
 def _cmd_validate(args) -> int:
@@ -528,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every Hub call of this command (loading, pushing, tune's workers) reads HF_TOKEN, as huggingface_hub does.
         os.environ["HF_TOKEN"] = args.token
     handlers = {"compress": _cmd_compress, "validate": _cmd_validate, "eval": _cmd_eval, "recipes": _cmd_recipes,
-                "push": run_push, "tune": _cmd_tune}
+                "push": run_push, "tune": _cmd_tune, "tune-worker": _cmd_tune_worker}
     previous = _on_sigterm(_raise_terminated)
     try:
         with warnings.catch_warnings():
