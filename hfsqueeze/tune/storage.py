@@ -19,13 +19,13 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.metadata
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..core.errors import ArtifactError, BackendMissingError, RecipeError
 
 logger = logging.getLogger("hfsqueeze")
@@ -78,6 +78,14 @@ class StudyStorage:
 
             return JournalStorage(JournalFileBackend(str(Path(tuning_dir) / JOURNAL)))
         return rdb_storage(self.url, heartbeat=self.heartbeat)
+
+
+def hfsqueeze_version() -> str:
+    """This hfsqueeze's version, as installed (what the study records; a worker must match it)."""
+    try:
+        return importlib.metadata.version("hfsqueeze")
+    except importlib.metadata.PackageNotFoundError:  # a source tree run without installing
+        return "unknown"
 
 
 def masked(url: str) -> str:
@@ -216,7 +224,7 @@ def publish(study, run: dict[str, Any], files: dict[str, str]) -> None:
             study.set_user_attr(f"{META}.file.{name}.{i}", chunk)
         index[name] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "chunks": len(chunks)}
     # Written last: a worker that sees the run finds its files complete.
-    study.set_user_attr(META, {**run, "version": __version__, "files": index, "stop": None})
+    study.set_user_attr(META, {**run, "version": hfsqueeze_version(), "files": index, "stop": None})
 
 
 def published(study, where: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -255,9 +263,16 @@ def prepare_study(storage: StudyStorage, resume: bool, overwrite: bool) -> None:
     ``overwrite`` (it is deleted here); ``resume`` needs it to exist. The journal is judged with its output."""
     if storage.url is None:
         return
+    opened = storage.open()
+    try:
+        _judge_existing(opened, storage, resume, overwrite)
+    finally:
+        opened.engine.dispose()  # this process opens the study again later: no idle connections kept meanwhile
+
+
+def _judge_existing(opened, storage: StudyStorage, resume: bool, overwrite: bool) -> None:
     import optuna
 
-    opened = storage.open()
     try:
         opened.get_study_id_from_name(storage.name)
     except KeyError:
@@ -276,5 +291,5 @@ def prepare_study(storage: StudyStorage, resume: bool, overwrite: bool) -> None:
 
 
 __all__ = ["HEARTBEAT_SECONDS", "JOURNAL", "STUDY_NAME", "StudyStorage", "announce_stop", "database_lock",
-           "prepare_study", "publish", "published", "rdb_storage", "requeue_stale", "retried", "stop_reason",
-           "study_lock"]
+           "hfsqueeze_version", "prepare_study", "publish", "published", "rdb_storage", "requeue_stale", "retried",
+           "stop_reason", "study_lock"]

@@ -203,7 +203,7 @@ def tune(
     try:
         try:
             tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume,
-                                progress, deadline)
+                                progress, deadline, journal=not location.is_rdb)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt) and not temporary and (tuning / RUN_FILE).is_file():
                 # Ctrl-C / SIGTERM in the sensitivity pass: what was scored is on disk, module by module.
@@ -323,7 +323,8 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
 
 
 def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSettings, calibration: Any, tuning: Path,
-           seed: int, resume: bool, progress, deadline: float | None = None) -> tuple[TrialContext, dict[str, Any]]:
+           seed: int, resume: bool, progress, deadline: float | None = None, journal: bool = True
+           ) -> tuple[TrialContext, dict[str, Any]]:
     """Write (or, on resume, check) ``tuning/run.json``; score sensitivities; build the trial context."""
     cal_path = calibration_file(calibration, tuning)
     blocks = token_blocks(tokenizer, load_texts(str(cal_path), split="train"), max_tokens=settings.calibration_tokens,
@@ -350,7 +351,8 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
                 raise RecipeError(f"--resume: the run in {tuning.parent} was started with another {what} "
                                   f"({_short(saved.get(key))}, now {_short(spec[key])}); resume with the same model, "
                                   "budget, space, seed and calibration, or start over with --overwrite")
-        check_journal(tuning)
+        if journal:  # the study is in tuning/study.journal (not in a database)
+            check_journal(tuning)
         spec = {**saved, **{k: spec[k] for k in ("original_bytes", "original_params", "dtype")}}
     tmp = run_file.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(spec, indent=1) + "\n")

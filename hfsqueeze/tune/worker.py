@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..artifact.load import load_model
 from ..core.errors import RecipeError
 from ..core.utils import quiet_transformers_progress
 from .sensitivity import fingerprint, tokens_hash
-from .storage import StudyStorage, published, stop_reason
+from .storage import StudyStorage, hfsqueeze_version, published, stop_reason
 from .study import Objective, counted, open_study, optimize, optuna_module
 from .tuner import CALIBRATION_FILE, RUN_FILE, SENSITIVITY_FILE, STORAGE_ENV, make_context
 
@@ -93,9 +92,9 @@ def join(storage: str, study_name: str, model_path: str, *, placement: dict[str,
         raise RecipeError(f"there is no study {where}; start it with hfsqueeze tune --storage URL --study NAME "
                           "(or check --study)") from None
     run, files = published(study, where)
-    if run.get("version") != __version__:
+    if run.get("version") != hfsqueeze_version():
         raise RecipeError(f"study {where} was started by hfsqueeze {run.get('version')}, this is hfsqueeze "
-                          f"{__version__}: install the same version on every machine")
+                          f"{hfsqueeze_version()}: install the same version on every machine")
     spec = run["spec"]
     location = StudyStorage(storage, study_name, run.get("heartbeat", location.heartbeat))
     kwargs = {"dtype": getattr(torch, spec["dtype"]), **(placement or {})}
