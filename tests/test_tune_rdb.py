@@ -235,6 +235,44 @@ def _run_and_kill_one(db_url, coordinator, workers, homes, trials) -> None:
     print(f"\ntrials per worker {by_worker}; killed trial {killed.number} redone as {redo[0].number}")
 
 
+@pytest.mark.slow
+def test_ctrl_c_of_the_coordinator_stops_the_workers_and_leaves_the_study_consistent(db_url, tmp_path,
+                                                                                      tiny_tokenizer):
+    from optuna.trial import TrialState
+
+    homes = {name: tmp_path / name for name in ("coordinator", "worker")}
+    for home in homes.values():
+        _save(tiny_llama(), tiny_tokenizer, home / "model")
+    # As in a terminal: a shell without job control starts children with SIGINT ignored.
+    coordinator = subprocess.Popen(
+        [sys.executable, "-c", COORDINATOR, str(homes["coordinator"] / "model"), str(homes["coordinator"] / "out"),
+         "200", json.dumps(SETTINGS), json.dumps(EVALUATION), db_url, str(HEARTBEAT)],
+        cwd=homes["coordinator"], env=_env(HFSQUEEZE_CACHE=str(homes["coordinator"] / "cache")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    procs = [coordinator]
+    try:
+        _wait_for(lambda: _published(db_url))
+        worker = _worker(db_url, homes["worker"])
+        procs.append(worker)
+        _wait_for(lambda: any(t.user_attrs.get("worker") == worker.pid and t.state == TrialState.COMPLETE
+                              for t in _trials(db_url)))
+        coordinator.send_signal(signal.SIGINT)
+        _, err = coordinator.communicate(timeout=300)
+        out, _ = worker.communicate(timeout=300)  # it finishes its running trial and stops
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert coordinator.returncode == 0, err[-3000:]
+    assert worker.returncode == 0 and "stopped by the coordinator (interrupted)" in out, out
+    final = _trials(db_url)
+    assert not [t for t in final if t.state == TrialState.RUNNING]  # queued points stay queued for a resume
+    report = json.loads((homes["coordinator"] / "out" / "report.json").read_text())
+    assert report["tuning"]["stopped"] == "interrupted"
+    assert sum(1 for t in final if t.state == TrialState.COMPLETE) < 200
+
+
 # ---- resume, refusals ----------------------------------------------------------------------------------------
 @pytest.fixture
 def finished(db_url, tmp_path, tiny_tokenizer):

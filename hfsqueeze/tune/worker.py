@@ -121,7 +121,8 @@ def join(storage: str, study_name: str, model_path: str, *, placement: dict[str,
         try:
             optimize(study, Objective(tctx, run["trials"], work, run["deadline"]), deadline=run["deadline"],
                      callbacks=[_stopper(run["trials"])])
-            stopped = stop_reason(study) or "done"
+            reason = stop_reason(study)
+            stopped = f"stopped by the coordinator ({reason})" if reason else "done"
         except KeyboardInterrupt:
             stopped = "interrupted"
         return {"study": study_name, "trials_here": _mine(study) - before, "done": counted(study)[0],
