@@ -272,13 +272,15 @@ def _add_tune_parser(sub) -> None:
                         "of tuning/study.journal, so `hfsqueeze tune-worker` on other machines joins the search")
     t.add_argument("--study", default="hfsqueeze-tune", metavar="NAME", help="the study's name in --storage")
     t.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
-                   help="with --storage: a trial silent for twice this long (its worker died) is run again (default 60)")
+                   help="with --storage: a trial silent for twice this long (its worker died) is run again "
+                        "(default 60)")
     _add_placement_args(t)
 
     w = sub.add_parser("tune-worker", help="join a tune study kept in a database (hfsqueeze tune --storage)",
                        description="Run trials of the study NAME at URL, started by `hfsqueeze tune --storage URL "
                                    "--study NAME`: the run's settings, calibration text and sensitivities come from "
-                                   "the study. Exits when its trials are done or its coordinator stops.")
+                                   "the study (the model loads in the study's dtype unless --dtype says otherwise). "
+                                   "Exits when its trials are done or its coordinator stops.")
     w.add_argument("--storage", required=True, metavar="URL", help="the optuna RDB URL the coordinator was given")
     w.add_argument("--study", default="hfsqueeze-tune", metavar="NAME", help="the study's name")
     w.add_argument("--model", required=True, help="the coordinator's model (directory or Hub id); checked")
