@@ -118,11 +118,13 @@ def _at_once(url: str, what: str, count: int, tmp_path: Path) -> list[str]:
     return [proc.communicate(timeout=120)[0].strip() for proc in procs]
 
 
+@pytest.mark.slow
 def test_three_processes_create_the_schema_at_once(db_url, tmp_path):
     # Plain optuna.storages.RDBStorage loses this race (UniqueViolation on pg_type_typname_nsp_index).
     assert _at_once(db_url, "schema", 3, tmp_path) == ["ok"] * 3
 
 
+@pytest.mark.slow
 def test_two_starters_queue_each_baseline_once(db_url, tmp_path):
     from hfsqueeze.tune.storage import rdb_storage
 
