@@ -16,16 +16,16 @@ from typing import Sequence
 # Only light imports here: `hfsqueeze --help` must answer without torch; each command imports what it runs.
 from .. import __version__
 from ..core.errors import HfSqueezeError, HfSqueezeWarning
-from . import compress, evaluate, push, recipes, tune, validate
+from . import compress, evaluate, push, recipes, tune, tune_worker, validate
 from .common import (EXIT_TERMINATED, EXIT_USER_ERROR, Parser, Terminated, cli_words, on_sigterm, one_line_warnings,
                      raise_terminated, recorded_command, result_stdout, token_flag, verbose_flag)
 from .compress import next_steps
 from .push import add_push_options, check_push_args, push_from_cli
 from .recipes import recipes_table
 
-COMMANDS = {"compress": compress, "validate": validate, "eval": evaluate, "tune": tune, "recipes": recipes,
-            "push": push}
-_HUB_COMMANDS = ("compress", "eval", "tune", "push")  # they take --token
+COMMANDS = {"compress": compress, "validate": validate, "eval": evaluate, "tune": tune, "tune-worker": tune_worker,
+            "recipes": recipes, "push": push}
+_HUB_COMMANDS = ("compress", "eval", "tune", "tune-worker", "push")  # they take --token
 
 
 def build_parser() -> Parser:

@@ -35,6 +35,13 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--eval-text", default=None, help="held-out text for the final measurement (default: built-in)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
     t.add_argument("--json", action="store_true", help="print the report (with its tuning section) as JSON")
+    t.add_argument("--storage", default=None, metavar="URL",
+                   help="keep the study in this optuna RDB (e.g. postgresql://user:password@host:5432/db) instead "
+                        "of tuning/study.journal, so `hfsqueeze tune-worker` on other machines joins the search")
+    t.add_argument("--study", default="hfsqueeze-tune", metavar="NAME", help="the study's name in --storage")
+    t.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="with --storage: a trial silent for twice this long (its worker died) is run again "
+                        "(default 60)")
     add_placement_args(t)
 
 
@@ -57,6 +64,7 @@ def run(args: Any) -> int:
     from ..models import load_model, resolve_model_path
     from ..tune import Budget, TuneSettings, load_space
     from ..tune.resources import check_workers, weights_on_disk
+    from ..tune.storage import StudyStorage, prepare_study
     from ..tune.study import progress_line
     from ..tune.tuner import DEFAULT_SPACE, check_args, check_output, tune
 
@@ -66,6 +74,8 @@ def run(args: Any) -> int:
     check_args(budget, space, TuneSettings.load(None), args.trials, args.workers, time_budget, args.resume,
                args.output)
     check_output(args.output, args.resume, args.overwrite)
+    storage = {"storage": args.storage, "study_name": args.study, "heartbeat": args.heartbeat}
+    prepare_study(StudyStorage(args.storage, args.study, args.heartbeat), args.resume, args.overwrite)
 
     def progress(info: dict) -> None:
         if info.get("phase") == "sensitivity":
@@ -84,7 +94,7 @@ def run(args: Any) -> int:
         result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
                       overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
                       seed=args.seed, calibration=args.calibration, eval_text=args.eval_text, progress=progress,
-                      model_path=path, command=command)
+                      model_path=path, command=command, **storage)
     except OSError as exc:  # a full disk, a directory made read-only meanwhile: one line, not a traceback
         if isinstance(exc, HfSqueezeError):
             raise

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -32,16 +33,15 @@ from .budget import Budget, describe_bytes
 from .sensitivity import format_key
 from .solve import estimate_bytes, solve
 from .space import PRUNE, Space, enqueue_params, plan_of, suggest
+from .storage import JOURNAL, StudyStorage, retried
 from .trial import TrialContext, predict, run_point
 
 logger = logging.getLogger("hfsqueeze")
 
-STUDY_NAME = "hfsqueeze-tune"
 # A point predicted this far over the size limit is skipped (the size model is exact to about 0.01%).
 SKIP_MARGIN = 1.002
 # Objective value of what a skipped point did not measure (its constraints already mark it infeasible).
 UNMEASURED = 1e6
-JOURNAL = "study.journal"
 TRIALS_JSONL = "trials.jsonl"
 
 Q8 = {"quantize.bits": 8, "quantize.threshold": 6.0}
@@ -67,16 +67,17 @@ def optuna_module():
     return optuna
 
 
-def open_study(tuning_dir: Path, budget: Budget, seed: int, worker: int = 0):
-    """Create or load the study in ``tuning_dir`` with a pinned, seeded sampler (seed + worker index)."""
+def open_study(tuning_dir: Path | None, budget: Budget, seed: int, worker: int = 0,
+               storage: StudyStorage | None = None):
+    """Create or load the study (in ``tuning_dir``'s journal, or where ``storage`` says) with a pinned, seeded sampler
+    (seed + worker index)."""
     optuna = optuna_module()
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = JournalStorage(JournalFileBackend(str(tuning_dir / JOURNAL)))
+    storage = storage or StudyStorage()
+    name = storage.name
+    storage = storage.open(tuning_dir)
     sampler = optuna.samplers.TPESampler(seed=seed + worker, multivariate=True, group=True, constant_liar=True,
                                          n_startup_trials=8)
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                directions=["minimize"] * len(budget.objectives()), load_if_exists=True)
 
 
@@ -166,8 +167,10 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
     from optuna.trial import TrialState
 
     done = running = 0
-    for trial in study.get_trials(deepcopy=False):
-        if trial.number == exclude:
+    trials = study.get_trials(deepcopy=False)
+    lost = retried(trials)  # failed for a lost heartbeat and queued again: interrupted, not done
+    for trial in trials:
+        if trial.number == exclude or trial.number in lost:
             continue
         if trial.user_attrs.get("skipped") or trial.user_attrs.get("duplicate_of") is not None:
             continue
@@ -261,6 +264,7 @@ class Objective:
     tctx: TrialContext
     trials: int
     tuning_dir: Path
+    deadline: float | None = None
 
     def __call__(self, trial) -> list[float]:
         try:
@@ -276,9 +280,11 @@ class Objective:
         optuna = optuna_module()
         done, running = counted(trial.study, exclude=trial.number)
         if done + running >= self.trials:
-            trial.study.stop()
+            if not self._room_after_waiting(trial.study, trial.number):
+                trial.study.stop()
             raise optuna.TrialPruned("the trial budget is used up")
         trial.set_user_attr("worker", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
         point = suggest(trial, self.tctx.space)
         trial.set_user_attr("point", point)
         skipped = self._over_size(trial, point)
@@ -302,6 +308,23 @@ class Objective:
         append_record(self.tuning_dir, trial_record(trial, "COMPLETE", values))
         return values
 
+
+    def _room_after_waiting(self, study, number: int) -> bool:
+        """With heartbeats (an RDB study), the last trials may run in processes that die: wait while they run,
+        failing those that stop beating (optuna queues their points again, `storage.requeue_stale`). True when a
+        point is to be redone (this process runs it next), False when the trials are done or the deadline passed."""
+        from optuna.storages import fail_stale_trials
+
+        interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+        while interval is not None and (self.deadline is None or time.time() < self.deadline):
+            done, running = counted(study, exclude=number)
+            if done >= self.trials:
+                return False
+            if done + running < self.trials:
+                return True
+            time.sleep(interval)
+            fail_stale_trials(study)
+        return False
 
     def _repeat(self, trial, point: dict[str, Any]) -> list[float] | None:
         """A point already measured (the sampler proposes categorical points again) gets that trial's results, marked
@@ -379,9 +402,12 @@ def study_records(study) -> list[TrialRecord]:
     from optuna.trial import TrialState
 
     out = []
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    lost = retried(trials)
+    for trial in trials:
         if trial.state in (TrialState.COMPLETE, TrialState.FAIL):
             out.append(trial_record(trial, trial.state.name, list(trial.values) if trial.values else None))
+            out[-1]["interrupted"] = out[-1]["interrupted"] or trial.number in lost
     return out
 
 

@@ -45,6 +45,15 @@ from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, stagi
 from .resources import check_workers, visible_gpus, worker_placement
 from .sensitivity import SensitivityCache, fingerprint, sensitivities, tokens_hash
 from .space import DEFAULT_SPACE, QUANTIZE, Space, draws_fp16, fp16_overflows, load_space, without_fp16
+from .storage import (
+    HEARTBEAT_SECONDS,
+    STUDY_NAME,
+    StudyStorage,
+    announce_stop,
+    prepare_study,
+    publish,
+    study_lock,
+)
 from .study import (
     Objective,
     best_record,
@@ -67,6 +76,8 @@ from .trial import TrialContext, TuneSettings
 logger = logging.getLogger("hfsqueeze")
 
 RUN_FILE = "run.json"
+SENSITIVITY_FILE = "sensitivity.json"
+STORAGE_ENV = "HFSQUEEZE_TUNE_STORAGE"  # how local workers get an RDB URL
 CALIBRATION_FILE = "calibration.jsonl"
 ORIGINAL_COPY = ".original"  # the original saved for worker processes when tune got no model_path
 # Fewer calibration tokens than this and every trial's KL rests on a few sentences: warn, and say so in the report.
@@ -123,6 +134,9 @@ def tune(
     progress: Callable[[dict[str, Any]], None] | None = None,
     model_path: str | None = None,
     command: str | None = None,
+    storage: str | None = None,
+    study_name: str = STUDY_NAME,
+    heartbeat: int = HEARTBEAT_SECONDS,
 ) -> TuneResult:
     """Find the best compressed version of ``model`` within ``budget``; the model itself is not modified.
 
@@ -151,6 +165,12 @@ def tune(
         progress (`callable`, *optional*): called after each trial with trials done, best so far and ETA.
         model_path (`str`, *optional*): where ``model`` was loaded from (lets workers load it).
         command (`str`, *optional*): the command line, recorded in the report.
+        storage (`str`, *optional*): an optuna RDB URL (``postgresql://user:password@host/db``...) holding the study
+            instead of ``tuning/study.journal``: workers on other machines join it with ``hfsqueeze tune-worker``
+            (the study holds the run, the calibration text and the sensitivities they need).
+        study_name (`str`, defaults to `"hfsqueeze-tune"`): the study's name in the storage.
+        heartbeat (`int`, defaults to 60): with ``storage``, seconds between a running trial's heartbeats; a trial
+            silent for twice that (its process died) is failed and its point run again.
 
     Example:
 
@@ -172,9 +192,13 @@ def tune(
     if tokenizer is None:
         raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
     check_args(budget, space, settings, trials, workers, time_budget, resume, output)
+    location = StudyStorage(storage, study_name, heartbeat)
     check_placement(model)
     check_workers(workers, sum(t.numel() * t.element_size() for t in model.state_dict().values()), loaded=True)
     optuna_module()  # a missing backend fails here, before any work
+    if output is not None:
+        check_output(output, resume, overwrite)  # before the study is touched: nothing changes on a refusal
+    prepare_study(location, resume, overwrite)
     existed = output is not None and Path(output).expanduser().exists()
     out, tuning, temporary = _prepare_output(output, resume, overwrite)
     was_training = model.training
@@ -183,7 +207,7 @@ def tune(
     try:
         try:
             tctx, spec = _setup(model, tokenizer, budget, space, settings, calibration, tuning, seed, resume,
-                                progress, deadline)
+                                progress, deadline, journal=not location.is_rdb)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt) and not temporary and (tuning / RUN_FILE).is_file():
                 # Ctrl-C / SIGTERM in the sensitivity pass: what was scored is on disk, module by module.
@@ -193,7 +217,7 @@ def tune(
                 shutil.rmtree(tuning if existed else out, ignore_errors=True)
             raise
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
-                                 started)
+                                 started, location)
         return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
                        calibration, eval_text, evaluation, command, started)
     finally:
@@ -302,7 +326,7 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
     ids = calibration_ids(tokenizer, source, settings) if ids is None else ids
     blocks = _blocks(ids, settings.calibration_tokens, settings)
     sens_blocks = _blocks(ids, settings.sensitivity_tokens, settings)
-    cache = SensitivityCache([tuning / "sensitivity.json",
+    cache = SensitivityCache([tuning / SENSITIVITY_FILE,
                               cache_dir() / "sensitivity" / f"{spec['fingerprint']}.json"])
     scores = sensitivities(model, sens_blocks, space_formats(space), cache, model_fingerprint=spec["fingerprint"],
                            report=report, deadline=deadline)
@@ -311,7 +335,8 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
 
 
 def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSettings, calibration: Any, tuning: Path,
-           seed: int, resume: bool, progress, deadline: float | None = None) -> tuple[TrialContext, dict[str, Any]]:
+           seed: int, resume: bool, progress, deadline: float | None = None, journal: bool = True
+           ) -> tuple[TrialContext, dict[str, Any]]:
     """Write (or, on resume, check) ``tuning/run.json``; score sensitivities; build the trial context."""
     cal_path = calibration_file(calibration, tuning)
     ids = calibration_ids(tokenizer, str(cal_path), settings)
@@ -338,7 +363,8 @@ def _setup(model, tokenizer, budget: Budget, space: Space, settings: TuneSetting
                 raise RecipeError(f"--resume: the run in {tuning.parent} was started with another {what} "
                                   f"({_short(saved.get(key))}, now {_short(spec[key])}); resume with the same model, "
                                   "budget, space, seed and calibration, or start over with --overwrite")
-        check_journal(tuning)
+        if journal:  # the study is in tuning/study.journal (not in a database)
+            check_journal(tuning)
         spec = {**saved, **{k: spec[k] for k in ("original_bytes", "original_params", "dtype")}}
     atomic_write(run_file, json.dumps(spec, indent=1) + "\n")
     logger.info("tune: original %.1f MiB on disk, %d parameters; budget %s", spec["original_bytes"] / 2**20,
@@ -373,17 +399,27 @@ def _short(value: Any) -> str:
 
 
 def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trials: int, workers: int,
-            deadline: float | None, progress, resume: bool, model_path: str | None, started: float):
+            deadline: float | None, progress, resume: bool, model_path: str | None, started: float,
+            location: StudyStorage):
     """Queue the baselines, run trials here and in ``workers - 1`` more processes; return (study, why it stopped)."""
-    study = open_study(tuning, tctx.budget, spec["seed"])
-    if resume:
-        mark_interrupted(study)
-        requeue_interrupted(study)
-    queued = enqueue_baselines(study, plan_baselines(tctx, trials))
+    study = open_study(tuning, tctx.budget, spec["seed"], storage=location)
+    if location.is_rdb:  # what `hfsqueeze tune-worker` on another machine reads
+        files = {name: (tuning / name).read_text() for name in (CALIBRATION_FILE, SENSITIVITY_FILE)
+                 if (tuning / name).is_file()}
+        publish(study, {"spec": spec, "trials": trials, "deadline": deadline, "heartbeat": location.heartbeat}, files)
+    with study_lock(location, tuning):  # two starters must not both queue what is missing
+        if resume and location.is_rdb:
+            # Only trials whose heartbeat stopped are dead: others may be running on another machine.
+            optuna_module().storages.fail_stale_trials(study)
+        elif resume:
+            mark_interrupted(study)
+        if resume:
+            requeue_interrupted(study)
+        queued = enqueue_baselines(study, plan_baselines(tctx, trials))
     logger.info("tune: %d baseline trial(s) queued (uniform stock recipes and solved points)", queued)
-    objective = Objective(tctx, trials, tuning)
+    objective = Objective(tctx, trials, tuning, deadline)
     callbacks = [progress_callback(tctx.budget, trials, workers, started, progress)]
-    procs = _spawn_workers(model, tctx, tuning, workers, trials, deadline, model_path)
+    procs = _spawn_workers(model, tctx, tuning, workers, trials, deadline, model_path, location)
     stopped = "done"
     with _ctrl_c_stops(study) as interrupted:
         try:
@@ -394,6 +430,8 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
         except KeyboardInterrupt:
             stopped = "terminated" if signal.SIGTERM in interrupted else "interrupted"
             _interrupt(procs)
+            if location.is_rdb:  # workers elsewhere finish their running trial and stop
+                announce_stop(study, stopped)
         except BaseException:
             _interrupt(procs)
             raise
@@ -437,7 +475,7 @@ def _ctrl_c_stops(study):
 
 
 def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials: int, deadline: float | None,
-                   model_path: str | None) -> list[subprocess.Popen]:
+                   model_path: str | None, location: StudyStorage) -> list[subprocess.Popen]:
     if workers < 2:
         return []
     if model_path is None:
@@ -449,13 +487,16 @@ def _spawn_workers(model, tctx: TrialContext, tuning: Path, workers: int, trials
     spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
     placement = worker_placement(str(device), spread, workers, visible_gpus() if device.type == "cuda" else [])
     job = {"model_path": model_path, "trials": trials, "deadline": deadline,
-           "device_map": {str(i): where for i, (_, where) in enumerate(placement, start=1)}}
+           "device_map": {str(i): where for i, (_, where) in enumerate(placement, start=1)},
+           "study": location.name, "heartbeat": location.heartbeat}
     (tuning / "workers.json").write_text(json.dumps(job) + "\n")
     threads = max(1, (os.cpu_count() or 1) // workers)
     # The workers import this very hfsqueeze (not another install that happens to come first on their path).
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join([root, os.environ["PYTHONPATH"]]) if os.environ.get("PYTHONPATH") else root
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    if location.url is not None:  # in the environment, not in workers.json: the URL may hold a password
+        env[STORAGE_ENV] = location.url
     procs = []
     for index, (gpu, _) in enumerate(placement, start=1):
         # A worker with a GPU of its own sees only that one (as its cuda:0).
