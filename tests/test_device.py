@@ -321,10 +321,12 @@ def test_parity_version_3_needs_device_and_kernel_and_older_versions_still_load(
 def test_distill_keeps_a_cpu_model_on_the_cpu_on_a_gpu_host(monkeypatch, tmp_path):
     from hfsqueeze.methods.distill.apply import _training_arguments
     from hfsqueeze.methods.distill.config import DistillConfig
+    from hfsqueeze.methods.distill.launch import Launch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config = DistillConfig.from_dict({"training_args": {"max_steps": 1}}, where="distill")
-    args = _training_arguments(config, str(tmp_path), False, hf.input_device(make_tiny("llama")))
+    args = _training_arguments(config, str(tmp_path), False, hf.input_device(make_tiny("llama")),
+                               Launch.detect(config.resolved_training_args()))
     assert args.use_cpu is True
 
 
