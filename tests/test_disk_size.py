@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import warnings
 
@@ -165,8 +166,4 @@ def test_size_formula_matches_safetensors_on_random_dicts():
 
 
 def _has_bnb() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("bitsandbytes") is not None
