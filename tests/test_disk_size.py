@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import threading
 import warnings
 
 import pytest
@@ -99,6 +100,43 @@ def test_no_weights_are_written_to_measure_them(tmp_path, monkeypatch):
     monkeypatch.undo()
     model.save_pretrained(tmp_path / "real")
     assert size == weights_bytes(tmp_path / "real")
+
+
+def test_sharded_save_sums_every_shard(tmp_path, monkeypatch):
+    """Models over ``max_shard_size`` (50 GB by default) are saved in shards: each shard is sized on its own."""
+    model = make_tiny("llama")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", lambda *a, **k: pytest.fail("weights were written"))
+    size = safetensors_bytes(tmp_path, lambda: model.save_pretrained(tmp_path, max_shard_size="100KB"))
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path / "real", max_shard_size="100KB")
+    assert len(list((tmp_path / "real").glob("*.safetensors"))) > 2
+    assert size == weights_bytes(tmp_path / "real")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [None, 16, 4])
+def test_computed_size_of_a_cuda_model_is_the_saved_size(bits, tmp_path):
+    model = make_tiny("llama").to("cuda")
+    if bits:
+        apply_quantize(model, QuantizeConfig(bits=bits, **({"dtype": "bf16"} if bits == 16 else {})))
+    assert disk_bytes(model) == weights_bytes(hfsqueeze.save_compressed(model, tmp_path / "artifact"))
+
+
+def test_another_thread_saving_meanwhile_writes_for_real(tmp_path):
+    """The writers are patched process-wide while one thread sizes; a real save in another thread still writes."""
+    model, other = make_tiny("llama"), make_tiny("gpt2")
+
+    def save_while_sizing() -> None:
+        thread = threading.Thread(target=other.save_pretrained, args=(tmp_path / "real",))
+        thread.start()
+        thread.join()
+        model.save_pretrained(tmp_path / "sized")
+
+    size = safetensors_bytes(tmp_path / "sized", save_while_sizing)
+    assert weights_bytes(tmp_path / "real") > 0 and not list((tmp_path / "sized").glob("*.safetensors"))
+    model.save_pretrained(tmp_path / "check")
+    assert size == weights_bytes(tmp_path / "check")
 
 
 def test_a_writer_that_is_not_save_file_is_measured_by_writing(tmp_path, monkeypatch):

@@ -365,7 +365,7 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         evaluation (`EvaluationConfig`): what to measure (text, token budget, latency settings).
         reference (`Reference`, *optional*): outputs of the original model; without it, no KL/top-1/cosine
             (perplexity is still measured for causal LMs).
-        with_disk (`bool`, *optional*): serialize to measure disk size; defaults to ``evaluation.disk_size``.
+        with_disk (`bool`, *optional*): size the weights on disk (`disk_bytes`); defaults to ``evaluation.disk_size``.
         compare (`bool`, defaults to `True`): compare with ``reference``; `measure_baseline` turns it off.
         time_latency (`bool`, defaults to `True`): time latency when ``evaluation.latency`` asks for it; off when
             the caller times this model interleaved with another (`remeasure_latency_interleaved`).
