@@ -30,9 +30,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hfsqueeze.compat.bnb import saveable  # noqa: E402
-from hfsqueeze.compat.peft import save_pretrained_with_adapter  # noqa: E402
+from hfsqueeze.core.stage import save_weights  # noqa: E402
 from hfsqueeze.evaluation.measure import disk_bytes  # noqa: E402
 from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize  # noqa: E402
+from hfsqueeze.registry import stages  # noqa: E402
 
 # size label -> (hidden, intermediate, layers, heads), as in scripts/bench_scale.py
 SIZES = {"50M": (512, 1536, 8, 8), "200M": (1024, 2816, 12, 16), "800M": (1536, 4096, 26, 24)}
@@ -44,7 +45,7 @@ PREFIX = "hfsqueeze-size-"
 def _disk_bytes_by_writing(model) -> int:
     """``disk_bytes`` before this change: write the weights to a temporary directory and sum the files."""
     with tempfile.TemporaryDirectory(prefix=PREFIX) as tmp, saveable(model):
-        save_pretrained_with_adapter(model, tmp)
+        save_weights(model, tmp, stages())
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
 
@@ -122,7 +123,7 @@ def main() -> None:
         runs = {"before": [], "after": []}
         for _ in range(args.repeats):  # alternate, so both see the same machine load
             runs["before"].append(timed(_disk_bytes_by_writing, model))
-            runs["after"].append(timed(disk_bytes, model))
+            runs["after"].append(timed(lambda m: disk_bytes(m, stages()), model))
         row = {"format": name, "size": args.size, "parameters": params}
         for key, rs in runs.items():
             row[key] = {"bytes": rs[0]["bytes"], "wall_s": statistics.median(r["wall_s"] for r in rs),
