@@ -41,7 +41,7 @@ class EvaluationConfig(ConfigBase):
     decode_tokens: int = dataclasses.field(default=32, metadata={"help": "greedy steps timed for decode latency"})
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed repeats (the median is reported)"})
     per_stage: bool = dataclasses.field(default=True, metadata={"help": "measure after every stage, not just the end"})
-    disk_size: bool = dataclasses.field(default=True, metadata={"help": "serialize to measure the on-disk size"})
+    disk_size: bool = dataclasses.field(default=True, metadata={"help": "size the weights on disk (nothing written)"})
 
     def __post_init__(self):
         for key in ("max_tokens", "seq_len", "prompt_tokens", "decode_tokens", "repeats"):

@@ -19,12 +19,12 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..compat.bnb import guard_bnb_cpu_repack, saveable
+from ..compat.safetensors import safetensors_bytes
 from ..core.data import eval_sources, load_texts, token_blocks
 from ..core.errors import UnsupportedModelError
 from ..core.hf import count_parameters, eval_mode, is_causal_lm, quantization_method, synchronizer, to_device
@@ -104,12 +104,15 @@ def footprint_bytes(model) -> int:
 
 
 def disk_bytes(model, stages: Iterable[Stage] = ()) -> int:
-    """Size of the weight files (safetensors) an artifact of ``model`` holds, measured by writing them as
-    `save_compressed` does with the registered ``stages`` (`hfsqueeze.registry.stages()`: a kept LoRA adapter is
-    part of the artifact); without stages, what plain ``save_pretrained`` writes."""
+    """Size of the weight files (safetensors) an artifact of ``model`` holds: what `save_compressed` writes with the
+    registered ``stages`` (`hfsqueeze.registry.stages()`: a kept LoRA adapter is part of the artifact); without
+    stages, what plain ``save_pretrained`` writes.
+
+    The save runs as `save_compressed` runs it, but each weight file's exact size is computed instead of written
+    (`compat.safetensors.safetensors_bytes`); only the small JSON files land in the temporary directory.
+    """
     with tempfile.TemporaryDirectory(prefix="hfsqueeze-size-") as tmp, saveable(model):
-        save_weights(model, tmp, stages)
-        return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+        return safetensors_bytes(tmp, lambda: save_weights(model, tmp, stages))
 
 
 def _eval_inputs(model, tokenizer, evaluation, texts: list[str] | None):
@@ -362,7 +365,7 @@ def measure(model, tokenizer, evaluation, reference: Reference | None = None, *,
         evaluation (`EvaluationConfig`): what to measure (text, token budget, latency settings).
         reference (`Reference`, *optional*): outputs of the original model; without it, no KL/top-1/cosine
             (perplexity is still measured for causal LMs).
-        with_disk (`bool`, *optional*): serialize to measure disk size; defaults to ``evaluation.disk_size``.
+        with_disk (`bool`, *optional*): size the weights on disk (`disk_bytes`); defaults to ``evaluation.disk_size``.
         compare (`bool`, defaults to `True`): compare with ``reference``; `measure_baseline` turns it off.
         time_latency (`bool`, defaults to `True`): time latency when ``evaluation.latency`` asks for it; off when
             the caller times this model interleaved with another (`remeasure_latency_interleaved`).
