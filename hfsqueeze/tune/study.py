@@ -406,8 +406,10 @@ def study_records(study) -> list[TrialRecord]:
     lost = retried(trials)
     for trial in trials:
         if trial.state in (TrialState.COMPLETE, TrialState.FAIL):
-            out.append(trial_record(trial, trial.state.name, list(trial.values) if trial.values else None))
-            out[-1]["interrupted"] = out[-1]["interrupted"] or trial.number in lost
+            record = trial_record(trial, trial.state.name, list(trial.values) if trial.values else None)
+            if trial.number in lost and not record.interrupted:  # a dead worker's trial, run again elsewhere
+                record = dataclasses.replace(record, interrupted=True)
+            out.append(record)
     return out
 
 
