@@ -27,7 +27,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ---- scripts under a real two-process launcher ----------------------------------------------------------------------

@@ -212,7 +212,7 @@ def test_qlora_recovery_on_bnb_model_merges_and_reloads(tiny_tokenizer, tmp_path
     model = tiny_llama(2)
     recipe = {"evaluation": SMALL_EVAL, "stages": [
         {"method": "quantize", "bits": bits},
-        # merge: true (the default keeps the adapter unmerged on a quantized model: tests/test_recover.py).
+        # merge: true (the default keeps the adapter unmerged on a quantized model: tests/methods/distill/test_recover.py).
         {"method": "distill", "block_size": 64, "data": {"text": "builtin", **FAST}, "lora": {"merge": True},
          "guard": False, "training_args": {"max_steps": 4, "learning_rate": 1e-3}},
     ]}
