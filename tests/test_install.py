@@ -1,4 +1,4 @@
-"""Install: package data, the built-in recipes shipped in the wheel."""
+"""Install: the subpackages and dependencies pyproject.toml lists, the built-in recipes shipped in the wheel."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def test_pyproject_lists_every_subpackage():
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "hfsqueeze").rglob("__init__.py")}
     assert set(tool["packages"]) == on_disk | {"hfsqueeze.recipes"}
     assert tool["package-dir"] == {"hfsqueeze.recipes": "recipes"}
+
+
+def test_optuna_is_a_dependency_and_the_tune_extra_still_resolves():
+    """`hfsqueeze tune` works after a plain install; `pip install 'hfsqueeze[tune]'` from older instructions too."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "optuna>=5.0" in project["dependencies"]
+    assert project["optional-dependencies"]["tune"] == ["optuna>=5.0"]
 
 
 @pytest.mark.slow

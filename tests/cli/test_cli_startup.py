@@ -12,7 +12,7 @@ import transformers as tf
 from conftest import SMALL_EVAL, make_tiny
 
 from hfsqueeze.cli import main
-from installkit import REPO, _env
+from installkit import _env
 
 
 # ---- the command line: fast help, version, quiet -------------------------------------------------------------------
@@ -120,12 +120,3 @@ def test_cli_eval_verbose_logs_each_step(model_dir, tmp_path, caplog):
     # One interleaved timing of the original and the artifact (both are in memory with --base).
     assert [m for m in steps if m.startswith("measuring latency: 16 prompt tokens")] == [
         "measuring latency: 16 prompt tokens, 4 decode steps, 1 repeats (original and compressed, alternating)"]
-
-
-def test_optuna_is_a_dependency_and_the_tune_extra_still_resolves():
-    """`hfsqueeze tune` works after a plain install; `pip install 'hfsqueeze[tune]'` from older instructions too."""
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert "optuna>=5.0" in project["dependencies"]
-    assert project["optional-dependencies"]["tune"] == ["optuna>=5.0"]

@@ -1,4 +1,5 @@
-"""The distill stage on tiny models: students, multi-task, QLoRA, resume."""
+"""The distill stage on tiny models: a frozen teacher, layer-subset and narrower students, a teacher from a path,
+errors, multi-task, encoders, QLoRA, resume."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distillation losses, checked against values computed by hand."""
+"""Distillation losses, checked against values computed by hand and against autograd."""
 
 from __future__ import annotations
 
@@ -83,3 +83,54 @@ def test_combine_losses_weights():
     assert losses.combine_losses(alpha=0.25, hard=hard, kd=kd).item() == pytest.approx(0.25 * 2 + 0.75 * 4)
     assert losses.combine_losses(alpha=0.25, hard=None, kd=kd).item() == pytest.approx(2.0)
     assert losses.combine_losses(alpha=0.25, hard=hard, kd=None).item() == pytest.approx(4.0)
+
+
+def test_kd_loss_gradient_is_the_written_out_kl_gradient():
+    torch.manual_seed(0)
+    student, teacher, mask = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.tensor([[1, 1, 1, 0, 0], [1] * 5])
+    for temperature in (1.0, 2.0):
+        s = student.clone().requires_grad_(True)
+        losses.kd_loss(s, teacher, temperature, mask).backward()
+        r = student.clone().requires_grad_(True)
+        log_t = torch.log_softmax(teacher / temperature, -1)
+        kl = (log_t.exp() * (log_t - torch.log_softmax(r / temperature, -1))).sum(-1)
+        ((kl * mask).sum() / mask.sum() * temperature**2).backward()
+        torch.testing.assert_close(s.grad, r.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_loss_value_and_gradient_match_autograd_and_keep_no_extra_vocabulary_tensor(dtype):
+    # The chunked KD loss equals F.cross_entropy through autograd (value and gradient), and its backward keeps no
+    # vocabulary-sized tensor besides the student's logits and the teacher's probabilities (autograd through
+    # cross_entropy keeps s/T and its log-softmax too: 200 MB each at 4 x 256 positions of a 49k vocabulary).
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    vocab = 300
+    student = (torch.randn(2, 70, vocab) * 3).to(dtype).requires_grad_(True)
+    teacher = torch.randn(2, 70, vocab) * 3
+    mask = torch.ones(2, 70)
+    mask[1, 50:] = 0
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = losses.kd_loss(student, teacher, 2.0, mask)
+    loss.backward()
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= student.numel()}
+    assert big <= {student.untyped_storage().data_ptr()} | {t.untyped_storage().data_ptr() for t in saved
+                                                            if t.dtype == torch.float32 and not t.requires_grad}
+    assert len(big - {student.untyped_storage().data_ptr()}) == 1  # the teacher's probabilities
+
+    reference = student.detach().clone().requires_grad_(True)
+    log_t = F.log_softmax(teacher / 2.0, dim=-1)
+    cross = F.cross_entropy((reference.float() / 2.0).reshape(-1, vocab), log_t.exp().reshape(-1, vocab),
+                            reduction="none").view(2, 70)
+    expected = ((cross + (log_t.exp() * log_t).sum(-1)) * mask).sum() / mask.sum() * 4.0
+    expected.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert loss.item() == pytest.approx(expected.item(), rel=tolerance)
+    assert torch.allclose(student.grad.float(), reference.grad.float(), rtol=tolerance, atol=1e-6)

@@ -1,4 +1,5 @@
-"""The prune stage's errors: bad configs and unsupported models, refused in one line."""
+"""The prune stage's config and errors: a round trip; bad configs, unsupported or quantized models and bad layer
+requests, each refused in one clear line."""
 
 from __future__ import annotations
 
