@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL server on loopback for the tests of `hfsqueeze tune --storage` (tests/test_tune_rdb.py).
+# A throwaway PostgreSQL server on loopback for the tests of `hfsqueeze tune --storage` (tests/tune/test_tune_rdb.py).
 #   pg_env=$(.ci/postgres.sh start) && eval "$pg_env"   # exports HFSQUEEZE_TEST_PG_URL, HFSQUEEZE_TEST_PG_DIR
 #   .ci/postgres.sh stop "$HFSQUEEZE_TEST_PG_DIR"
 # PostgreSQL refuses to run as root (CI runs as root): the server then runs as the `postgres` user.

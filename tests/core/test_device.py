@@ -1,5 +1,5 @@
-"""Where a model sits is honoured: inputs follow it, offloaded weights are refused, --device/--dtype reach the loader,
-parity compares like with like, distill trains where the model is, tune workers get their own GPU.
+"""Where a model sits is honoured: inputs follow it, offloaded weights are refused, --device/--dtype reach the
+loader.
 
 These run on a CPU. What needs a real GPU is in tests/test_gpu.py (the ``gpu`` marker).
 """
@@ -7,16 +7,12 @@ These run on a CPU. What needs a real GPU is in tests/test_gpu.py (the ``gpu`` m
 from __future__ import annotations
 
 import importlib
-import json
 
 import pytest
 import torch
 from conftest import SMALL_EVAL, make_tiny
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-import hfsqueeze
 from hfsqueeze.core import hf
 from hfsqueeze.core.errors import HfSqueezeError, RecipeError, UnsupportedModelError
 
@@ -250,96 +246,3 @@ def test_cli_bad_device_is_one_line_and_writes_nothing(model_dir, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no CUDA device is available" in err and "--device cpu" in err
     assert not (tmp_path / "out").exists()
-
-
-# ---- parity: the device and kernel are recorded; another device gets its kernel's stated tolerance -------------
-
-
-def _saved(tmp_path, tiny_tokenizer, stages=None):
-    model = make_tiny("llama")
-    if stages:
-        model.compress({"stages": stages, "evaluation": {**SMALL_EVAL, "latency": False}}, tokenizer=tiny_tokenizer)
-    return model, hfsqueeze.save_compressed(model, tmp_path / "art", tokenizer=tiny_tokenizer)
-
-
-def _meta(path):
-    with safe_open(str(path / "parity.safetensors"), "pt") as fh:
-        return json.loads(fh.metadata()["hfsqueeze"])
-
-
-def _rewrite(path, scale: float, **changes):
-    """Move the recorded outputs by ``scale`` of their largest value and change the metadata."""
-    file = path / "parity.safetensors"
-    tensors, meta = load_file(str(file)), _meta(path)
-    out = tensors["outputs"]
-    tensors["outputs"] = out + scale * out.abs().max()
-    save_file(tensors, str(file), metadata={"hfsqueeze": json.dumps({**meta, **changes}, sort_keys=True)})
-
-
-def test_parity_records_device_and_kernel(tmp_path, tiny_tokenizer):
-    _, path = _saved(tmp_path, tiny_tokenizer, [{"method": "quantize", "bits": 8}])
-    meta = _meta(path)
-    assert meta["version"] == 3 and meta["device"] == "cpu" and meta["kernel"] == "bnb-int8"
-
-
-def test_parity_across_devices_uses_the_kernels_stated_tolerance(tmp_path, tiny_tokenizer):
-    from hfsqueeze.artifact.parity import CROSS_DEVICE_TOLERANCE, DEFAULT_PARITY_TOLERANCE
-
-    _, path = _saved(tmp_path, tiny_tokenizer)
-    assert _meta(path)["kernel"] == "float32"
-    # Same device: the default tolerance holds.
-    _rewrite(path, 3 * DEFAULT_PARITY_TOLERANCE)
-    with pytest.raises(HfSqueezeError, match="does not reproduce"):
-        hfsqueeze.load_compressed(path)
-    # Recorded on CUDA, checked here: a difference the kernels explain passes, and a larger one names the rule.
-    _, path = _saved(tmp_path / "b", tiny_tokenizer)
-    bf16 = CROSS_DEVICE_TOLERANCE["bfloat16"]
-    assert bf16 > DEFAULT_PARITY_TOLERANCE
-    _rewrite(path, (DEFAULT_PARITY_TOLERANCE + bf16) / 2, device="cuda", kernel="bfloat16")
-    hfsqueeze.load_compressed(path)
-    _rewrite(path, bf16, device="cuda", kernel="bfloat16")
-    with pytest.raises(HfSqueezeError) as info:
-        hfsqueeze.load_compressed(path)
-    assert "recorded on cuda, checked on cpu" in str(info.value) and "CROSS_DEVICE_TOLERANCE" in str(info.value)
-
-
-def test_parity_version_3_needs_device_and_kernel_and_older_versions_still_load(tmp_path, tiny_tokenizer):
-    _, path = _saved(tmp_path, tiny_tokenizer)
-    file = path / "parity.safetensors"
-    tensors, meta = load_file(str(file)), _meta(path)
-    old = {k: v for k, v in meta.items() if k not in ("device", "kernel")}
-    save_file(tensors, str(file), metadata={"hfsqueeze": json.dumps({**old, "version": 2})})
-    hfsqueeze.load_compressed(path)  # a version-2 file: recorded on the CPU, checked as before
-    save_file(tensors, str(file), metadata={"hfsqueeze": json.dumps({**old, "version": 3})})
-    with pytest.raises(HfSqueezeError, match="3 the device and kernel"):
-        hfsqueeze.load_compressed(path)
-
-
-# ---- distill trains where the model is -------------------------------------------------------------------------
-
-
-def test_distill_keeps_a_cpu_model_on_the_cpu_on_a_gpu_host(monkeypatch, tmp_path):
-    from hfsqueeze.methods.distill.apply import _training_arguments
-    from hfsqueeze.methods.distill.config import DistillConfig
-    from hfsqueeze.methods.distill.launch import Launch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config = DistillConfig.from_dict({"training_args": {"max_steps": 1}}, where="distill")
-    args = _training_arguments(config, str(tmp_path), False, hf.input_device(make_tiny("llama")),
-                               Launch.detect(config.resolved_training_args()))
-    assert args.use_cpu is True
-
-
-# ---- tune workers each get a GPU of their own ------------------------------------------------------------------
-
-
-def test_tune_workers_get_their_own_gpu():
-    from hfsqueeze.tune.resources import worker_placement
-
-    gpus = ["0", "1", "2", "3"]
-    assert worker_placement("cuda:0", False, 4, gpus) == [("1", "cuda:0"), ("2", "cuda:0"), ("3", "cuda:0")]
-    assert worker_placement("cuda:2", False, 3, gpus) == [("0", "cuda:0"), ("1", "cuda:0")]
-    assert worker_placement("cuda", False, 5, ["4", "7"]) == [("7", "cuda:0")] * 4  # more workers than GPUs
-    assert worker_placement("cuda:0", False, 3, ["0"]) == [(None, "cuda:0")] * 2  # one GPU: shared
-    assert worker_placement("cuda:0", True, 2, gpus) == [(None, "auto")]  # a spread model: spread again
-    assert worker_placement("cpu", False, 3, gpus) == [(None, None)] * 2

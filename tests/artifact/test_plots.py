@@ -1,6 +1,6 @@
 """The two PNGs hfsqueeze writes, drawn from small synthetic inputs (no model): the distill loss curve and the tune
 Pareto plot. `write_examples(folder)` writes both for a person to look at:
-``python -c "import sys; sys.path.insert(0, 'tests'); import test_plots; test_plots.write_examples('/tmp/plots')"``.
+``python -c "import sys; sys.path.insert(0, 'tests/artifact'); import test_plots; test_plots.write_examples('/tmp/plots')"``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from hfsqueeze.core.errors import RecipeError
 from hfsqueeze.methods.distill import launch
 from hfsqueeze.methods.distill.launch import Launch, argument_defaults, check_engaged, check_launch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = REPO / "scripts"
 STEPS, BATCH, BLOCK = 3, 2, 64
 RECIPE = (

@@ -21,7 +21,7 @@ from hfsqueeze.artifact.card import (
 )
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-LOAD = f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("acme/x")\n'
+LOAD = 'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("acme/x")\n'
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152}
 PLACEHOLDERS = ["More Information Needed", "To be filled", "TODO", "[More", "None", "nan", "{{", "}}"]
 

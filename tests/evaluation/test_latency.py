@@ -1,87 +1,15 @@
-"""Honest output: ``--json`` prints one JSON document, the footer and card claim only what was measured, latency
-ratios carry their spread and an "unreliable" flag when the machine was busy or the runs disagreed."""
+"""Latency ratios carry their spread and an "unreliable" flag when the machine was busy or the runs disagreed;
+``latency: auto``, the time budget, the bar."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 from conftest import SMALL_EVAL, make_tiny
 
 import hfsqueeze  # noqa: F401  (gives models .compress)
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("HFSQUEEZE_DISABLE_PROGRESS", None)  # progress on: bars and Trainer's log lines must not reach stdout
-    return subprocess.run([sys.executable, "-m", "hfsqueeze", *argv], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
-
-
-# ---- --json: one document on stdout ------------------------------------------------------------------------------
-def test_compress_json_with_distill_prints_exactly_one_json_document(model_dir, tmp_path):
-    recipe = {
-        "stages": [{"method": "distill", "student": {"keep": 0.5}, "block_size": 32,
-                    "data": {"text": "builtin", "max_tokens": 2000, "eval_tokens": 256},
-                    "training_args": {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1}}],
-        "evaluation": {**SMALL_EVAL, "disk_size": False},
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    out = tmp_path / "out"
-    proc = _run_cli("compress", "--model", str(model_dir), "--recipe", "recipe.yaml", "--json", "--output", str(out),
-                    cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)  # the whole of stdout, nothing before or after
-    assert report["schema"] == "hfsqueeze.report" and report["stages"][0]["method"] == "distill"
-    assert "saved to" in proc.stderr and "loss" in proc.stderr  # moved, not lost
-    assert (out / "report.json").is_file()
-
-    proc = _run_cli("eval", str(out), "--json", "--set", "evaluation.latency=false", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["stages"][0]["method"] == "eval"
-
-    proc = _run_cli("eval", str(out), "--json", "--base", str(model_dir), cwd=tmp_path)  # both loaded: interleaved
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["latency"]["interleaved"] is True
-
-
-# ---- the footer and the card say only what was measured ----------------------------------------------------------
-def _card_text(model, report) -> str:
-    from hfsqueeze.artifact.card import render_model_card
-
-    return str(render_model_card(model.config, report, load_code="model = ..."))
-
-
-BF16 = [{"method": "quantize", "bits": 16}]
-
-
-def test_without_tokenizer_no_token_or_latency_claims():
-    model = make_tiny("llama")
-    report = model.compress({"stages": BF16, "evaluation": SMALL_EVAL})
-    footer = report.to_markdown().split("\n\n")[-1]
-    assert "sizes only" in footer
-    for claim in ("tokens of", "median", "latency as", "runs"):
-        assert claim not in footer
-    card = _card_text(model, report)
-    assert "**Latency:**" not in card and "median of" not in card and "**Quality:**" not in card
-    assert report.to_dict()["latency"] is None
-
-
-def test_latency_false_no_latency_claim(tiny_tokenizer):
-    model = make_tiny("llama")
-    report = model.compress({"stages": BF16, "evaluation": {**SMALL_EVAL, "latency": False}}, tokenizer=tiny_tokenizer)
-    footer = report.to_markdown().split("\n\n")[-1]
-    assert f"quality on {report.baseline.eval_tokens} tokens of builtin text" in footer
-    assert "median" not in footer and "latency" not in footer
-    card = _card_text(model, report)
-    assert "**Quality:**" in card and "**Latency:**" not in card and "median of" not in card
+from outputkit import BF16, _card_text, _run_cli
 
 
 # ---- latency: spread, load, interleaving, the unreliable flag -----------------------------------------------------
@@ -304,70 +232,3 @@ def test_compress_prints_next_steps_and_a_caption(model_dir, tmp_path):
     assert (tmp_path / "out/tiny-int8/README.md").is_file()
     from hfsqueeze.cli import build_parser
     assert build_parser().parse_args(["push", "out/tiny-int8", "--repo", "me/tiny-int8"]).repo == "me/tiny-int8"
-
-
-# ---- CLI conventions ----------------------------------------------------------------------------------------------
-NO_TORCH = """
-import sys
-from hfsqueeze.cli import main
-try:
-    code = main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code
-assert "torch" not in sys.modules, "torch was imported"
-sys.exit(code)
-"""
-
-
-@pytest.mark.parametrize("argv, code", [(["recipes"], 0), (["--help"], 0), (["compress", "--help"], 0),
-                                        (["compres"], 2), (["compress", "--bogus"], 2)])
-def test_recipes_help_and_argument_errors_answer_without_torch(argv, code, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=300)
-    assert proc.returncode == code, proc.stderr[-2000:]
-
-
-def test_recipes_is_a_grouped_table_within_100_columns(capsys):
-    from hfsqueeze.cli import main
-
-    assert main(["recipes"]) == 0
-    out = capsys.readouterr().out
-    assert max(len(line) for line in out.splitlines()) <= 100
-    groups = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
-    assert groups == ["quantize:", "prune:", "distill:", "combined:"]
-    assert "  int8 " in out.split("prune:")[0] and "  prune-int8 " in out.split("combined:")[1]
-    assert out.splitlines()[0].split() == ["recipe", "for", "time", "what", "it", "does"]
-    minilm = next(line for line in out.splitlines() if line.startswith("  prune-recover-minilm "))
-    assert minilm.split()[1:3] == ["encoders", "6"]  # for sentence encoders; measured minutes
-
-
-def test_did_you_mean_and_verbose_after_the_subcommand(capsys):
-    from hfsqueeze.cli import build_parser, main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["compres"])
-    assert exc.value.code == 2 and "did you mean 'compress'?" in capsys.readouterr().err
-    assert main(["validate", "int9"]) == 2
-    assert "did you mean 'int8'?" in capsys.readouterr().err
-    for override, close in [("quantize.threshhold=5", "'threshold'"), ("quantise.threshold=5", "'quantize'"),
-                            ("evaluation.max_token=64", "'max_tokens'")]:
-        assert main(["validate", "int8", "--set", override]) == 2
-        assert f"(did you mean {close}?)" in capsys.readouterr().err
-    parser = build_parser()
-    assert parser.parse_args(["validate", "int8", "-v"]).verbose is True
-    assert parser.parse_args(["-v", "validate", "int8"]).verbose is True
-    assert parser.parse_args(["validate", "int8"]).verbose is False
-    help_text = parser._subparsers._group_actions[0].choices["compress"].format_help()
-    assert "Compress a model with a recipe" in help_text and "example:\n  hfsqueeze compress --output" in help_text
-
-
-def test_cli_errors_speak_in_flags_not_python_arguments(tmp_path, capsys):
-    from hfsqueeze.cli import main
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    assert main(["compress", "--output", str(out)]) == 2  # refused before the model loads
-    err = capsys.readouterr().err
-    assert "pass --overwrite" in err and "overwrite=True" not in err and "CLI:" not in err

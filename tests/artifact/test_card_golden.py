@@ -3,7 +3,7 @@
 The reports were written once by tiny compressions (int8; nf4 from the built-in model; prune with recovery; int8
 with a LoRA recovery and two evaluation texts; the same with the recovery dropped by the guard; a tuned artifact; an
 ``evaluate`` report). A change to the card's text must show up here as a changed golden file, reviewed in the diff:
-regenerate them with ``HFSQUEEZE_UPDATE_GOLDEN=1 pytest tests/test_card_golden.py``.
+regenerate them with ``HFSQUEEZE_UPDATE_GOLDEN=1 pytest tests/artifact/test_card_golden.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from hfsqueeze.artifact.card import render_model_card
 
-DATA = Path(__file__).parent / "data" / "cards"
+DATA = Path(__file__).resolve().parents[1] / "data" / "cards"
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 400}
 LOAD = 'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("acme/x")\n'
 PARITY = {"loader": "the card's load code", "output": "logits", "tokens": 32, "max_abs_diff": 1.5e-6,
