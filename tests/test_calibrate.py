@@ -238,3 +238,18 @@ def test_search_space_offers_calibration():
     space = get_stage("quantize").search_space()
     assert space["calibration"].choices == ("rtn", "gptq") and space["smooth"].when == {"bits": (8, 4)}
     assert space["damp"].when == {"calibration": ("gptq",)}
+
+
+@pytest.mark.parametrize("name", ["nf4-calibrated", "int8-calibrated"])
+def test_builtin_calibrated_recipes_reload_with_stock_transformers(name, tiny_tokenizer, tmp_path):
+    """The built-in recipes, run as shipped (bf16 rest, calibration on), give an artifact that plain from_pretrained
+    loads in a process that never imports hfsqueeze, with the live model's logits."""
+    model = make_tiny("llama")
+    report = model.compress(name, tokenizer=tiny_tokenizer,
+                            overrides=["evaluation.max_tokens=256", "evaluation.seq_len=128",
+                                       "evaluation.latency=false", "evaluation.text=builtin"])
+    assert report.stages[-1].details["calibration"]["tokens"] >= 3072
+    live = outputs(model, IDS)
+    out = hfsqueeze.save_compressed(model, tmp_path / name, tokenizer=tiny_tokenizer)
+    torch.testing.assert_close(reload_outputs_in_fresh_process(out, IDS), live,
+                               atol=2e-2 if "nf4" in name else 1e-5, rtol=0)
