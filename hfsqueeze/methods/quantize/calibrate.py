@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +46,6 @@ HOLDOUT_EVERY = 8
 
 
 def _source_label(source: Any) -> str:
-    from pathlib import Path
-
     if isinstance(source, (str, Path)):
         return Path(source).name if Path(source).is_file() else str(source)
     return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
