@@ -253,3 +253,26 @@ def test_builtin_calibrated_recipes_reload_with_stock_transformers(name, tiny_to
     out = hfsqueeze.save_compressed(model, tmp_path / name, tokenizer=tiny_tokenizer)
     torch.testing.assert_close(reload_outputs_in_fresh_process(out, IDS), live,
                                atol=2e-2 if "nf4" in name else 1e-5, rtol=0)
+
+
+def test_a_layer_that_calibration_makes_worse_keeps_round_to_nearest(monkeypatch, tiny_tokenizer):
+    """The layer-level held-out check runs the real bnb kernels: scales that wreck the int8 weights (exact in fp32,
+    ruinous once quantized) are caught and the plain round-to-nearest layer takes the layer's place."""
+    from hfsqueeze.methods.quantize import calibrate
+
+    real = calibrate.smooth_layer
+
+    def wild(layer, model_type, maxima, alpha):
+        g = torch.Generator().manual_seed(0)
+        spread = {k: v * torch.logspace(0, 6, v.numel())[torch.randperm(v.numel(), generator=g)]
+                  for k, v in maxima.items()}
+        return real(layer, model_type, spread, 1.0)
+
+    monkeypatch.setattr(calibrate, "smooth_layer", wild)
+    model = make_tiny("llama")
+    rtn = make_tiny("llama")
+    _compress(rtn, {"bits": 8}, tiny_tokenizer)
+    report = _compress(model, {"bits": 8, "smooth": True, "tokens": 1024}, tiny_tokenizer)
+    assert report.stages[0].details["calibration"]["kept_rtn_layers"] == [0, 1]
+    assert any("layers kept plain round-to-nearest" in w for w in report.warnings)
+    torch.testing.assert_close(outputs(model, IDS), outputs(rtn, IDS))  # exactly the stock int8 model

@@ -18,6 +18,7 @@ quantizer state as `apply.apply_quantize` leaves, so `save_pretrained` writes a 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -117,6 +118,28 @@ def _quantize_layer(runner: LayerwiseRunner, index: int, layer: nn.Module, names
         layer.set_submodule(name, bnb_module(module, q, qc, config))
 
 
+def _layer_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, reference))
+
+
+def _keep_rtn_layer(runner: LayerwiseRunner, index: int, original: nn.Module, names: list[str],
+                    config: QuantizeConfig, qc: Any, held: list[int]) -> bool:
+    """The layer-level held-out check, with the real bnb kernels (int8's activation quantization included): when the
+    calibrated layer (folded scales, GPTQ) is further from the unquantized layer than plain round-to-nearest on the
+    held-out blocks, put the round-to-nearest layer in its place (built from ``original``, a copy taken before any
+    change) and return True. The next layer's inputs then come from it."""
+    bnb = import_bnb()
+    reference = runner.run(index, original, held, collect=True)
+    calibrated = runner.run(index, runner.stack[index], held, collect=True)
+    for name in names:
+        original.set_submodule(name, _new_module(bnb, original.get_submodule(name), qc, config))
+    plain = runner.run(index, original, held, collect=True)
+    if _layer_error(calibrated, reference) <= _layer_error(plain, reference):
+        return False
+    runner.stack[index] = original
+    return True
+
+
 def _blocks(config: QuantizeConfig, ctx: Any, widest: int) -> torch.Tensor:
     if ctx is None or getattr(ctx, "tokenizer", None) is None:
         raise RecipeError("quantize: calibration/smooth needs calibration text and a tokenizer; pass "
@@ -141,8 +164,9 @@ def calibration_phrase(calibration: dict[str, Any]) -> str:
         parts.append(f"SmoothQuant scales folded into the weights (alpha {calibration.get('alpha')})")
     text = (f"calibrated with {' and '.join(parts) or 'round-to-nearest'} on {calibration.get('text')}, "
             f"{calibration.get('tokens')} tokens ({calibration.get('held_out_tokens')} more held out)")
-    kept = calibration.get("kept_rtn") or []
-    return text + (f"; {len(kept)} modules kept round-to-nearest (better on the held-out tokens)" if kept else "")
+    kept, layers = calibration.get("kept_rtn") or [], calibration.get("kept_rtn_layers") or []
+    text += f"; {len(kept)} modules kept round-to-nearest (better on the held-out tokens)" if kept else ""
+    return text + (f"; layers {layers} kept plain round-to-nearest (better on the held-out tokens)" if layers else "")
 
 
 def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) -> dict[str, Any]:
@@ -168,17 +192,22 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
         raise UnsupportedModelError(f"quantize: smooth: true does not support model type {model_type!r}; supported: "
                                     f"{', '.join(SMOOTH_MODEL_TYPES)} (set smooth: false)")
     kept_rtn: list[str] = []
+    rtn_layers: list[int] = []
     smoothed = 0
     with eval_mode(model):
         runner = LayerwiseRunner(model, blocks)
         for index, layer in progress(runner.layers(), desc="quantize: calibrating layers", total=len(stack)):
             prefix = f"{stack_name}.{index}."
             peak_inputs = max(peak_inputs, sum(x.numel() * x.element_size() for x in runner.inputs))
+            mine = [n[len(prefix):] for n in names if n.startswith(prefix)]
+            original = copy.deepcopy(layer) if split[1] else None  # one layer: the held-out check's reference
             if config.smooth:
                 maxima = _channel_max(runner, index, layer, smoothed_inputs(model_type), split[0])
                 smoothed += smooth_layer(layer, model_type, maxima, config.alpha)
-            mine = [n[len(prefix):] for n in names if n.startswith(prefix)]
             _quantize_layer(runner, index, layer, mine, config, qc, split, kept_rtn, prefix)
+            if original is not None and _keep_rtn_layer(runner, index, original, mine, config, qc, split[1]):
+                rtn_layers.append(index)
+            del original
     rest = [n for n in names if not n.startswith(stack_name + ".")]
     for name in rest:  # outside the decoder layers: bnb's own quantization
         model.set_submodule(name, _new_module(bnb, model.get_submodule(name), qc, config))
@@ -193,10 +222,15 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
         "tokens": len(calib) * blocks.shape[1],
         "held_out_tokens": len(held) * blocks.shape[1],
         "kept_rtn": kept_rtn,
+        "kept_rtn_layers": rtn_layers,
         "outside_layers_rtn": rest,
         "seconds": round(time.perf_counter() - start, 2),
         "cached_activation_bytes": peak_inputs,
     }
+    if rtn_layers:
+        details.setdefault("warnings", []).append(
+            f"calibration: {len(rtn_layers)} of {len(stack)} layers kept plain round-to-nearest (the calibrated layer "
+            f"had the larger output error on the held-out calibration tokens): layers {rtn_layers}")
     if kept_rtn:
         details.setdefault("warnings", []).append(
             f"calibration: {len(kept_rtn)} of {len(names)} modules kept round-to-nearest (GPTQ had the larger output "

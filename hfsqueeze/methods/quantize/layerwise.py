@@ -109,9 +109,9 @@ class LayerwiseRunner:
         """Yield ``(index, layer)`` in order; after the caller is done with a layer, its outputs on the cached inputs
         replace them (the next layer's inputs)."""
         for index in range(len(self.stack)):
-            layer = self.stack[index]
-            yield index, layer
-            self.inputs = self.run(index, layer, collect=True)
+            yield index, self.stack[index]
+            # the caller may have put another module in the stack (a fallback layer): run what is there now
+            self.inputs = self.run(index, self.stack[index], collect=True)
 
 
 def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> list[Any]:
