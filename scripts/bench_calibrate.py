@@ -46,11 +46,11 @@ FORMATS = {
 # (format, method label, extra stage keys); calibration text: the built-in train split (never evaluated on).
 VARIANTS = [
     ("nf4", "rtn", {}), ("nf4", "gptq", {"calibration": "gptq"}),
-    ("nf4", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
-    ("nf4-dq", "rtn", {}), ("nf4-dq", "gptq", {"calibration": "gptq"}),
-    ("fp4", "rtn", {}), ("fp4", "gptq", {"calibration": "gptq"}),
     ("int8", "rtn", {}), ("int8", "smooth", {"smooth": True}),
     ("int8", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
+    ("nf4-dq", "rtn", {}), ("nf4-dq", "gptq", {"calibration": "gptq"}),
+    ("fp4", "rtn", {}), ("fp4", "gptq", {"calibration": "gptq"}),
+    ("nf4", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
 ]
 TEXTS = {"held-out": "builtin", "bible": "builtin:bible"}
 
@@ -92,13 +92,19 @@ def _bytes(model) -> int:
     return total
 
 
-def _scores(model, reference, blocks) -> dict[str, float]:
-    """Perplexity of ``model``, KL(reference || model) per token and top-1 agreement on ``blocks`` (one at a time)."""
+def _reference(reference, blocks) -> list[torch.Tensor]:
+    """The fp32 model's log-probabilities on each block, computed once."""
+    with torch.no_grad():
+        return [torch.log_softmax(reference(input_ids=blocks[i:i + 1]).logits.float()[0], -1)
+                for i in range(blocks.shape[0])]
+
+
+def _scores(model, ref_logprobs, blocks) -> dict[str, float]:
+    """Perplexity of ``model``, KL(fp32 || model) per token and top-1 agreement on ``blocks`` (one at a time)."""
     nll = kl = agree = n = 0.0
     with torch.no_grad():
         for i in range(blocks.shape[0]):
-            ids = blocks[i:i + 1]
-            ref = torch.log_softmax(reference(input_ids=ids).logits.float()[0], -1)
+            ids, ref = blocks[i:i + 1], ref_logprobs[i]
             out = torch.log_softmax(model(input_ids=ids).logits.float()[0], -1)
             nll += float(-out[:-1].gather(1, ids[0, 1:, None]).sum())
             kl += float((ref.exp() * (ref - out)).sum())
@@ -127,9 +133,9 @@ def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dic
     size_before = _bytes(model)
     gc.collect()
     with PeakRSS() as peak:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         details = stage.apply(model, config, CompressionContext(tokenizer=tok, calibration="builtin"))
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     out = workdir / f"{fmt}-{'-'.join(map(str, extra.values())) or 'rtn'}"
     with saveable(model):
         model.save_pretrained(out)
@@ -137,18 +143,19 @@ def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dic
     del model
     gc.collect()
     reloaded = guard_bnb_cpu_repack(AutoModelForCausalLM.from_pretrained(out).eval())
-    scores = {label: _scores(reloaded, reference, b) for label, b in blocks.items()}
+    scores = {label: _scores(reloaded, reference[label], b) for label, b in blocks.items()}
     del reloaded
     calibration = details.get("calibration", {})
-    return {"seconds": seconds, "peak_extra_bytes": peak.peak - peak.start_rss, "model_bytes": size_before,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_extra_bytes": peak.peak - peak.start_rss, "model_bytes": size_before,
             "disk_bytes": disk, "scores": scores, "kept_rtn": len(calibration.get("kept_rtn", [])),
+            "kept_rtn_layers": len(calibration.get("kept_rtn_layers", [])),
             "tokens": calibration.get("tokens")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a local model directory")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens per text")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens per text")
     parser.add_argument("--only", default=None, help="comma-separated formats to run (default: all)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -157,36 +164,38 @@ def main() -> int:
     reference, tok = _load(args.model)
     blocks = {label: token_blocks(tok, load_texts(src, split="eval"), max_tokens=args.max_tokens, seq_len=512)
               for label, src in TEXTS.items()}
-    base = {label: _scores(reference, reference, b) for label, b in blocks.items()}
     fp32_disk = sum(p.numel() * p.element_size() for p in {id(p): p for p in reference.parameters()}.values())
+    ref_logprobs = {label: _reference(reference, b) for label, b in blocks.items()}
+    base = {label: _scores(reference, ref_logprobs[label], b) for label, b in blocks.items()}
+    del reference
     rows = []
     only = set(args.only.split(",")) if args.only else set(FORMATS)
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, method, extra in VARIANTS:
             if fmt not in only:
                 continue
-            row = {"format": fmt, "method": method, **_run_variant(args, fmt, extra, tok, reference, blocks,
+            row = {"format": fmt, "method": method, **_run_variant(args, fmt, extra, tok, ref_logprobs, blocks,
                                                                      Path(tmp))}
             rows.append(row)
-            print(f"  {fmt} {method}: {row['seconds']:.0f}s ({time.time() - t0:.0f}s total)", file=sys.stderr)
+            print(f"  {fmt} {method}: {row['seconds']:.0f}s ({time.time() - t0:.0f}s total) {row['scores']}",
+                  file=sys.stderr, flush=True)
+            if args.json:  # after every row: a long run stopped early keeps what it measured
+                Path(args.json).write_text(json.dumps({"baseline": base, "rows": rows}, indent=2))
     print(f"\n{args.model}: fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}; "
           f"{blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
           "every row saved and reloaded with plain from_pretrained\n")
     head = ("format", "method", "disk x fp32", "held-out ppl", "held-out KL", "held-out top-1", "bible ppl",
-            "bible KL", "bible top-1", "calib s", "peak mem x model", "kept RTN")
+            "bible KL", "bible top-1", "calib s", "calib CPU s", "peak mem x model", "kept RTN modules / layers")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["format"], r["method"], f"{r['disk_bytes'] / fp32_disk:.3f}"]
         for label in TEXTS:
             s = r["scores"][label]
             cells += [f"{s['ppl'] / base[label]['ppl'] - 1:+.2%}", f"{s['kl']:.4f}", f"{s['top1']:.2%}"]
-        cells += [f"{r['seconds']:.1f}", f"{(r['model_bytes'] + max(r['peak_extra_bytes'], 0)) / r['model_bytes']:.2f}",
-                  str(r["kept_rtn"])]
+        cells += [f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{(r['model_bytes'] + max(r['peak_extra_bytes'], 0)) / r['model_bytes']:.2f}",
+                  f"{r['kept_rtn']} / {r['kept_rtn_layers']}"]
         print("| " + " | ".join(cells) + " |")
     print(f"\ntotal {time.time() - t0:.0f}s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"baseline": base, "rows": rows}, fh, indent=2)
     return 0
 
 
