@@ -146,7 +146,8 @@ def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dic
     scores = {label: _scores(reloaded, reference[label], b) for label, b in blocks.items()}
     del reloaded
     calibration = details.get("calibration", {})
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_extra_bytes": peak.peak - peak.start_rss, "model_bytes": size_before,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_extra_bytes": peak.peak - peak.start_rss,
+            "model_bytes": size_before,
             "disk_bytes": disk, "scores": scores, "kept_rtn": len(calibration.get("kept_rtn", [])),
             "kept_rtn_layers": len(calibration.get("kept_rtn_layers", [])),
             "tokens": calibration.get("tokens")}
@@ -192,7 +193,8 @@ def main() -> int:
         for label in TEXTS:
             s = r["scores"][label]
             cells += [f"{s['ppl'] / base[label]['ppl'] - 1:+.2%}", f"{s['kl']:.4f}", f"{s['top1']:.2%}"]
-        cells += [f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{(r['model_bytes'] + max(r['peak_extra_bytes'], 0)) / r['model_bytes']:.2f}",
+        peak = (r["model_bytes"] + max(r["peak_extra_bytes"], 0)) / r["model_bytes"]
+        cells += [f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{peak:.2f}",
                   f"{r['kept_rtn']} / {r['kept_rtn_layers']}"]
         print("| " + " | ".join(cells) + " |")
     print(f"\ntotal {time.time() - t0:.0f}s")

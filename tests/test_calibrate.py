@@ -82,7 +82,7 @@ def test_gptq_halves_the_output_error_of_round_to_nearest(fmt):
     assert gptq.output_error(w, q.dequantized, h) < 0.7 * rtn
 
 
-# ---- the layer-wise engine -------------------------------------------------------------------------------------------
+# ---- the layer-wise engine ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "gemma3", "bert"])
 def test_layer_by_layer_reproduces_the_model(kind):
     """Layer-by-layer outputs from the captured inputs and per-layer keyword arguments are the model's own hidden
@@ -196,7 +196,7 @@ def test_a_module_gptq_makes_worse_keeps_round_to_nearest(monkeypatch, tiny_toke
     assert any("kept round-to-nearest" in w for w in report.warnings)
 
 
-# ---- the recipe options ----------------------------------------------------------------------------------------------
+# ---- the recipe options ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage, words", [
     ({"bits": 16, "calibration": "gptq"}, "only applies to bits: 8 or 4"),
     ({"bits": 4, "damp": 0.1}, "only applies with calibration: gptq"),

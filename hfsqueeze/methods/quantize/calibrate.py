@@ -234,7 +234,8 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
     if kept_rtn:
         details.setdefault("warnings", []).append(
             f"calibration: {len(kept_rtn)} of {len(names)} modules kept round-to-nearest (GPTQ had the larger output "
-            f"error on the held-out calibration tokens): {', '.join(kept_rtn[:5])}{', ...' if len(kept_rtn) > 5 else ''}")
+            f"error on the held-out calibration tokens): {', '.join(kept_rtn[:5])}"
+            f"{', ...' if len(kept_rtn) > 5 else ''}")
     logger.info("calibrated %d modules to %s in %.1f s", len(names), config.label, details["calibration"]["seconds"])
     return details
 

@@ -64,8 +64,8 @@ class QuantizeConfig(StageConfig):
 
     calibration: Literal["rtn", "gptq"] | None = dataclasses.field(
         default=None,
-        metadata={"help": "8/4-bit: rtn (bitsandbytes' own round-to-nearest, default) or gptq (GPTQ-style rounding onto "
-                  "bnb's grid from the calibration text; the artifact still reloads with plain from_pretrained)"},
+        metadata={"help": "8/4-bit: rtn (bitsandbytes' own round-to-nearest, default) or gptq (GPTQ-style rounding "
+                  "onto bnb's grid from the calibration text; the artifact still reloads with plain from_pretrained)"},
     )
     damp: float | None = dataclasses.field(
         default=None, metadata={"help": "gptq: dampening, a fraction of the Hessian's mean diagonal (default 0.01)"}
