@@ -210,9 +210,6 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         return _cast_16bit(model, config)
 
     bnb = import_bnb()
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     qc, hf_quantizer, skip, targets = conversion_plan(model, config)
     if not targets:
         raise RecipeError("the quantize stage found no nn.Linear/Conv1D module to quantize (all skipped by "
@@ -233,6 +230,20 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         # model (peak ~ the model plus one Linear, as a quantized `from_pretrained` load).
         del module
 
+    details = mark_quantized(model, config, qc, hf_quantizer, skip, names, quantized_params)
+    logger.info("quantized %d modules to %s", len(names), config.label)
+    if unmatched:
+        details["warnings"] = [f"skip_modules entry {p!r} matched no module" for p in unmatched]
+    return details
+
+
+def mark_quantized(model: nn.Module, config: QuantizeConfig, qc: Any, hf_quantizer: Any, skip: list[str],
+                   names: list[str], quantized_params: int) -> dict[str, Any]:
+    """Give ``model`` (its Linears ``names`` already swapped) the quantizer state a quantized load leaves behind, so
+    ``save_pretrained`` writes a bnb checkpoint; return the report details every 8/4-bit quantize stage shares."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     model.hf_quantizer = hf_quantizer
     model.config.quantization_config = qc
     model.is_quantized = True
@@ -243,13 +254,11 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
         name for name, m in model.named_modules()
         if (isinstance(m, Conv1D) or type(m) is nn.Linear) and not should_convert_module(name, skip)
     )
-    logger.info("quantized %d modules to %s", len(names), config.label)
     return {
         "format": config.label,
         "quantized_modules": len(names),
         "quantized_parameters": quantized_params,
         "kept_modules": skipped,
-        **({"warnings": [f"skip_modules entry {p!r} matched no module" for p in unmatched]} if unmatched else {}),
     }
 
 

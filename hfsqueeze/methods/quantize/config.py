@@ -11,6 +11,11 @@ from ...core.config import StageConfig
 DEFAULT_SKIP_MODULES = ["lm_head"]
 # bitsandbytes 8/4-bit: model types whose modeling code calls its nn.Linear modules (checked: compress, save and a
 # stock reload). Some architectures read `.weight` directly (Mamba's dt_proj), which breaks after the swap.
+# Calibration text for `calibration: gptq` / `smooth: true`: GPTQ's Hessians need at least the widest quantized input
+# width in tokens (fewer hurts unseen text); 4096 covers SmolLM2 (1536) and Gemma-3-270M (2048) after the held-out
+# eighth. Fewer than `MIN_TOKENS` cannot calibrate anything.
+DEFAULT_TOKENS = 4096
+MIN_TOKENS = 64
 BNB_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "opt", "gpt2", "bert",
                    "roberta", "xlm-roberta", "distilbert")
 
@@ -57,6 +62,31 @@ class QuantizeConfig(StageConfig):
                   "(default [lm_head])"},
     )
 
+    calibration: Literal["rtn", "gptq"] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "8/4-bit: rtn (bitsandbytes' own round-to-nearest, default) or gptq (GPTQ-style rounding "
+                  "onto bnb's grid from the calibration text; the artifact still reloads with plain from_pretrained)"},
+    )
+    damp: float | None = dataclasses.field(
+        default=None, metadata={"help": "gptq: dampening, a fraction of the Hessian's mean diagonal (default 0.01)"}
+    )
+    absmax_search: bool | None = dataclasses.field(
+        default=None, metadata={"help": "gptq, 4-bit: shrink each block's absmax where that lowers the "
+                                "Hessian-weighted error (default true)"}
+    )
+    tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": f"gptq/smooth: calibration tokens (default {DEFAULT_TOKENS}; GPTQ needs at "
+                                "least the widest quantized input width, 1/8 is held out for the check against "
+                                "round-to-nearest)"}
+    )
+    smooth: bool | None = dataclasses.field(
+        default=None, metadata={"help": "8/4-bit: fold SmoothQuant per-channel scales into the norms and weights "
+                                "before quantizing (default false; Llama-family and Gemma-3 models)"}
+    )
+    alpha: float | None = dataclasses.field(
+        default=None, metadata={"help": "smooth: migration strength in [0, 1] (default 0.5)"}
+    )
+
     def keeps_tensors(self, info: Any) -> bool:
         return True  # replaces modules (8/4 bits) or rebinds `.data` (16-bit casts)
 
@@ -82,6 +112,42 @@ class QuantizeConfig(StageConfig):
             self.dtype = self.dtype or "bf16"
         if self.bits in (4, 8) and self.skip_modules is None:
             self.skip_modules = list(DEFAULT_SKIP_MODULES)
+        self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        """Calibration options: each refused where it does nothing; defaults filled only when calibration is on, so
+        a plain recipe's canonical form does not change."""
+        for key in ("calibration", "smooth"):
+            if getattr(self, key) is not None and self.bits == 16:
+                self.fail(key, "only applies to bits: 8 or 4 (a 16-bit cast has nothing to calibrate)")
+        gptq, smooth = self.calibration == "gptq", bool(self.smooth)
+        for key, on, why in (("damp", gptq, "calibration: gptq"), ("absmax_search", gptq, "calibration: gptq"),
+                             ("tokens", gptq or smooth, "calibration: gptq or smooth: true"),
+                             ("alpha", smooth, "smooth: true")):
+            if getattr(self, key) is not None and not on:
+                self.fail(key, f"only applies with {why}")
+        if gptq and self.bits == 8 and self.absmax_search is not None:
+            self.fail("absmax_search", "only applies to bits: 4 (int8 rows keep bitsandbytes' max-abs scale)")
+        if self.damp is not None and not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
+            self.fail("damp", f"got {self.damp!r}; must be a number in (0, 1] (default 0.01)")
+        if self.tokens is not None and not (isinstance(self.tokens, int) and not isinstance(self.tokens, bool)
+                                            and self.tokens >= MIN_TOKENS):
+            self.fail("tokens", f"got {self.tokens!r}; must be an integer >= {MIN_TOKENS} (default {DEFAULT_TOKENS})")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            self.fail("alpha", f"got {self.alpha!r}; must be a number in [0, 1] (default 0.5)")
+        if gptq:
+            self.damp = 0.01 if self.damp is None else float(self.damp)
+            if self.bits == 4:
+                self.absmax_search = True if self.absmax_search is None else self.absmax_search
+        if smooth:
+            self.alpha = 0.5 if self.alpha is None else float(self.alpha)
+        if gptq or smooth:
+            self.tokens = DEFAULT_TOKENS if self.tokens is None else self.tokens
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether `apply` needs calibration text (GPTQ rounding or folded scales)."""
+        return self.calibration == "gptq" or bool(self.smooth)
 
     @property
     def label(self) -> str:

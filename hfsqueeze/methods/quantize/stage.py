@@ -11,7 +11,9 @@ from ...core.errors import RecipeError, UnsupportedModelError
 from ...core.search import Param
 from ...core.stage import Description, ModelInfo, SearchSection, Stage, format_of
 from .apply import apply_quantize, check_quantizable, conversion_plan, load_snippet, new_module
+from .calibrate import apply_calibrated, calibration_phrase
 from .config import BNB_MODEL_TYPES, QuantizeConfig
+from .smooth import SMOOTH_MODEL_TYPES
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -57,13 +59,23 @@ class QuantizeStage(Stage):
                 f"({info.architecture}); supported model types: {', '.join(BNB_MODEL_TYPES)} (bits: 16 works for "
                 "any model)"
             )
+        if config.smooth and info.known and info.model_type not in SMOOTH_MODEL_TYPES:
+            raise UnsupportedModelError(f"smooth: true does not support model type {info.model_type!r} (its norms "
+                                        f"feed a residual or are not known); supported model types: "
+                                        f"{', '.join(SMOOTH_MODEL_TYPES)} (set smooth: false)")
         return info.replace(quantized="bitsandbytes", frozen_by=f"bitsandbytes {config.label}")
 
     def apply(self, model: nn.Module, config: QuantizeConfig, ctx: CompressionContext) -> dict[str, Any]:
+        if config.bits != 16 and config.calibrated:
+            return apply_calibrated(model, config, ctx)
         return apply_quantize(model, config, ctx)
 
     def describe(self, config: dict[str, Any], details: dict[str, Any]) -> Description:
-        return Description(label=_label(config), short=format_of(details) or self.name, tags=_tags(config),
+        label = _label(config)
+        calibration = details.get("calibration") if isinstance(details, dict) else None
+        if isinstance(calibration, dict):
+            label += f"; {calibration_phrase(calibration)}"
+        return Description(label=label, short=format_of(details) or self.name, tags=_tags(config),
                            relation="quantized")
 
     def load_snippet(self, config: Any, path_or_repo: str) -> str | None:
@@ -103,4 +115,9 @@ class QuantizeStage(Stage):
             "compute_dtype": Param.choice("float32", "bfloat16", "float16", when={"bits": (4,)}),
             # Names match by suffix: "down_proj" keeps Llama-family FFN outputs in full precision.
             "skip_modules": Param.choice(("lm_head",), ("lm_head", "down_proj"), when={"bits": (8, 4)}),
+            # Calibrated rounding (GPTQ onto bnb's grid) and folded SmoothQuant scales: same format, same size.
+            "calibration": Param.choice("rtn", "gptq", when={"bits": (8, 4)}),
+            "damp": Param.choice(0.01, 0.05, when={"calibration": ("gptq",)}),
+            "smooth": Param.choice(False, True, when={"bits": (8, 4)}),
+            "alpha": Param.range(0.3, 0.8, step=0.1, when={"smooth": (True,)}),
         }

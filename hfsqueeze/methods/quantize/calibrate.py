@@ -1,0 +1,243 @@
+"""Calibrated quantization that still reloads as stock bitsandbytes.
+
+`apply_calibrated` runs the calibration text through the model one decoder layer at a time
+(`layerwise.LayerwiseRunner`). For each layer, in order:
+
+1. ``smooth: true``: the per-channel max-abs of the inputs of the Linears behind each norm (and of ``o_proj`` and
+   ``down_proj``) is measured, and SmoothQuant scales are folded into the weights (`smooth.smooth_layer`);
+2. ``calibration: gptq``: each quantized Linear's input Hessian is summed over the calibration blocks (and, apart,
+   over held-out blocks), its weight is rounded onto bnb's grid with GPTQ's error feedback (`gptq`), and the codes
+   are written into a real bnb module; a Linear whose GPTQ weight has a larger output error than bnb's own
+   round-to-nearest on the held-out blocks keeps round-to-nearest (reported); ``calibration: rtn``: bnb's own
+   quantization;
+3. the quantized layer's outputs become the next layer's inputs (GPTQ's sequential order).
+
+Linears outside the decoder layers (a BERT pooler) get bnb's own quantization. The model then carries the same
+quantizer state as `apply.apply_quantize` leaves, so `save_pretrained` writes a standard bnb checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...compat.bnb import import_bnb
+from ...core.errors import RecipeError, UnsupportedModelError
+from ...core.hf import eval_mode, find_layer_stack, strip_gguf
+from ...core.stage import ModelInfo
+from ...core.utils import progress
+from .apply import _new_module, check_quantizable, conversion_plan, mark_quantized
+from .config import QuantizeConfig
+from .gptq import bnb_module, output_error, quantize_weight, stock_dequantized, weight_out_in
+from .layerwise import LayerwiseRunner, input_hooks
+from .smooth import SMOOTH_MODEL_TYPES, smooth_layer, smoothed_inputs
+
+logger = logging.getLogger("hfsqueeze")
+
+# Tokens per calibration block. Every `HOLDOUT_EVERY`-th block is held out of the Hessians: the check that keeps
+# round-to-nearest where GPTQ does worse runs on those.
+SEQ_LEN = 512
+HOLDOUT_EVERY = 8
+
+
+def _source_label(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return Path(source).name if Path(source).is_file() else str(source)
+    return getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
+
+
+def split_blocks(n: int) -> tuple[list[int], list[int]]:
+    """``(calibration, held-out)`` block indices: every `HOLDOUT_EVERY`-th block is held out (none when n < 2)."""
+    held = [i for i in range(n) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or ([n - 1] if n >= 2 else [])
+    return [i for i in range(n) if i not in held], held
+
+
+def _hessians(runner: LayerwiseRunner, index: int, layer: nn.Module, modules: dict[str, nn.Module],
+              which: list[int]) -> dict[str, torch.Tensor]:
+    """``sum x x^T`` of each module's inputs over the blocks ``which`` (float64 sums of float32 products)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.float()
+        xtx = (x.t() @ x).double()
+        sums[name] = sums[name] + xtx if name in sums else xtx
+
+    handles = input_hooks(modules, add)
+    try:
+        runner.run(index, layer, which)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def _channel_max(runner: LayerwiseRunner, index: int, layer: nn.Module, names: list[str],
+                 which: list[int]) -> dict[str, torch.Tensor]:
+    maxima: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax(dim=0).float()
+        maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
+
+    handles = input_hooks({n: layer.get_submodule(n) for n in names}, add)
+    try:
+        runner.run(index, layer, which)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def _quantize_layer(runner: LayerwiseRunner, index: int, layer: nn.Module, names: list[str], config: QuantizeConfig,
+                    qc: Any, split: tuple[list[int], list[int]], kept_rtn: list[str], prefix: str) -> None:
+    """Quantize the Linears ``names`` of one layer in place (GPTQ, or bnb's own round-to-nearest)."""
+    bnb = import_bnb()
+    modules = {name: layer.get_submodule(name) for name in names}
+    if config.calibration != "gptq":
+        for name, module in modules.items():
+            layer.set_submodule(name, _new_module(bnb, module, qc, config))
+        return
+    calib, held = split
+    hessians = _hessians(runner, index, layer, modules, calib)
+    held_out = _hessians(runner, index, layer, modules, held) if held else {}
+    for name, module in modules.items():
+        weight = weight_out_in(module)
+        q = quantize_weight(weight, hessians.pop(name), config)
+        if name in held_out:
+            stock = stock_dequantized(weight, config)
+            if output_error(weight, q.dequantized, held_out[name]) > output_error(weight, stock, held_out[name]):
+                kept_rtn.append(prefix + name)
+                layer.set_submodule(name, _new_module(bnb, module, qc, config))
+                continue
+        layer.set_submodule(name, bnb_module(module, q, qc, config))
+
+
+def _layer_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, reference))
+
+
+def _keep_rtn_layer(runner: LayerwiseRunner, index: int, original: nn.Module, names: list[str],
+                    config: QuantizeConfig, qc: Any, held: list[int]) -> bool:
+    """The layer-level held-out check, with the real bnb kernels (int8's activation quantization included): when the
+    calibrated layer (folded scales, GPTQ) is further from the unquantized layer than plain round-to-nearest on the
+    held-out blocks, put the round-to-nearest layer in its place (built from ``original``, a copy taken before any
+    change) and return True. The next layer's inputs then come from it."""
+    bnb = import_bnb()
+    reference = runner.run(index, original, held, collect=True)
+    calibrated = runner.run(index, runner.stack[index], held, collect=True)
+    for name in names:
+        original.set_submodule(name, _new_module(bnb, original.get_submodule(name), qc, config))
+    plain = runner.run(index, original, held, collect=True)
+    if _layer_error(calibrated, reference) <= _layer_error(plain, reference):
+        return False
+    runner.stack[index] = original
+    return True
+
+
+def _blocks(config: QuantizeConfig, ctx: Any, widest: int) -> torch.Tensor:
+    if ctx is None or getattr(ctx, "tokenizer", None) is None:
+        raise RecipeError("quantize: calibration/smooth needs calibration text and a tokenizer; pass "
+                          "compress(..., tokenizer=tok)")
+    blocks = ctx.calibration_blocks(max_tokens=config.tokens, seq_len=min(SEQ_LEN, config.tokens))
+    calib, _ = split_blocks(blocks.shape[0])
+    tokens = len(calib) * blocks.shape[1]
+    if config.calibration == "gptq" and tokens < widest:
+        raise RecipeError(f"quantize: calibration: gptq got {tokens} calibration tokens, fewer than the widest "
+                          f"quantized input ({widest} features); GPTQ hurts unseen text then: raise tokens (at least "
+                          f"{widest * HOLDOUT_EVERY // (HOLDOUT_EVERY - 1) + SEQ_LEN}) or give a longer text")
+    return blocks
+
+
+def calibration_phrase(calibration: dict[str, Any]) -> str:
+    """How the card names what was calibrated, from the report's ``calibration`` details."""
+    parts = []
+    if calibration.get("method") == "gptq":
+        parts.append(f"GPTQ-style rounding onto bitsandbytes' grid (damp {calibration.get('damp')}"
+                     f"{', absmax search' if calibration.get('absmax_search') else ''})")
+    if calibration.get("smooth"):
+        parts.append(f"SmoothQuant scales folded into the weights (alpha {calibration.get('alpha')})")
+    text = (f"calibrated with {' and '.join(parts) or 'round-to-nearest'} on {calibration.get('text')}, "
+            f"{calibration.get('tokens')} tokens ({calibration.get('held_out_tokens')} more held out)")
+    kept, layers = calibration.get("kept_rtn") or [], calibration.get("kept_rtn_layers") or []
+    text += f"; {len(kept)} modules kept round-to-nearest (better on the held-out tokens)" if kept else ""
+    return text + (f"; layers {layers} kept plain round-to-nearest (better on the held-out tokens)" if layers else "")
+
+
+def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) -> dict[str, Any]:
+    """Quantize ``model`` in place to bnb 8/4 bits with calibration (GPTQ and/or folded scales); return the details
+    for the report. The result is a stock bnb model (same state as `apply.apply_quantize` leaves)."""
+    strip_gguf(model)
+    check_quantizable(ModelInfo.of(model))
+    bnb = import_bnb()
+    qc, hf_quantizer, skip, targets = conversion_plan(model, config)
+    if not targets:
+        raise RecipeError("the quantize stage found no nn.Linear/Conv1D module to quantize (all skipped by "
+                          f"skip_modules={config.skip_modules})")
+    names = [name for name, _ in targets]
+    widest = max(weight_out_in(module).shape[1] for _, module in targets)
+    quantized_params = sum(module.weight.numel() for _, module in targets)
+    del targets
+    start, peak_inputs = time.perf_counter(), 0
+    blocks = _blocks(config, ctx, widest)
+    split = split_blocks(blocks.shape[0])
+    stack_name, stack = find_layer_stack(model)
+    model_type = model.config.model_type
+    if config.smooth and model_type not in SMOOTH_MODEL_TYPES:
+        raise UnsupportedModelError(f"quantize: smooth: true does not support model type {model_type!r}; supported: "
+                                    f"{', '.join(SMOOTH_MODEL_TYPES)} (set smooth: false)")
+    kept_rtn: list[str] = []
+    rtn_layers: list[int] = []
+    smoothed = 0
+    with eval_mode(model):
+        runner = LayerwiseRunner(model, blocks)
+        for index, layer in progress(runner.layers(), desc="quantize: calibrating layers", total=len(stack)):
+            prefix = f"{stack_name}.{index}."
+            peak_inputs = max(peak_inputs, sum(x.numel() * x.element_size() for x in runner.inputs))
+            mine = [n[len(prefix):] for n in names if n.startswith(prefix)]
+            original = copy.deepcopy(layer) if split[1] else None  # one layer: the held-out check's reference
+            if config.smooth:
+                maxima = _channel_max(runner, index, layer, smoothed_inputs(model_type), split[0])
+                smoothed += smooth_layer(layer, model_type, maxima, config.alpha)
+            _quantize_layer(runner, index, layer, mine, config, qc, split, kept_rtn, prefix)
+            if original is not None and _keep_rtn_layer(runner, index, original, mine, config, qc, split[1]):
+                rtn_layers.append(index)
+            del original
+    rest = [n for n in names if not n.startswith(stack_name + ".")]
+    for name in rest:  # outside the decoder layers: bnb's own quantization
+        model.set_submodule(name, _new_module(bnb, model.get_submodule(name), qc, config))
+    details = mark_quantized(model, config, qc, hf_quantizer, skip, names, quantized_params)
+    calib, held = split
+    details["calibration"] = {
+        "method": config.calibration or "rtn",
+        **({"damp": config.damp, "absmax_search": config.absmax_search} if config.calibration == "gptq" else {}),
+        "smooth": bool(config.smooth),
+        **({"alpha": config.alpha, "smoothed_groups": smoothed} if config.smooth else {}),
+        "text": _source_label(getattr(ctx, "calibration", None)),
+        "tokens": len(calib) * blocks.shape[1],
+        "held_out_tokens": len(held) * blocks.shape[1],
+        "kept_rtn": kept_rtn,
+        "kept_rtn_layers": rtn_layers,
+        "outside_layers_rtn": rest,
+        "seconds": round(time.perf_counter() - start, 2),
+        "cached_activation_bytes": peak_inputs,
+    }
+    if rtn_layers:
+        details.setdefault("warnings", []).append(
+            f"calibration: {len(rtn_layers)} of {len(stack)} layers kept plain round-to-nearest (the calibrated layer "
+            f"had the larger output error on the held-out calibration tokens): layers {rtn_layers}")
+    if kept_rtn:
+        details.setdefault("warnings", []).append(
+            f"calibration: {len(kept_rtn)} of {len(names)} modules kept round-to-nearest (GPTQ had the larger output "
+            f"error on the held-out calibration tokens): {', '.join(kept_rtn[:5])}"
+            f"{', ...' if len(kept_rtn) > 5 else ''}")
+    logger.info("calibrated %d modules to %s in %.1f s", len(names), config.label, details["calibration"]["seconds"])
+    return details
+
+
+__all__ = ["apply_calibrated", "calibration_phrase", "split_blocks"]

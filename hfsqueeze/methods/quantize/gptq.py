@@ -1,0 +1,311 @@
+"""GPTQ-style rounding onto bitsandbytes' own grids, written into real bnb modules.
+
+GPTQ (Frantar et al. 2022) quantizes a Linear's weight one input column at a time and moves each column's rounding
+error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's reconstruction loss
+``|W X - Q X|^2`` (``H = 2 X X^T`` over calibration tokens). Here the grid is not GPTQ's uniform one but exactly what
+bitsandbytes stores, so the result is a normal bnb checkpoint that plain ``from_pretrained`` reloads:
+
+- 4-bit (NF4/FP4): the 16 code values come from ``bitsandbytes.functional.get_4bit_type``; every block of
+  `BLOCKSIZE` consecutive weights (row-major, as bnb flattens them) shares one ``absmax``. The absmax values are fixed
+  before the column sweep (the block's max-abs, optionally shrunk where that lowers the Hessian-weighted error) and,
+  with double quantization, passed through bnb's own ``quantize_blockwise`` first, so the sweep rounds against the
+  scales the checkpoint will really hold. The codes are packed two per byte exactly as bnb's ``quantize_4bit`` does.
+- int8 (LLM.int8): one scale per output row (``SCB`` = the row's max-abs, as bnb's ``int8_vectorwise_quant``), rows
+  rounded to ``[-127, 127]`` with the same error feedback, stored as ``Int8Params``' ``CB``/``SCB``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...compat.bnb import import_bnb
+
+# bnb's default 4-bit block size; Transformers' `BitsAndBytesConfig` has no block size field, so a reload always
+# uses bnb's default of 64, and so must the codes written here.
+BLOCKSIZE = 64
+# Blocks of a double-quantized absmax vector (bnb's `quantize_4bit` hard-codes 256 for the nested statistics).
+NESTED_BLOCKSIZE = 256
+# Candidate shrink factors of a block's absmax (1.0 = bnb's own choice); searched per block when asked.
+SHRINK_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
+# Columns per lazy batch update (GPTQ's "block size"; a speed knob, the result is the same for any value).
+LAZY_COLUMNS = 128
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as ``[out, in]`` (GPT-2's `Conv1D` stores ``[in, out]``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+
+
+class Grid4bit:
+    """bitsandbytes' 4-bit code book (``nf4`` or ``fp4``) and its rounding: nearest code, ties to the lower one, on
+    values clamped to ``[-1, 1]``, as bnb's ``quantize_4bit`` does."""
+
+    def __init__(self, quant_type: str, device: torch.device | str = "cpu"):
+        bnb = import_bnb()
+        self.quant_type = quant_type
+        self.code = bnb.functional.get_4bit_type(quant_type, device=device).float()
+        self.order = torch.argsort(self.code)
+        ordered = self.code[self.order]
+        self.bounds = (ordered[:-1] + ordered[1:]) / 2
+
+    def index(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Code indices (0..15, bnb's nibble values) of ``scaled`` = weight / absmax."""
+        return self.order[torch.bucketize(scaled.clamp(-1, 1), self.bounds, out_int32=True)]
+
+
+@dataclasses.dataclass
+class Quantized:
+    """One weight quantized onto a bnb grid: ``codes`` ([out, in] nibble values or int8 rows), the per-block absmax
+    (4-bit: what the checkpoint stores, before double quantization) or per-row scales (int8), and the dequantized
+    weight (what the bnb kernel computes with)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    dequantized: torch.Tensor
+    nested: Any = None  # 4-bit double quantization: (quantized absmax, nested state, offset) from bnb itself
+
+
+def block_absmax(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """bnb's per-block max-abs of ``weight`` flattened row-major (the last block may be shorter)."""
+    flat = weight.reshape(-1).float()
+    pad = (-flat.numel()) % blocksize
+    padded = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+    return padded.view(-1, blocksize).abs().amax(dim=1)
+
+
+def expand_blocks(values: torch.Tensor, shape: torch.Size, blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """Per-block values spread to a tensor of ``shape`` (each weight gets its block's value)."""
+    n = shape[0] * shape[1]
+    return values.repeat_interleave(blocksize)[:n].view(shape)
+
+
+def search_absmax(weight: torch.Tensor, grid: Grid4bit, col_weight: torch.Tensor) -> torch.Tensor:
+    """Per block, the absmax among `SHRINK_GRID` x max-abs with the lowest ``sum col_weight_j (w - q(w))^2``
+    (``col_weight`` = the Hessian diagonal: how much each input column's error costs at the output)."""
+    absmax = block_absmax(weight)
+    cost_weight = col_weight.float().expand_as(weight)
+    best, best_err = absmax.clone(), None
+    for factor in SHRINK_GRID:
+        scale = expand_blocks((absmax * factor).clamp(min=1e-12), weight.shape)
+        q = grid.code[grid.index(weight * (1.0 / scale))] * scale
+        err = ((weight - q) ** 2 * cost_weight).reshape(-1)
+        pad = (-err.numel()) % BLOCKSIZE
+        err = torch.cat([err, err.new_zeros(pad)]).view(-1, BLOCKSIZE).sum(dim=1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = torch.where(better, absmax * factor, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def nested_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Double quantization of ``absmax`` by bnb's own code path (``quantize_blockwise`` of ``absmax - mean`` in blocks
+    of 256, as ``quantize_4bit(compress_statistics=True)``): returns the absmax the kernel will really use and
+    ``(qabsmax, state2, offset)`` for the `QuantState`."""
+    bnb = import_bnb()
+    offset = absmax.mean()
+    qabsmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    effective = bnb.functional.dequantize_blockwise(qabsmax, state2) + offset
+    return effective.float(), (qabsmax, state2, offset)
+
+
+def prepared_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(upper Cholesky factor of H^-1, dead columns)`` for the sweep: columns no token ever activated get a unit
+    diagonal (their weights are set to zero), and ``damp x mean(diag H)`` is added to the diagonal (GPTQ's
+    dampening; it keeps the inverse well conditioned when tokens are few)."""
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    for _ in range(4):  # a Hessian that is still not positive definite gets more dampening, as GPTQModel does
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            break
+        h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    else:
+        chol = torch.linalg.cholesky(h)
+    inverse = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def gptq_sweep(weight: torch.Tensor, hinv: torch.Tensor, round_column) -> torch.Tensor:
+    """GPTQ's column sweep with lazy batch updates. ``round_column(j, w)`` rounds column ``j`` (in the order given,
+    values ``[out]``) onto the grid and returns ``(codes, dequantized)``; returns the codes ``[out, in]``."""
+    w = weight.float().clone()
+    rows, cols = w.shape
+    codes = torch.empty((rows, cols), dtype=torch.int16, device=w.device)
+    for start in range(0, cols, LAZY_COLUMNS):
+        end = min(start + LAZY_COLUMNS, cols)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        hblock = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = block[:, i]
+            code, value = round_column(start + i, column)
+            codes[:, start + i] = code
+            error = (column - value) / hblock[i, i]
+            block[:, i:] -= error.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return codes
+
+
+def column_order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """The order the sweep visits input columns: by falling Hessian diagonal with ``act_order`` (GPTQ's "act order":
+    the columns that cost most are rounded first, while the most columns remain to absorb their error)."""
+    diag = torch.diagonal(hessian)
+    return torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(diag.numel())
+
+
+def sweep_in_order(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor, damp: float,
+                   round_column) -> torch.Tensor:
+    """`gptq_sweep` over the columns in ``perm`` order (``round_column`` gets positions in that order); codes come
+    back in the weight's own column order. Dead columns (no input ever) are zeroed first."""
+    hinv, dead = prepared_hessian(hessian[perm][:, perm], damp)
+    w = weight.float()[:, perm].clone()
+    w[:, dead] = 0
+    codes = torch.empty(w.shape, dtype=torch.int16, device=w.device)
+    codes[:, perm] = gptq_sweep(w, hinv, round_column)
+    return codes
+
+
+def quantize_4bit(weight: torch.Tensor, hessian: torch.Tensor | None, *, quant_type: str, double_quant: bool,
+                  damp: float = 0.01, absmax_search: bool = False, act_order: bool = True) -> Quantized:
+    """Quantize ``weight`` ``[out, in]`` onto bnb's 4-bit grid: GPTQ with ``hessian`` (``None``: round to nearest,
+    which gives exactly bnb's own codes when ``absmax_search`` is off)."""
+    w = weight.float()
+    grid = Grid4bit(quant_type, w.device)
+    if absmax_search and hessian is not None:
+        absmax = search_absmax(w, grid, torch.diagonal(hessian).float())
+    else:
+        absmax = block_absmax(w)
+    nested = None
+    effective = absmax
+    if double_quant:
+        effective, nested = nested_absmax(absmax)
+    scale = expand_blocks(effective, w.shape)
+    inv_scale = 1.0 / scale.clamp(min=1e-38)  # bnb multiplies by the reciprocal; the same rounding needs the same op
+    if hessian is None:
+        codes = grid.index(w * inv_scale)
+    else:
+        def round_column(j: int, column: torch.Tensor):
+            code = grid.index(column * inv_scale_p[:, j])
+            return code, grid.code[code] * scale_p[:, j]
+
+        perm = column_order(hessian, act_order)
+        scale_p, inv_scale_p = scale[:, perm], inv_scale[:, perm]
+        codes = sweep_in_order(w, hessian, perm, damp, round_column).to(torch.int32)
+    dequantized = grid.code[codes.long()] * scale
+    return Quantized(codes=codes.to(torch.uint8), scales=absmax, dequantized=dequantized, nested=nested)
+
+
+def quantize_int8(weight: torch.Tensor, hessian: torch.Tensor | None, *, damp: float = 0.01,
+                  act_order: bool = True) -> Quantized:
+    """Quantize ``weight`` ``[out, in]`` to LLM.int8 rows (``SCB`` = row max-abs): GPTQ with ``hessian``, round to
+    nearest without."""
+    w = weight.float()
+    scb = w.abs().amax(dim=1).clamp(min=1e-12)
+    step = (scb / 127.0).unsqueeze(1)
+    if hessian is None:
+        codes = torch.clamp(torch.round(w / step), -127, 127)
+    else:
+        col_step = step.squeeze(1)
+
+        def round_column(j: int, column: torch.Tensor):
+            code = torch.clamp(torch.round(column / col_step), -127, 127)
+            return code, code * col_step
+
+        codes = sweep_in_order(w, hessian, column_order(hessian, act_order), damp, round_column)
+    codes = codes.to(torch.int8)
+    return Quantized(codes=codes, scales=scb, dequantized=codes.float() * step)
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """Two nibbles per byte, the first value in the high nibble, as bnb's ``quantize_4bit`` (shape ``[n/2, 1]``)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return ((flat[::2] << 4) | flat[1::2]).unsqueeze(1)
+
+
+def quant_state_4bit(q: Quantized, shape: torch.Size, dtype: torch.dtype, quant_type: str):
+    """The `QuantState` bnb's ``quantize_4bit`` would have built for these codes and scales."""
+    bnb = import_bnb()
+    code = bnb.functional.get_4bit_type(quant_type, device=q.scales.device)
+    common = dict(shape=torch.Size(shape), dtype=dtype, blocksize=BLOCKSIZE, code=code, quant_type=quant_type)
+    if q.nested is None:
+        return bnb.functional.QuantState(absmax=q.scales, **common)
+    qabsmax, state2, offset = q.nested
+    return bnb.functional.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+
+
+def bnb_module(module: nn.Module, q: Quantized, qc: Any, config: Any) -> nn.Module:
+    """The bnb module (``Linear4bit`` / ``Linear8bitLt``) holding ``q`` in place of ``module``, in the state bnb's own
+    quantization leaves (same attributes as `apply._new_module`)."""
+    bnb = import_bnb()
+    weight = weight_out_in(module)
+    out_features, in_features = weight.shape
+    bias = module.bias is not None
+    if config.bits == 8:
+        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False, threshold=config.threshold,
+                                  device="meta")
+        new.weight = bnb.nn.Int8Params(q.codes, requires_grad=False, has_fp16_weights=False, CB=q.codes,
+                                       SCB=q.scales.float())
+    else:
+        storage = qc.bnb_4bit_quant_storage
+        new = bnb.nn.Linear4bit(in_features, out_features, bias, qc.bnb_4bit_compute_dtype,
+                                compress_statistics=config.double_quant, quant_type=config.quant_type,
+                                quant_storage=storage, device="meta")
+        state = quant_state_4bit(q, weight.shape, weight.dtype, config.quant_type)
+        packed = pack_4bit(q.codes)
+        if storage != torch.uint8:
+            packed = packed.squeeze().view(storage).unsqueeze(1)
+        new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+                                       compress_statistics=config.double_quant, quant_type=config.quant_type,
+                                       quant_storage=storage, module=new, bnb_quantized=True)
+        new.quant_state = state
+        new.support_avx512bf16_for_cpu = False
+    if bias:
+        new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+    new.source_cls = type(module)
+    new.requires_grad_(False)
+    new.train(module.training)
+    return new
+
+
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, config: Any) -> Quantized:
+    """`quantize_4bit` or `quantize_int8` as ``config`` (a `QuantizeConfig`) says."""
+    if config.bits == 8:
+        return quantize_int8(weight, hessian, damp=config.damp or 0.01)
+    return quantize_4bit(weight, hessian, quant_type=config.quant_type, double_quant=config.double_quant,
+                         damp=config.damp or 0.01, absmax_search=bool(config.absmax_search))
+
+
+def stock_dequantized(weight: torch.Tensor, config: Any) -> torch.Tensor:
+    """What bnb's own round-to-nearest quantization of ``weight`` computes with (float32), by bnb's own functions."""
+    bnb = import_bnb()
+    if config.bits == 8:
+        codes, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        return codes.float() * (scb.float() / 127.0).unsqueeze(1)
+    packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE,
+                                                 compress_statistics=config.double_quant,
+                                                 quant_type=config.quant_type)
+    return bnb.functional.dequantize_4bit(packed, state).float()
+
+
+def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``trace((W - Q) H (W - Q)^T)``: the squared output error of the quantized weight on the tokens ``H`` summed."""
+    diff = (weight.float() - dequantized).double()
+    return float(((diff @ hessian.double()) * diff).sum())
+
+
+__all__ = ["BLOCKSIZE", "Grid4bit", "Quantized", "bnb_module", "output_error", "pack_4bit", "quantize_4bit",
+           "quantize_int8", "quantize_weight", "stock_dequantized", "weight_out_in"]

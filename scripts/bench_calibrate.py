@@ -1,0 +1,205 @@
+"""Benchmark: round-to-nearest vs calibrated bitsandbytes quantization, every model saved and reloaded stock.
+
+    OMP_NUM_THREADS=2 python scripts/bench_calibrate.py [--model smollm2|gemma3] [--max-tokens 2048] [--json out.json]
+
+For each format (nf4, nf4-dq, fp4, int8; every Linear but lm_head quantized, everything else in bf16, so a format's
+rows have equal size) the model starts from a fresh copy of the fp32 weights, is quantized by the quantize stage
+(round-to-nearest = bitsandbytes' own; calibrated = GPTQ onto bnb's grid and/or folded SmoothQuant scales, calibrated
+on the built-in *train* text), saved with ``save_pretrained`` and reloaded with plain
+``AutoModelForCausalLM.from_pretrained`` (bnb's exact 4-bit CPU kernel pinned, as the card's code does). The reloaded
+model is scored against the fp32 model on the held-out built-in split and on ``builtin:bible`` (never calibrated on):
+perplexity change, token KL(fp32 || quantized), top-1 agreement. Calibration wall time and the peak resident memory
+while quantizing (over the model's own size as it entered the stage) are measured around the stage alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HFSQUEEZE_DISABLE_PROGRESS", "1")
+
+from hfsqueeze.compat.bnb import guard_bnb_cpu_repack, saveable  # noqa: E402
+from hfsqueeze.core.context import CompressionContext  # noqa: E402
+from hfsqueeze.core.data import load_texts, token_blocks  # noqa: E402
+from hfsqueeze.methods.quantize import QuantizeConfig  # noqa: E402
+from hfsqueeze.methods.quantize.stage import QuantizeStage  # noqa: E402
+from hfsqueeze.models import gemma3_dir, load_model  # noqa: E402
+
+FORMATS = {
+    "nf4": {"bits": 4, "quant_type": "nf4"},
+    "nf4-dq": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+    "fp4": {"bits": 4, "quant_type": "fp4"},
+    "int8": {"bits": 8, "threshold": 6.0},
+}
+# (format, method label, extra stage keys); calibration text: the built-in train split (never evaluated on).
+VARIANTS = [
+    ("nf4", "rtn", {}), ("nf4", "gptq", {"calibration": "gptq"}),
+    ("int8", "rtn", {}), ("int8", "smooth", {"smooth": True}),
+    ("int8", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
+    ("nf4-dq", "rtn", {}), ("nf4-dq", "gptq", {"calibration": "gptq"}),
+    ("fp4", "rtn", {}), ("fp4", "gptq", {"calibration": "gptq"}),
+    ("nf4", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
+]
+TEXTS = {"held-out": "builtin", "bible": "builtin:bible"}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the context is open (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.start_rss = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _bytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _reference(reference, blocks) -> list[torch.Tensor]:
+    """The fp32 model's log-probabilities on each block, computed once."""
+    with torch.no_grad():
+        return [torch.log_softmax(reference(input_ids=blocks[i:i + 1]).logits.float()[0], -1)
+                for i in range(blocks.shape[0])]
+
+
+def _scores(model, ref_logprobs, blocks) -> dict[str, float]:
+    """Perplexity of ``model``, KL(fp32 || model) per token and top-1 agreement on ``blocks`` (one at a time)."""
+    nll = kl = agree = n = 0.0
+    with torch.no_grad():
+        for i in range(blocks.shape[0]):
+            ids, ref = blocks[i:i + 1], ref_logprobs[i]
+            out = torch.log_softmax(model(input_ids=ids).logits.float()[0], -1)
+            nll += float(-out[:-1].gather(1, ids[0, 1:, None]).sum())
+            kl += float((ref.exp() * (ref - out)).sum())
+            agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
+            n += ids.shape[1]
+    tokens = blocks.numel() - blocks.shape[0]
+    return {"ppl": math.exp(nll / tokens), "kl": kl / n, "top1": agree / n}
+
+
+def _load(name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        return load_model(None)
+    path = gemma3_dir() if name == "gemma3" else name  # or any local model directory (a quick check of this script)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _load(args.model)
+    stage = QuantizeStage()
+    stage.apply(model, QuantizeConfig(bits=16, dtype="bf16"), CompressionContext(tokenizer=tok))
+    config = QuantizeConfig(**FORMATS[fmt], **extra)
+    size_before = _bytes(model)
+    gc.collect()
+    with PeakRSS() as peak:
+        start, cpu = time.perf_counter(), time.process_time()
+        details = stage.apply(model, config, CompressionContext(tokenizer=tok, calibration="builtin"))
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    out = workdir / f"{fmt}-{'-'.join(map(str, extra.values())) or 'rtn'}"
+    with saveable(model):
+        model.save_pretrained(out)
+    disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    del model
+    gc.collect()
+    reloaded = guard_bnb_cpu_repack(AutoModelForCausalLM.from_pretrained(out).eval())
+    scores = {label: _scores(reloaded, reference[label], b) for label, b in blocks.items()}
+    del reloaded
+    calibration = details.get("calibration", {})
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_extra_bytes": peak.peak - peak.start_rss,
+            "model_bytes": size_before,
+            "disk_bytes": disk, "scores": scores, "kept_rtn": len(calibration.get("kept_rtn", [])),
+            "kept_rtn_layers": len(calibration.get("kept_rtn_layers", [])),
+            "tokens": calibration.get("tokens")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a local model directory")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens per text")
+    parser.add_argument("--only", default=None, help="comma-separated formats to run (default: all)")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    t0 = time.time()
+    reference, tok = _load(args.model)
+    blocks = {label: token_blocks(tok, load_texts(src, split="eval"), max_tokens=args.max_tokens, seq_len=512)
+              for label, src in TEXTS.items()}
+    fp32_disk = sum(p.numel() * p.element_size() for p in {id(p): p for p in reference.parameters()}.values())
+    ref_logprobs = {label: _reference(reference, b) for label, b in blocks.items()}
+    base = {label: _scores(reference, ref_logprobs[label], b) for label, b in blocks.items()}
+    del reference
+    rows = []
+    only = set(args.only.split(",")) if args.only else set(FORMATS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt, method, extra in VARIANTS:
+            if fmt not in only:
+                continue
+            row = {"format": fmt, "method": method, **_run_variant(args, fmt, extra, tok, ref_logprobs, blocks,
+                                                                     Path(tmp))}
+            rows.append(row)
+            print(f"  {fmt} {method}: {row['seconds']:.0f}s ({time.time() - t0:.0f}s total) {row['scores']}",
+                  file=sys.stderr, flush=True)
+            if args.json:  # after every row: a long run stopped early keeps what it measured
+                Path(args.json).write_text(json.dumps({"baseline": base, "rows": rows}, indent=2))
+    print(f"\n{args.model}: fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}; "
+          f"{blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
+          "every row saved and reloaded with plain from_pretrained\n")
+    head = ("format", "method", "disk x fp32", "held-out ppl", "held-out KL", "held-out top-1", "bible ppl",
+            "bible KL", "bible top-1", "calib s", "calib CPU s", "peak mem x model", "kept RTN modules / layers")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["format"], r["method"], f"{r['disk_bytes'] / fp32_disk:.3f}"]
+        for label in TEXTS:
+            s = r["scores"][label]
+            cells += [f"{s['ppl'] / base[label]['ppl'] - 1:+.2%}", f"{s['kl']:.4f}", f"{s['top1']:.2%}"]
+        peak = (r["model_bytes"] + max(r["peak_extra_bytes"], 0)) / r["model_bytes"]
+        cells += [f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{peak:.2f}",
+                  f"{r['kept_rtn']} / {r['kept_rtn_layers']}"]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\ntotal {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
