@@ -6,14 +6,9 @@ import pytest
 
 from hfsqueeze import RecipeError
 from hfsqueeze.tune import Budget
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- budgets ------------------------------------------------------------------------------------------------

@@ -7,15 +7,10 @@ import torch
 
 from hfsqueeze.tune.sensitivity import SensitivityCache, score_modules, sensitivities
 from hfsqueeze.tune.space import quantize_targets
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 from tunekit import tiny_llama
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- sensitivity --------------------------------------------------------------------------------------------

@@ -10,15 +10,10 @@ import hfsqueeze
 from hfsqueeze.evaluation.measure import disk_bytes
 from hfsqueeze.tune.solve import estimate_bytes, solve
 from hfsqueeze.tune.space import plan_of, quantize_targets
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 from tunekit import IDS, tiny_llama
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- per-module choices -------------------------------------------------------------------------------------

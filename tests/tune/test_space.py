@@ -9,14 +9,9 @@ import hfsqueeze
 from hfsqueeze import RecipeError
 from hfsqueeze.tune import load_space
 from hfsqueeze.tune.space import plan_of
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- spaces -------------------------------------------------------------------------------------------------

@@ -10,15 +10,10 @@ import hfsqueeze
 from hfsqueeze import RecipeError
 from hfsqueeze.cli import main as cli_main
 from hfsqueeze.tune import tuner as tuner_mod
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 from tunekit import EVALUATION, SETTINGS, run_tune, tiny_llama
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------

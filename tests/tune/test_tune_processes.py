@@ -14,15 +14,10 @@ import pytest
 
 import hfsqueeze
 from hfsqueeze.models import load_model
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 from tunekit import EVALUATION, SETTINGS, _completed, run_tune, tiny_llama
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- robustness across processes ----------------------------------------------------------------------------

@@ -18,15 +18,10 @@ from hfsqueeze.evaluation.measure import disk_bytes
 from hfsqueeze.models import load_model
 from hfsqueeze.tune import Budget, load_space
 from hfsqueeze.tune.space import plan_of, quantize_targets
+from tunekit import _own_cache  # noqa: F401  (autouse: a sensitivity cache per test)
 from tunekit import EVALUATION, IDS, SETTINGS, run_tune, tiny_llama
 
-pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Every test gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
-    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 # ---- signals ----------------------------------------------------------------------------------------------------

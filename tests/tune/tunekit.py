@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import hfsqueeze
@@ -40,3 +41,9 @@ def _completed(out: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if '"state": "COMPLETE"' in line]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Every test of a module that imports this fixture gets its own sensitivity cache (``$HFSQUEEZE_CACHE/sensitivity``)."""
+    monkeypatch.setenv("HFSQUEEZE_CACHE", str(tmp_path / "cache"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import transformers as tf
 
@@ -31,3 +32,13 @@ def stage(**kwargs: Any) -> DistillConfig:
 
 
 IDS = torch.tensor([[5, 17, 33, 80, 120, 7, 9, 250]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for a test module that imports this fixture: tiny matmuls gain nothing from threads, and on a
+    shared 2-core machine OpenMP spinning makes them ~4x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

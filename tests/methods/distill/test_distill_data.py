@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
-import torch
 
 from hfsqueeze.core.context import CompressionContext
 from hfsqueeze.core.errors import RecipeError
 from hfsqueeze.methods.distill import DistillConfig
 from hfsqueeze.methods.distill.data import MixedDataset, build_tasks
 from distillkit import FAST, stage
+from distillkit import _one_thread  # noqa: F401  (autouse: one torch thread per module)
 
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them ~4x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------

@@ -6,24 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from distillkit import tiny_llama
+from distillkit import _one_thread  # noqa: F401  (autouse: one torch thread per module)
 
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them ~4x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 REPO = Path(__file__).resolve().parents[3]

@@ -4,7 +4,6 @@ errors, multi-task, encoders, QLoRA, resume."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,9 @@ from hfsqueeze.methods.distill.apply import apply_distill
 from hfsqueeze.methods.distill.data import MixedDataset, build_tasks
 from hfsqueeze.methods.distill.trainer import DistillationTrainer, DistillSpec
 from distillkit import FAST, IDS, SMALL_EVAL, stage, tiny_llama
+from distillkit import _one_thread  # noqa: F401  (autouse: one torch thread per module)
 
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them ~4x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def context(model, tokenizer, **kwargs: Any) -> CompressionContext:

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
 from hfsqueeze.methods.distill import losses
 from distillkit import IDS, tiny_llama
+from distillkit import _one_thread  # noqa: F401  (autouse: one torch thread per module)
 
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them ~4x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- losses, checked against values computed by hand ---------------------------------------------------------------

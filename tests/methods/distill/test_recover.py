@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,19 +20,12 @@ from hfsqueeze.methods.distill import losses
 from hfsqueeze.methods.distill.recover import expand_recovery, recovery_config
 from hfsqueeze.methods.distill.trainer import DistillationTrainer, DistillSpec, pool
 from hfsqueeze.recipe import Recipe
+from distillkit import _one_thread  # noqa: F401  (autouse: one torch thread per module)
 
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 SMALL_EVAL = {"max_tokens": 256, "seq_len": 64, "latency": False, "disk_size": False}
 FAST = {"max_tokens": 12_000, "eval_tokens": 512}
 IDS = torch.tensor([[5, 17, 33, 80, 120, 7, 9, 250]])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import torch
 
 from hfsqueeze.core.errors import RecipeError
 from hfsqueeze.methods.distill import DistillConfig, expand_recovery
 from hfsqueeze.recipe import Recipe
 from distillkit import FAST, SMALL_EVAL, tiny_llama
+from distillkit import _one_thread  # noqa: F401  (autouse: one torch thread per module)
 
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them ~4x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- recovery expansion -------------------------------------------------------------------------------------------
