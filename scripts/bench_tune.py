@@ -134,7 +134,7 @@ def resolve_only(model, tok, fraction: float, out: Path) -> tuple[str, float]:
     from hfsqueeze.tune import Budget, load_space
     from hfsqueeze.tune.study import plan_baselines
     from hfsqueeze.tune.trial import TrialContext, TuneSettings
-    from hfsqueeze.tune.tuner import make_context
+    from hfsqueeze.tune.prepare import make_context
 
     start = time.time()
     spec = json.loads((out / "tuning" / "run.json").read_text())

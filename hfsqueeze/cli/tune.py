@@ -63,10 +63,12 @@ def _parse_duration(value: str | None) -> float | None:
 def run(args: Any) -> int:
     from ..models import load_model, resolve_model_path
     from ..tune import Budget, TuneSettings, load_space
+    from ..tune.prepare import check_args, check_output
     from ..tune.resources import check_workers, weights_on_disk
+    from ..tune.space import DEFAULT_SPACE
     from ..tune.storage import StudyStorage, prepare_study
     from ..tune.study import progress_line
-    from ..tune.tuner import DEFAULT_SPACE, check_args, check_output, tune
+    from ..tune.tuner import tune
 
     budget = Budget.parse(args.budget, args.minimize)  # one-line errors before any heavy work
     space = load_space(args.space if args.space is not None else DEFAULT_SPACE)

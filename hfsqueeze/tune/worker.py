@@ -28,7 +28,7 @@ from ..core.utils import quiet_transformers_progress
 from .sensitivity import fingerprint, tokens_hash
 from .storage import StudyStorage, hfsqueeze_version, published, stop_reason
 from .study import Objective, counted, open_study, optimize, optuna_module
-from .tuner import CALIBRATION_FILE, RUN_FILE, SENSITIVITY_FILE, STORAGE_ENV, make_context
+from .prepare import CALIBRATION_FILE, RUN_FILE, SENSITIVITY_FILE, STORAGE_ENV, make_context
 
 logger = logging.getLogger("hfsqueeze")
 
