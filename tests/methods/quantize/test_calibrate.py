@@ -232,12 +232,16 @@ def test_too_few_calibration_tokens_for_gptq_is_one_line(tiny_tokenizer):
         apply_calibrated(make_tiny("llama"), QuantizeConfig(bits=4, calibration="gptq", tokens=64), ctx)
 
 
-def test_search_space_offers_calibration():
-    from hfsqueeze.registry import get_stage
+def test_tune_keeps_its_uniform_baselines_with_calibration_in_the_config():
+    """The quantize config has calibration keys; tune's baselines (stock round-to-nearest recipes) must still be points
+    of its space (a key the space draws but a baseline lacks drops every baseline)."""
+    from hfsqueeze.tune.space import enqueue_params, load_space
+    from hfsqueeze.tune.study import UNIFORM, baseline_points
 
-    space = get_stage("quantize").search_space()
-    assert space["calibration"].choices == ("rtn", "gptq") and space["smooth"].when == {"bits": (8, 4)}
-    assert space["damp"].when == {"calibration": ("gptq",)}
+    space = load_space("quantize")
+    points = baseline_points(space)
+    assert {kind for kind, _ in points} >= {f"uniform:{name}" for name, _ in UNIFORM}
+    assert all(enqueue_params(space, point) is not None for _, point in points)
 
 
 @pytest.mark.parametrize("name", ["nf4-calibrated", "int8-calibrated"])
