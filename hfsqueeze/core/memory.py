@@ -124,4 +124,25 @@ def unmap_weights(model: nn.Module) -> int:
     return moved
 
 
-__all__ = ["file_mappings", "mapped_tensors", "unmap_weights"]
+@torch.no_grad()
+def unshare(model: nn.Module, other: nn.Module) -> int:
+    """Give ``model`` its own copy of every tensor it shares with ``other`` (a `hfsqueeze.core.hf.sharing_copy`
+    made it), so that writing into one never changes the other; return the bytes copied."""
+    theirs = {t.untyped_storage().data_ptr() for t in (*other.parameters(), *other.buffers()) if t.numel()}
+    copied, done = 0, {}
+    for module in model.modules():
+        for kind, items in (("param", module._parameters), ("buffer", module._buffers)):
+            for name, tensor in items.items():
+                if tensor is None or not tensor.numel() or tensor.untyped_storage().data_ptr() not in theirs:
+                    continue
+                if id(tensor) not in done:  # a tied parameter is copied once and stays tied
+                    done[id(tensor)] = tensor.data.clone()
+                    copied += tensor.numel() * tensor.element_size()
+                if kind == "param":
+                    tensor.data = done[id(tensor)]
+                else:
+                    items[name] = done[id(tensor)]
+    return copied
+
+
+__all__ = ["file_mappings", "mapped_tensors", "unmap_weights", "unshare"]
