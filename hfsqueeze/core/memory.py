@@ -23,6 +23,10 @@ from torch import nn
 logger = logging.getLogger("hfsqueeze")
 
 _MADV_DONTNEED = 4
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# Allocations from this size up get pages of their own from the system, returned when freed: tensors of a layer's
+# activations (MiB each) and freed weights, not the many small allocations the heap serves well.
+MMAP_THRESHOLD = 1 << 20
 
 
 def file_mappings() -> list[tuple[int, int, str]]:
@@ -124,6 +128,27 @@ def unmap_weights(model: nn.Module) -> int:
     return moved
 
 
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks back to the system at once (a fixed ``M_MMAP_THRESHOLD``); return whether
+    it could be set (glibc only; elsewhere nothing changes).
+
+    glibc raises its threshold to the size of every large block freed (up to 32 MiB), so after the first freed weight
+    or activation, blocks of that size come from the heap, and the heap only grows: freed activations of one training
+    step stayed resident through the next (a recovery step at 200M parameters kept 2 GB it no longer used, and its
+    peak fell from 5.8x to 4.0x of the fp32 model with the threshold fixed). It is process-wide and stays set: the
+    cost is a page fault per large allocation.
+    """
+    if _LIBC_MALLOPT_DONE:
+        return _LIBC_MALLOPT_DONE[0]
+    libc = _libc()
+    ok = bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    _LIBC_MALLOPT_DONE.append(ok)
+    return ok
+
+
+_LIBC_MALLOPT_DONE: list[bool] = []
+
+
 @torch.no_grad()
 def unshare(model: nn.Module, other: nn.Module) -> int:
     """Give ``model`` its own copy of every tensor it shares with ``other`` (a `hfsqueeze.core.hf.sharing_copy`
@@ -145,4 +170,4 @@ def unshare(model: nn.Module, other: nn.Module) -> int:
     return copied
 
 
-__all__ = ["file_mappings", "mapped_tensors", "unmap_weights", "unshare"]
+__all__ = ["MMAP_THRESHOLD", "file_mappings", "mapped_tensors", "return_freed_memory", "unmap_weights", "unshare"]

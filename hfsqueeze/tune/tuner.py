@@ -35,7 +35,7 @@ from ..artifact.save import check_output_dir, check_writable, save_compressed
 from ..core.data import load_texts, pack_blocks, token_ids
 from ..core.errors import ArtifactError, HfSqueezeWarning, RecipeError
 from ..core.hf import check_placement, count_parameters, input_device, sharing_copy
-from ..core.memory import unmap_weights, unshare
+from ..core.memory import return_freed_memory, unmap_weights, unshare
 from ..core.utils import atomic_write, cache_dir
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.measure import disk_bytes
@@ -296,6 +296,7 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
     """The per-process trial context for the run described by ``spec`` (``tuning/run.json``); sensitivity scoring
     stops at ``deadline`` (the time budget, see `sensitivities`). ``ids``: the calibration token ids when the
     caller has them already (`calibration_ids`)."""
+    return_freed_memory()  # every trial frees a model's worth of weights and activations (`core.memory`)
     settings = TuneSettings(**spec["settings"])
     budget = Budget(dict(spec["budget"]["limits"]), spec["budget"]["minimize"])
     space = Space.from_dict(spec["space"])
