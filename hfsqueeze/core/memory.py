@@ -62,8 +62,9 @@ def mapped_tensors(model: nn.Module) -> list[str]:
 
 
 def _drop_pages(tensor: torch.Tensor) -> None:
-    """Drop the whole pages of ``tensor``'s storage from this process's memory. Clean pages of a read-only file
-    mapping come back from the file if anything reads them again, so no value changes."""
+    """Drop the whole pages of ``tensor``'s storage from this process's memory. A page nothing wrote into comes back
+    from the file if anything reads it again, so no value changes (a page written into since loading would come back
+    as the file has it: hence `unmap_weights` runs before any stage)."""
     libc = _libc()
     if libc is None:
         return
