@@ -17,6 +17,7 @@ from .core.data import check_text_source, eval_sources, load_texts
 from .core.errors import ArtifactError
 from .core.hf import eval_mode, frozen_copy
 from .core.loading import check_model_source
+from .core.memory import return_freed_memory, unmap_weights
 from .core.models import placement_kwargs
 from .core.runner import AppliedStage, run_stages
 from .core.utils import quiet_transformers_progress
@@ -82,6 +83,10 @@ def compress(
     sources = eval_sources(eval_text, evaluation)
     texts = {label: load_texts(src, split="eval") for label, src in sources.items()} if tokenizer else None
     ctx = CompressionContext(tokenizer=tokenizer, calibration=calibration, extras=extras, eval_texts=sources)
+    # A model loaded by the caller may still point into its memory-mapped checkpoint: weights the stages free would
+    # then stay resident (a no-op for models loaded by hfsqueeze, and off the CPU).
+    unmap_weights(model)
+    return_freed_memory()  # freed weights and activations go back to the system (see `core.memory`)
     if any(s.snapshot_needed() == "original" for s in recipe.stages):
         # When no stage writes into the model's tensors (quantize, then LoRA recovery), the frozen original shares
         # them: the fp32 weights are held once, and quantizing the model frees nothing the teacher needs anyway.

@@ -44,7 +44,7 @@ ROWS = {
     "tune": "tune (5 trials, quantize space)",
 }
 DEFAULT_ROWS = {"50M": list(ROWS), "200M": ["stock", "int8", "prune", "distill", "distill-ckpt"],
-                "800M": ["stock", "int8", "prune"]}
+                "800M": ["stock", "int8", "prune", "distill", "distill-ckpt"]}
 
 
 def _status_kib(key: str) -> int:

@@ -13,6 +13,7 @@ from ..builtin.models import resolve_model_path
 from .errors import RecipeError
 from .hf import is_causal_lm, strip_gguf
 from .loading import check_model_source, load_errors
+from .memory import unmap_weights
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -83,8 +84,11 @@ def load_stock(source: str, config: Any, *, trust_remote_code: bool = False, **k
 
 
 def prepared(model: Any) -> Any:
-    """A freshly loaded model, ready to compress: GGUF origin forgotten, eval mode."""
+    """A freshly loaded model, ready to compress: GGUF origin forgotten, weights in memory of their own (not in the
+    checkpoint's memory mapping, which would keep every page a forward touched resident however many weights a stage
+    frees: see `hfsqueeze.core.memory`), eval mode."""
     strip_gguf(model)
+    unmap_weights(model)
     return model.eval()
 
 

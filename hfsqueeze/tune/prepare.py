@@ -20,6 +20,7 @@ from ..artifact.save import check_output_dir, check_writable
 from ..core.data import load_texts, pack_blocks, token_ids
 from ..core.errors import ArtifactError, HfSqueezeWarning, RecipeError
 from ..core.hf import count_parameters
+from ..core.memory import return_freed_memory
 from ..core.utils import atomic_write, cache_dir
 from ..evaluation.measure import disk_bytes
 from ..registry import stages as registered_stages
@@ -138,6 +139,7 @@ def make_context(model, tokenizer, spec: dict[str, Any], tuning: Path,
     """The per-process trial context for the run described by ``spec`` (``tuning/run.json``); sensitivity scoring
     stops at ``deadline`` (the time budget, see `sensitivities`). ``ids``: the calibration token ids when the
     caller has them already (`calibration_ids`)."""
+    return_freed_memory()  # every trial frees a model's worth of weights and activations (`core.memory`)
     settings = TuneSettings(**spec["settings"])
     budget = Budget(dict(spec["budget"]["limits"]), spec["budget"]["minimize"])
     space = Space.from_dict(spec["space"])

@@ -30,9 +30,11 @@ from typing import Any
 from ..api import compress
 from ..artifact.save import save_compressed
 from ..core.errors import RecipeError
-from ..core.hf import check_placement, input_device
+from ..core.hf import check_placement, input_device, sharing_copy
+from ..core.memory import unmap_weights, unshare
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.trials import TrialRecord
+from ..recipe import Recipe
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .prepare import (
@@ -197,6 +199,7 @@ def tune(
     out, tuning, temporary = prepare_output(output, resume, overwrite)
     was_training = model.training
     model.eval()
+    unmap_weights(model)  # trials share its tensors; in a checkpoint's mapping, no copy of them could be freed
     deadline = started + time_budget if time_budget else None  # the sensitivity pass counts too
     try:
         try:
@@ -408,11 +411,17 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
     if chosen is None:
         raise InfeasibleBudgetError(_infeasible_message(records, tctx.budget))
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
-    final = copy.deepcopy(model)
     recipe = {"name": "tuned", "description": f"hfsqueeze tune: lowest {tctx.budget.minimize} within "
               f"{tctx.budget.describe()}", "evaluation": evaluation, "stages": chosen.stages}
+    # A recipe that writes into no tensor (quantize, LoRA recovery) starts from a copy sharing the original's
+    # weights, as the trials do: a deep copy would hold a second fp32 model. The tensors still shared at the end
+    # (embeddings, norms) are copied then, so the returned model owns all of its weights.
+    shared = Recipe.load(recipe).keeps_tensors(model)
+    final = sharing_copy(model) if shared else copy.deepcopy(model)
     report = compress(final, recipe, tokenizer=tokenizer, calibration=calibration, eval_text=eval_text,
                       command=command)
+    if shared:
+        unshare(final, model)
     section["final_eval"] = report.final.to_dict() if report.final else None
     report.tuning = section
     by_number = {r.number: r.to_dict() for r in records}  # the public result holds plain dicts

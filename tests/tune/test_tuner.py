@@ -347,3 +347,27 @@ def test_missing_optuna_names_the_pip_command(tiny_tokenizer, tmp_path, monkeypa
     with pytest.raises(hfsqueeze.BackendMissingError, match=r"pip install 'optuna>=5'"):
         run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+def test_the_final_rebuild_shares_the_original_weights_and_returns_a_model_of_its_own(tiny_tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    # A quantize-only point writes into no tensor: the final `compress` starts from a copy that shares the original's
+    # weights, as the trials do (a deep copy held a second fp32 model at the end of every tune); the model returned
+    # owns all of its weights afterwards, so training it never changes the caller's model.
+    model = tiny_llama()
+    ptr = model.model.embed_tokens.weight.data_ptr()
+    shared_while_compressing = []
+    real = tuner_mod.compress
+
+    def spy(final, recipe, **kwargs):
+        shared_while_compressing.append(final.model.embed_tokens.weight.data_ptr() == ptr)
+        return real(final, recipe, **kwargs)
+
+    monkeypatch.setattr(tuner_mod, "compress", spy)
+    space = {"quantize": {"bits": 8, "threshold": [6.0], "rest_dtype": "fp32", "keep": 0.0}}
+    result = run_tune(model, tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.9", trials=1)
+    assert shared_while_compressing == [True]
+    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not [n for n, t in result.model.named_parameters() if t.untyped_storage().data_ptr() in theirs]
+    assert result.model.lm_head.weight is result.model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.data_ptr() == ptr and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear

@@ -101,9 +101,16 @@ class _SoftCrossEntropy(torch.autograd.Function):
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross entropy: position ``t`` predicts token ``t + 1``; a target counts where ``mask`` is 1."""
     targets = input_ids[:, 1:]
-    per_position = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    ).view_as(targets)
+    shifted = logits[:, :-1]
+    if torch.is_grad_enabled() and logits.requires_grad:
+        per_position = F.cross_entropy(
+            shifted.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view_as(targets)
+    else:
+        # Only logged (no graph): a sequence at a time, so the shifted copy and its log-softmax are one sequence's
+        # size instead of two more vocabulary-sized tensors beside the logits (each row's value is the same).
+        per_position = torch.stack([F.cross_entropy(shifted[i].float(), targets[i], reduction="none")
+                                    for i in range(targets.shape[0])])
     return _masked_mean(per_position, None if mask is None else mask[:, 1:])
 
 

@@ -125,3 +125,22 @@ def test_kd_loss_value_and_gradient_match_autograd_and_keep_no_extra_vocabulary_
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert loss.item() == pytest.approx(expected.item(), rel=tolerance)
     assert torch.allclose(student.grad.float(), reference.grad.float(), rtol=tolerance, atol=1e-6)
+
+
+def test_a_logged_hard_loss_works_a_sequence_at_a_time_with_the_same_value(monkeypatch):
+    # With alpha 1 the hard loss is only logged: no vocabulary-sized copy of the whole batch's logits (and its
+    # log-softmax) beside the logits, which were the peak of a recovery step; the value is the batched one exactly.
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 20, 50), torch.randint(0, 50, (3, 20))
+    mask = torch.ones(3, 20)
+    mask[1, 12:] = 0
+    targets = ids[:, 1:]
+    batched = losses._masked_mean(F.cross_entropy(logits[:, :-1].reshape(-1, 50), targets.reshape(-1),
+                                                  reduction="none").view_as(targets), mask[:, 1:])
+    rows, real = [], F.cross_entropy
+    monkeypatch.setattr(losses.F, "cross_entropy", lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
+    with torch.no_grad():
+        logged = losses.causal_lm_loss(logits, ids, mask)
+    assert torch.equal(logged, batched) and rows and max(rows) == 19
