@@ -34,7 +34,7 @@ from ...core.stage import ModelInfo
 from ...core.utils import progress
 from .apply import _new_module, check_quantizable, conversion_plan, mark_quantized
 from .config import QuantizeConfig
-from .gptq import bnb_module, output_error, quantize_weight, stock_dequantized, weight_out_in
+from .gptq import bnb_module, output_error, quantize_weights, stock_dequantized, weight_out_in
 from .layerwise import LayerwiseRunner, input_hooks
 from .smooth import SMOOTH_MODEL_TYPES, smooth_layer, smoothed_inputs
 
@@ -59,11 +59,21 @@ def split_blocks(n: int) -> tuple[list[int], list[int]]:
 
 
 def _hessians(runner: LayerwiseRunner, index: int, layer: nn.Module, modules: dict[str, nn.Module],
-              which: list[int]) -> dict[str, torch.Tensor]:
-    """``sum x x^T`` of each module's inputs over the blocks ``which`` (float64 sums of float32 products)."""
+              which: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``sum x x^T`` of each module's inputs over the blocks ``which`` (float64 sums of float32 products), and for each
+    module the module whose input it shares (q/k/v read one tensor, gate/up another): one Hessian per distinct input,
+    keyed by its first reader."""
     sums: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    last: dict[str, Any] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        if last.get("key") == key:  # the very tensor the previous module read (held in `last`, so never reused)
+            owner[name] = last["name"]
+            return
+        last.update(key=key, name=name, x=x)
+        owner[name] = name
         x = x.float()
         xtx = (x.t() @ x).double()
         sums[name] = sums[name] + xtx if name in sums else xtx
@@ -74,7 +84,8 @@ def _hessians(runner: LayerwiseRunner, index: int, layer: nn.Module, modules: di
     finally:
         for handle in handles:
             handle.remove()
-    return sums
+        last.clear()
+    return sums, owner
 
 
 def _channel_max(runner: LayerwiseRunner, index: int, layer: nn.Module, names: list[str],
@@ -104,18 +115,23 @@ def _quantize_layer(runner: LayerwiseRunner, index: int, layer: nn.Module, names
             layer.set_submodule(name, _new_module(bnb, module, qc, config))
         return
     calib, held = split
-    hessians = _hessians(runner, index, layer, modules, calib)
-    held_out = _hessians(runner, index, layer, modules, held) if held else {}
-    for name, module in modules.items():
-        weight = weight_out_in(module)
-        q = quantize_weight(weight, hessians.pop(name), config)
-        if name in held_out:
-            stock = stock_dequantized(weight, config)
-            if output_error(weight, q.dequantized, held_out[name]) > output_error(weight, stock, held_out[name]):
-                kept_rtn.append(prefix + name)
-                layer.set_submodule(name, _new_module(bnb, module, qc, config))
-                continue
-        layer.set_submodule(name, bnb_module(module, q, qc, config))
+    hessians, owner = _hessians(runner, index, layer, modules, calib)
+    held_out, held_owner = _hessians(runner, index, layer, modules, held) if held else ({}, {})
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        groups.setdefault(owner.get(name, name), []).append(name)
+    for first, group in groups.items():
+        weights = [weight_out_in(modules[name]) for name in group]
+        # one sweep for the modules reading one input (GPTQ's rows are independent given the shared Hessian)
+        for name, weight, q in zip(group, weights, quantize_weights(weights, hessians.pop(first), config)):
+            module = modules[name]
+            if name in held_owner:
+                h = held_out[held_owner[name]]
+                if output_error(weight, q.dequantized, h) > output_error(weight, stock_dequantized(weight, config), h):
+                    kept_rtn.append(prefix + name)
+                    layer.set_submodule(name, _new_module(bnb, module, qc, config))
+                    continue
+            layer.set_submodule(name, bnb_module(module, q, qc, config))
 
 
 def _layer_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -180,15 +180,16 @@ def test_a_module_gptq_makes_worse_keeps_round_to_nearest(monkeypatch, tiny_toke
     """The held-out check: where GPTQ's weight has the larger output error, bnb's own rounding is kept and said."""
     from hfsqueeze.methods.quantize import calibrate
 
-    real = gptq.quantize_weight
+    real = gptq.quantize_weights
 
-    def spoiled(weight, hessian, config):
-        q = real(weight, hessian, config)
-        if weight.shape[0] == 128:  # gate/up projections: make them bad on purpose
-            q.dequantized = q.dequantized + 10.0
-        return q
+    def spoiled(weights, hessian, config):
+        out = real(weights, hessian, config)
+        for weight, q in zip(weights, out):
+            if weight.shape[0] == 128:  # gate/up projections: make them bad on purpose
+                q.dequantized = q.dequantized + 10.0
+        return out
 
-    monkeypatch.setattr(calibrate, "quantize_weight", spoiled)
+    monkeypatch.setattr(calibrate, "quantize_weights", spoiled)
     model = make_tiny("llama")
     report = _compress(model, {"bits": 4, "calibration": "gptq", "tokens": 1024}, tiny_tokenizer)
     kept = report.stages[0].details["calibration"]["kept_rtn"]
@@ -276,3 +277,37 @@ def test_a_layer_that_calibration_makes_worse_keeps_round_to_nearest(monkeypatch
     assert report.stages[0].details["calibration"]["kept_rtn_layers"] == [0, 1]
     assert any("layers kept plain round-to-nearest" in w for w in report.warnings)
     torch.testing.assert_close(outputs(model, IDS), outputs(rtn, IDS))  # exactly the stock int8 model
+
+
+# ---- speed: one sweep per shared input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [{"bits": 4, "quant_type": "nf4", "double_quant": True}, {"bits": 8}])
+def test_a_group_sweep_equals_each_weight_alone(fmt):
+    """Weights that read one input (q/k/v) are swept together: each gets what GPTQ gives it alone."""
+    from hfsqueeze.methods.quantize import QuantizeConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    h = (x.t() @ x).double()
+    weights = [torch.randn(rows, 64) for rows in (64, 32, 32)]
+    config = QuantizeConfig(**fmt, calibration="gptq")
+    together = gptq.quantize_weights(weights, h, config)
+    for weight, q in zip(weights, together):
+        alone = gptq.quantize_weight(weight, h, config)
+        assert torch.equal(alone.codes, q.codes)
+        assert torch.equal(alone.scales, q.scales)
+        assert torch.allclose(alone.dequantized, q.dequantized)
+
+
+def test_modules_reading_one_input_share_one_hessian_and_sweep(monkeypatch, tiny_tokenizer):
+    """q/k/v and gate/up of a Llama layer each read one tensor: 4 Hessians and 4 sweeps per layer, not 7."""
+    from hfsqueeze.methods.quantize import calibrate
+
+    real, calls = gptq.quantize_weights, []
+
+    def counted(weights, hessian, config):
+        calls.append(len(weights))
+        return real(weights, hessian, config)
+
+    monkeypatch.setattr(calibrate, "quantize_weights", counted)
+    _compress(make_tiny("llama"), {"bits": 4, "calibration": "gptq", "tokens": 1024}, tiny_tokenizer)
+    assert sorted(calls) == sorted([3, 1, 2, 1] * 2), calls
