@@ -92,9 +92,10 @@ def search_absmax(weight: torch.Tensor, grid: Grid4bit, col_weight: torch.Tensor
     absmax = block_absmax(weight)
     cost_weight = col_weight.float().expand_as(weight)
     best, best_err = absmax.clone(), None
+    ordered = grid.code[grid.order]  # values by bucket: one gather per candidate instead of two
     for factor in SHRINK_GRID:
         scale = expand_blocks((absmax * factor).clamp(min=1e-12), weight.shape)
-        q = grid.code[grid.index(weight * (1.0 / scale))] * scale
+        q = ordered[torch.bucketize((weight * (1.0 / scale)).clamp_(-1, 1), grid.bounds, out_int32=True)] * scale
         err = ((weight - q) ** 2 * cost_weight).reshape(-1)
         pad = (-err.numel()) % BLOCKSIZE
         err = torch.cat([err, err.new_zeros(pad)]).view(-1, BLOCKSIZE).sum(dim=1)
