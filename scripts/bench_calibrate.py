@@ -5,11 +5,12 @@
 For each format (nf4, nf4-dq, fp4, int8; every Linear but lm_head quantized, everything else in bf16, so a format's
 rows have equal size) the model starts from a fresh copy of the fp32 weights, is quantized by the quantize stage
 (round-to-nearest = bitsandbytes' own; calibrated = GPTQ onto bnb's grid and/or folded SmoothQuant scales, calibrated
-on the built-in *train* text), saved with ``save_pretrained`` and reloaded with plain
-``AutoModelForCausalLM.from_pretrained`` (bnb's exact 4-bit CPU kernel pinned, as the card's code does). The reloaded
-model is scored against the fp32 model on the held-out built-in split and on ``builtin:bible`` (never calibrated on):
-perplexity change, token KL(fp32 || quantized), top-1 agreement. Calibration wall time and the peak resident memory
-while quantizing (over the model's own size as it entered the stage) are measured around the stage alone.
+on the stage's default text: ``builtin:generated`` and the built-in pydoc text, their *train* splits), saved with
+``save_pretrained`` and reloaded with plain ``AutoModelForCausalLM.from_pretrained`` (bnb's exact 4-bit CPU kernel
+pinned, as the card's code does). The reloaded model is scored against the fp32 model on the held-out built-in split
+and on ``builtin:bible`` (never calibrated on): perplexity change, token KL(fp32 || quantized), top-1 agreement.
+Calibration wall time and the peak resident memory while quantizing (over the model's own size as it entered the
+stage) are measured around the stage alone.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ FORMATS = {
     "fp4": {"bits": 4, "quant_type": "fp4"},
     "int8": {"bits": 8, "threshold": 6.0},
 }
-# (format, method label, extra stage keys); calibration text: the built-in train split (never evaluated on).
+# (format, method label, extra stage keys); calibration text: the stage's default (generated + pydoc train splits,
+# never evaluated on).
 VARIANTS = [
     ("nf4", "rtn", {}), ("nf4", "gptq", {"calibration": "gptq"}),
     ("int8", "rtn", {}), ("int8", "smooth", {"smooth": True}),

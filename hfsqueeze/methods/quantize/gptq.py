@@ -16,6 +16,7 @@ bitsandbytes stores, so the result is a normal bnb checkpoint that plain ``from_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -91,9 +92,10 @@ def search_absmax(weight: torch.Tensor, grid: Grid4bit, col_weight: torch.Tensor
     absmax = block_absmax(weight)
     cost_weight = col_weight.float().expand_as(weight)
     best, best_err = absmax.clone(), None
+    ordered = grid.code[grid.order]  # values by bucket: one gather per candidate instead of two
     for factor in SHRINK_GRID:
         scale = expand_blocks((absmax * factor).clamp(min=1e-12), weight.shape)
-        q = grid.code[grid.index(weight * (1.0 / scale))] * scale
+        q = ordered[torch.bucketize((weight * (1.0 / scale)).clamp_(-1, 1), grid.bounds, out_int32=True)] * scale
         err = ((weight - q) ** 2 * cost_weight).reshape(-1)
         pad = (-err.numel()) % BLOCKSIZE
         err = torch.cat([err, err.new_zeros(pad)]).view(-1, BLOCKSIZE).sum(dim=1)
@@ -125,15 +127,32 @@ def prepared_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    # The sweep needs the upper factor U of H^-1 (U^T U = H^-1). With J the order reversal and J H J = L L^T,
+    # U = J L^-1 J: one Cholesky and one triangular solve instead of GPTQ's Cholesky, inverse and second Cholesky
+    # (the same U to float64 rounding, several times faster).
+    h = h.flip(0, 1)
     for _ in range(4):  # a Hessian that is still not positive definite gets more dampening, as GPTQModel does
-        chol, info = torch.linalg.cholesky_ex(h)
+        flipped, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             break
         h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     else:
-        chol = torch.linalg.cholesky(h)
-    inverse = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+        flipped = torch.linalg.cholesky(h)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(flipped, eye, upper=False).flip(0, 1).float(), dead
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread while the sweep works on single columns: ops on a few thousand values (``bucketize``
+    splits work from 200 values on) spend more on waking and joining threads than on the work, many times more on a
+    busy machine; the lazy batch update between column blocks keeps every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def gptq_sweep(weight: torch.Tensor, hinv: torch.Tensor, round_column) -> torch.Tensor:
@@ -147,14 +166,16 @@ def gptq_sweep(weight: torch.Tensor, hinv: torch.Tensor, round_column) -> torch.
         block = w[:, start:end].clone()
         errors = torch.zeros_like(block)
         hblock = hinv[start:end, start:end]
-        for i in range(end - start):
-            column = block[:, i]
-            code, value = round_column(start + i, column)
-            codes[:, start + i] = code
-            error = (column - value) / hblock[i, i]
-            block[:, i:] -= error.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ hinv[start:end, end:]
+        with _one_thread():
+            for i in range(end - start):
+                column = block[:, i]
+                code, value = round_column(start + i, column)
+                codes[:, start + i] = code
+                error = errors[:, i]
+                torch.div(column - value, hblock[i, i], out=error)
+                # in place: the rank-1 update of the block's remaining columns is the sweep's hot spot
+                block[:, i + 1:].addr_(error, hblock[i, i + 1:], alpha=-1.0)
+        w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1.0)
     return codes
 
 
@@ -177,41 +198,68 @@ def sweep_in_order(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tens
     return codes
 
 
-def quantize_4bit(weight: torch.Tensor, hessian: torch.Tensor | None, *, quant_type: str, double_quant: bool,
-                  damp: float = 0.01, absmax_search: bool = False, act_order: bool = True) -> Quantized:
-    """Quantize ``weight`` ``[out, in]`` onto bnb's 4-bit grid: GPTQ with ``hessian`` (``None``: round to nearest,
-    which gives exactly bnb's own codes when ``absmax_search`` is off)."""
-    w = weight.float()
-    grid = Grid4bit(quant_type, w.device)
+def _scales_4bit(w: torch.Tensor, hessian: torch.Tensor | None, grid: Grid4bit, double_quant: bool,
+                 absmax_search: bool) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """``(absmax, nested, scale)`` of one weight: its per-block absmax (searched with ``hessian``'s diagonal when
+    asked), the double-quantization state, and the absmax the kernel uses spread to ``[out, in]``."""
     if absmax_search and hessian is not None:
         absmax = search_absmax(w, grid, torch.diagonal(hessian).float())
     else:
         absmax = block_absmax(w)
-    nested = None
-    effective = absmax
+    nested, effective = None, absmax
     if double_quant:
         effective, nested = nested_absmax(absmax)
-    scale = expand_blocks(effective, w.shape)
+    return absmax, nested, expand_blocks(effective, w.shape)
+
+
+def quantize_4bit_group(weights: list[torch.Tensor], hessian: torch.Tensor | None, *, quant_type: str,
+                        double_quant: bool, damp: float = 0.01, absmax_search: bool = False,
+                        act_order: bool = True) -> list[Quantized]:
+    """`quantize_4bit` of several weights ``[out_i, in]`` that share one input (and so one ``hessian``: q/k/v,
+    gate/up): each keeps its own absmax (and double quantization), but one sweep runs over their rows stacked, which
+    is what GPTQ computes for each alone (rows are independent given ``H``) at a fraction of the cost."""
+    ws = [weight.float() for weight in weights]
+    grid = Grid4bit(quant_type, ws[0].device)
+    parts = [_scales_4bit(w, hessian, grid, double_quant, absmax_search) for w in ws]
+    w = torch.cat(ws) if len(ws) > 1 else ws[0]
+    scale = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
     inv_scale = 1.0 / scale.clamp(min=1e-38)  # bnb multiplies by the reciprocal; the same rounding needs the same op
     if hessian is None:
         codes = grid.index(w * inv_scale)
     else:
-        def round_column(j: int, column: torch.Tensor):
-            code = grid.index(column * inv_scale_p[:, j])
-            return code, grid.code[code] * scale_p[:, j]
-
         perm = column_order(hessian, act_order)
-        scale_p, inv_scale_p = scale[:, perm], inv_scale[:, perm]
-        codes = sweep_in_order(w, hessian, perm, damp, round_column).to(torch.int32)
+        # column-major copies: the sweep reads one column of scales per step
+        scale_p, inv_scale_p = scale[:, perm].t().contiguous(), inv_scale[:, perm].t().contiguous()
+
+        def round_column(j: int, column: torch.Tensor):
+            code = grid.index(column * inv_scale_p[j])
+            return code, grid.code[code] * scale_p[j]
+
+        codes = sweep_in_order(w, hessian, perm, damp, round_column)
     dequantized = grid.code[codes.long()] * scale
-    return Quantized(codes=codes.to(torch.uint8), scales=absmax, dequantized=dequantized, nested=nested)
+    out, row = [], 0
+    for (absmax, nested, _), part in zip(parts, ws):
+        rows = slice(row, row + part.shape[0])
+        out.append(Quantized(codes=codes[rows].to(torch.uint8), scales=absmax, dequantized=dequantized[rows],
+                             nested=nested))
+        row += part.shape[0]
+    return out
 
 
-def quantize_int8(weight: torch.Tensor, hessian: torch.Tensor | None, *, damp: float = 0.01,
-                  act_order: bool = True) -> Quantized:
-    """Quantize ``weight`` ``[out, in]`` to LLM.int8 rows (``SCB`` = row max-abs): GPTQ with ``hessian``, round to
-    nearest without."""
-    w = weight.float()
+def quantize_4bit(weight: torch.Tensor, hessian: torch.Tensor | None, *, quant_type: str, double_quant: bool,
+                  damp: float = 0.01, absmax_search: bool = False, act_order: bool = True) -> Quantized:
+    """Quantize ``weight`` ``[out, in]`` onto bnb's 4-bit grid: GPTQ with ``hessian`` (``None``: round to nearest,
+    which gives exactly bnb's own codes when ``absmax_search`` is off)."""
+    return quantize_4bit_group([weight], hessian, quant_type=quant_type, double_quant=double_quant, damp=damp,
+                               absmax_search=absmax_search, act_order=act_order)[0]
+
+
+def quantize_int8_group(weights: list[torch.Tensor], hessian: torch.Tensor | None, *, damp: float = 0.01,
+                        act_order: bool = True) -> list[Quantized]:
+    """`quantize_int8` of several weights sharing one input: one sweep over their stacked rows (each row keeps its
+    own ``SCB``, so the result is each weight's own)."""
+    ws = [weight.float() for weight in weights]
+    w = torch.cat(ws) if len(ws) > 1 else ws[0]
     scb = w.abs().amax(dim=1).clamp(min=1e-12)
     step = (scb / 127.0).unsqueeze(1)
     if hessian is None:
@@ -225,7 +273,20 @@ def quantize_int8(weight: torch.Tensor, hessian: torch.Tensor | None, *, damp: f
 
         codes = sweep_in_order(w, hessian, column_order(hessian, act_order), damp, round_column)
     codes = codes.to(torch.int8)
-    return Quantized(codes=codes, scales=scb, dequantized=codes.float() * step)
+    dequantized = codes.float() * step
+    out, row = [], 0
+    for part in ws:
+        rows = slice(row, row + part.shape[0])
+        out.append(Quantized(codes=codes[rows], scales=scb[rows], dequantized=dequantized[rows]))
+        row += part.shape[0]
+    return out
+
+
+def quantize_int8(weight: torch.Tensor, hessian: torch.Tensor | None, *, damp: float = 0.01,
+                  act_order: bool = True) -> Quantized:
+    """Quantize ``weight`` ``[out, in]`` to LLM.int8 rows (``SCB`` = row max-abs): GPTQ with ``hessian``, round to
+    nearest without."""
+    return quantize_int8_group([weight], hessian, damp=damp, act_order=act_order)[0]
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
@@ -281,12 +342,18 @@ def bnb_module(module: nn.Module, q: Quantized, qc: Any, config: Any) -> nn.Modu
     return new
 
 
-def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, config: Any) -> Quantized:
-    """`quantize_4bit` or `quantize_int8` as ``config`` (a `QuantizeConfig`) says."""
+def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None, config: Any) -> list[Quantized]:
+    """`quantize_4bit_group` or `quantize_int8_group` as ``config`` (a `QuantizeConfig`) says; ``weights`` share
+    one input (one ``hessian``)."""
     if config.bits == 8:
-        return quantize_int8(weight, hessian, damp=config.damp or 0.01)
-    return quantize_4bit(weight, hessian, quant_type=config.quant_type, double_quant=config.double_quant,
-                         damp=config.damp or 0.01, absmax_search=bool(config.absmax_search))
+        return quantize_int8_group(weights, hessian, damp=config.damp or 0.01)
+    return quantize_4bit_group(weights, hessian, quant_type=config.quant_type, double_quant=config.double_quant,
+                               damp=config.damp or 0.01, absmax_search=bool(config.absmax_search))
+
+
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, config: Any) -> Quantized:
+    """`quantize_weights` of one weight."""
+    return quantize_weights([weight], hessian, config)[0]
 
 
 def stock_dequantized(weight: torch.Tensor, config: Any) -> torch.Tensor:
@@ -308,4 +375,5 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
 
 
 __all__ = ["BLOCKSIZE", "Grid4bit", "Quantized", "bnb_module", "output_error", "pack_4bit", "quantize_4bit",
-           "quantize_int8", "quantize_weight", "stock_dequantized", "weight_out_in"]
+           "quantize_4bit_group", "quantize_int8",
+           "quantize_int8_group", "quantize_weight", "quantize_weights", "stock_dequantized", "weight_out_in"]

@@ -7,7 +7,7 @@ from conftest import SMALL_EVAL, make_tiny, outputs, reload_outputs_in_fresh_pro
 import hfsqueeze
 from hfsqueeze import RecipeError
 from hfsqueeze.core.context import CompressionContext
-from hfsqueeze.core.data import builtin_text, token_blocks
+from hfsqueeze.core.data import builtin_text, load_texts, token_blocks
 from hfsqueeze.methods.quantize import QuantizeConfig, gptq
 from hfsqueeze.methods.quantize.layerwise import LayerwiseRunner
 from hfsqueeze.methods.quantize.smooth import smooth_layer, smoothed_inputs
@@ -180,19 +180,21 @@ def test_a_module_gptq_makes_worse_keeps_round_to_nearest(monkeypatch, tiny_toke
     """The held-out check: where GPTQ's weight has the larger output error, bnb's own rounding is kept and said."""
     from hfsqueeze.methods.quantize import calibrate
 
-    real = gptq.quantize_weight
+    real = gptq.quantize_weights
 
-    def spoiled(weight, hessian, config):
-        q = real(weight, hessian, config)
-        if weight.shape[0] == 128:  # gate/up projections: make them bad on purpose
-            q.dequantized = q.dequantized + 10.0
-        return q
+    def spoiled(weights, hessian, config):
+        out = real(weights, hessian, config)
+        for weight, q in zip(weights, out):
+            if weight.shape[0] == 128:  # gate/up projections: make them bad on purpose
+                q.dequantized = q.dequantized + 10.0
+        return out
 
-    monkeypatch.setattr(calibrate, "quantize_weight", spoiled)
+    monkeypatch.setattr(calibrate, "quantize_weights", spoiled)
     model = make_tiny("llama")
     report = _compress(model, {"bits": 4, "calibration": "gptq", "tokens": 1024}, tiny_tokenizer)
     kept = report.stages[0].details["calibration"]["kept_rtn"]
-    assert sorted(kept) == sorted(f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up"))
+    # every spoiled module is caught (a tiny model's honest GPTQ may lose somewhere else too)
+    assert {f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up")} <= set(kept), kept
     assert any("kept round-to-nearest" in w for w in report.warnings)
 
 
@@ -280,3 +282,57 @@ def test_a_layer_that_calibration_makes_worse_keeps_round_to_nearest(monkeypatch
     assert report.stages[0].details["calibration"]["kept_rtn_layers"] == [0, 1]
     assert any("layers kept plain round-to-nearest" in w for w in report.warnings)
     torch.testing.assert_close(outputs(model, IDS), outputs(rtn, IDS))  # exactly the stock int8 model
+
+
+# ---- speed: one sweep per shared input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [{"bits": 4, "quant_type": "nf4", "double_quant": True}, {"bits": 8}])
+def test_a_group_sweep_equals_each_weight_alone(fmt):
+    """Weights that read one input (q/k/v) are swept together: each gets what GPTQ gives it alone."""
+    from hfsqueeze.methods.quantize import QuantizeConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    h = (x.t() @ x).double()
+    weights = [torch.randn(rows, 64) for rows in (64, 32, 32)]
+    config = QuantizeConfig(**fmt, calibration="gptq")
+    together = gptq.quantize_weights(weights, h, config)
+    for weight, q in zip(weights, together):
+        alone = gptq.quantize_weight(weight, h, config)
+        assert torch.equal(alone.codes, q.codes)
+        assert torch.equal(alone.scales, q.scales)
+        assert torch.allclose(alone.dequantized, q.dequantized)
+
+
+def test_modules_reading_one_input_share_one_hessian_and_sweep(monkeypatch, tiny_tokenizer):
+    """q/k/v and gate/up of a Llama layer each read one tensor: 4 Hessians and 4 sweeps per layer, not 7."""
+    from hfsqueeze.methods.quantize import calibrate
+
+    real, calls = gptq.quantize_weights, []
+
+    def counted(weights, hessian, config):
+        calls.append(len(weights))
+        return real(weights, hessian, config)
+
+    monkeypatch.setattr(calibrate, "quantize_weights", counted)
+    _compress(make_tiny("llama"), {"bits": 4, "calibration": "gptq", "tokens": 1024}, tiny_tokenizer)
+    assert sorted(calls) == sorted([3, 1, 2, 1] * 2), calls
+
+
+# ---- the default calibration text -----------------------------------------------------------------------------------
+def test_default_calibration_mixes_generated_and_pydoc_train_splits(tiny_tokenizer):
+    """By default GPTQ calibrates on builtin:generated and pydoc alternately (train splits only: their eval splits
+    stay unseen); a source the user gives is used alone."""
+    from hfsqueeze.builtin.texts import generated_texts
+    from hfsqueeze.methods.quantize import calibrate
+
+    blocks = calibrate._calibration_blocks(CompressionContext(tokenizer=tiny_tokenizer), 2048, 512)
+    generated = token_blocks(tiny_tokenizer, generated_texts("train"), max_tokens=1024, seq_len=512)
+    pydoc = token_blocks(tiny_tokenizer, [builtin_text("train")], max_tokens=1024, seq_len=512)
+    assert torch.equal(blocks, torch.stack([generated[0], pydoc[0], generated[1], pydoc[1]]))
+    for held in (token_blocks(tiny_tokenizer, generated_texts("eval"), max_tokens=512, seq_len=512),
+                 token_blocks(tiny_tokenizer, [builtin_text("eval")], max_tokens=512, seq_len=512)):
+        assert not any(torch.equal(held[0], b) for b in blocks)
+    given = calibrate._calibration_blocks(CompressionContext(tokenizer=tiny_tokenizer, calibration="builtin:bible"),
+                                          1024, 512)
+    assert torch.equal(given, token_blocks(tiny_tokenizer, load_texts("builtin:bible", split="train"),
+                                           max_tokens=1024, seq_len=512))
