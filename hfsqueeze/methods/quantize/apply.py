@@ -153,11 +153,17 @@ def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module
             compress_statistics=config.double_quant, quant_storage=qc.bnb_4bit_quant_storage, module=new,
         ).to(weight.device)  # quantized where the weight it replaces lives (CUDA kernels for a CUDA model)
         new.support_avx512bf16_for_cpu = False
+    return finish_module(new, module, bias)
+
+
+def finish_module(new: nn.Module, module: nn.Module, bias: bool) -> nn.Module:
+    """The bitsandbytes module ``new`` made ready to stand in for ``module``: its bias copied, frozen, and in the
+    original's train/eval mode (new modules start in training mode, where int8 takes another code path: outputs
+    differ by ~2e-2)."""
     if bias:
         new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
     new.source_cls = type(module)
     new.requires_grad_(False)
-    # New modules start in training mode, where int8 takes another code path (outputs differ by ~2e-2).
     new.train(module.training)
     return new
 

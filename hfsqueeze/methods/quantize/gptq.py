@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...compat.bnb import import_bnb
+from .apply import finish_module
 
 # bnb's default 4-bit block size; Transformers' `BitsAndBytesConfig` has no block size field, so a reload always
 # uses bnb's default of 64, and so must the codes written here.
@@ -334,12 +335,7 @@ def bnb_module(module: nn.Module, q: Quantized, qc: Any, config: Any) -> nn.Modu
                                        quant_storage=storage, module=new, bnb_quantized=True)
         new.quant_state = state
         new.support_avx512bf16_for_cpu = False
-    if bias:
-        new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
-    new.source_cls = type(module)
-    new.requires_grad_(False)
-    new.train(module.training)
-    return new
+    return finish_module(new, module, bias)
 
 
 def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None, config: Any) -> list[Quantized]:

@@ -11,23 +11,13 @@ from hfsqueeze.core.data import builtin_text, load_texts, token_blocks
 from hfsqueeze.methods.quantize import QuantizeConfig, gptq
 from hfsqueeze.methods.quantize.layerwise import LayerwiseRunner
 from hfsqueeze.methods.quantize.smooth import smooth_layer, smoothed_inputs
+from quantkit import tiny_gemma3
 
 IDS = torch.randint(5, 400, (1, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _tiny_gemma3():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=512)
-    return tf.Gemma3ForCausalLM(cfg).eval()
-
-
 def _model(kind):
-    return _tiny_gemma3() if kind == "gemma3" else make_tiny(kind)
+    return tiny_gemma3() if kind == "gemma3" else make_tiny(kind)
 
 
 def _randomize_norms(model):

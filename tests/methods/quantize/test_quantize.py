@@ -11,6 +11,7 @@ from hfsqueeze import HfSqueezeWarning, RecipeError
 from hfsqueeze.core.hf import count_parameters
 from hfsqueeze.evaluation.measure import footprint_bytes
 from hfsqueeze.methods.quantize import QuantizeConfig, apply_quantize
+from quantkit import tiny_gemma3
 
 IDS = torch.randint(5, 400, (1, 24), generator=torch.Generator().manual_seed(1))
 AUTO = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModel"}
@@ -96,15 +97,6 @@ def test_missing_bitsandbytes_names_the_pip_command(monkeypatch, tiny_llama):
 
 
 # ---- 4-bit: the live model, the report, load_compressed and the card's code run the same kernel --------------------
-def _tiny_gemma3():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=512)
-    return tf.Gemma3ForCausalLM(cfg).eval()
 
 
 def _reload_diffs(out) -> dict[str, float]:
@@ -126,7 +118,7 @@ def _reload_diffs(out) -> dict[str, float]:
 def test_4bit_card_code_reproduces_the_live_model(tmp_path, tiny_tokenizer):
     """bnb picks a bf16 kernel on CPUs with AVX512-BF16 unless told otherwise; the card's code must tell it, so a
     stock reload gives the outputs recorded from the live model (and measured in the report)."""
-    model = _tiny_gemma3()
+    model = tiny_gemma3()
     model.compress({"stages": [{"method": "quantize", "bits": 4, "double_quant": True}],
                     "evaluation": {**SMALL_EVAL, "latency": False}}, tokenizer=tiny_tokenizer)
     out = hfsqueeze.save_compressed(model, tmp_path / "nf4", tokenizer=tiny_tokenizer)
