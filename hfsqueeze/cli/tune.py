@@ -42,6 +42,9 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
                    help="with --storage: a trial silent for twice this long (its worker died) is run again "
                         "(default 60)")
+    t.add_argument("--detach", action="store_true",
+                   help="with --storage: Ctrl-C stops this process only (it saves the best point so far); the "
+                        "workers go on to --trials (default: they finish their running trial and stop)")
     add_placement_args(t)
 
 
@@ -76,7 +79,10 @@ def run(args: Any) -> int:
     check_args(budget, space, TuneSettings.load(None), args.trials, args.workers, time_budget, args.resume,
                args.output)
     check_output(args.output, args.resume, args.overwrite)
-    storage = {"storage": args.storage, "study_name": args.study, "heartbeat": args.heartbeat}
+    if args.detach and not args.storage:
+        raise RecipeError("--detach: only with --storage (workers elsewhere); without it every worker is this run's")
+    storage = {"storage": args.storage, "study_name": args.study, "heartbeat": args.heartbeat,
+               "detach": args.detach}
     prepare_study(StudyStorage(args.storage, args.study, args.heartbeat), args.resume, args.overwrite)
 
     def progress(info: dict) -> None:

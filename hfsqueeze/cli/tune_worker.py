@@ -19,6 +19,9 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--workdir", default=None,
                    help="keep this worker's files here (default: a temporary directory, removed at the end)")
     w.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
+    w.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for the study to exist and its coordinator to publish the run (it does "
+                        "after the sensitivity pass); default: refuse at once")
     add_placement_args(w)
 
 
@@ -29,7 +32,7 @@ def run(args: Any) -> int:
     where = placement(args)  # a bad --device/--dtype fails here, before the study is opened
     done = join(args.storage, args.study, resolve_model_path(args.model), workdir=args.workdir,
                 placement={k: v for k, v in where.items() if v is not None},
-                trust_remote_code=args.trust_remote_code)
+                trust_remote_code=args.trust_remote_code, wait=args.wait)
     print(f"tune-worker: {done['trials_here']} trial(s) run here; study {done['study']}: {done['done']}/"
           f"{done['trials']} trials done ({done['stopped']})", file=args.stdout)
     return 130 if done["stopped"] == "interrupted" else 0

@@ -133,6 +133,7 @@ def tune(
     storage: str | None = None,
     study_name: str = STUDY_NAME,
     heartbeat: int = HEARTBEAT_SECONDS,
+    detach: bool = False,
 ) -> TuneResult:
     """Find the best compressed version of ``model`` within ``budget``; the model itself is not modified.
 
@@ -167,6 +168,9 @@ def tune(
         study_name (`str`, defaults to `"hfsqueeze-tune"`): the study's name in the storage.
         heartbeat (`int`, defaults to 60): with ``storage``, seconds between a running trial's heartbeats; a trial
             silent for twice that (its process died) is failed and its point run again.
+        detach (`bool`, defaults to `False`): with ``storage``, what Ctrl-C (or SIGTERM) here does to the workers
+            elsewhere: by default they finish their running trial and stop (the study is marked stopped); detached,
+            they go on to the trial budget while this process saves the best point so far and returns.
 
     Example:
 
@@ -189,6 +193,8 @@ def tune(
         raise RecipeError("tune needs the model's tokenizer: quality is the KL to the original on calibration text")
     check_args(budget, space, settings, trials, workers, time_budget, resume, output)
     location = StudyStorage(storage, study_name, heartbeat)
+    if detach and not location.is_rdb:
+        raise RecipeError("detach=True: only with storage= (workers elsewhere); without it every worker is this run's")
     check_placement(model)
     check_workers(workers, sum(t.numel() * t.element_size() for t in model.state_dict().values()), loaded=True)
     optuna_module()  # a missing backend fails here, before any work
@@ -214,7 +220,7 @@ def tune(
                 shutil.rmtree(tuning if existed else out, ignore_errors=True)
             raise
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
-                                 started, location)
+                                 started, location, detach)
         return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
                        calibration, eval_text, evaluation, command, started)
     finally:
@@ -227,7 +233,7 @@ def tune(
 
 def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trials: int, workers: int,
             deadline: float | None, progress, resume: bool, model_path: str | None, started: float,
-            location: StudyStorage):
+            location: StudyStorage, detach: bool = False):
     """Queue the baselines, run trials here and in ``workers - 1`` more processes; return (study, why it stopped)."""
     study = open_study(tuning, tctx.budget, spec["seed"], storage=location)
     if location.is_rdb:  # what `hfsqueeze tune-worker` on another machine reads
@@ -257,7 +263,7 @@ def _search(tctx: TrialContext, spec: dict[str, Any], model, tuning: Path, trial
         except KeyboardInterrupt:
             stopped = "terminated" if signal.SIGTERM in interrupted else "interrupted"
             _interrupt(procs)
-            if location.is_rdb:  # workers elsewhere finish their running trial and stop
+            if location.is_rdb and not detach:  # workers elsewhere finish their running trial and stop
                 announce_stop(study, stopped)
         except BaseException:
             _interrupt(procs)

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,10 @@ import torch
 from ..artifact.load import load_model
 from ..core.errors import RecipeError
 from ..core.utils import quiet_transformers_progress
+from .prepare import CALIBRATION_FILE, RUN_FILE, SENSITIVITY_FILE, STORAGE_ENV, make_context
 from .sensitivity import fingerprint, tokens_hash
 from .storage import StudyStorage, hfsqueeze_version, published, stop_reason
 from .study import Objective, counted, open_study, optimize, optuna_module
-from .prepare import CALIBRATION_FILE, RUN_FILE, SENSITIVITY_FILE, STORAGE_ENV, make_context
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -71,8 +72,27 @@ def _stopper(trials: int):
     return callback
 
 
+def _published_study(location: StudyStorage, study_name: str, where: str, wait: float):
+    """The study and the run its coordinator published, waiting up to ``wait`` seconds for either to appear."""
+    optuna = optuna_module()
+    deadline = time.monotonic() + max(0.0, wait)
+    while True:
+        try:
+            try:
+                study = optuna.load_study(study_name=study_name, storage=location.open())
+            except KeyError:
+                raise RecipeError(f"there is no study {where}; start it with hfsqueeze tune --storage URL --study "
+                                  "NAME (or check --study)") from None
+            return (study, *published(study, where))
+        except RecipeError as exc:
+            if time.monotonic() >= deadline:
+                raise RecipeError(f"{exc} (waited {wait:g}s)" if wait > 0 else str(exc)) from None
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
 def join(storage: str, study_name: str, model_path: str, *, placement: dict[str, Any] | None = None,
-         workdir: str | os.PathLike | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+         workdir: str | os.PathLike | None = None, trust_remote_code: bool = False, wait: float = 0.0
+         ) -> dict[str, Any]:
     """Join the RDB study ``study_name`` at ``storage`` and run its trials on the model at ``model_path`` until its
     trial budget is used, its deadline passes or its coordinator stops it.
 
@@ -80,18 +100,14 @@ def join(storage: str, study_name: str, model_path: str, *, placement: dict[str,
     tokenizer) other than the one the study was started with. ``placement`` holds ``device_map``/``dtype`` (the
     CLI's ``--device``/``--dtype``; the dtype defaults to the study's). ``workdir`` keeps the calibration text,
     sensitivities and this worker's ``trials.jsonl`` (default: a temporary directory, removed at the end).
+    ``wait``: seconds to wait for a study that does not exist yet or has not published its run (a worker started
+    before its coordinator has scored the sensitivities).
 
     Returns: ``{"study", "trials_here", "done", "trials", "stopped"}``.
     """
-    optuna = optuna_module()
     location = StudyStorage(storage, study_name)
     where = f"{study_name!r} in {location.describe()}"
-    try:
-        study = optuna.load_study(study_name=study_name, storage=location.open())
-    except KeyError:
-        raise RecipeError(f"there is no study {where}; start it with hfsqueeze tune --storage URL --study NAME "
-                          "(or check --study)") from None
-    run, files = published(study, where)
+    study, run, files = _published_study(location, study_name, where, wait)
     if run.get("version") != hfsqueeze_version():
         raise RecipeError(f"study {where} was started by hfsqueeze {run.get('version')}, this is hfsqueeze "
                           f"{hfsqueeze_version()}: install the same version on every machine")

@@ -141,7 +141,7 @@ from hfsqueeze.models import load_model
 model, tok = load_model(sys.argv[1])
 result = hfsqueeze.tune(model, tok, budget="size=0.5", trials=int(sys.argv[3]), output=sys.argv[2],
                         settings=json.loads(sys.argv[4]), evaluation=json.loads(sys.argv[5]), storage=sys.argv[6],
-                        study_name="s", heartbeat=int(sys.argv[7]))
+                        study_name="s", heartbeat=int(sys.argv[7]), detach=sys.argv[8:] == ["detach"])
 print(json.dumps({"stopped": result.stopped, "trials": len(result.trials)}))
 """
 
@@ -275,6 +275,50 @@ def test_ctrl_c_of_the_coordinator_stops_the_workers_and_leaves_the_study_consis
     assert sum(1 for t in final if t.state == TrialState.COMPLETE) < 200
 
 
+@pytest.mark.slow
+def test_a_detached_coordinator_leaves_the_workers_running_to_the_trial_budget(db_url, tmp_path, tiny_tokenizer):
+    from optuna.trial import TrialState
+
+    homes = {name: tmp_path / name for name in ("coordinator", "worker")}
+    for home in homes.values():
+        _save(tiny_llama(), tiny_tokenizer, home / "model")
+    trials = 40  # the worker starts tens of seconds after the coordinator: enough left for it
+    coordinator = subprocess.Popen(
+        [sys.executable, "-c", COORDINATOR, str(homes["coordinator"] / "model"), str(homes["coordinator"] / "out"),
+         str(trials), json.dumps(SETTINGS), json.dumps(EVALUATION), db_url, str(HEARTBEAT), "detach"],
+        cwd=homes["coordinator"], env=_env(HFSQUEEZE_CACHE=str(homes["coordinator"] / "cache")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    procs = [coordinator]
+    try:
+        _wait_for(lambda: _published(db_url))
+        worker = _worker(db_url, homes["worker"])
+        procs.append(worker)
+        _wait_for(lambda: any(t.user_attrs.get("worker") == worker.pid and t.state == TrialState.COMPLETE
+                              for t in _trials(db_url)))
+        coordinator.send_signal(signal.SIGINT)
+        _, err = coordinator.communicate(timeout=300)
+        at_stop = sum(1 for t in _trials(db_url) if t.state == TrialState.COMPLETE)
+        out, _ = worker.communicate(timeout=600)  # it goes on to the trial budget
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert coordinator.returncode == 0, err[-3000:]
+    report = json.loads((homes["coordinator"] / "out" / "report.json").read_text())
+    assert report["tuning"]["stopped"] == "interrupted"  # the best point so far is saved
+    assert worker.returncode == 0 and "stopped by the coordinator" not in out, out
+    final = _trials(db_url)
+    assert at_stop < trials <= sum(1 for t in final if t.state == TrialState.COMPLETE)
+    assert not [t for t in final if t.state == TrialState.RUNNING]
+
+
+def test_detach_needs_a_storage(tiny_tokenizer, tmp_path):
+    with pytest.raises(hfsqueeze.RecipeError, match="detach=True: only with storage="):
+        hfsqueeze.tune(tiny_llama(), tiny_tokenizer, budget="size=0.5", trials=1, output=tmp_path / "out",
+                       settings=SETTINGS, evaluation=EVALUATION, detach=True)
+
+
 # ---- resume, refusals ----------------------------------------------------------------------------------------
 @pytest.fixture
 def finished(db_url, tmp_path, tiny_tokenizer):
@@ -337,6 +381,14 @@ def test_tune_worker_refuses_an_unknown_study_in_one_line(db_url, tmp_path, caps
     code = cli_main(["tune-worker", "--storage", db_url, "--study", "nope", "--model", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "there is no study 'nope'" in err
+
+
+def test_tune_worker_waits_for_a_study_to_appear_then_says_how_long(db_url, tmp_path, capsys):
+    start = time.monotonic()
+    code = cli_main(["tune-worker", "--storage", db_url, "--study", "later", "--model", str(tmp_path), "--wait", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "there is no study 'later'" in err and "(waited 2s)" in err
+    assert time.monotonic() - start >= 2
 
 
 def test_tune_refuses_an_existing_study_without_resume_and_writes_nothing(finished, tmp_path, tiny_tokenizer,
