@@ -19,6 +19,7 @@ from hfsqueeze import RecipeError
 from hfsqueeze.evaluation.measure import disk_bytes
 from hfsqueeze.tune import Budget, InfeasibleBudgetError, load_space
 from hfsqueeze.tune import study as study_mod
+from hfsqueeze.tune import prepare as prepare_mod
 from hfsqueeze.tune import tuner as tuner_mod
 from hfsqueeze.tune.sensitivity import SensitivityCache, score_modules, sensitivities
 from hfsqueeze.tune.space import quantize_targets
@@ -137,7 +138,7 @@ def test_a_point_with_non_finite_outputs_is_a_failed_trial_that_says_so(tiny_tok
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(1e7)
-    monkeypatch.setattr(tuner_mod, "fp16_overflows", lambda *a: False)  # as if the up-front check missed it
+    monkeypatch.setattr(prepare_mod, "fp16_overflows", lambda *a: False)  # as if the up-front check missed it
     space = {"quantize": {"bits": [8], "threshold": [6.0], "rest_dtype": ["fp16"], "keep": [1.0]}}
     with pytest.raises(InfeasibleBudgetError):
         run_tune(model, tiny_tokenizer, tmp_path / "t", budget="size=0.9", space=space, trials=1)
@@ -336,7 +337,7 @@ def test_bad_settings_fail_before_anything_is_written(tiny_tokenizer, tmp_path, 
 
 
 def test_a_failure_before_the_search_leaves_nothing_behind(tiny_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(tuner_mod, "sensitivities", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(prepare_mod, "sensitivities", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t")
     assert not (tmp_path / "t").exists()
