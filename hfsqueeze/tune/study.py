@@ -162,8 +162,12 @@ def mark_interrupted(study) -> int:
     return count
 
 
+# A trial's user attribute: it only waits for the last running trials to end (`Objective._room_after_waiting`).
+WAITING = "waiting_for_others"
+
+
 def counted(study, exclude: int | None = None) -> tuple[int, int]:
-    """(finished trials that count toward ``--trials``, trials running now) excluding trial ``exclude``."""
+    """(finished trials that count toward ``--trials``, trials running a point now) excluding trial ``exclude``."""
     from optuna.trial import TrialState
 
     done = running = 0
@@ -177,7 +181,7 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
         if trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL
                                                   and not trial.user_attrs.get("interrupted")):
             done += 1
-        elif trial.state == TrialState.RUNNING:
+        elif trial.state == TrialState.RUNNING and not trial.user_attrs.get(WAITING):
             running += 1
     return done, running
 
@@ -280,6 +284,9 @@ class Objective:
         optuna = optuna_module()
         done, running = counted(trial.study, exclude=trial.number)
         if done + running >= self.trials:
+            # While it waits, this trial runs no point: others must not wait for it (two waiting processes would wait
+            # for each other, and a dead worker's point queued again would never run).
+            trial.set_user_attr(WAITING, True)
             if not self._room_after_waiting(trial.study, trial.number):
                 trial.study.stop()
             raise optuna.TrialPruned("the trial budget is used up")

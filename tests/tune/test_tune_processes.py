@@ -95,3 +95,20 @@ def test_two_workers_share_one_study(tiny_tokenizer, tmp_path):
     assert len({r["worker"] for r in done}) == 2, (tmp_path / "out/tuning/worker-1.log").read_text()[-2000:]
     assert len({json.dumps(r["stages"], sort_keys=True) for r in done if r["kind"] != "search"}) == len(
         [r for r in done if r["kind"] != "search"])  # no baseline ran twice
+
+
+def test_a_trial_waiting_for_the_last_ones_is_not_counted_as_running():
+    """Two processes at the end of a search each hold a trial that only waits for the last running trials to end: if
+    each counted the other's as running, both would wait forever (seen with a dead worker's point queued again)."""
+    import optuna
+
+    from hfsqueeze.tune.study import WAITING, counted
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    running = study.ask()
+    running.set_user_attr("worker", 1)
+    waiting = study.ask()
+    waiting.set_user_attr(WAITING, True)
+    assert counted(study) == (1, 1)
+    assert counted(study, exclude=running.number) == (1, 0)
