@@ -39,7 +39,7 @@ GRACE_FACTOR = 2
 MAX_RETRIES = 2
 META = "hfsqueeze"  # the study user attribute holding the run (`publish`)
 # A file is stored as chunks of this many characters: MySQL's TEXT column (optuna's attribute column) holds 64 KiB,
-# and JSON may write a character as 6 bytes (\\uXXXX).
+# and JSON may write one character as 6 bytes (a backslash-u escape with four hex digits).
 CHUNK_CHARS = 10_000
 _LOCK_ATTEMPTS = 6
 
