@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,17 +79,33 @@ def _drop_pages(tensor: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
-_LIBC: list = []
-
-
+@functools.lru_cache(maxsize=1)
 def _libc():
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        lib = ctypes.CDLL(name, use_errno=True) if name else None
-        if lib is not None and not hasattr(lib, "madvise"):
-            lib = None
-        _LIBC.append(lib)
-    return _LIBC[0]
+    name = ctypes.util.find_library("c")
+    lib = ctypes.CDLL(name, use_errno=True) if name else None
+    return lib if lib is not None and hasattr(lib, "madvise") else None
+
+
+def _rebind(model: nn.Module, wanted: Callable[[torch.Tensor], bool], key_of: Callable[[torch.Tensor], Any],
+            copy_of: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Give each parameter and buffer of ``model`` for which ``wanted`` holds the tensor ``copy_of`` makes, one copy
+    per ``key_of`` (so tied weights stay tied); parameters stay the same objects (their ``.data`` is rebound).
+    Return the bytes copied."""
+    copied, done = 0, {}
+    for module in model.modules():
+        for kind, items in (("param", module._parameters), ("buffer", module._buffers)):
+            for name, tensor in items.items():
+                if tensor is None or not wanted(tensor):
+                    continue
+                key = key_of(tensor)
+                if key not in done:
+                    done[key] = copy_of(tensor)
+                    copied += tensor.numel() * tensor.element_size()
+                if kind == "param":
+                    tensor.data = done[key]
+                else:
+                    items[name] = done[key]
+    return copied
 
 
 @torch.no_grad()
@@ -102,33 +121,20 @@ def unmap_weights(model: nn.Module) -> int:
     mappings = file_mappings()
     if not mappings:
         return 0
-    moved, done = 0, {}
-    for module in model.modules():
-        for kind, items in (("param", module._parameters), ("buffer", module._buffers)):
-            for name, tensor in items.items():
-                if tensor is None or not _mapped(tensor, mappings):
-                    continue
-                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-                if key not in done:
-                    copy = torch.empty_like(tensor.data, memory_format=torch.preserve_format).copy_(tensor.data)
-                    done[key] = copy
-                    moved += copy.numel() * copy.element_size()
-                    old = tensor.data
-                    if kind == "param":
-                        tensor.data = copy
-                    else:
-                        items[name] = copy
-                    _drop_pages(old)
-                    del old
-                elif kind == "param":
-                    tensor.data = done[key]
-                else:
-                    items[name] = done[key]
+
+    def copy_out(tensor: torch.Tensor) -> torch.Tensor:
+        copy = torch.empty_like(tensor.data, memory_format=torch.preserve_format).copy_(tensor.data)
+        _drop_pages(tensor.data)  # copied: the mapped pages can go now, before the next tensor is copied
+        return copy
+
+    moved = _rebind(model, lambda t: _mapped(t, mappings),
+                    lambda t: (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype), copy_out)
     if moved:
         logger.debug("copied %.1f MiB of memory-mapped weights into memory", moved / 2**20)
     return moved
 
 
+@functools.lru_cache(maxsize=1)
 def return_freed_memory() -> bool:
     """Make glibc give large freed blocks back to the system at once (a fixed ``M_MMAP_THRESHOLD``); return whether
     it could be set (glibc only; elsewhere nothing changes).
@@ -139,15 +145,8 @@ def return_freed_memory() -> bool:
     peak fell from 5.8x to 4.0x of the fp32 model with the threshold fixed). It is process-wide and stays set: the
     cost is a page fault per large allocation.
     """
-    if _LIBC_MALLOPT_DONE:
-        return _LIBC_MALLOPT_DONE[0]
     libc = _libc()
-    ok = bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    _LIBC_MALLOPT_DONE.append(ok)
-    return ok
-
-
-_LIBC_MALLOPT_DONE: list[bool] = []
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 @torch.no_grad()
@@ -155,20 +154,8 @@ def unshare(model: nn.Module, other: nn.Module) -> int:
     """Give ``model`` its own copy of every tensor it shares with ``other`` (a `hfsqueeze.core.hf.sharing_copy`
     made it), so that writing into one never changes the other; return the bytes copied."""
     theirs = {t.untyped_storage().data_ptr() for t in (*other.parameters(), *other.buffers()) if t.numel()}
-    copied, done = 0, {}
-    for module in model.modules():
-        for kind, items in (("param", module._parameters), ("buffer", module._buffers)):
-            for name, tensor in items.items():
-                if tensor is None or not tensor.numel() or tensor.untyped_storage().data_ptr() not in theirs:
-                    continue
-                if id(tensor) not in done:  # a tied parameter is copied once and stays tied
-                    done[id(tensor)] = tensor.data.clone()
-                    copied += tensor.numel() * tensor.element_size()
-                if kind == "param":
-                    tensor.data = done[id(tensor)]
-                else:
-                    items[name] = done[id(tensor)]
-    return copied
+    return _rebind(model, lambda t: bool(t.numel()) and t.untyped_storage().data_ptr() in theirs, id,
+                   lambda t: t.data.clone())
 
 
 __all__ = ["MMAP_THRESHOLD", "file_mappings", "mapped_tensors", "return_freed_memory", "unmap_weights", "unshare"]
