@@ -237,55 +237,19 @@ def _run_and_kill_one(db_url, coordinator, workers, homes, trials) -> None:
     print(f"\ntrials per worker {by_worker}; killed trial {killed.number} redone as {redo[0].number}")
 
 
-@pytest.mark.slow
-def test_ctrl_c_of_the_coordinator_stops_the_workers_and_leaves_the_study_consistent(db_url, tmp_path,
-                                                                                      tiny_tokenizer):
+def _interrupt_coordinator(db_url, tmp_path, tokenizer, trials: int, *extra: str) -> dict:
+    """A coordinator (``extra``: its last arguments, ``detach``) and one `tune-worker`, each in its own directory; the
+    coordinator gets Ctrl-C once the worker has finished a trial. Returns the processes' outputs, the COMPLETE count
+    right after the coordinator exited, the final trials and the coordinator's report."""
     from optuna.trial import TrialState
 
     homes = {name: tmp_path / name for name in ("coordinator", "worker")}
     for home in homes.values():
-        _save(tiny_llama(), tiny_tokenizer, home / "model")
+        _save(tiny_llama(), tokenizer, home / "model")
     # As in a terminal: a shell without job control starts children with SIGINT ignored.
     coordinator = subprocess.Popen(
         [sys.executable, "-c", COORDINATOR, str(homes["coordinator"] / "model"), str(homes["coordinator"] / "out"),
-         "200", json.dumps(SETTINGS), json.dumps(EVALUATION), db_url, str(HEARTBEAT)],
-        cwd=homes["coordinator"], env=_env(HFSQUEEZE_CACHE=str(homes["coordinator"] / "cache")),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    procs = [coordinator]
-    try:
-        _wait_for(lambda: _published(db_url))
-        worker = _worker(db_url, homes["worker"])
-        procs.append(worker)
-        _wait_for(lambda: any(t.user_attrs.get("worker") == worker.pid and t.state == TrialState.COMPLETE
-                              for t in _trials(db_url)))
-        coordinator.send_signal(signal.SIGINT)
-        _, err = coordinator.communicate(timeout=300)
-        out, _ = worker.communicate(timeout=300)  # it finishes its running trial and stops
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    assert coordinator.returncode == 0, err[-3000:]
-    assert worker.returncode == 0 and "stopped by the coordinator (interrupted)" in out, out
-    final = _trials(db_url)
-    assert not [t for t in final if t.state == TrialState.RUNNING]  # queued points stay queued for a resume
-    report = json.loads((homes["coordinator"] / "out" / "report.json").read_text())
-    assert report["tuning"]["stopped"] == "interrupted"
-    assert sum(1 for t in final if t.state == TrialState.COMPLETE) < 200
-
-
-@pytest.mark.slow
-def test_a_detached_coordinator_leaves_the_workers_running_to_the_trial_budget(db_url, tmp_path, tiny_tokenizer):
-    from optuna.trial import TrialState
-
-    homes = {name: tmp_path / name for name in ("coordinator", "worker")}
-    for home in homes.values():
-        _save(tiny_llama(), tiny_tokenizer, home / "model")
-    trials = 40  # the worker starts tens of seconds after the coordinator: enough left for it
-    coordinator = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR, str(homes["coordinator"] / "model"), str(homes["coordinator"] / "out"),
-         str(trials), json.dumps(SETTINGS), json.dumps(EVALUATION), db_url, str(HEARTBEAT), "detach"],
+         str(trials), json.dumps(SETTINGS), json.dumps(EVALUATION), db_url, str(HEARTBEAT), *extra],
         cwd=homes["coordinator"], env=_env(HFSQUEEZE_CACHE=str(homes["coordinator"] / "cache")),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -299,17 +263,42 @@ def test_a_detached_coordinator_leaves_the_workers_running_to_the_trial_budget(d
         coordinator.send_signal(signal.SIGINT)
         _, err = coordinator.communicate(timeout=300)
         at_stop = sum(1 for t in _trials(db_url) if t.state == TrialState.COMPLETE)
-        out, _ = worker.communicate(timeout=600)  # it goes on to the trial budget
+        out, _ = worker.communicate(timeout=600)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     assert coordinator.returncode == 0, err[-3000:]
     report = json.loads((homes["coordinator"] / "out" / "report.json").read_text())
-    assert report["tuning"]["stopped"] == "interrupted"  # the best point so far is saved
-    assert worker.returncode == 0 and "stopped by the coordinator" not in out, out
-    final = _trials(db_url)
-    assert at_stop < trials <= sum(1 for t in final if t.state == TrialState.COMPLETE)
+    return {"worker_code": worker.returncode, "worker_out": out, "at_stop": at_stop, "final": _trials(db_url),
+            "report": report}
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_coordinator_stops_the_workers_and_leaves_the_study_consistent(db_url, tmp_path,
+                                                                                      tiny_tokenizer):
+    from optuna.trial import TrialState
+
+    run = _interrupt_coordinator(db_url, tmp_path, tiny_tokenizer, 200)
+    # The worker finishes its running trial and stops.
+    assert run["worker_code"] == 0 and "stopped by the coordinator (interrupted)" in run["worker_out"], run
+    final = run["final"]
+    assert not [t for t in final if t.state == TrialState.RUNNING]  # queued points stay queued for a resume
+    assert run["report"]["tuning"]["stopped"] == "interrupted"
+    assert sum(1 for t in final if t.state == TrialState.COMPLETE) < 200
+
+
+@pytest.mark.slow
+def test_a_detached_coordinator_leaves_the_workers_running_to_the_trial_budget(db_url, tmp_path, tiny_tokenizer):
+    from optuna.trial import TrialState
+
+    trials = 40  # the worker starts tens of seconds after the coordinator: enough left for it
+    run = _interrupt_coordinator(db_url, tmp_path, tiny_tokenizer, trials, "detach")
+    assert run["report"]["tuning"]["stopped"] == "interrupted"  # the best point so far is saved
+    # The worker goes on to the trial budget.
+    assert run["worker_code"] == 0 and "stopped by the coordinator" not in run["worker_out"], run["worker_out"]
+    final = run["final"]
+    assert run["at_stop"] < trials <= sum(1 for t in final if t.state == TrialState.COMPLETE)
     assert not [t for t in final if t.state == TrialState.RUNNING]
 
 

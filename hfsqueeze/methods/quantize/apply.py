@@ -129,7 +129,9 @@ def _int8_params(bnb, weight: torch.Tensor):
     return bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
 
 
-def _new_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module:
+def stock_bnb_module(bnb, module: nn.Module, qc, config: QuantizeConfig) -> nn.Module:
+    """The bitsandbytes module bnb's own quantization (round-to-nearest) puts in place of ``module``: what
+    `apply_quantize` and, for what it does not calibrate, `calibrate.apply_calibrated` write."""
     from transformers.pytorch_utils import Conv1D
 
     weight = module.weight.data
@@ -205,7 +207,7 @@ def conversion_plan(model: nn.Module, config: QuantizeConfig
 
 def new_module(module: nn.Module, config: QuantizeConfig) -> nn.Module:
     """The bitsandbytes module `apply_quantize` puts in place of ``module`` for an 8/4-bit ``config``."""
-    return _new_module(import_bnb(), module, bnb_config(config), config)
+    return stock_bnb_module(import_bnb(), module, bnb_config(config), config)
 
 
 def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None) -> dict[str, Any]:
@@ -231,7 +233,7 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, context: Any = None
     for name in names:
         module = model.get_submodule(name)
         quantized_params += module.weight.numel()
-        model.set_submodule(name, _new_module(bnb, module, qc, config))
+        model.set_submodule(name, stock_bnb_module(bnb, module, qc, config))
         # Dropping the last reference frees this fp32 weight now, so at most one is alive beside the quantized
         # model (peak ~ the model plus one Linear, as a quantized `from_pretrained` load).
         del module

@@ -34,7 +34,7 @@ from ...core.errors import RecipeError, UnsupportedModelError
 from ...core.hf import eval_mode, find_layer_stack, strip_gguf
 from ...core.stage import ModelInfo
 from ...core.utils import progress
-from .apply import _new_module, check_quantizable, conversion_plan, mark_quantized
+from .apply import stock_bnb_module, check_quantizable, conversion_plan, mark_quantized
 from .config import QuantizeConfig
 from .gptq import bnb_module, output_error, quantize_weights, stock_dequantized, weight_out_in
 from .layerwise import LayerwiseRunner, input_hooks
@@ -114,7 +114,7 @@ def _quantize_layer(runner: LayerwiseRunner, index: int, layer: nn.Module, names
     modules = {name: layer.get_submodule(name) for name in names}
     if config.calibration != "gptq":
         for name, module in modules.items():
-            layer.set_submodule(name, _new_module(bnb, module, qc, config))
+            layer.set_submodule(name, stock_bnb_module(bnb, module, qc, config))
         return
     calib, held = split
     hessians, owner = _hessians(runner, index, layer, modules, calib)
@@ -131,7 +131,7 @@ def _quantize_layer(runner: LayerwiseRunner, index: int, layer: nn.Module, names
                 h = held_out[held_owner[name]]
                 if output_error(weight, q.dequantized, h) > output_error(weight, stock_dequantized(weight, config), h):
                     kept_rtn.append(prefix + name)
-                    layer.set_submodule(name, _new_module(bnb, module, qc, config))
+                    layer.set_submodule(name, stock_bnb_module(bnb, module, qc, config))
                     continue
             layer.set_submodule(name, bnb_module(module, q, qc, config))
 
@@ -150,7 +150,7 @@ def _keep_rtn_layer(runner: LayerwiseRunner, index: int, original: nn.Module, na
     reference = runner.run(index, original, held, collect=True)
     calibrated = runner.run(index, runner.stack[index], held, collect=True)
     for name in names:
-        original.set_submodule(name, _new_module(bnb, original.get_submodule(name), qc, config))
+        original.set_submodule(name, stock_bnb_module(bnb, original.get_submodule(name), qc, config))
     plain = runner.run(index, original, held, collect=True)
     if _layer_error(calibrated, reference) <= _layer_error(plain, reference):
         return False
@@ -244,7 +244,7 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
             del original
     rest = [n for n in names if not n.startswith(stack_name + ".")]
     for name in rest:  # outside the decoder layers: bnb's own quantization
-        model.set_submodule(name, _new_module(bnb, model.get_submodule(name), qc, config))
+        model.set_submodule(name, stock_bnb_module(bnb, model.get_submodule(name), qc, config))
     details = mark_quantized(model, config, qc, hf_quantizer, skip, names, quantized_params)
     calib, held = split
     details["calibration"] = {

@@ -311,7 +311,7 @@ def quant_state_4bit(q: Quantized, shape: torch.Size, dtype: torch.dtype, quant_
 
 def bnb_module(module: nn.Module, q: Quantized, qc: Any, config: Any) -> nn.Module:
     """The bnb module (``Linear4bit`` / ``Linear8bitLt``) holding ``q`` in place of ``module``, in the state bnb's own
-    quantization leaves (same attributes as `apply._new_module`)."""
+    quantization leaves (same attributes as `apply.stock_bnb_module`)."""
     bnb = import_bnb()
     weight = weight_out_in(module)
     out_features, in_features = weight.shape

@@ -207,7 +207,7 @@ def test_quantize_frees_each_fp32_module_as_it_goes(monkeypatch, tiny_llama, bit
     from hfsqueeze.methods.quantize import apply as quantize_apply
 
     originals = [weakref.ref(m) for m in tiny_llama.modules() if type(m) is torch.nn.Linear]
-    real, leftovers = quantize_apply._new_module, []
+    real, leftovers = quantize_apply.stock_bnb_module, []
 
     def counting(bnb, module, qc, config):
         gc.collect()
@@ -215,7 +215,7 @@ def test_quantize_frees_each_fp32_module_as_it_goes(monkeypatch, tiny_llama, bit
         leftovers.append(sum(1 for ref in originals if ref() is not None and id(ref()) not in present))
         return real(bnb, module, qc, config)
 
-    monkeypatch.setattr(quantize_apply, "_new_module", counting)
+    monkeypatch.setattr(quantize_apply, "stock_bnb_module", counting)
     details = apply_quantize(tiny_llama, QuantizeConfig(bits=bits))
     assert len(leftovers) == details["quantized_modules"] > 1
     assert leftovers == [0] * len(leftovers)
