@@ -89,7 +89,9 @@ class QuantizeConfig(StageConfig):
     )
 
     def keeps_tensors(self, info: Any) -> bool:
-        return True  # replaces modules (8/4 bits) or rebinds `.data` (16-bit casts)
+        # Replaces modules (8/4 bits) or rebinds `.data` (16-bit casts); folded SmoothQuant scales are written into
+        # the norms and Linears in place, so a copy meant to stay the original must not share those.
+        return not self.smooth
 
     def __post_init__(self):
         only = {
