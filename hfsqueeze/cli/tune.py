@@ -33,6 +33,9 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     t.add_argument("--calibration", default="builtin", help="text the search sees (default: built-in train split)")
     t.add_argument("--eval-text", default=None, help="held-out text for the final measurement (default: built-in)")
+    t.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="do not build the chosen 4-bit point again with GPTQ rounding (by default both builds are "
+                        "measured on the evaluation text and the better is kept; a calibration costs minutes)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
     t.add_argument("--json", action="store_true", help="print the report (with its tuning section) as JSON")
     t.add_argument("--storage", default=None, metavar="URL",
@@ -102,7 +105,7 @@ def run(args: Any) -> int:
         result = tune(model, tokenizer, budget=budget, space=space, trials=args.trials, output=args.output,
                       overwrite=args.overwrite, resume=args.resume, workers=args.workers, time_budget=time_budget,
                       seed=args.seed, calibration=args.calibration, eval_text=args.eval_text, progress=progress,
-                      model_path=path, command=command, **storage)
+                      model_path=path, command=command, calibrate=args.calibrate, **storage)
     except OSError as exc:  # a full disk, a directory made read-only meanwhile: one line, not a traceback
         if isinstance(exc, HfSqueezeError):
             raise

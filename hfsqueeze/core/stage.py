@@ -252,6 +252,11 @@ class Stage:
         """A few words naming one config of this stage in a list of trials (``prune h0.12/f0.1 (kl)``)."""
         return self.name
 
+    def calibrated(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """The same conversion fitted to calibration text (same format, same size on disk), for a tuner to try on its
+        chosen point and keep when it measures better; ``None`` when this stage has no such variant for ``config``."""
+        return None
+
     @property
     def per_module(self) -> bool:
         """Whether this stage converts modules one by one (`targets`, `quantized_module`), so a tuner can score and

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -27,14 +26,12 @@ from pathlib import Path
 from typing import Any
 
 
-from ..api import compress
 from ..artifact.save import save_compressed
 from ..core.errors import RecipeError
-from ..core.hf import check_placement, input_device, sharing_copy
-from ..core.memory import unmap_weights, unshare
+from ..core.hf import check_placement, input_device
+from ..core.memory import unmap_weights
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.trials import TrialRecord
-from ..recipe import Recipe
 from .budget import LATENCY_KEYS, Budget, InfeasibleBudgetError
 from .output import PARETO_PNG, TUNING_DIR, install_artifact, plot_pareto, staging_dir, write_trials_jsonl
 from .prepare import (
@@ -50,6 +47,7 @@ from .prepare import (
     prepare_output,
     setup_run,
 )
+from .final import FinalBuild
 from .resources import check_workers, visible_gpus, worker_placement
 from .space import DEFAULT_SPACE, Space, load_space
 from .storage import (
@@ -134,6 +132,7 @@ def tune(
     study_name: str = STUDY_NAME,
     heartbeat: int = HEARTBEAT_SECONDS,
     detach: bool = False,
+    calibrate: bool = True,
 ) -> TuneResult:
     """Find the best compressed version of ``model`` within ``budget``; the model itself is not modified.
 
@@ -171,6 +170,9 @@ def tune(
         detach (`bool`, defaults to `False`): with ``storage``, what Ctrl-C (or SIGTERM) here does to the workers
             elsewhere: by default they finish their running trial and stop (the study is marked stopped); detached,
             they go on to the trial budget while this process saves the best point so far and returns.
+        calibrate (`bool`, defaults to `True`): build the chosen point a second time calibrated (GPTQ rounding for
+            4-bit, same format and size), measure both on the evaluation text and keep the better (the report's
+            ``tuning.calibrated`` holds both KLs); costs one calibration (minutes for a 135M model on a CPU).
 
     Example:
 
@@ -221,8 +223,9 @@ def tune(
             raise
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
                                  started, location, detach)
-        return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped,
-                       calibration, eval_text, evaluation, command, started)
+        how = FinalBuild(tokenizer, calibration, eval_text, evaluation, command, calibrate, deadline)
+        return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped, how,
+                       started)
     finally:
         model.train(was_training)
         # A copy of the original saved for worker processes is not part of the artifact (nor of a push).
@@ -394,10 +397,10 @@ def _only_set(**items: Any) -> dict[str, Any]:
 
 
 def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], out: Path | None, trials: int,
-            stopped: str, calibration: Any, eval_text: Any, evaluation: dict[str, Any], command: str | None,
-            started: float) -> TuneResult:
-    """Write trials.jsonl and the plot; rebuild the chosen point with `compress`, re-measure it on the held-out
-    evaluation text and save it (a normal artifact, ``tuning/`` inside)."""
+            stopped: str, how: FinalBuild, started: float) -> TuneResult:
+    """Write trials.jsonl and the plot; rebuild the chosen point with `compress` (and calibrated, keeping the
+    better: `FinalBuild`), re-measure it on the held-out evaluation text and save it (a normal artifact, ``tuning/``
+    inside)."""
     tuning = tctx.workdir
     records = study_records(study)
     write_trials_jsonl(tuning, records)
@@ -411,23 +414,17 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
                                                     default=str) + "\n")
     if chosen is None and not records and stopped == "time budget":
         cut = sum(1 for v in tctx.sensitivity.values() if v.get("unscored"))
-        how = "the sensitivity pass cut short" if cut else "sensitivity pass included"
-        raise RecipeError(f"--time-budget ran out before any trial finished ({time.time() - started:.0f}s, {how}); "
+        what = "the sensitivity pass cut short" if cut else "sensitivity pass included"
+        raise RecipeError(f"--time-budget ran out before any trial finished ({time.time() - started:.0f}s, {what}); "
                           "give a longer time budget")
     if chosen is None:
         raise InfeasibleBudgetError(_infeasible_message(records, tctx.budget))
     logger.info("tune: chosen %s; re-measuring it on the held-out evaluation text", describe_record(chosen))
-    recipe = {"name": "tuned", "description": f"hfsqueeze tune: lowest {tctx.budget.minimize} within "
-              f"{tctx.budget.describe()}", "evaluation": evaluation, "stages": chosen.stages}
-    # A recipe that writes into no tensor (quantize, LoRA recovery) starts from a copy sharing the original's
-    # weights, as the trials do: a deep copy would hold a second fp32 model. The tensors still shared at the end
-    # (embeddings, norms) are copied then, so the returned model owns all of its weights.
-    shared = Recipe.load(recipe).keeps_tensors(model)
-    final = sharing_copy(model) if shared else copy.deepcopy(model)
-    report = compress(final, recipe, tokenizer=tokenizer, calibration=calibration, eval_text=eval_text,
-                      command=command)
-    if shared:
-        unshare(final, model)
+    description = f"hfsqueeze tune: lowest {tctx.budget.minimize} within {tctx.budget.describe()}"
+    final, report = how.build(model, chosen.stages, description)
+    final, report, calibrated = how.refine(model, chosen.stages, description, final, report)
+    if calibrated is not None:
+        section["calibrated"] = calibrated
     section["final_eval"] = report.final.to_dict() if report.final else None
     report.tuning = section
     by_number = {r.number: r.to_dict() for r in records}  # the public result holds plain dicts

@@ -149,3 +149,18 @@ def test_cli_tune_runs_and_shows_progress(tiny_tokenizer, tmp_path, capsys, monk
     assert code == 0, captured.err
     assert "tune: 3/3 trials" in captured.err and "best so far" in captured.err and "ETA" in captured.err
     assert "chosen:" in captured.out and (tmp_path / "out" / "tuning" / "pareto.png").is_file()
+
+
+@pytest.mark.parametrize("flag, calibrate", [([], True), (["--no-calibrate"], False)])
+def test_cli_no_calibrate_reaches_tune(flag, calibrate, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    _cli_model_with_quick_tune(tmp_path, tiny_tokenizer, monkeypatch)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["calibrate"])
+        raise hfsqueeze.RecipeError("stopped by the test")
+
+    monkeypatch.setattr(tuner_mod, "tune", spy)
+    code = cli_main(["tune", "--model", str(tmp_path / "m"), "--budget", "size=0.5", "--output",
+                     str(tmp_path / "out"), *flag])
+    assert code == 2 and seen == [calibrate]

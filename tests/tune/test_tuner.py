@@ -18,6 +18,7 @@ import hfsqueeze
 from hfsqueeze import RecipeError
 from hfsqueeze.evaluation.measure import disk_bytes
 from hfsqueeze.tune import Budget, InfeasibleBudgetError, load_space
+from hfsqueeze.tune import final as final_mod
 from hfsqueeze.tune import study as study_mod
 from hfsqueeze.tune import prepare as prepare_mod
 from hfsqueeze.tune import tuner as tuner_mod
@@ -358,13 +359,13 @@ def test_the_final_rebuild_shares_the_original_weights_and_returns_a_model_of_it
     model = tiny_llama()
     ptr = model.model.embed_tokens.weight.data_ptr()
     shared_while_compressing = []
-    real = tuner_mod.compress
+    real = final_mod.compress
 
     def spy(final, recipe, **kwargs):
         shared_while_compressing.append(final.model.embed_tokens.weight.data_ptr() == ptr)
         return real(final, recipe, **kwargs)
 
-    monkeypatch.setattr(tuner_mod, "compress", spy)
+    monkeypatch.setattr(final_mod, "compress", spy)
     space = {"quantize": {"bits": 8, "threshold": [6.0], "rest_dtype": "fp32", "keep": 0.0}}
     result = run_tune(model, tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.9", trials=1)
     assert shared_while_compressing == [True]
@@ -372,3 +373,43 @@ def test_the_final_rebuild_shares_the_original_weights_and_returns_a_model_of_it
     assert not [n for n, t in result.model.named_parameters() if t.untyped_storage().data_ptr() in theirs]
     assert result.model.lm_head.weight is result.model.model.embed_tokens.weight
     assert model.model.embed_tokens.weight.data_ptr() == ptr and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+# ---- the chosen point, calibrated -----------------------------------------------------------------------------
+def test_the_chosen_4bit_point_is_built_calibrated_too_and_the_better_build_is_kept(tiny_tokenizer, tmp_path):
+    model = tiny_llama()
+    space = {"quantize": {"bits": 4, "quant_type": ["nf4"], "rest_dtype": "bf16"}}
+    result = run_tune(model, tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.6", trials=2)
+    calibrated = result.report.tuning["calibrated"]
+    kl = calibrated["kl_divergence"]
+    assert calibrated["tried"] and calibrated["won"] == (kl["calibrated"] < kl["round_to_nearest"])
+    four_bit = next(s for s in result.recipe["stages"] if s.get("bits") == 4)
+    assert (four_bit.get("calibration") == "gptq") is calibrated["won"]
+    assert result.report.final.kl_divergence == pytest.approx(min(kl.values()))  # the kept build is the one saved
+    reloaded = hfsqueeze.load_compressed(tmp_path / "t")
+    torch.testing.assert_close(outputs(result.model, IDS), outputs(reloaded, IDS))
+    assert "built twice" in (tmp_path / "t" / "README.md").read_text()
+    # Switched off, or on a point with no calibrated variant (int8), nothing more is built.
+    off = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "off", space=space, budget="size=0.6", trials=2,
+                   calibrate=False)
+    assert "calibrated" not in off.report.tuning
+    assert all(s.get("calibration") is None for s in off.recipe["stages"])
+    int8 = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "int8", budget="size=0.9", trials=1,
+                    space={"quantize": {"bits": 8, "threshold": [6.0], "rest_dtype": "fp32", "keep": 0.0}})
+    assert "calibrated" not in int8.report.tuning
+
+
+def test_a_calibrated_build_that_cannot_run_keeps_round_to_nearest_and_says_why(tiny_tokenizer, tmp_path,
+                                                                                monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RecipeError("quantize: calibration: gptq got 3 calibration tokens")
+
+    real = final_mod.FinalBuild.build
+    monkeypatch.setattr(final_mod.FinalBuild, "build", lambda self, model, stages, description: (
+        refuse() if any(s.get("calibration") for s in stages) else real(self, model, stages, description)))
+    space = {"quantize": {"bits": 4, "quant_type": ["nf4"], "rest_dtype": "bf16"}}
+    result = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.6", trials=1)
+    assert result.report.tuning["calibrated"] == {"tried": False,
+                                                  "why": "quantize: calibration: gptq got 3 calibration tokens"}
+    assert all(s.get("calibration") is None for s in result.recipe["stages"])
+    assert "not built calibrated: quantize: calibration: gptq got 3" in (tmp_path / "t" / "README.md").read_text()

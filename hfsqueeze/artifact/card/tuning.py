@@ -21,6 +21,21 @@ def _intro(tuning: dict[str, Any], trials: list[TrialRecord]) -> str:
             "held-out evaluation text (the results above).")
 
 
+def _calibrated_line(calibrated: dict[str, Any] | None) -> list[str]:
+    """One sentence on the calibrated build of the chosen point, when one was tried (see `hfsqueeze.tune.final`)."""
+    if not calibrated:
+        return []
+    if not calibrated.get("tried"):
+        return [f"The chosen point was not built calibrated: {calibrated.get('why')}.", ""]
+    kl = calibrated.get("kl_divergence") or {}
+    plain, cal = kl.get("round_to_nearest"), kl.get("calibrated")
+    if plain is None or cal is None:
+        return []
+    kept = "calibrated (GPTQ rounding, same format and size)" if calibrated.get("won") else "round-to-nearest"
+    return [f"The chosen point was built twice, with round-to-nearest and with GPTQ rounding onto the same grid: KL "
+            f"{plain:.4g} vs {cal:.4g} on the evaluation text; the {kept} build is this model.", ""]
+
+
 def _table(rows: list[TrialRecord], chosen: int | None) -> list[str]:
     cols = [c for c in TRIAL_COLUMNS if any(r.metric(c.key) is not None for r in rows)]
     lines = ["| # | Recipe | " + " | ".join(c.trial_label for c in cols) + " | Within budget |",
@@ -46,7 +61,7 @@ def tuning_card_section(tuning: dict[str, Any] | None) -> list[str]:
     uniform = [r for r in records.values() if r.uniform and r.number not in front]
     second = tuning.get("objectives", ["kl", "size"])[1]
     rows = sorted(pareto, key=lambda r: r.metric(second) or 0) + sorted(uniform, key=lambda r: r.metric("size") or 0)
-    lines = ["## Tuning", "", _intro(tuning, trials), ""]
+    lines = ["## Tuning", "", _intro(tuning, trials), "", *_calibrated_line(tuning.get("calibrated"))]
     if rows:
         lines += _table(rows, tuning.get("chosen"))
     if tuning.get("plot"):

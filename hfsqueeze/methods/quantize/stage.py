@@ -95,6 +95,14 @@ class QuantizeStage(Stage):
             label += f" {config['compute_dtype']}"
         return label
 
+    def calibrated(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """4-bit round-to-nearest -> GPTQ rounding onto the same grid (SmolLM2 nf4: +30.9% -> +5.8% perplexity on
+        held-out text). int8 is left alone: its loss is mostly LLM.int8's activation quantization, which weight
+        rounding does not touch, and a calibration costs minutes."""
+        if config.get("bits") != 4 or config.get("calibration") not in (None, "rtn") or config.get("smooth"):
+            return None
+        return {**config, "calibration": "gptq"}
+
     # ---- per-module access, for a tuner that scores each module in each format (hfsqueeze.tune) ----------------
     def targets(self, model: nn.Module, config: QuantizeConfig) -> list[tuple[str, nn.Module]]:
         """The ``(name, module)`` pairs `apply` would convert for an 8/4-bit ``config``."""
@@ -115,7 +123,8 @@ class QuantizeStage(Stage):
             "compute_dtype": Param.choice("float32", "bfloat16", "float16", when={"bits": (4,)}),
             # Names match by suffix: "down_proj" keeps Llama-family FFN outputs in full precision.
             "skip_modules": Param.choice(("lm_head",), ("lm_head", "down_proj"), when={"bits": (8, 4)}),
-            # Not searched yet: `calibration: gptq` and `smooth` (same format, same size). A calibrated trial costs
-            # minutes where a round-to-nearest one costs seconds (nf4 GPTQ of SmolLM2: ~11 CPU-minutes), and the
-            # per-module sensitivities the solver uses are measured with round-to-nearest.
+            # Not searched: `calibration: gptq` and `smooth` (same format, same size). A calibrated trial costs
+            # minutes where a round-to-nearest one costs seconds, and the per-module sensitivities the solver uses
+            # are round-to-nearest ones; tune builds its chosen point calibrated too (`calibrated`) and keeps the
+            # better build (`hfsqueeze.tune.final`).
         }
