@@ -50,6 +50,8 @@ VARIANTS = [
     ("nf4", "rtn", {}), ("nf4", "gptq", {"calibration": "gptq"}),
     ("int8", "rtn", {}), ("int8", "smooth", {"smooth": True}),
     ("int8", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
+    ("int8", "smooth auto", {"smooth": True, "alpha": "auto"}),
+    ("int8", "gptq+smooth auto", {"calibration": "gptq", "smooth": True, "alpha": "auto"}),
     ("nf4-dq", "rtn", {}), ("nf4-dq", "gptq", {"calibration": "gptq"}),
     ("fp4", "rtn", {}), ("fp4", "gptq", {"calibration": "gptq"}),
     ("nf4", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
@@ -160,6 +162,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a local model directory")
     parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens per text")
     parser.add_argument("--only", default=None, help="comma-separated formats to run (default: all)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods to run (rtn, gptq, smooth, "
+                        "smooth auto...; default: all)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -175,7 +179,7 @@ def main() -> int:
     only = set(args.only.split(",")) if args.only else set(FORMATS)
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, method, extra in VARIANTS:
-            if fmt not in only:
+            if fmt not in only or (args.methods and method not in args.methods.split(",")):
                 continue
             row = {"format": fmt, "method": method, **_run_variant(args, fmt, extra, tok, ref_logprobs, blocks,
                                                                      Path(tmp))}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from ...core.hf import eval_mode, find_layer_stack, strip_gguf
 from ...core.stage import ModelInfo
 from ...core.utils import progress
 from .apply import stock_bnb_module, check_quantizable, conversion_plan, mark_quantized
-from .config import QuantizeConfig
+from .config import ALPHA_GRID, QuantizeConfig
 from .gptq import bnb_module, output_error, quantize_weights, stock_dequantized, weight_out_in
 from .layerwise import LayerwiseRunner, input_hooks
 from .smooth import SMOOTH_MODEL_TYPES, smooth_layer, smoothed_inputs
@@ -158,6 +159,34 @@ def _keep_rtn_layer(runner: LayerwiseRunner, index: int, original: nn.Module, na
     return True
 
 
+# `alpha: auto` compares the candidates on at most this many calibration blocks (their tokens cached already).
+ALPHA_SEARCH_BLOCKS = 4
+
+
+def _search_alpha(runner: LayerwiseRunner, index: int, layer: nn.Module, model_type: str,
+                  maxima: dict[str, torch.Tensor], names: list[str], config: QuantizeConfig, qc: Any,
+                  calib: list[int]) -> float | None:
+    """``alpha: auto``: the migration strength (`ALPHA_GRID`, or ``None``: fold nothing) whose folded and
+    round-to-nearest quantized copy of ``layer`` gives outputs closest to the unquantized layer's, on a few calibration
+    blocks, through the real bnb modules (so LLM.int8's per-token activation quantization and its outlier columns
+    count, which SmoothQuant's closed-form scale does not see). AWQ searches its scales the same way."""
+    bnb = import_bnb()
+    which = calib[:ALPHA_SEARCH_BLOCKS]
+    reference = runner.run(index, layer, which, collect=True)
+    best, best_error = None, math.inf
+    for alpha in (None, *ALPHA_GRID):
+        candidate = copy.deepcopy(layer)
+        if alpha is not None:
+            smooth_layer(candidate, model_type, maxima, alpha)
+        for name in names:
+            candidate.set_submodule(name, stock_bnb_module(bnb, candidate.get_submodule(name), qc, config))
+        error = _layer_error(runner.run(index, candidate, which, collect=True), reference)
+        if error < best_error:
+            best, best_error = alpha, error
+        del candidate
+    return best
+
+
 def _default_text(ctx: Any) -> bool:
     return getattr(ctx, "calibration", None) in (None, BUILTIN)
 
@@ -195,7 +224,11 @@ def calibration_phrase(calibration: dict[str, Any]) -> str:
         parts.append(f"GPTQ-style rounding onto bitsandbytes' grid (damp {calibration.get('damp')}"
                      f"{', absmax search' if calibration.get('absmax_search') else ''})")
     if calibration.get("smooth"):
-        parts.append(f"SmoothQuant scales folded into the weights (alpha {calibration.get('alpha')})")
+        alpha = calibration.get("alpha")
+        if alpha == "auto":
+            chosen = [a for a in calibration.get("alphas") or [] if a is not None]
+            alpha = f"searched per layer, folded in {len(chosen)} of {len(calibration.get('alphas') or [])} layers"
+        parts.append(f"SmoothQuant scales folded into the weights (alpha {alpha})")
     text = (f"calibrated with {' and '.join(parts) or 'round-to-nearest'} on {calibration.get('text')}, "
             f"{calibration.get('tokens')} tokens ({calibration.get('held_out_tokens')} more held out)")
     kept, layers = calibration.get("kept_rtn") or [], calibration.get("kept_rtn_layers") or []
@@ -228,6 +261,7 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
     kept_rtn: list[str] = []
     rtn_layers: list[int] = []
     smoothed = 0
+    alphas: list[float | None] = []
     with eval_mode(model):
         runner = LayerwiseRunner(model, blocks)
         for index, layer in progress(runner.layers(), desc="quantize: calibrating layers", total=len(stack)):
@@ -237,7 +271,10 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
             original = copy.deepcopy(layer) if split[1] else None  # one layer: the held-out check's reference
             if config.smooth:
                 maxima = _channel_max(runner, index, layer, smoothed_inputs(model_type), split[0])
-                smoothed += smooth_layer(layer, model_type, maxima, config.alpha)
+                alpha = config.alpha if config.alpha != "auto" else \
+                    _search_alpha(runner, index, layer, model_type, maxima, mine, config, qc, split[0])
+                alphas.append(alpha)
+                smoothed += smooth_layer(layer, model_type, maxima, alpha) if alpha is not None else 0
             _quantize_layer(runner, index, layer, mine, config, qc, split, kept_rtn, prefix)
             if original is not None and _keep_rtn_layer(runner, index, original, mine, config, qc, split[1]):
                 rtn_layers.append(index)
@@ -252,6 +289,7 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
         **({"damp": config.damp, "absmax_search": config.absmax_search} if config.calibration == "gptq" else {}),
         "smooth": bool(config.smooth),
         **({"alpha": config.alpha, "smoothed_groups": smoothed} if config.smooth else {}),
+        **({"alphas": alphas} if config.alpha == "auto" else {}),
         "text": (f"{GENERATED} + {BUILTIN} (train splits)" if _default_text(ctx)
                  else _source_label(getattr(ctx, "calibration", None))),
         "tokens": len(calib) * blocks.shape[1],

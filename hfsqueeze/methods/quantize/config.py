@@ -16,6 +16,8 @@ DEFAULT_SKIP_MODULES = ["lm_head"]
 # eighth. Fewer than `MIN_TOKENS` cannot calibrate anything.
 DEFAULT_TOKENS = 4096
 MIN_TOKENS = 64
+# `alpha: auto` tries these migration strengths (and no folding) per layer.
+ALPHA_GRID = (0.25, 0.5, 0.75)
 BNB_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "opt", "gpt2", "bert",
                    "roberta", "xlm-roberta", "distilbert")
 
@@ -84,8 +86,11 @@ class QuantizeConfig(StageConfig):
         default=None, metadata={"help": "8/4-bit: fold SmoothQuant per-channel scales into the norms and weights "
                                 "before quantizing (default false; Llama-family and Gemma-3 models)"}
     )
-    alpha: float | None = dataclasses.field(
-        default=None, metadata={"help": "smooth: migration strength in [0, 1] (default 0.5)"}
+    alpha: float | Literal["auto"] | None = dataclasses.field(
+        default=None, metadata={"help": "smooth: migration strength in [0, 1] (default 0.5), or auto: per layer the "
+                                f"one of {ALPHA_GRID} or no folding whose round-to-nearest layer is closest to the "
+                                "original on calibration tokens (the real bnb kernels, int8's activation path "
+                                "included)"}
     )
 
     def keeps_tensors(self, info: Any) -> bool:
@@ -136,14 +141,15 @@ class QuantizeConfig(StageConfig):
         if self.tokens is not None and not (isinstance(self.tokens, int) and not isinstance(self.tokens, bool)
                                             and self.tokens >= MIN_TOKENS):
             self.fail("tokens", f"got {self.tokens!r}; must be an integer >= {MIN_TOKENS} (default {DEFAULT_TOKENS})")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
-            self.fail("alpha", f"got {self.alpha!r}; must be a number in [0, 1] (default 0.5)")
+        if self.alpha is not None and self.alpha != "auto" and not (
+                isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1):
+            self.fail("alpha", f"got {self.alpha!r}; must be a number in [0, 1] or auto (default 0.5)")
         if gptq:
             self.damp = 0.01 if self.damp is None else float(self.damp)
             if self.bits == 4:
                 self.absmax_search = True if self.absmax_search is None else self.absmax_search
         if smooth:
-            self.alpha = 0.5 if self.alpha is None else float(self.alpha)
+            self.alpha = 0.5 if self.alpha is None else (self.alpha if self.alpha == "auto" else float(self.alpha))
         if gptq or smooth:
             self.tokens = DEFAULT_TOKENS if self.tokens is None else self.tokens
 
