@@ -236,6 +236,19 @@ def calibration_phrase(calibration: dict[str, Any]) -> str:
     return text + (f"; layers {layers} kept plain round-to-nearest (better on the held-out tokens)" if layers else "")
 
 
+def _fallback_warnings(rtn_layers: list[int], n_layers: int, kept_rtn: list[str], n_modules: int) -> list[str]:
+    """The report's warnings for layers and modules the held-out checks left at round-to-nearest."""
+    out = []
+    if rtn_layers:
+        out.append(f"calibration: {len(rtn_layers)} of {n_layers} layers kept plain round-to-nearest (the calibrated "
+                   f"layer had the larger output error on the held-out calibration tokens): layers {rtn_layers}")
+    if kept_rtn:
+        out.append(f"calibration: {len(kept_rtn)} of {n_modules} modules kept round-to-nearest (GPTQ had the larger "
+                   f"output error on the held-out calibration tokens): {', '.join(kept_rtn[:5])}"
+                   f"{', ...' if len(kept_rtn) > 5 else ''}")
+    return out
+
+
 def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) -> dict[str, Any]:
     """Quantize ``model`` in place to bnb 8/4 bits with calibration (GPTQ and/or folded scales); return the details
     for the report. The result is a stock bnb model (same state as `apply.apply_quantize` leaves)."""
@@ -300,15 +313,8 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
         "seconds": round(time.perf_counter() - start, 2),
         "cached_activation_bytes": peak_inputs,
     }
-    if rtn_layers:
-        details.setdefault("warnings", []).append(
-            f"calibration: {len(rtn_layers)} of {len(stack)} layers kept plain round-to-nearest (the calibrated layer "
-            f"had the larger output error on the held-out calibration tokens): layers {rtn_layers}")
-    if kept_rtn:
-        details.setdefault("warnings", []).append(
-            f"calibration: {len(kept_rtn)} of {len(names)} modules kept round-to-nearest (GPTQ had the larger output "
-            f"error on the held-out calibration tokens): {', '.join(kept_rtn[:5])}"
-            f"{', ...' if len(kept_rtn) > 5 else ''}")
+    if fallbacks := _fallback_warnings(rtn_layers, len(stack), kept_rtn, len(names)):
+        details.setdefault("warnings", []).extend(fallbacks)
     logger.info("calibrated %d modules to %s in %.1f s", len(names), config.label, details["calibration"]["seconds"])
     return details
 
