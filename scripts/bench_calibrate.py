@@ -34,6 +34,7 @@ os.environ.setdefault("HFSQUEEZE_DISABLE_PROGRESS", "1")
 from hfsqueeze.compat.bnb import guard_bnb_cpu_repack, saveable  # noqa: E402
 from hfsqueeze.core.context import CompressionContext  # noqa: E402
 from hfsqueeze.core.data import load_texts, token_blocks  # noqa: E402
+from hfsqueeze.core.memory import return_freed_memory  # noqa: E402
 from hfsqueeze.methods.quantize import QuantizeConfig  # noqa: E402
 from hfsqueeze.methods.quantize.stage import QuantizeStage  # noqa: E402
 from hfsqueeze.models import gemma3_dir, load_model  # noqa: E402
@@ -167,6 +168,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    return_freed_memory()  # as `compress` does: freed activations go back to the system (see `core.memory`)
     t0 = time.time()
     reference, tok = _load(args.model)
     blocks = {label: token_blocks(tok, load_texts(src, split="eval"), max_tokens=args.max_tokens, seq_len=512)

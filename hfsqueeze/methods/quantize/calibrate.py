@@ -39,7 +39,7 @@ from .apply import stock_bnb_module, check_quantizable, conversion_plan, mark_qu
 from .config import ALPHA_GRID, QuantizeConfig
 from .gptq import bnb_module, output_error, quantize_weights, stock_dequantized, weight_out_in
 from .layerwise import LayerwiseRunner, input_hooks
-from .smooth import SMOOTH_MODEL_TYPES, smooth_layer, smoothed_inputs
+from .smooth import SMOOTH_MODEL_TYPES, groups, smooth_layer, smoothed_inputs
 
 logger = logging.getLogger("hfsqueeze")
 
@@ -165,26 +165,33 @@ ALPHA_SEARCH_BLOCKS = 4
 
 def _search_alpha(runner: LayerwiseRunner, index: int, layer: nn.Module, model_type: str,
                   maxima: dict[str, torch.Tensor], names: list[str], config: QuantizeConfig, qc: Any,
-                  calib: list[int]) -> float | None:
-    """``alpha: auto``: the migration strength (`ALPHA_GRID`, or ``None``: fold nothing) whose folded and
-    round-to-nearest quantized copy of ``layer`` gives outputs closest to the unquantized layer's, on a few calibration
-    blocks, through the real bnb modules (so LLM.int8's per-token activation quantization and its outlier columns
-    count, which SmoothQuant's closed-form scale does not see). AWQ searches its scales the same way."""
+                  calib: list[int]) -> dict[str, float | None]:
+    """``alpha: auto``: a migration strength per fold group (`ALPHA_GRID`, or ``None``: fold nothing), chosen group
+    by group (greedy, the earlier groups' choices kept) so that the folded and round-to-nearest quantized copy of
+    ``layer`` gives outputs closest to the unquantized layer's on a few calibration blocks, through the real bnb
+    modules (so LLM.int8's per-token activation quantization and its outlier columns count, which SmoothQuant's
+    closed-form scale does not see). AWQ searches its scales the same way."""
     bnb = import_bnb()
     which = calib[:ALPHA_SEARCH_BLOCKS]
     reference = runner.run(index, layer, which, collect=True)
-    best, best_error = None, math.inf
-    for alpha in (None, *ALPHA_GRID):
+
+    def error(alphas: dict[str, float | None]) -> float:
         candidate = copy.deepcopy(layer)
-        if alpha is not None:
-            smooth_layer(candidate, model_type, maxima, alpha)
+        smooth_layer(candidate, model_type, maxima, alphas)
         for name in names:
             candidate.set_submodule(name, stock_bnb_module(bnb, candidate.get_submodule(name), qc, config))
-        error = _layer_error(runner.run(index, candidate, which, collect=True), reference)
-        if error < best_error:
-            best, best_error = alpha, error
-        del candidate
-    return best
+        return _layer_error(runner.run(index, candidate, which, collect=True), reference)
+
+    chosen: dict[str, float | None] = {}
+    best = error(chosen)
+    for group in groups(model_type):
+        if group.targets[0] not in maxima:
+            continue
+        for alpha in ALPHA_GRID:
+            trial = error({**chosen, group.source: alpha})
+            if trial < best:
+                best, chosen[group.source] = trial, alpha
+    return {group.source: chosen.get(group.source) for group in groups(model_type)}
 
 
 def _default_text(ctx: Any) -> bool:
@@ -226,8 +233,9 @@ def calibration_phrase(calibration: dict[str, Any]) -> str:
     if calibration.get("smooth"):
         alpha = calibration.get("alpha")
         if alpha == "auto":
-            chosen = [a for a in calibration.get("alphas") or [] if a is not None]
-            alpha = f"searched per layer, folded in {len(chosen)} of {len(calibration.get('alphas') or [])} layers"
+            picks = [a for layer in calibration.get("alphas") or [] for a in layer.values()]
+            alpha = (f"searched per layer and group, folded in {sum(a is not None for a in picks)} of {len(picks)} "
+                     "groups")
         parts.append(f"SmoothQuant scales folded into the weights (alpha {alpha})")
     text = (f"calibrated with {' and '.join(parts) or 'round-to-nearest'} on {calibration.get('text')}, "
             f"{calibration.get('tokens')} tokens ({calibration.get('held_out_tokens')} more held out)")
@@ -274,7 +282,7 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
     kept_rtn: list[str] = []
     rtn_layers: list[int] = []
     smoothed = 0
-    alphas: list[float | None] = []
+    alphas: list[float | dict[str, float | None]] = []
     with eval_mode(model):
         runner = LayerwiseRunner(model, blocks)
         for index, layer in progress(runner.layers(), desc="quantize: calibrating layers", total=len(stack)):
@@ -287,7 +295,7 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
                 alpha = config.alpha if config.alpha != "auto" else \
                     _search_alpha(runner, index, layer, model_type, maxima, mine, config, qc, split[0])
                 alphas.append(alpha)
-                smoothed += smooth_layer(layer, model_type, maxima, alpha) if alpha is not None else 0
+                smoothed += smooth_layer(layer, model_type, maxima, alpha)
             _quantize_layer(runner, index, layer, mine, config, qc, split, kept_rtn, prefix)
             if original is not None and _keep_rtn_layer(runner, index, original, mine, config, qc, split[1]):
                 rtn_layers.append(index)

@@ -94,9 +94,9 @@ class QuantizeConfig(StageConfig):
     )
 
     def keeps_tensors(self, info: Any) -> bool:
-        # Replaces modules (8/4 bits) or rebinds `.data` (16-bit casts); folded SmoothQuant scales are written into
-        # the norms and Linears in place, so a copy meant to stay the original must not share those.
-        return not self.smooth
+        # Replaces modules (8/4 bits) or rebinds `.data` (16-bit casts, folded SmoothQuant scales): never writes into
+        # a tensor, so a copy sharing the original's tensors leaves the original as it was.
+        return True
 
     def __post_init__(self):
         only = {

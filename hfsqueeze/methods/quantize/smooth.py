@@ -71,19 +71,21 @@ def channel_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: fl
 
 
 def fold(layer: nn.Module, group: SmoothGroup, scales: torch.Tensor, one_plus: bool) -> None:
-    """Fold ``scales`` (one per input channel of the targets) into ``layer`` in place: the targets' input columns
-    times ``s``, the source's output divided by ``s`` (the function the layer computes stays the same)."""
+    """Fold ``scales`` (one per input channel of the targets) into ``layer``: the targets' input columns times ``s``,
+    the source's output divided by ``s`` (the function the layer computes stays the same). The parameters get new
+    tensors, nothing is written into: a copy sharing the original's tensors (`core.hf.sharing_copy`) leaves the
+    original as it was."""
     source = layer.get_submodule(group.source)
     with torch.no_grad():
         if group.is_norm:
             w = source.weight
             s = scales.to(w.device)
             if one_plus:  # Gemma: y = x_hat * (1 + w)  ->  (1 + w) / s = 1 + w'
-                w.copy_(((1.0 + w.float()) / s - 1.0).to(w.dtype))
+                w.data = ((1.0 + w.float()) / s - 1.0).to(w.dtype)
             else:
-                w.copy_((w.float() / s).to(w.dtype))
+                w.data = (w.float() / s).to(w.dtype)
             if getattr(source, "bias", None) is not None:
-                source.bias.copy_((source.bias.float() / s).to(source.bias.dtype))
+                source.bias.data = (source.bias.float() / s).to(source.bias.dtype)
             column_scales = s
         else:
             target = layer.get_submodule(group.targets[0])
@@ -94,13 +96,13 @@ def fold(layer: nn.Module, group: SmoothGroup, scales: torch.Tensor, one_plus: b
                 index = _kv_map(layer, in_width)
                 column_scales = scales[index.to(scales.device)]
             s_out = out_scales.to(source.weight.device)
-            source.weight.copy_((source.weight.float() / s_out[:, None]).to(source.weight.dtype))
+            source.weight.data = (source.weight.float() / s_out[:, None]).to(source.weight.dtype)
             if getattr(source, "bias", None) is not None:
-                source.bias.copy_((source.bias.float() / s_out).to(source.bias.dtype))
+                source.bias.data = (source.bias.float() / s_out).to(source.bias.dtype)
         for name in group.targets:
             target = layer.get_submodule(name)
             cs = column_scales.to(target.weight.device)
-            target.weight.copy_((target.weight.float() * cs[None, :]).to(target.weight.dtype))
+            target.weight.data = (target.weight.float() * cs[None, :]).to(target.weight.dtype)
 
 
 def producer_channel_max(layer: nn.Module, group: SmoothGroup, consumer_max: torch.Tensor) -> torch.Tensor:
@@ -115,14 +117,17 @@ def producer_channel_max(layer: nn.Module, group: SmoothGroup, consumer_max: tor
     return out.scatter_reduce(0, index, consumer_max, reduce="amax")
 
 
-def smooth_layer(layer: nn.Module, model_type: str, act_max: dict[str, torch.Tensor], alpha: float) -> int:
+def smooth_layer(layer: nn.Module, model_type: str, act_max: dict[str, torch.Tensor],
+                 alpha: float | dict[str, float | None]) -> int:
     """Fold SmoothQuant scales into one decoder layer from ``act_max`` (per-channel max-abs of each target's input,
-    by target name, measured before any folding); returns the number of groups folded."""
+    by target name, measured before any folding); ``alpha``: one strength, or one per group (by the group's
+    ``source``; ``None`` or a missing group: not folded). Returns the number of groups folded."""
     family = FAMILIES[model_type]
     folded = 0
     for group in groups(model_type):
         first = group.targets[0]
-        if first not in act_max:
+        strength = alpha.get(group.source) if isinstance(alpha, dict) else alpha
+        if first not in act_max or strength is None:
             continue
         targets = [layer.get_submodule(name).weight for name in group.targets]
         amax = act_max[first]
@@ -135,7 +140,7 @@ def smooth_layer(layer: nn.Module, model_type: str, act_max: dict[str, torch.Ten
                 w_cols = torch.zeros(consumer.shape[0], amax.numel(), device=consumer.device).scatter_reduce(
                     1, index.to(consumer.device).expand(consumer.shape[0], -1), w_cols, reduce="amax")
             targets = [w_cols]
-        fold(layer, group, channel_scales(amax, targets, alpha), family["one_plus"])
+        fold(layer, group, channel_scales(amax, targets, strength), family["one_plus"])
         folded += 1
     return folded
 

@@ -330,7 +330,7 @@ def test_default_calibration_mixes_generated_and_pydoc_train_splits(tiny_tokeniz
 
 def test_alpha_auto_chooses_per_layer_on_the_real_kernels_and_beats_round_to_nearest(tiny_tokenizer):
     """``alpha: auto`` with outlier activation channels (what LLM.int8 suffers from, with its outlier path off):
-    each layer gets a strength from the grid or none, folding wins somewhere, and held-out KL drops below plain
+    each fold group of each layer gets a strength from the grid or none, folding wins somewhere, and held-out KL drops below plain
     round-to-nearest."""
     import copy
 
@@ -352,8 +352,10 @@ def test_alpha_auto_chooses_per_layer_on_the_real_kernels_and_beats_round_to_nea
             errors[name] = _kl(want, model(input_ids=held_out).logits)
         if name == "auto":
             alphas = report.stages[0].details["calibration"]["alphas"]
-            assert len(alphas) == 2 and set(alphas) <= {None, *ALPHA_GRID} and any(a is not None for a in alphas)
+            picks = [a for layer in alphas for a in layer.values()]
+            assert len(alphas) == 2 and all(len(layer) == 4 for layer in alphas)  # q/k/v, gate/up, v->o, up->down
+            assert set(picks) <= {None, *ALPHA_GRID} and any(a is not None for a in picks)
             from hfsqueeze.methods.quantize.calibrate import calibration_phrase
 
-            assert "alpha searched per layer" in calibration_phrase(report.stages[0].details["calibration"])
+            assert "alpha searched per layer and group" in calibration_phrase(report.stages[0].details["calibration"])
     assert errors["auto"] < errors["rtn"], errors
