@@ -368,7 +368,7 @@ def test_the_final_rebuild_shares_the_original_weights_and_returns_a_model_of_it
     monkeypatch.setattr(final_mod, "compress", spy)
     space = {"quantize": {"bits": 8, "threshold": [6.0], "rest_dtype": "fp32", "keep": 0.0}}
     result = run_tune(model, tiny_tokenizer, tmp_path / "t", space=space, budget="size=0.9", trials=1)
-    assert shared_while_compressing == [True]
+    assert shared_while_compressing == [True, True]  # round-to-nearest, then with folded scales (int8's variant)
     theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     assert not [n for n, t in result.model.named_parameters() if t.untyped_storage().data_ptr() in theirs]
     assert result.model.lm_head.weight is result.model.model.embed_tokens.weight
@@ -389,14 +389,26 @@ def test_the_chosen_4bit_point_is_built_calibrated_too_and_the_better_build_is_k
     reloaded = hfsqueeze.load_compressed(tmp_path / "t")
     torch.testing.assert_close(outputs(result.model, IDS), outputs(reloaded, IDS))
     assert "built twice" in (tmp_path / "t" / "README.md").read_text()
-    # Switched off, or on a point with no calibrated variant (int8), nothing more is built.
+    # Switched off, or on a point with no calibrated variant (a 16-bit cast), nothing more is built.
     off = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "off", space=space, budget="size=0.6", trials=2,
                    calibrate=False)
     assert "calibrated" not in off.report.tuning
     assert all(s.get("calibration") is None for s in off.recipe["stages"])
-    int8 = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "int8", budget="size=0.9", trials=1,
-                    space={"quantize": {"bits": 8, "threshold": [6.0], "rest_dtype": "fp32", "keep": 0.0}})
-    assert "calibrated" not in int8.report.tuning
+    cast = run_tune(tiny_llama(), tiny_tokenizer, tmp_path / "cast", budget="size=0.9", trials=1,
+                    space={"quantize": {"bits": 16, "dtype": ["bf16"]}})
+    assert "calibrated" not in cast.report.tuning
+
+
+def test_a_chosen_int8_point_is_tried_with_folded_scales():
+    """int8's calibrated variant is folded SmoothQuant scales searched per layer (its loss is the activation path);
+    4-bit's is GPTQ; a point already calibrated has none."""
+    int8 = [{"method": "quantize", "bits": 16, "dtype": "bf16"},
+            {"method": "quantize", "bits": 8, "threshold": 6.0, "skip_modules": ["lm_head"]}]
+    assert final_mod.calibrated_stages(int8) == [int8[0], {**int8[1], "smooth": True, "alpha": "auto"}]
+    nf4 = [{"method": "quantize", "bits": 4, "quant_type": "nf4"}]
+    assert final_mod.calibrated_stages(nf4) == [{**nf4[0], "calibration": "gptq"}]
+    assert final_mod.calibrated_stages([{**nf4[0], "calibration": "gptq"}]) is None
+    assert final_mod.calibrated_stages([{"method": "prune", "ffn": 0.25}]) is None
 
 
 def test_a_calibrated_build_that_cannot_run_keeps_round_to_nearest_and_says_why(tiny_tokenizer, tmp_path,

@@ -96,12 +96,16 @@ class QuantizeStage(Stage):
         return label
 
     def calibrated(self, config: dict[str, Any]) -> dict[str, Any] | None:
-        """4-bit round-to-nearest -> GPTQ rounding onto the same grid (SmolLM2 nf4: +30.9% -> +5.8% perplexity on
-        held-out text). int8 is left alone: its loss is mostly LLM.int8's activation quantization, which weight
-        rounding does not touch, and a calibration costs minutes."""
-        if config.get("bits") != 4 or config.get("calibration") not in (None, "rtn") or config.get("smooth"):
+        """4-bit round-to-nearest -> GPTQ rounding onto the same grid (SmolLM2 nf4, held-out perplexity: +30.9% ->
+        +5.8%); int8 -> folded SmoothQuant scales with ``alpha: auto``, which shrink the activation error of LLM.int8's
+        W8A8 path (SmolLM2 int8: +1.93% -> +0.35%). Already calibrated: ``None``."""
+        if config.get("calibration") not in (None, "rtn") or config.get("smooth"):
             return None
-        return {**config, "calibration": "gptq"}
+        if config.get("bits") == 4:
+            return {**config, "calibration": "gptq"}
+        if config.get("bits") == 8:
+            return {**config, "smooth": True, "alpha": "auto"}
+        return None
 
     # ---- per-module access, for a tuner that scores each module in each format (hfsqueeze.tune) ----------------
     def targets(self, model: nn.Module, config: QuantizeConfig) -> list[tuple[str, nn.Module]]:
