@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 import mmap
 from collections.abc import Callable
@@ -149,6 +150,16 @@ def return_freed_memory() -> bool:
     return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
+def release_heap() -> None:
+    """Free unreachable reference cycles now and hand the heap's free pages back to the system (glibc's
+    ``malloc_trim``; elsewhere only the collection). For loops that build and drop many small modules (a search over
+    candidate layers): their freed blocks stay in the heap, under the mmap threshold, and the heap only grows."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 @torch.no_grad()
 def unshare(model: nn.Module, other: nn.Module) -> int:
     """Give ``model`` its own copy of every tensor it shares with ``other`` (a `hfsqueeze.core.hf.sharing_copy`
@@ -158,4 +169,5 @@ def unshare(model: nn.Module, other: nn.Module) -> int:
                    lambda t: t.data.clone())
 
 
-__all__ = ["MMAP_THRESHOLD", "file_mappings", "mapped_tensors", "return_freed_memory", "unmap_weights", "unshare"]
+__all__ = ["MMAP_THRESHOLD", "file_mappings", "mapped_tensors", "release_heap", "return_freed_memory", "unmap_weights",
+           "unshare"]

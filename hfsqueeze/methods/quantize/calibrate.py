@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ...compat.bnb import import_bnb
 from ...core.data import BUILTIN
 from ...core.errors import RecipeError, UnsupportedModelError
 from ...core.hf import eval_mode, find_layer_stack, strip_gguf
+from ...core.memory import release_heap
 from ...core.stage import ModelInfo
 from ...core.utils import progress
 from .apply import stock_bnb_module, check_quantizable, conversion_plan, mark_quantized
@@ -300,6 +300,7 @@ def apply_calibrated(model: nn.Module, config: QuantizeConfig, ctx: Any = None) 
             if original is not None and _keep_rtn_layer(runner, index, original, mine, config, qc, split[1]):
                 rtn_layers.append(index)
             del original
+            release_heap()  # the layer's candidates, Hessians and copies: back to the system before the next layer
     rest = [n for n in names if not n.startswith(stack_name + ".")]
     for name in rest:  # outside the decoder layers: bnb's own quantization
         model.set_submodule(name, stock_bnb_module(bnb, model.get_submodule(name), qc, config))
