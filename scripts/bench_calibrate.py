@@ -11,6 +11,9 @@ pinned, as the card's code does). The reloaded model is scored against the fp32 
 and on ``builtin:bible`` (never calibrated on): perplexity change, token KL(fp32 || quantized), top-1 agreement.
 Calibration wall time and the peak resident memory while quantizing (over the model's own size as it entered the
 stage) are measured around the stage alone.
+
+``--peers quanto,hqq`` adds optimum-quanto's qint4 and HQQ's 4-bit on the same Linears of the same bf16 model (scored in
+memory, in their own formats; ``pip install optimum-quanto hqq``, not hfsqueeze dependencies).
 """
 
 from __future__ import annotations
@@ -158,6 +161,42 @@ def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dic
             "tokens": calibration.get("tokens")}
 
 
+# Peers at about the same bits per weight, where they install on this stack (`pip install optimum-quanto hqq`), each
+# on the same Linears (all but lm_head) of the bf16 model, scored in memory (their own formats, not bnb checkpoints).
+# llm-compressor 0.14 needs an older Transformers and GPTQModel a CUDA torch >= 2.14: not run here.
+PEERS = {"quanto": "optimum-quanto qint4 (group 128, ~4.25 bits/weight)",
+         "hqq": "HQQ 4-bit (group 64, ~4.5 bits/weight)"}
+
+
+def _run_peer(args, peer: str, tok, reference, blocks) -> dict:
+    from torch import nn
+
+    model, _ = _load(args.model)
+    QuantizeStage().apply(model, QuantizeConfig(bits=16, dtype="bf16"), CompressionContext(tokenizer=tok))
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    size_before = _bytes(model)
+    gc.collect()
+    with PeakRSS() as peak:
+        start, cpu = time.perf_counter(), time.process_time()
+        if peer == "quanto":
+            from optimum.quanto import freeze, qint4, quantize
+
+            quantize(model, weights=qint4, exclude=["lm_head"])
+            freeze(model)
+        else:
+            from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+            config = BaseQuantizeConfig(nbits=4, group_size=64)
+            for name, module in targets:
+                model.set_submodule(name, HQQLinear(module, quant_config=config, compute_dtype=torch.bfloat16,
+                                                    device="cpu", del_orig=True))
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    scores = {label: _scores(model.eval(), reference[label], b) for label, b in blocks.items()}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_extra_bytes": peak.peak - peak.start_rss,
+            "model_bytes": size_before, "disk_bytes": None, "scores": scores, "kept_rtn": "-",
+            "kept_rtn_layers": "-"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a local model directory")
@@ -165,8 +204,12 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma-separated formats to run (default: all)")
     parser.add_argument("--methods", default=None, help="comma-separated methods to run (rtn, gptq, smooth, "
                         "smooth auto...; default: all)")
+    parser.add_argument("--peers", default="", help=f"comma-separated peers to run too: {', '.join(PEERS)}")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    peers = [p for p in args.peers.split(",") if p]
+    if any(p not in PEERS for p in peers):
+        parser.error(f"--peers: got {args.peers!r}; allowed: {', '.join(PEERS)}")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return_freed_memory()  # as `compress` does: freed activations go back to the system (see `core.memory`)
     t0 = time.time()
@@ -190,14 +233,18 @@ def main() -> int:
                   file=sys.stderr, flush=True)
             if args.json:  # after every row: a long run stopped early keeps what it measured
                 Path(args.json).write_text(json.dumps({"baseline": base, "rows": rows}, indent=2))
+        for peer in peers:
+            rows.append({"format": "4-bit", "method": PEERS[peer],
+                         **_run_peer(args, peer, tok, ref_logprobs, blocks)})
+            print(f"  {peer}: {rows[-1]['scores']}", file=sys.stderr, flush=True)
     print(f"\n{args.model}: fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}; "
           f"{blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
-          "every row saved and reloaded with plain from_pretrained\n")
+          "every bnb row saved and reloaded with plain from_pretrained (peer rows: scored in memory, their own formats)\n")
     head = ("format", "method", "disk x fp32", "held-out ppl", "held-out KL", "held-out top-1", "bible ppl",
             "bible KL", "bible top-1", "calib s", "calib CPU s", "peak mem x model", "kept RTN modules / layers")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = [r["format"], r["method"], f"{r['disk_bytes'] / fp32_disk:.3f}"]
+        cells = [r["format"], r["method"], f"{r['disk_bytes'] / fp32_disk:.3f}" if r["disk_bytes"] else "n/a"]
         for label in TEXTS:
             s = r["scores"][label]
             cells += [f"{s['ppl'] / base[label]['ppl'] - 1:+.2%}", f"{s['kl']:.4f}", f"{s['top1']:.2%}"]
