@@ -12,8 +12,8 @@ and on ``builtin:bible`` (never calibrated on): perplexity change, token KL(fp32
 Calibration wall time and the peak resident memory while quantizing (over the model's own size as it entered the
 stage) are measured around the stage alone.
 
-``--peers quanto,hqq`` adds optimum-quanto's qint4 and HQQ's 4-bit on the same Linears of the same bf16 model (scored in
-memory, in their own formats; ``pip install optimum-quanto hqq``, not hfsqueeze dependencies).
+``--peers quanto,hqq`` adds optimum-quanto's qint4 and HQQ's 4-bit on the same Linears of the same bf16 model
+(scored in memory, in their own formats; ``pip install optimum-quanto hqq``, not hfsqueeze dependencies).
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ def main() -> int:
             print(f"  {peer}: {rows[-1]['scores']}", file=sys.stderr, flush=True)
     print(f"\n{args.model}: fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}; "
           f"{blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
-          "every bnb row saved and reloaded with plain from_pretrained (peer rows: scored in memory, their own formats)\n")
+          "every bnb row saved and reloaded with plain from_pretrained (peer rows: scored in memory, their own "
+          "formats)\n")
     head = ("format", "method", "disk x fp32", "held-out ppl", "held-out KL", "held-out top-1", "bible ppl",
             "bible KL", "bible top-1", "calib s", "calib CPU s", "peak mem x model", "kept RTN modules / layers")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

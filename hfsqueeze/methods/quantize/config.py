@@ -79,7 +79,8 @@ class QuantizeConfig(StageConfig):
     tokens: int | None = dataclasses.field(
         default=None, metadata={"help": f"gptq/smooth: calibration tokens (default {DEFAULT_TOKENS}; GPTQ needs at "
                                 "least the widest quantized input width, 1/8 is held out for the check against "
-                                "round-to-nearest; taken from the compress calibration source, or by default half from "
+                                "round-to-nearest; taken from the compress calibration source, or by default half "
+                                "from "
                                 "builtin:generated and half from the built-in text, both train splits)"}
     )
     smooth: bool | None = dataclasses.field(

@@ -330,8 +330,8 @@ def test_default_calibration_mixes_generated_and_pydoc_train_splits(tiny_tokeniz
 
 def test_alpha_auto_chooses_per_layer_on_the_real_kernels_and_beats_round_to_nearest(tiny_tokenizer):
     """``alpha: auto`` with outlier activation channels (what LLM.int8 suffers from, with its outlier path off):
-    each fold group of each layer gets a strength from the grid or none, folding wins somewhere, and held-out KL drops below plain
-    round-to-nearest."""
+    each fold group of each layer gets a strength from the grid or none, folding wins somewhere, and held-out KL drops
+    below plain round-to-nearest."""
     import copy
 
     from hfsqueeze.methods.quantize.config import ALPHA_GRID
