@@ -34,8 +34,9 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--calibration", default="builtin", help="text the search sees (default: built-in train split)")
     t.add_argument("--eval-text", default=None, help="held-out text for the final measurement (default: built-in)")
     t.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="do not build the chosen 4-bit point again with GPTQ rounding (by default both builds are "
-                        "measured on the evaluation text and the better is kept; a calibration costs minutes)")
+                   help="do not build the chosen point again calibrated (GPTQ for 4-bit, folded scales for int8; by "
+                        "default both builds are measured on the evaluation text and the better is kept; a "
+                        "calibration costs minutes)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code when loading")
     t.add_argument("--json", action="store_true", help="print the report (with its tuning section) as JSON")
     t.add_argument("--storage", default=None, metavar="URL",

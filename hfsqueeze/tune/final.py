@@ -1,7 +1,7 @@
 """The chosen point, built for real: rebuilt with `compress` from the original, re-measured on the held-out evaluation
 text, and tried once more calibrated.
 
-Calibration (GPTQ rounding for 4-bit) keeps a point's format and size, so it is not a dimension of the search: a
+Calibration (GPTQ rounding for 4-bit, folded SmoothQuant scales for int8) keeps a point's format and size, so it is not a dimension of the search: a
 calibrated trial would cost minutes where a round-to-nearest one costs seconds, and the per-module sensitivities the
 solver uses are round-to-nearest ones. Instead the chosen point is built a second time with each stage's calibrated
 variant (`Stage.calibrated`), both builds are measured on the evaluation text, and the one with the lower KL to the
@@ -92,7 +92,7 @@ class FinalBuild:
             return final, report, None
         if self.deadline is not None and time.time() >= self.deadline:
             return final, report, {"tried": False, "why": "the time budget ran out"}
-        logger.info("tune: building the chosen point again, calibrated (GPTQ), to keep the better of the two")
+        logger.info("tune: building the chosen point again, calibrated, to keep the better of the two")
         start = time.perf_counter()
         try:
             calibrated, cal_report = self.build(model, variant, description + " (calibrated)")

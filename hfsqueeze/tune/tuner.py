@@ -171,7 +171,7 @@ def tune(
             elsewhere: by default they finish their running trial and stop (the study is marked stopped); detached,
             they go on to the trial budget while this process saves the best point so far and returns.
         calibrate (`bool`, defaults to `True`): build the chosen point a second time calibrated (GPTQ rounding for
-            4-bit, same format and size), measure both on the evaluation text and keep the better (the report's
+            4-bit, folded SmoothQuant scales for int8; same format and size), measure both on the evaluation text and keep the better (the report's
             ``tuning.calibrated`` holds both KLs); costs one calibration (minutes for a 135M model on a CPU).
 
     Example:
@@ -224,7 +224,7 @@ def tune(
         study, stopped = _search(tctx, spec, model, tuning, trials, workers, deadline, progress, resume, model_path,
                                  started, location, detach)
         how = FinalBuild(tokenizer, calibration, eval_text, evaluation, command, calibrate, deadline)
-        return _finish(model, tokenizer, study, tctx, spec, out if not temporary else None, trials, stopped, how,
+        return _finish(model, study, tctx, spec, out if not temporary else None, trials, stopped, how,
                        started)
     finally:
         model.train(was_training)
@@ -396,7 +396,7 @@ def _only_set(**items: Any) -> dict[str, Any]:
     return {k: v for k, v in items.items() if v is not None}
 
 
-def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], out: Path | None, trials: int,
+def _finish(model, study, tctx: TrialContext, spec: dict[str, Any], out: Path | None, trials: int,
             stopped: str, how: FinalBuild, started: float) -> TuneResult:
     """Write trials.jsonl and the plot; rebuild the chosen point with `compress` (and calibrated, keeping the
     better: `FinalBuild`), re-measure it on the held-out evaluation text and save it (a normal artifact, ``tuning/``
@@ -433,7 +433,7 @@ def _finish(model, tokenizer, study, tctx: TrialContext, spec: dict[str, Any], o
                         report=report, model=final, stopped=stopped)
     if out is not None:
         staged = staging_dir(out)
-        save_compressed(final, staged, tokenizer=tokenizer, report=report)
+        save_compressed(final, staged, tokenizer=how.tokenizer, report=report)
         install_artifact(staged, out)
         result.output = out
     return result

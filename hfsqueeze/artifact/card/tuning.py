@@ -31,9 +31,10 @@ def _calibrated_line(calibrated: dict[str, Any] | None) -> list[str]:
     plain, cal = kl.get("round_to_nearest"), kl.get("calibrated")
     if plain is None or cal is None:
         return []
-    kept = "calibrated (GPTQ rounding, same format and size)" if calibrated.get("won") else "round-to-nearest"
-    return [f"The chosen point was built twice, with round-to-nearest and with GPTQ rounding onto the same grid: KL "
-            f"{plain:.4g} vs {cal:.4g} on the evaluation text; the {kept} build is this model.", ""]
+    kept = "calibrated" if calibrated.get("won") else "round-to-nearest"
+    return [f"The chosen point was built twice, as searched (round-to-nearest) and calibrated on the calibration text "
+            f"(same format and size): KL {plain:.4g} vs {cal:.4g} on the evaluation text; the {kept} build is this "
+            "model.", ""]
 
 
 def _table(rows: list[TrialRecord], chosen: int | None) -> list[str]:

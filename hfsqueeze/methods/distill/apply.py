@@ -216,7 +216,6 @@ class _Run:
     use_lora: bool
     pad_id: int
     student: dict[str, Any] | None
-    checkpointing: bool = False  # activation checkpointing turned on by default (QLoRA), off again after training
 
 
 def _check(model: nn.Module, config: DistillConfig, context: Any) -> tuple[nn.Module, str, bool]:
@@ -282,8 +281,7 @@ def _prepare(model: nn.Module, config: DistillConfig, context: Any) -> _Run:
 
 
 def _trainer(train_model: nn.Module, config: DistillConfig, context: Any, run: _Run, output_dir: str,
-             user_dir: bool, checkpointing: dict[str, Any]) -> DistillationTrainer:
-    launch = Launch.detect(config.resolved_training_args())
+             user_dir: bool, launch: Launch, checkpointing: dict[str, Any]) -> DistillationTrainer:
     args = _training_arguments(config, output_dir, user_dir, input_device(train_model), launch, checkpointing)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     num_examples = args.max_steps * per_step if len(run.tasks) > 1 and args.max_steps > 0 else None
@@ -349,11 +347,11 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
         model.add_module(AUX_NAME, run.aux)
         run.aux.requires_grad_(True)
     on_device = _on_model_device(model)
-    checkpointing = _checkpointing_default(model, run.use_lora, Launch.detect(config.resolved_training_args()),
-                                           config.training_args)
-    run.checkpointing = bool(checkpointing)
+    launch = Launch.detect(config.resolved_training_args())
+    # on by default for QLoRA; off again after training (the finally below)
+    checkpointing = _checkpointing_default(model, run.use_lora, launch, config.training_args)
     with on_device:
-        trainer = _trainer(train_model, config, context, run, output_dir, user_dir, checkpointing)
+        trainer = _trainer(train_model, config, context, run, output_dir, user_dir, launch, checkpointing)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     resume_from = last_complete_checkpoint(output_dir) if config.resume and user_dir and Path(output_dir).is_dir() \
         else None
@@ -369,7 +367,7 @@ def _train(model: nn.Module, config: DistillConfig, context: Any, run: _Run, out
     finally:
         # Mixed precision patches forward() with autocast; the compressed model must run in its own precision.
         trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        if run.checkpointing:
+        if checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             disable()
         if run.spec.attention_weight:
