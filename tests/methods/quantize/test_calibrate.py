@@ -72,6 +72,34 @@ def test_gptq_halves_the_output_error_of_round_to_nearest(fmt):
     assert gptq.output_error(w, q.dequantized, h) < 0.7 * rtn
 
 
+def test_prepared_hessian_factors_the_dampened_inverse_in_sweep_order():
+    """The sweep's factor ``U`` (upper triangular, ``U^T U = (P^T H P + damp)^-1``) for any column order ``P``: a dead
+    column (no token reached it) gets a unit diagonal, and the caller's Hessian is not written into."""
+    x = _correlated_inputs(width=64, tokens=512)
+    x[:, 5] = 0
+    h = (x.t() @ x).double()
+    before = h.clone()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(2))
+    u, dead = gptq.prepared_hessian(h, perm, 0.01)
+    assert torch.equal(h, before)
+    assert torch.equal(dead, torch.diagonal(h)[perm] == 0) and int(dead.sum()) == 1
+    want = h[perm][:, perm]
+    want[dead, dead] = 1.0
+    want.diagonal().add_(0.01 * float(want.diagonal().mean()))
+    inverse = torch.linalg.inv(want)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u.double().t() @ u.double(), inverse, rtol=1e-4, atol=1e-5 * float(inverse.abs().max()))
+
+
+def test_token_error_is_the_output_error_of_the_tokens_hessian():
+    """The held-out check's ``|(W - Q) X^T|^2`` equals ``trace((W - Q) H (W - Q)^T)`` with ``H = X^T X``."""
+    x = _correlated_inputs(width=128, tokens=300)
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    q = gptq.quantize_weight(w, None, QuantizeConfig(bits=4))
+    assert gptq.token_error(w, q.dequantized, x) == pytest.approx(
+        gptq.output_error(w, q.dequantized, x.double().t() @ x.double()), rel=1e-4)
+
+
 # ---- the layer-wise engine ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "gemma3", "bert"])
 def test_layer_by_layer_reproduces_the_model(kind):
