@@ -1,6 +1,7 @@
 """Benchmark: round-to-nearest vs calibrated bitsandbytes quantization, every model saved and reloaded stock.
 
-    OMP_NUM_THREADS=2 python scripts/bench_calibrate.py [--model smollm2|gemma3] [--max-tokens 2048] [--json out.json]
+    OMP_NUM_THREADS=2 python scripts/bench_calibrate.py [--model smollm2|gemma3|minilm] [--max-tokens 2048]
+        [--only nf4,int8] [--methods rtn,gptq] [--set tokens=8192] [--peers quanto,hqq] [--json out.json]
 
 For each format (nf4, nf4-dq, fp4, int8; every Linear but lm_head quantized, everything else in bf16, so a format's
 rows have equal size) the model starts from a fresh copy of the fp32 weights, is quantized by the quantize stage
@@ -9,6 +10,9 @@ on the stage's default text: ``builtin:generated`` and the built-in pydoc text, 
 ``save_pretrained`` and reloaded with plain ``AutoModelForCausalLM.from_pretrained`` (bnb's exact 4-bit CPU kernel
 pinned, as the card's code does). The reloaded model is scored against the fp32 model on the held-out built-in split
 and on ``builtin:bible`` (never calibrated on): perplexity change, token KL(fp32 || quantized), top-1 agreement.
+all-MiniLM-L6-v2 (``--model minilm``, an fp32 sentence encoder; no SmoothQuant: BERT's norms feed a residual) is
+scored by the cosine of each 128-token block's mean-pooled embedding to the fp32 model's (give it ``--max-tokens
+8192`` or so: one embedding per block).
 Calibration wall time and the peak resident memory while quantizing (over the model's own size as it entered the
 stage) are measured around the stage alone.
 
@@ -40,7 +44,8 @@ from hfsqueeze.core.data import load_texts, token_blocks  # noqa: E402
 from hfsqueeze.core.memory import return_freed_memory  # noqa: E402
 from hfsqueeze.methods.quantize import QuantizeConfig  # noqa: E402
 from hfsqueeze.methods.quantize.stage import QuantizeStage  # noqa: E402
-from hfsqueeze.models import gemma3_dir, load_model  # noqa: E402
+from hfsqueeze.core.quality import cosine, pooled_embeddings  # noqa: E402
+from hfsqueeze.models import gemma3_dir, load_model, minilm_dir  # noqa: E402
 
 FORMATS = {
     "nf4": {"bits": 4, "quant_type": "nf4"},
@@ -52,7 +57,7 @@ FORMATS = {
 # never evaluated on).
 VARIANTS = [
     ("nf4", "rtn", {}), ("nf4", "gptq", {"calibration": "gptq"}),
-    ("int8", "rtn", {}), ("int8", "smooth", {"smooth": True}),
+    ("int8", "rtn", {}), ("int8", "gptq", {"calibration": "gptq"}), ("int8", "smooth", {"smooth": True}),
     ("int8", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
     ("int8", "smooth auto", {"smooth": True, "alpha": "auto"}),
     ("int8", "gptq+smooth auto", {"calibration": "gptq", "smooth": True, "alpha": "auto"}),
@@ -61,6 +66,8 @@ VARIANTS = [
     ("nf4", "gptq+smooth", {"calibration": "gptq", "smooth": True}),
 ]
 TEXTS = {"held-out": "builtin", "bible": "builtin:bible"}
+# An encoder (``--model minilm``) is scored on blocks of this many tokens, one embedding per block.
+ENCODER_SEQ_LEN = 128
 
 
 class PeakRSS:
@@ -100,15 +107,21 @@ def _bytes(model) -> int:
     return total
 
 
-def _reference(reference, blocks) -> list[torch.Tensor]:
-    """The fp32 model's log-probabilities on each block, computed once."""
+def _reference(reference, blocks, encoder: bool) -> list[torch.Tensor] | torch.Tensor:
+    """The fp32 model's log-probabilities on each block, computed once (an encoder: its mean-pooled embeddings)."""
+    if encoder:
+        return pooled_embeddings(reference, blocks)
     with torch.no_grad():
         return [torch.log_softmax(reference(input_ids=blocks[i:i + 1]).logits.float()[0], -1)
                 for i in range(blocks.shape[0])]
 
 
 def _scores(model, ref_logprobs, blocks) -> dict[str, float]:
-    """Perplexity of ``model``, KL(fp32 || model) per token and top-1 agreement on ``blocks`` (one at a time)."""
+    """Perplexity of ``model``, KL(fp32 || model) per token and top-1 agreement on ``blocks`` (one at a time); an
+    encoder: the cosine of its mean-pooled embedding of each block to the fp32 model's (mean and worst)."""
+    if isinstance(ref_logprobs, torch.Tensor):
+        cos = cosine(ref_logprobs, pooled_embeddings(model, blocks))
+        return {"cos": float(cos.mean()), "cos_min": float(cos.min())}
     nll = kl = agree = n = 0.0
     with torch.no_grad():
         for i in range(blocks.shape[0]):
@@ -122,21 +135,37 @@ def _scores(model, ref_logprobs, blocks) -> dict[str, float]:
     return {"ppl": math.exp(nll / tokens), "kl": kl / n, "top1": agree / n}
 
 
+def _model_class(name: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if name == "minilm" else AutoModelForCausalLM
+
+
 def _load(name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if name == "smollm2":
         return load_model(None)
+    if name == "minilm":
+        return _model_class(name).from_pretrained(minilm_dir()).eval(), AutoTokenizer.from_pretrained(minilm_dir())
     path = gemma3_dir() if name == "gemma3" else name  # or any local model directory (a quick check of this script)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return _model_class(name).from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dict:
-    from transformers import AutoModelForCausalLM
-
     model, _ = _load(args.model)
     stage = QuantizeStage()
     stage.apply(model, QuantizeConfig(bits=16, dtype="bf16"), CompressionContext(tokenizer=tok))
+    if extra:  # calibrated variants only (round-to-nearest reads no text)
+        extra = {**extra, **dict(_key_value(kv) for kv in args.set)}
     config = QuantizeConfig(**FORMATS[fmt], **extra)
     size_before = _bytes(model)
     gc.collect()
@@ -150,7 +179,7 @@ def _run_variant(args, fmt, extra, tok, reference, blocks, workdir: Path) -> dic
     disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     del model
     gc.collect()
-    reloaded = guard_bnb_cpu_repack(AutoModelForCausalLM.from_pretrained(out).eval())
+    reloaded = guard_bnb_cpu_repack(_model_class(args.model).from_pretrained(out).eval())
     scores = {label: _scores(reloaded, reference[label], b) for label, b in blocks.items()}
     del reloaded
     calibration = details.get("calibration", {})
@@ -199,12 +228,15 @@ def _run_peer(args, peer: str, tok, reference, blocks) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a local model directory")
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, minilm (an encoder: scored by the "
+                        "cosine of mean-pooled embeddings) or a local causal-LM directory")
     parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens per text")
     parser.add_argument("--only", default=None, help="comma-separated formats to run (default: all)")
     parser.add_argument("--methods", default=None, help="comma-separated methods to run (rtn, gptq, smooth, "
                         "smooth auto...; default: all)")
     parser.add_argument("--peers", default="", help=f"comma-separated peers to run too: {', '.join(PEERS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a quantize-stage key for every calibrated variant (tokens=16384, damp=0.1), repeatable")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     peers = [p for p in args.peers.split(",") if p]
@@ -214,10 +246,11 @@ def main() -> int:
     return_freed_memory()  # as `compress` does: freed activations go back to the system (see `core.memory`)
     t0 = time.time()
     reference, tok = _load(args.model)
-    blocks = {label: token_blocks(tok, load_texts(src, split="eval"), max_tokens=args.max_tokens, seq_len=512)
+    seq_len = ENCODER_SEQ_LEN if args.model == "minilm" else 512
+    blocks = {label: token_blocks(tok, load_texts(src, split="eval"), max_tokens=args.max_tokens, seq_len=seq_len)
               for label, src in TEXTS.items()}
     fp32_disk = sum(p.numel() * p.element_size() for p in {id(p): p for p in reference.parameters()}.values())
-    ref_logprobs = {label: _reference(reference, b) for label, b in blocks.items()}
+    ref_logprobs = {label: _reference(reference, b, args.model == "minilm") for label, b in blocks.items()}
     base = {label: _scores(reference, ref_logprobs[label], b) for label, b in blocks.items()}
     del reference
     rows = []
@@ -237,24 +270,33 @@ def main() -> int:
             rows.append({"format": "4-bit", "method": PEERS[peer],
                          **_run_peer(args, peer, tok, ref_logprobs, blocks)})
             print(f"  {peer}: {rows[-1]['scores']}", file=sys.stderr, flush=True)
-    print(f"\n{args.model}: fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}; "
-          f"{blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
+    print(_table(args, base, rows, blocks, fp32_disk))
+    print(f"\ntotal {time.time() - t0:.0f}s")
+    return 0
+
+
+def _table(args, base, rows, blocks, fp32_disk) -> str:
+    encoder = args.model == "minilm"
+    what = ("cosine of mean-pooled embeddings to fp32's" if encoder else
+            f"fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}")
+    lines = [f"\n{args.model}: {what}; {blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
           "every bnb row saved and reloaded with plain from_pretrained (peer rows: scored in memory, their own "
-          "formats)\n")
-    head = ("format", "method", "disk x fp32", "held-out ppl", "held-out KL", "held-out top-1", "bible ppl",
-            "bible KL", "bible top-1", "calib s", "calib CPU s", "peak mem x model", "kept RTN modules / layers")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+          "formats)\n"]
+    metrics = ("cos mean", "cos min") if encoder else ("ppl", "KL", "top-1")
+    head = ("format", "method", "disk x fp32", *[f"{label} {m}" for label in TEXTS for m in metrics], "calib s",
+            "calib CPU s", "peak mem x model", "kept RTN modules / layers")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["format"], r["method"], f"{r['disk_bytes'] / fp32_disk:.3f}" if r["disk_bytes"] else "n/a"]
         for label in TEXTS:
             s = r["scores"][label]
-            cells += [f"{s['ppl'] / base[label]['ppl'] - 1:+.2%}", f"{s['kl']:.4f}", f"{s['top1']:.2%}"]
+            cells += ([f"{s['cos']:.5f}", f"{s['cos_min']:.5f}"] if encoder else
+                      [f"{s['ppl'] / base[label]['ppl'] - 1:+.2%}", f"{s['kl']:.4f}", f"{s['top1']:.2%}"])
         peak = (r["model_bytes"] + max(r["peak_extra_bytes"], 0)) / r["model_bytes"]
         cells += [f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{peak:.2f}",
                   f"{r['kept_rtn']} / {r['kept_rtn_layers']}"]
-        print("| " + " | ".join(cells) + " |")
-    print(f"\ntotal {time.time() - t0:.0f}s")
-    return 0
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
