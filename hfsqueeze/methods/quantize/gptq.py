@@ -199,12 +199,24 @@ def column_order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(diag.numel())
 
 
-def sweep_in_order(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor, damp: float,
+def stacked(weights: list[torch.Tensor], perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights' rows stacked as one new float32 ``[rows, in]`` tensor, its columns in ``perm`` order when given:
+    one allocation, no float32 copy of each weight first."""
+    rows = sum(weight.shape[0] for weight in weights)
+    out = torch.empty((rows, weights[0].shape[1]), dtype=torch.float32, device=weights[0].device)
+    row = 0
+    for weight in weights:
+        out[row:row + weight.shape[0]].copy_(weight if perm is None else weight[:, perm])
+        row += weight.shape[0]
+    return out
+
+
+def sweep_in_order(weights: list[torch.Tensor], hessian: torch.Tensor, perm: torch.Tensor, damp: float,
                    round_column) -> torch.Tensor:
-    """`gptq_sweep` over the columns in ``perm`` order (``round_column`` gets positions in that order); codes come
-    back in the weight's own column order. Dead columns (no input ever) are zeroed first."""
+    """`gptq_sweep` over the stacked ``weights``' columns in ``perm`` order (``round_column`` gets positions in that
+    order); codes come back in the weights' own column order. Dead columns (no input ever) are zeroed first."""
     hinv, dead = prepared_hessian(hessian, perm, damp)
-    w = weight.float()[:, perm]  # a new tensor (the sweep's work area)
+    w = stacked(weights, perm)  # the sweep's work area
     w[:, dead] = 0
     codes = torch.empty(w.shape, dtype=torch.int16, device=w.device)
     codes[:, perm] = gptq_sweep(w, hinv, round_column)
@@ -213,8 +225,8 @@ def sweep_in_order(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tens
 
 def _scales_4bit(w: torch.Tensor, hessian: torch.Tensor | None, grid: Grid4bit, double_quant: bool,
                  absmax_search: bool) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """``(absmax, nested, scale)`` of one weight: its per-block absmax (searched with ``hessian``'s diagonal when
-    asked), the double-quantization state, and the absmax the kernel uses spread to ``[out, in]``."""
+    """``(absmax, nested, effective)`` of one weight: its per-block absmax (searched with ``hessian``'s diagonal when
+    asked), the double-quantization state, and the per-block absmax the kernel really uses."""
     if absmax_search and hessian is not None:
         absmax = search_absmax(w, grid, torch.diagonal(hessian).float())
     else:
@@ -222,7 +234,25 @@ def _scales_4bit(w: torch.Tensor, hessian: torch.Tensor | None, grid: Grid4bit, 
     nested, effective = None, absmax
     if double_quant:
         effective, nested = nested_absmax(absmax)
-    return absmax, nested, expand_blocks(effective, w.shape)
+    return absmax, nested, effective
+
+
+def _scale_table(effective: list[torch.Tensor], shapes: list[torch.Size]) -> tuple[torch.Tensor, int]:
+    """The weights' block scales as ``(table, step)``: column ``j`` of the stacked weights is scaled by
+    ``table[:, j // step]``. When a row holds whole blocks (``in`` a multiple of `BLOCKSIZE`, every real model) the
+    table is ``[rows, in / 64]``, not a full ``[rows, in]`` matrix; otherwise (blocks run across rows) it is spread."""
+    width = shapes[0][1]
+    if width % BLOCKSIZE == 0:
+        return torch.cat([e.view(shape[0], width // BLOCKSIZE) for e, shape in zip(effective, shapes)]), BLOCKSIZE
+    return torch.cat([expand_blocks(e, shape) for e, shape in zip(effective, shapes)]), 1
+
+
+def _scaled(values: torch.Tensor, table: torch.Tensor, step: int) -> torch.Tensor:
+    """``values`` ``[rows, in]`` times its block scales from `_scale_table`, in place."""
+    if step == 1:
+        return values.mul_(table)
+    values.view(values.shape[0], -1, step).mul_(table.unsqueeze(-1))
+    return values
 
 
 def quantize_4bit_group(weights: list[torch.Tensor], hessian: torch.Tensor | None, *, quant_type: str,
@@ -230,32 +260,32 @@ def quantize_4bit_group(weights: list[torch.Tensor], hessian: torch.Tensor | Non
                         act_order: bool = True) -> list[Quantized]:
     """`quantize_4bit` of several weights ``[out_i, in]`` that share one input (and so one ``hessian``: q/k/v,
     gate/up): each keeps its own absmax (and double quantization), but one sweep runs over their rows stacked, which
-    is what GPTQ computes for each alone (rows are independent given ``H``) at a fraction of the cost."""
-    ws = [weight.float() for weight in weights]
-    grid = Grid4bit(quant_type, ws[0].device)
-    parts = [_scales_4bit(w, hessian, grid, double_quant, absmax_search) for w in ws]
-    w = torch.cat(ws) if len(ws) > 1 else ws[0]
-    scale = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
-    inv_scale = 1.0 / scale.clamp(min=1e-38)  # bnb multiplies by the reciprocal; the same rounding needs the same op
+    is what GPTQ computes for each alone (rows are independent given ``H``) at a fraction of the cost. Holds one
+    float32 copy of the stacked weights (the sweep's work area) and its float32 result at the peak."""
+    shapes = [weight.shape for weight in weights]
+    grid = Grid4bit(quant_type, weights[0].device)
+    parts = [_scales_4bit(weight, hessian, grid, double_quant, absmax_search) for weight in weights]
+    table, step = _scale_table([p[2] for p in parts], shapes)
+    inverse = 1.0 / table.clamp(min=1e-38)  # bnb multiplies by the reciprocal; the same rounding needs the same op
     if hessian is None:
-        codes = grid.index(w * inv_scale)
+        codes = grid.index(_scaled(stacked(weights), inverse, step))
     else:
         perm = column_order(hessian, act_order)
-        # column-major copies: the sweep reads one column of scales per step
-        scale_p, inv_scale_p = scale[:, perm].t().contiguous(), inv_scale[:, perm].t().contiguous()
+        # column-major: the sweep reads one column of scales per step
+        table_t, inverse_t, blocks = table.t().contiguous(), inverse.t().contiguous(), (perm // step).tolist()
 
         def round_column(j: int, column: torch.Tensor):
-            code = grid.index(column * inv_scale_p[j])
-            return code, grid.code[code] * scale_p[j]
+            code = grid.index(column * inverse_t[blocks[j]])
+            return code, grid.code[code] * table_t[blocks[j]]
 
-        codes = sweep_in_order(w, hessian, perm, damp, round_column)
-    dequantized = grid.code[codes.long()] * scale
+        codes = sweep_in_order(weights, hessian, perm, damp, round_column)
+    dequantized = _scaled(grid.code[codes.int()], table, step)
     out, row = [], 0
-    for (absmax, nested, _), part in zip(parts, ws):
-        rows = slice(row, row + part.shape[0])
+    for (absmax, nested, _), shape in zip(parts, shapes):
+        rows = slice(row, row + shape[0])
         out.append(Quantized(codes=codes[rows].to(torch.uint8), scales=absmax, dequantized=dequantized[rows],
                              nested=nested))
-        row += part.shape[0]
+        row += shape[0]
     return out
 
 
@@ -271,12 +301,10 @@ def quantize_int8_group(weights: list[torch.Tensor], hessian: torch.Tensor | Non
                         act_order: bool = True) -> list[Quantized]:
     """`quantize_int8` of several weights sharing one input: one sweep over their stacked rows (each row keeps its
     own ``SCB``, so the result is each weight's own)."""
-    ws = [weight.float() for weight in weights]
-    w = torch.cat(ws) if len(ws) > 1 else ws[0]
-    scb = w.abs().amax(dim=1).clamp(min=1e-12)
+    scb = torch.cat([weight.abs().amax(dim=1).float() for weight in weights]).clamp(min=1e-12)
     step = (scb / 127.0).unsqueeze(1)
     if hessian is None:
-        codes = torch.clamp(torch.round(w / step), -127, 127)
+        codes = torch.clamp(torch.round(stacked(weights) / step), -127, 127)
     else:
         col_step = step.squeeze(1)
 
@@ -284,11 +312,11 @@ def quantize_int8_group(weights: list[torch.Tensor], hessian: torch.Tensor | Non
             code = torch.clamp(torch.round(column / col_step), -127, 127)
             return code, code * col_step
 
-        codes = sweep_in_order(w, hessian, column_order(hessian, act_order), damp, round_column)
+        codes = sweep_in_order(weights, hessian, column_order(hessian, act_order), damp, round_column)
     codes = codes.to(torch.int8)
     dequantized = codes.float() * step
     out, row = [], 0
-    for part in ws:
+    for part in weights:
         rows = slice(row, row + part.shape[0])
         out.append(Quantized(codes=codes[rows], scales=scb[rows], dequantized=dequantized[rows]))
         row += part.shape[0]
