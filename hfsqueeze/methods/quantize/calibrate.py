@@ -37,7 +37,7 @@ from ...core.stage import ModelInfo
 from ...core.utils import progress
 from .apply import stock_bnb_module, check_quantizable, conversion_plan, mark_quantized
 from .config import ALPHA_GRID, QuantizeConfig
-from .gptq import bnb_module, quantize_weights, stock_dequantized, token_error, weight_out_in
+from .gptq import add_gram, bnb_module, quantize_weights, stock_dequantized, token_error, weight_out_in
 from .layerwise import LayerwiseRunner, input_hooks
 from .smooth import SMOOTH_MODEL_TYPES, groups, smooth_layer, smoothed_inputs
 
@@ -89,16 +89,10 @@ def _per_input(runner: LayerwiseRunner, index: int, layer: nn.Module, modules: d
     return totals, owner
 
 
-def _add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``total + x^T x`` in float32 (what GPTQ's sweep factors, `gptq.SWEEP_DTYPE`), in place."""
-    x = x.float()
-    return x.t() @ x if total is None else total.addmm_(x.t(), x)
-
-
 def _hessians(runner: LayerwiseRunner, index: int, layer: nn.Module, modules: dict[str, nn.Module],
               which: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``sum x x^T`` of each distinct module input over the blocks ``which`` (see `_per_input`)."""
-    return _per_input(runner, index, layer, modules, which, _add_gram)
+    return _per_input(runner, index, layer, modules, which, add_gram)
 
 
 def _held_inputs(runner: LayerwiseRunner, index: int, layer: nn.Module, modules: dict[str, nn.Module],

@@ -123,6 +123,13 @@ def nested_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return effective.float(), (qabsmax, state2, offset)
 
 
+def add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``total + x^T x`` for the inputs ``x`` ``[tokens, in]`` of one more block, in `SWEEP_DTYPE`, in place."""
+    x = x.float()
+    xtx = x.t() @ x
+    return xtx.to(SWEEP_DTYPE) if total is None else total.add_(xtx)
+
+
 def prepared_hessian(hessian: torch.Tensor, perm: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(upper Cholesky factor of H^-1, dead columns)`` for a sweep over the columns in ``perm`` order (both in that
     order): columns no token ever activated get a unit diagonal (their weights are set to zero), and
@@ -419,7 +426,7 @@ def token_error(weight: torch.Tensor, dequantized: torch.Tensor, inputs: torch.T
     return float((diff @ inputs.float().t()).double().pow(2).sum())
 
 
-__all__ = ["BLOCKSIZE", "Grid4bit", "Quantized", "bnb_module", "output_error", "pack_4bit", "quantize_4bit",
+__all__ = ["BLOCKSIZE", "add_gram", "Grid4bit", "Quantized", "bnb_module", "output_error", "pack_4bit", "quantize_4bit",
            "quantize_4bit_group", "quantize_int8",
            "quantize_int8_group", "quantize_weight", "quantize_weights", "stock_dequantized", "token_error",
            "weight_out_in"]
