@@ -167,7 +167,9 @@ WAITING = "waiting_for_others"
 
 
 def counted(study, exclude: int | None = None) -> tuple[int, int]:
-    """(finished trials that count toward ``--trials``, trials running a point now) excluding trial ``exclude``."""
+    """(finished trials that count toward ``--trials``, trials running a point now or queued to run one again)
+    excluding trial ``exclude``. A queued redo (a dead process's point, `storage.requeue_stale`) holds its slot:
+    otherwise a fresh trial asked just before it was queued takes the slot and the dead worker's point never runs."""
     from optuna.trial import TrialState
 
     done = running = 0
@@ -183,7 +185,15 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
             done += 1
         elif trial.state == TrialState.RUNNING and not trial.user_attrs.get(WAITING):
             running += 1
+        elif _queued_redo(trial):
+            running += 1
     return done, running
+
+
+def _queued_redo(trial) -> bool:
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.WAITING and trial.user_attrs.get("redo_of") is not None
 
 
 # ---- baselines -----------------------------------------------------------------------------------------------
@@ -327,8 +337,8 @@ class Objective:
             done, running = counted(study, exclude=number)
             if done >= self.trials:
                 return False
-            if done + running < self.trials:
-                return True
+            if done + running < self.trials or any(_queued_redo(t) for t in study.get_trials(deepcopy=False)):
+                return True  # room, or a dead process's point queued again: this process runs it next
             time.sleep(interval)
             fail_stale_trials(study)
         return False

@@ -112,3 +112,21 @@ def test_a_trial_waiting_for_the_last_ones_is_not_counted_as_running():
     waiting.set_user_attr(WAITING, True)
     assert counted(study) == (1, 1)
     assert counted(study, exclude=running.number) == (1, 0)
+
+
+def test_a_dead_workers_point_queued_again_holds_its_slot():
+    """A point queued again after its process died counts as running: a fresh trial asked just before it was queued
+    must wait for it, or the fresh point takes the last slot and the dead worker's point never runs (seen in the
+    two-worker PostgreSQL test)."""
+    import optuna
+
+    from hfsqueeze.tune.study import counted
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.WAITING,
+                                              user_attrs={"kind": "search", "redo_of": 0}))
+    assert counted(study) == (1, 1)
+    redo = study.ask()  # the queued point is the next one asked
+    assert redo.user_attrs.get("redo_of") == 0
+    assert counted(study, exclude=redo.number) == (1, 0)
