@@ -157,9 +157,28 @@ def _published(url: str) -> bool:
     return "hfsqueeze" in study.user_attrs and bool(study.get_trials(deepcopy=False))
 
 
-def _worker(url: str, home: Path) -> subprocess.Popen:
+# The worker to be killed: `hfsqueeze tune-worker` whose trials after its first one stall before building their point,
+# so the kill lands mid-trial (heartbeat running, the trial RUNNING) however loaded the machine is; a trial that
+# finished between the check and the kill made the test fail once.
+STALLING_WORKER = r"""
+import sys, time
+import hfsqueeze.tune.study as study
+from hfsqueeze.cli import main
+run_point, calls = study.run_point, []
+def stall_after_first(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 1:
+        time.sleep(3600)
+    return run_point(*args, **kwargs)
+study.run_point = stall_after_first
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _worker(url: str, home: Path, stall: bool = False) -> subprocess.Popen:
     """`hfsqueeze tune-worker` in a directory of its own, with its own copy of the model and its own cache."""
-    return subprocess.Popen([sys.executable, "-m", "hfsqueeze.cli", "-v", "tune-worker", "--storage", url, "--study",
+    start = ["-c", STALLING_WORKER] if stall else ["-m", "hfsqueeze.cli"]
+    return subprocess.Popen([sys.executable, *start, "-v", "tune-worker", "--storage", url, "--study",
                              "s", "--model", str(home / "model")], cwd=home,
                             env=_env(HFSQUEEZE_CACHE=str(home / "cache"), TMPDIR=str(home)),
                             stdout=subprocess.PIPE, stderr=open(home / "worker.log", "w"), text=True)
@@ -189,7 +208,7 @@ def test_two_workers_that_share_only_the_url_and_one_killed_mid_trial(db_url, tm
     procs = [coordinator]
     try:
         _wait_for(lambda: _published(db_url))  # the coordinator has published the run and queued its baselines
-        workers = {name: _worker(db_url, homes[name]) for name in ("worker-a", "worker-b")}
+        workers = {name: _worker(db_url, homes[name], stall=name == "worker-b") for name in ("worker-a", "worker-b")}
         procs += list(workers.values())
         _run_and_kill_one(db_url, coordinator, workers, homes, trials)
     finally:

@@ -5,10 +5,11 @@
 
 1. ``smooth: true``: the per-channel max-abs of the inputs of the Linears behind each norm (and of ``o_proj`` and
    ``down_proj``) is measured, and SmoothQuant scales are folded into the weights (`smooth.smooth_layer`);
-2. ``calibration: gptq``: each quantized Linear's input Hessian is summed over the calibration blocks (and, apart,
-   over held-out blocks), its weight is rounded onto bnb's grid with GPTQ's error feedback (`gptq`), and the codes
-   are written into a real bnb module; a Linear whose GPTQ weight has a larger output error than bnb's own
-   round-to-nearest on the held-out blocks keeps round-to-nearest (reported); ``calibration: rtn``: bnb's own
+2. ``calibration: gptq``: each quantized Linear's input Hessian is summed over the calibration blocks (its inputs
+   on the held-out blocks are kept apart, as tokens), its weight is rounded onto bnb's grid with GPTQ's error
+   feedback (`gptq`), and the codes are written into a real bnb module; a Linear whose GPTQ weight has a larger
+   output error than bnb's own round-to-nearest on the held-out tokens keeps round-to-nearest (reported);
+   ``calibration: rtn``: bnb's own
    quantization;
 3. the quantized layer's outputs become the next layer's inputs (GPTQ's sequential order).
 
