@@ -279,9 +279,9 @@ def _table(args, base, rows, blocks, fp32_disk) -> str:
     encoder = args.model == "minilm"
     what = ("cosine of mean-pooled embeddings to fp32's" if encoder else
             f"fp32 ppl held-out {base['held-out']['ppl']:.3f}, bible {base['bible']['ppl']:.3f}")
-    lines = [f"\n{args.model}: {what}; {blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; {torch.get_num_threads()} threads; "
-          "every bnb row saved and reloaded with plain from_pretrained (peer rows: scored in memory, their own "
-          "formats)\n"]
+    lines = [f"\n{args.model}: {what}; {blocks['held-out'].numel()} / {blocks['bible'].numel()} tokens; "
+             f"{torch.get_num_threads()} threads; every bnb row saved and reloaded with plain from_pretrained "
+             "(peer rows: scored in memory, their own formats)\n"]
     metrics = ("cos mean", "cos min") if encoder else ("ppl", "KL", "top-1")
     head = ("format", "method", "disk x fp32", *[f"{label} {m}" for label in TEXTS for m in metrics], "calib s",
             "calib CPU s", "peak mem x model", "kept RTN modules / layers")

@@ -1,11 +1,11 @@
 """The chosen point, built for real: rebuilt with `compress` from the original, re-measured on the held-out evaluation
 text, and tried once more calibrated.
 
-Calibration (GPTQ rounding for 4-bit, folded SmoothQuant scales for int8) keeps a point's format and size, so it is not a dimension of the search: a
-calibrated trial would cost minutes where a round-to-nearest one costs seconds, and the per-module sensitivities the
-solver uses are round-to-nearest ones. Instead the chosen point is built a second time with each stage's calibrated
-variant (`Stage.calibrated`), both builds are measured on the evaluation text, and the one with the lower KL to the
-original is kept; the tuning section records both numbers.
+Calibration (GPTQ rounding for 4-bit, folded SmoothQuant scales for int8) keeps a point's format and size, so it is
+not a dimension of the search: a calibrated trial would cost minutes where a round-to-nearest one costs seconds, and
+the per-module sensitivities the solver uses are round-to-nearest ones. Instead the chosen point is built a second
+time with each stage's calibrated variant (`Stage.calibrated`), both builds are measured on the evaluation text, and
+the one with the lower KL to the original is kept; the tuning section records both numbers.
 """
 
 from __future__ import annotations

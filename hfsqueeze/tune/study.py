@@ -166,14 +166,14 @@ def mark_interrupted(study) -> int:
 WAITING = "waiting_for_others"
 
 
-def counted(study, exclude: int | None = None) -> tuple[int, int]:
+def counted(study, exclude: int | None = None, trials: list | None = None) -> tuple[int, int]:
     """(finished trials that count toward ``--trials``, trials running a point now or queued to run one again)
     excluding trial ``exclude``. A queued redo (a dead process's point, `storage.requeue_stale`) holds its slot:
     otherwise a fresh trial asked just before it was queued takes the slot and the dead worker's point never runs."""
     from optuna.trial import TrialState
 
     done = running = 0
-    trials = study.get_trials(deepcopy=False)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     lost = retried(trials)  # failed for a lost heartbeat and queued again: interrupted, not done
     for trial in trials:
         if trial.number == exclude or trial.number in lost:
@@ -183,9 +183,7 @@ def counted(study, exclude: int | None = None) -> tuple[int, int]:
         if trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL
                                                   and not trial.user_attrs.get("interrupted")):
             done += 1
-        elif trial.state == TrialState.RUNNING and not trial.user_attrs.get(WAITING):
-            running += 1
-        elif _queued_redo(trial):
+        elif (trial.state == TrialState.RUNNING and not trial.user_attrs.get(WAITING)) or _queued_redo(trial):
             running += 1
     return done, running
 
@@ -334,10 +332,11 @@ class Objective:
 
         interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
         while interval is not None and (self.deadline is None or time.time() < self.deadline):
-            done, running = counted(study, exclude=number)
+            trials = study.get_trials(deepcopy=False)  # read once for both questions
+            done, running = counted(study, exclude=number, trials=trials)
             if done >= self.trials:
                 return False
-            if done + running < self.trials or any(_queued_redo(t) for t in study.get_trials(deepcopy=False)):
+            if done + running < self.trials or any(_queued_redo(t) for t in trials):
                 return True  # room, or a dead process's point queued again: this process runs it next
             time.sleep(interval)
             fail_stale_trials(study)

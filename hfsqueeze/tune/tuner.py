@@ -171,8 +171,9 @@ def tune(
             elsewhere: by default they finish their running trial and stop (the study is marked stopped); detached,
             they go on to the trial budget while this process saves the best point so far and returns.
         calibrate (`bool`, defaults to `True`): build the chosen point a second time calibrated (GPTQ rounding for
-            4-bit, folded SmoothQuant scales for int8; same format and size), measure both on the evaluation text and keep the better (the report's
-            ``tuning.calibrated`` holds both KLs); costs one calibration (minutes for a 135M model on a CPU).
+            4-bit, folded SmoothQuant scales for int8; same format and size), measure both on the evaluation text
+            and keep the better (the report's ``tuning.calibrated`` holds both KLs); costs one calibration
+            (minutes for a 135M model on a CPU).
 
     Example:
 

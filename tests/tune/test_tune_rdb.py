@@ -157,20 +157,20 @@ def _published(url: str) -> bool:
     return "hfsqueeze" in study.user_attrs and bool(study.get_trials(deepcopy=False))
 
 
-# The worker to be killed: `hfsqueeze tune-worker` whose trials after its first one stall before building their point,
-# so the kill lands mid-trial (heartbeat running, the trial RUNNING) however loaded the machine is; a trial that
-# finished between the check and the kill made the test fail once.
+# The worker to be killed: `hfsqueeze tune-worker` whose trials after its first one stall when they draw their point
+# (before any point is built or skipped), so the kill lands mid-trial (heartbeat running, the trial RUNNING) however
+# loaded the machine is; a trial that finished between the check and the kill made the test fail.
 STALLING_WORKER = r"""
 import sys, time
 import hfsqueeze.tune.study as study
 from hfsqueeze.cli import main
-run_point, calls = study.run_point, []
+suggest, calls = study.suggest, []
 def stall_after_first(*args, **kwargs):
     calls.append(1)
     if len(calls) > 1:
         time.sleep(3600)
-    return run_point(*args, **kwargs)
-study.run_point = stall_after_first
+    return suggest(*args, **kwargs)
+study.suggest = stall_after_first
 sys.exit(main(sys.argv[1:]))
 """
 
